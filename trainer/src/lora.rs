@@ -1,0 +1,375 @@
+//! kohya-style LoRA networks: which layers are targeted, initialisation, the trainable
+//! variables, and reading/writing the `.safetensors` file A1111, ComfyUI and diffusers load.
+//!
+//! Names follow sd-scripts' `networks/lora.py`: `lora_unet_<module path>` / `lora_te_<module
+//! path>` with `.` replaced by `_`; tensors `NAME.lora_down.weight`, `NAME.lora_up.weight`,
+//! `NAME.alpha`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+
+use crate::nn::{Adapter, AdapterSlot, LoraSite, Scope, SiteKind};
+use crate::{Error, Result};
+
+/// Shape of a LoRA network (sd-scripts' `network_dim`, `network_alpha`, `conv_dim`,
+/// `conv_alpha`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    /// Rank for 3×3 convs in ResNet / down- / up-sample blocks; `None` leaves them untouched.
+    pub conv_rank: Option<usize>,
+    pub conv_alpha: Option<f64>,
+    pub multiplier: f64,
+    pub train_unet: bool,
+    pub train_text_encoder: bool,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            rank: 4,
+            alpha: 1.0,
+            conv_rank: None,
+            conv_alpha: None,
+            multiplier: 1.0,
+            train_unet: true,
+            train_text_encoder: true,
+        }
+    }
+}
+
+impl LoraConfig {
+    /// The (rank, alpha) this config gives a site, or `None` if the site is not targeted.
+    pub fn target(&self, site: &LoraSite) -> Option<(usize, f64)> {
+        let is_te = site.name.starts_with("lora_te");
+        if (is_te && !self.train_text_encoder) || (!is_te && !self.train_unet) {
+            return None;
+        }
+        match site.scope {
+            Scope::Transformer | Scope::TextEncoder => Some((self.rank, self.alpha)),
+            Scope::ResnetConv => {
+                let conv_rank = self.conv_rank.filter(|r| *r > 0)?;
+                if site.kind.is_linear_like() {
+                    Some((self.rank, self.alpha))
+                } else {
+                    Some((conv_rank, self.conv_alpha.unwrap_or(1.0)))
+                }
+            }
+        }
+    }
+}
+
+/// One trainable LoRA module.
+#[derive(Debug)]
+pub struct LoraModule {
+    pub name: String,
+    pub kind: SiteKind,
+    pub rank: usize,
+    pub alpha: f64,
+    pub down: Var,
+    pub up: Var,
+    slot: AdapterSlot,
+}
+
+impl LoraModule {
+    fn down_shape(kind: &SiteKind, rank: usize) -> Vec<usize> {
+        match *kind {
+            SiteKind::Linear { in_features, .. } => vec![rank, in_features],
+            SiteKind::Conv2d {
+                in_channels,
+                kernel,
+                ..
+            } => vec![rank, in_channels, kernel, kernel],
+        }
+    }
+    fn up_shape(kind: &SiteKind, rank: usize) -> Vec<usize> {
+        match *kind {
+            SiteKind::Linear { out_features, .. } => vec![out_features, rank],
+            SiteKind::Conv2d { out_channels, .. } => vec![out_channels, rank, 1, 1],
+        }
+    }
+    pub fn is_text_encoder(&self) -> bool {
+        self.name.starts_with("lora_te")
+    }
+    pub fn param_count(&self) -> usize {
+        self.down.elem_count() + self.up.elem_count()
+    }
+}
+
+/// A set of LoRA modules attached to a model's sites.
+#[derive(Debug)]
+pub struct LoraNetwork {
+    modules: Vec<LoraModule>,
+    multiplier: f64,
+}
+
+impl LoraNetwork {
+    /// A fresh network: `down` kaiming-uniform (a = √5), `up` zero, as sd-scripts.
+    pub fn new(sites: &[LoraSite], cfg: &LoraConfig, device: &Device, seed: u64) -> Result<Self> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut modules = Vec::new();
+        for site in sites {
+            let Some((rank, alpha)) = cfg.target(site) else {
+                continue;
+            };
+            let ds = LoraModule::down_shape(&site.kind, rank);
+            let fan_in: usize = ds[1..].iter().product();
+            // kaiming_uniform(a=√5): gain = sqrt(2 / (1 + 5)), bound = gain * sqrt(3 / fan_in).
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            let n: usize = ds.iter().product();
+            let vals: Vec<f32> = (0..n)
+                .map(|_| rng.random_range(-bound..bound) as f32)
+                .collect();
+            let down = Tensor::from_vec(vals, ds, device)?;
+            let up = Tensor::zeros(LoraModule::up_shape(&site.kind, rank), DType::F32, device)?;
+            modules.push(LoraModule {
+                name: site.name.clone(),
+                kind: site.kind,
+                rank,
+                alpha,
+                down: Var::from_tensor(&down)?,
+                up: Var::from_tensor(&up)?,
+                slot: site.slot.clone(),
+            });
+        }
+        if modules.is_empty() {
+            return Err(Error::Lora(
+                "the configuration targets no module: enable the UNet or the text encoder".into(),
+            ));
+        }
+        Ok(Self {
+            modules,
+            multiplier: cfg.multiplier,
+        })
+    }
+
+    /// A network from kohya-format tensors (a LoRA file). Every module in the file must match a
+    /// site of the model; a missing `.alpha` means alpha = rank, as sd-scripts reads it.
+    pub fn from_tensors(
+        sites: &[LoraSite],
+        tensors: &HashMap<String, Tensor>,
+        multiplier: f64,
+        device: &Device,
+        origin: &str,
+    ) -> Result<Self> {
+        let by_name: HashMap<&str, &LoraSite> =
+            sites.iter().map(|s| (s.name.as_str(), s)).collect();
+        let mut names: BTreeMap<String, ()> = BTreeMap::new();
+        for key in tensors.keys() {
+            let Some((module, _)) = key.split_once('.') else {
+                return Err(Error::Lora(format!("{origin}: unexpected tensor `{key}`")));
+            };
+            names.insert(module.to_string(), ());
+        }
+        let mut unknown = Vec::new();
+        let mut modules = Vec::new();
+        for name in names.keys() {
+            let Some(site) = by_name.get(name.as_str()) else {
+                unknown.push(name.clone());
+                continue;
+            };
+            let get = |suffix: &str| -> Result<Tensor> {
+                let key = format!("{name}.{suffix}");
+                tensors
+                    .get(&key)
+                    .cloned()
+                    .ok_or_else(|| Error::Lora(format!("{origin}: `{key}` is missing")))
+            };
+            let down = get("lora_down.weight")?.to_dtype(DType::F32)?;
+            let up = get("lora_up.weight")?.to_dtype(DType::F32)?;
+            let rank = down.dim(0)?;
+            let check = |t: &Tensor, want: Vec<usize>, what: &str| -> Result<()> {
+                if t.dims() != want.as_slice() {
+                    return Err(Error::Lora(format!(
+                        "{origin}: `{name}.{what}` has shape {:?}, the model needs {want:?} \
+                         (a LoRA for a different base model?)",
+                        t.dims()
+                    )));
+                }
+                Ok(())
+            };
+            let mut down_shape = LoraModule::down_shape(&site.kind, rank);
+            // A 1×1 conv site may carry a linear-shaped LoRA and vice versa in some files.
+            if down.rank() != down_shape.len() {
+                down_shape = down.dims().to_vec();
+            }
+            check(&down, down_shape, "lora_down.weight")?;
+            let up = if up.rank() != LoraModule::up_shape(&site.kind, rank).len() {
+                up.reshape(LoraModule::up_shape(&site.kind, rank))?
+            } else {
+                up
+            };
+            check(
+                &up,
+                LoraModule::up_shape(&site.kind, rank),
+                "lora_up.weight",
+            )?;
+            let alpha = match tensors.get(&format!("{name}.alpha")) {
+                Some(a) => a.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0],
+                None => rank as f64,
+            };
+            modules.push(LoraModule {
+                name: name.clone(),
+                kind: site.kind,
+                rank,
+                alpha,
+                down: Var::from_tensor(&down.to_device(device)?)?,
+                up: Var::from_tensor(&up.to_device(device)?)?,
+                slot: site.slot.clone(),
+            });
+        }
+        if !unknown.is_empty() {
+            let shown: Vec<&String> = unknown.iter().take(5).collect();
+            return Err(Error::Lora(format!(
+                "{origin}: {} module(s) do not exist in this model, e.g. {shown:?}; the LoRA was \
+                 made for another base model (SD1 vs SD2?)",
+                unknown.len()
+            )));
+        }
+        Ok(Self {
+            modules,
+            multiplier,
+        })
+    }
+
+    /// Loads a kohya LoRA `.safetensors` file for the model whose sites are given.
+    pub fn load_file(
+        sites: &[LoraSite],
+        path: &Path,
+        multiplier: f64,
+        device: &Device,
+    ) -> Result<Self> {
+        let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
+            Error::bad_checkpoint(path, format!("not a readable LoRA safetensors file: {e}"))
+        })?;
+        Self::from_tensors(
+            sites,
+            &tensors,
+            multiplier,
+            device,
+            &path.display().to_string(),
+        )
+    }
+
+    pub fn modules(&self) -> &[LoraModule] {
+        &self.modules
+    }
+
+    pub fn multiplier(&self) -> f64 {
+        self.multiplier
+    }
+
+    /// Installs the adapters into the model's layers (replacing what was there).
+    pub fn apply(&self) {
+        for m in &self.modules {
+            let adapter = Adapter {
+                down: m.down.as_tensor().clone(),
+                up: m.up.as_tensor().clone(),
+                scale: m.alpha / m.rank as f64 * self.multiplier,
+            };
+            let mut g = match m.slot.write() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            g.clear();
+            g.push(adapter);
+        }
+    }
+
+    /// Removes every adapter from the layers this network targets.
+    pub fn remove(&self) {
+        for m in &self.modules {
+            match m.slot.write() {
+                Ok(mut g) => g.clear(),
+                Err(p) => p.into_inner().clear(),
+            }
+        }
+    }
+
+    /// All trainable variables (down then up, module by module).
+    pub fn vars(&self) -> Vec<Var> {
+        self.modules
+            .iter()
+            .flat_map(|m| [m.down.clone(), m.up.clone()])
+            .collect()
+    }
+
+    pub fn param_count(&self) -> usize {
+        self.modules.iter().map(|m| m.param_count()).sum()
+    }
+
+    /// kohya-format tensors in `dtype`.
+    pub fn to_tensors(&self, dtype: DType) -> Result<BTreeMap<String, Tensor>> {
+        let mut out = BTreeMap::new();
+        for m in &self.modules {
+            let n = &m.name;
+            out.insert(
+                format!("{n}.lora_down.weight"),
+                m.down
+                    .as_tensor()
+                    .to_device(&Device::Cpu)?
+                    .to_dtype(dtype)?,
+            );
+            out.insert(
+                format!("{n}.lora_up.weight"),
+                m.up.as_tensor().to_device(&Device::Cpu)?.to_dtype(dtype)?,
+            );
+            out.insert(
+                format!("{n}.alpha"),
+                Tensor::new(m.alpha as f32, &Device::Cpu)?.to_dtype(dtype)?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Writes the network as a kohya LoRA file, atomically (temporary file, then rename).
+    /// Refuses to write non-finite weights.
+    pub fn save(&self, path: &Path, dtype: DType, metadata: HashMap<String, String>) -> Result<()> {
+        let tensors = self.to_tensors(dtype)?;
+        for (k, t) in &tensors {
+            let finite = t
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .all(|v| v.is_finite());
+            if !finite {
+                return Err(Error::Lora(format!(
+                    "refusing to write {}: `{k}` holds NaN or infinite values",
+                    path.display()
+                )));
+            }
+        }
+        write_safetensors_atomic(path, &tensors, metadata)
+    }
+}
+
+/// Writes tensors with metadata to `path` via a temporary file in the same directory.
+pub fn write_safetensors_atomic(
+    path: &Path,
+    tensors: &BTreeMap<String, Tensor>,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    if let Some(d) = dir {
+        std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+    }
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "lora.safetensors".into());
+    let tmp = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
+    let meta = if metadata.is_empty() {
+        None
+    } else {
+        Some(metadata)
+    };
+    safetensors::serialize_to_file(tensors.iter(), meta, &tmp)
+        .map_err(|e| Error::Lora(format!("writing {}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    Ok(())
+}

@@ -1,0 +1,259 @@
+//! Named-tensor stores (memory-mapped safetensors, PyTorch `.ckpt`) and the `VarBuilder` backend
+//! that serves a model's diffusers-style names from them, through a key map when the file uses
+//! another layout (single-file LDM checkpoints, transformers 5 text encoders).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::{Error, Result};
+
+/// A file (or set of files) of named tensors.
+pub trait TensorStore: Send + Sync {
+    /// What to call this store in messages (usually the file path).
+    fn origin(&self) -> String;
+    fn names(&self) -> Vec<String>;
+    fn shape(&self, name: &str) -> Option<Vec<usize>>;
+    /// The tensor in its stored dtype, on `device`.
+    fn load(&self, name: &str, device: &Device) -> Result<Tensor>;
+    fn contains(&self, name: &str) -> bool {
+        self.shape(name).is_some()
+    }
+}
+
+/// Memory-mapped `.safetensors` files; a tensor is copied out only when loaded.
+pub struct SafetensorsStore {
+    paths: Vec<PathBuf>,
+    inner: candle_core::safetensors::MmapedSafetensors,
+    shapes: HashMap<String, Vec<usize>>,
+}
+
+impl SafetensorsStore {
+    pub fn open(paths: &[PathBuf]) -> Result<Self> {
+        for p in paths {
+            let meta = std::fs::metadata(p).map_err(|e| Error::io(p, e))?;
+            if meta.len() < 8 {
+                return Err(Error::bad_checkpoint(
+                    p,
+                    "file is too short to be a safetensors file (truncated download?)",
+                ));
+            }
+        }
+        // SAFETY: the files are mapped read-only; a file changed while mapped is the caller's
+        // problem as with any mmap-based loader.
+        let inner =
+            unsafe { candle_core::safetensors::MmapedSafetensors::multi(paths) }.map_err(|e| {
+                Error::bad_checkpoint(
+                    paths.first().cloned().unwrap_or_default(),
+                    format!("not a readable safetensors file ({e}); re-download or re-export it"),
+                )
+            })?;
+        let mut shapes = HashMap::new();
+        for (name, view) in inner.tensors() {
+            shapes.insert(name, view.shape().to_vec());
+        }
+        Ok(Self {
+            paths: paths.to_vec(),
+            inner,
+            shapes,
+        })
+    }
+}
+
+impl TensorStore for SafetensorsStore {
+    fn origin(&self) -> String {
+        let v: Vec<String> = self.paths.iter().map(|p| p.display().to_string()).collect();
+        v.join(", ")
+    }
+    fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.shapes.keys().cloned().collect();
+        v.sort();
+        v
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.shapes.get(name).cloned()
+    }
+    fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
+        Ok(self.inner.load(name, device)?)
+    }
+}
+
+/// Tensors held in memory (tests, converted weights).
+pub struct MemoryStore {
+    pub origin: String,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+impl TensorStore for MemoryStore {
+    fn origin(&self) -> String {
+        self.origin.clone()
+    }
+    fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.tensors.keys().cloned().collect();
+        v.sort();
+        v
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.tensors.get(name).map(|t| t.dims().to_vec())
+    }
+    fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
+        match self.tensors.get(name) {
+            Some(t) => Ok(t.to_device(device)?),
+            None => Err(Error::MissingTensor {
+                name: name.to_string(),
+                origin: self.origin.clone(),
+            }),
+        }
+    }
+}
+
+/// How one model tensor is obtained from a store tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fetch {
+    /// The store tensor of this name, as is.
+    Name(String),
+    /// The store tensor with trailing size-1 dims dropped (LDM 1×1 conv -> Linear).
+    Squeeze(String),
+    /// Rows `start..start+len` of dim 0 (OpenCLIP fused q/k/v `in_proj`).
+    Rows {
+        name: String,
+        start: usize,
+        len: usize,
+    },
+    /// The transpose of a 2-D store tensor (OpenCLIP `text_projection`).
+    Transpose(String),
+}
+
+impl Fetch {
+    pub fn source(&self) -> &str {
+        match self {
+            Fetch::Name(n) | Fetch::Squeeze(n) | Fetch::Transpose(n) => n,
+            Fetch::Rows { name, .. } => name,
+        }
+    }
+}
+
+/// Maps a model (diffusers) tensor name to how the store provides it; `None` = not provided.
+pub type KeyMap = Arc<dyn Fn(&str) -> Option<Fetch> + Send + Sync>;
+
+/// Identity key map with a prefix: model name `n` is store name `prefix + n`.
+pub fn prefixed(prefix: &str) -> KeyMap {
+    let prefix = prefix.to_string();
+    Arc::new(move |n: &str| Some(Fetch::Name(format!("{prefix}{n}"))))
+}
+
+/// Serves one model's tensors from a store.
+#[derive(Clone)]
+pub struct Weights {
+    store: Arc<dyn TensorStore>,
+    map: KeyMap,
+}
+
+impl Weights {
+    pub fn new(store: Arc<dyn TensorStore>, map: KeyMap) -> Self {
+        Self { store, map }
+    }
+
+    pub fn store(&self) -> &Arc<dyn TensorStore> {
+        &self.store
+    }
+
+    /// The model tensor `name`, converted to `dtype` on `device`.
+    pub fn fetch(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        let missing = || Error::MissingTensor {
+            name: name.to_string(),
+            origin: self.store.origin(),
+        };
+        let fetch = (self.map)(name).ok_or_else(missing)?;
+        let src = fetch.source();
+        if !self.store.contains(src) {
+            return Err(Error::MissingTensor {
+                name: if src == name {
+                    name.to_string()
+                } else {
+                    format!("{src}` (for `{name}`)")
+                },
+                origin: self.store.origin(),
+            });
+        }
+        let t = self.store.load(src, device)?;
+        let t = match &fetch {
+            Fetch::Name(_) => t,
+            Fetch::Squeeze(_) => {
+                let mut dims = t.dims().to_vec();
+                while dims.len() > 2 && dims.last() == Some(&1) {
+                    dims.pop();
+                }
+                t.reshape(dims)?
+            }
+            Fetch::Rows { start, len, .. } => {
+                let rows = t.dim(0)?;
+                if start + len > rows {
+                    return Err(Error::ShapeMismatch {
+                        name: src.to_string(),
+                        got: t.dims().to_vec(),
+                        expected: vec![start + len],
+                        origin: self.store.origin(),
+                    });
+                }
+                t.narrow(0, *start, *len)?.contiguous()?
+            }
+            Fetch::Transpose(_) => t.t()?.contiguous()?,
+        };
+        Ok(t.to_dtype(dtype)?)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        (self.map)(name).is_some_and(|f| self.store.contains(f.source()))
+    }
+
+    /// A `VarBuilder` over these weights; model code reads them by their diffusers names.
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self.clone()), dtype, device.clone())
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for Weights {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self
+            .fetch(name, dtype, dev)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        if t.shape() != &s {
+            let e = Error::ShapeMismatch {
+                name: name.to_string(),
+                got: t.dims().to_vec(),
+                expected: s.dims().to_vec(),
+                origin: format!(
+                    "{}; the file is for a different model configuration",
+                    self.store.origin()
+                ),
+            };
+            return Err(candle_core::Error::Msg(e.to_string()));
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.fetch(name, dtype, dev)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.contains(name)
+    }
+}
+
+/// Opens a single `.safetensors` file as a store.
+pub fn open_safetensors(path: &Path) -> Result<Arc<dyn TensorStore>> {
+    Ok(Arc::new(SafetensorsStore::open(&[path.to_path_buf()])?))
+}
