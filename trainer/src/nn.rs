@@ -357,8 +357,8 @@ fn conv2d_input_grad(
     let (_, _, gh, gw) = g.dims4()?;
     let out_h = (gh - 1) * stride + k - 2 * padding;
     let out_w = (gw - 1) * stride + k - 2 * padding;
-    let op_h = input_hw.0.checked_sub(out_h).unwrap_or(0);
-    let op_w = input_hw.1.checked_sub(out_w).unwrap_or(0);
+    let op_h = input_hw.0.saturating_sub(out_h);
+    let op_w = input_hw.1.saturating_sub(out_w);
     let op = op_h.max(op_w);
     let gx = g.conv_transpose2d(w, padding, op, stride, 1)?;
     gx.narrow(2, 0, input_hw.0)?.narrow(3, 0, input_hw.1)
@@ -434,7 +434,7 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn new(groups: usize, channels: usize, eps: f64, b: &Builder) -> Result<Self> {
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             return Err(crate::Error::Config(format!(
                 "group norm: {channels} channels are not divisible into {groups} groups"
             )));
@@ -518,7 +518,7 @@ pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
 /// Nearest-neighbour upsampling to an explicit size (integer factors only).
 pub fn upsample_nearest(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
-    if out_h % h != 0 || out_w % w != 0 {
+    if !out_h.is_multiple_of(h) || !out_w.is_multiple_of(w) {
         return Err(crate::Error::Config(format!(
             "upsample from {h}x{w} to {out_h}x{out_w} is not an integer factor"
         )));
