@@ -6,6 +6,7 @@
 pub mod error;
 pub mod lora;
 pub mod nn;
+pub mod optim;
 pub mod weights;
 
 pub use error::{Error, Result};
