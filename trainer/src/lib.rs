@@ -7,6 +7,7 @@
 pub mod error;
 pub mod lora;
 pub mod nn;
+pub mod optim;
 pub mod unet;
 pub mod weights;
 
