@@ -125,7 +125,10 @@ fn unsupported_keys() -> Vec<(&'static str, Vec<serde_json::Value>)> {
         ("projection_class_embeddings_input_dim", vec![Value::Null]),
         ("reverse_transformer_layers_per_block", vec![Value::Null]),
         ("cross_attention_norm", vec![Value::Null]),
-        ("mid_block_only_cross_attention", vec![Value::Null, json!(false)]),
+        (
+            "mid_block_only_cross_attention",
+            vec![Value::Null, json!(false)],
+        ),
         ("mid_block_type", vec![json!("UNetMidBlock2DCrossAttn")]),
         ("act_fn", vec![json!("silu"), json!("swish")]),
         ("resnet_time_scale_shift", vec![json!("default")]),
@@ -293,7 +296,8 @@ impl UNetConfig {
         // must split its channels evenly into heads.
         for (i, &ch) in self.block_out_channels.iter().enumerate() {
             let reversed = n - 1 - i;
-            let attends = self.down_has_attention(i) || self.up_has_attention(reversed) || i + 1 == n;
+            let attends =
+                self.down_has_attention(i) || self.up_has_attention(reversed) || i + 1 == n;
             let heads = self.heads(i);
             if attends && (heads == 0 || !ch.is_multiple_of(heads)) {
                 errs.push(format!(

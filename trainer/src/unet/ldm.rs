@@ -64,7 +64,11 @@ fn ldm_name(layers: usize, up_attention: &[bool], name: &str) -> Option<String> 
                 "resnets" => {
                     let (j, rest) = split_index(rest)?;
                     (j < layers).then_some(())?;
-                    Some(format!("input_blocks.{}.0.{}", base + j, resnet_rest(rest)?))
+                    Some(format!(
+                        "input_blocks.{}.0.{}",
+                        base + j,
+                        resnet_rest(rest)?
+                    ))
                 }
                 "attentions" => {
                     let (j, rest) = split_index(rest)?;
@@ -96,7 +100,11 @@ fn ldm_name(layers: usize, up_attention: &[bool], name: &str) -> Option<String> 
                 "resnets" => {
                     let (j, rest) = split_index(rest)?;
                     (j <= layers).then_some(())?;
-                    Some(format!("output_blocks.{}.0.{}", base + j, resnet_rest(rest)?))
+                    Some(format!(
+                        "output_blocks.{}.0.{}",
+                        base + j,
+                        resnet_rest(rest)?
+                    ))
                 }
                 "attentions" => {
                     let (j, rest) = split_index(rest)?;
@@ -107,7 +115,10 @@ fn ldm_name(layers: usize, up_attention: &[bool], name: &str) -> Option<String> 
                     let param = rest.strip_prefix("0.conv.")?;
                     // The upsampler follows the attention when the block has one.
                     let slot = if *up_attention.get(b)? { 2 } else { 1 };
-                    Some(format!("output_blocks.{}.{slot}.conv.{param}", base + layers))
+                    Some(format!(
+                        "output_blocks.{}.{slot}.conv.{param}",
+                        base + layers
+                    ))
                 }
                 _ => None,
             }
@@ -166,7 +177,10 @@ pub fn infer_ldm_config(store: &dyn TensorStore) -> Result<UNetConfig> {
              folder needs its unet/config.json)"
         )));
     }
-    if names.iter().any(|n| n.starts_with(&format!("{p}label_emb."))) {
+    if names
+        .iter()
+        .any(|n| n.starts_with(&format!("{p}label_emb.")))
+    {
         return Err(bad(
             "the UNet has class/size conditioning (`label_emb`): SDXL and upscaler models are \
              not supported, only SD1.x/SD2.x"
@@ -183,7 +197,9 @@ pub fn infer_ldm_config(store: &dyn TensorStore) -> Result<UNetConfig> {
     let conv_in = shape("input_blocks.0.0.weight")?;
     let conv_out = shape("out.2.weight")?;
     if conv_in.len() != 4 || conv_out.len() != 4 {
-        return Err(bad("conv_in/conv_out weights are not 4-D convolutions".into()));
+        return Err(bad(
+            "conv_in/conv_out weights are not 4-D convolutions".into()
+        ));
     }
     let inputs = indices(&names, &format!("{p}input_blocks."));
     let num_inputs = inputs.last().map_or(0, |i| i + 1);
@@ -205,7 +221,7 @@ pub fn infer_ldm_config(store: &dyn TensorStore) -> Result<UNetConfig> {
     };
     let per = layers + 1;
     let n = ops.len() + 1;
-    if layers == 0 || n * per != num_inputs + 1 {
+    if layers == 0 || n * per != num_inputs {
         return Err(bad(format!(
             "{num_inputs} input_blocks with downsamplers at {ops:?} do not form equal down \
              blocks"
@@ -238,7 +254,8 @@ pub fn infer_ldm_config(store: &dyn TensorStore) -> Result<UNetConfig> {
     let proj_in = shape("middle_block.1.proj_in.weight")?;
     let use_linear_projection = proj_in.len() == 2;
     let cross_attention_dim = shape("middle_block.1.transformer_blocks.0.attn2.to_k.weight")?[1];
-    let depth_of = |prefix: &str| indices(&names, &format!("{p}{prefix}.transformer_blocks.")).len();
+    let depth_of =
+        |prefix: &str| indices(&names, &format!("{p}{prefix}.transformer_blocks.")).len();
     let mut depths = Vec::with_capacity(n);
     for b in 0..n {
         let first = 1 + b * per;
@@ -318,15 +335,30 @@ mod tests {
                 "down_blocks.3.resnets.1.time_emb_proj.weight",
                 "input_blocks.11.0.emb_layers.1.weight",
             ),
-            ("mid_block.resnets.1.norm2.weight", "middle_block.2.out_layers.0.weight"),
-            ("mid_block.attentions.0.proj_out.bias", "middle_block.1.proj_out.bias"),
-            ("up_blocks.0.resnets.2.conv2.weight", "output_blocks.2.0.out_layers.3.weight"),
-            ("up_blocks.0.upsamplers.0.conv.weight", "output_blocks.2.1.conv.weight"),
+            (
+                "mid_block.resnets.1.norm2.weight",
+                "middle_block.2.out_layers.0.weight",
+            ),
+            (
+                "mid_block.attentions.0.proj_out.bias",
+                "middle_block.1.proj_out.bias",
+            ),
+            (
+                "up_blocks.0.resnets.2.conv2.weight",
+                "output_blocks.2.0.out_layers.3.weight",
+            ),
+            (
+                "up_blocks.0.upsamplers.0.conv.weight",
+                "output_blocks.2.1.conv.weight",
+            ),
             (
                 "up_blocks.1.attentions.0.norm.weight",
                 "output_blocks.3.1.norm.weight",
             ),
-            ("up_blocks.2.upsamplers.0.conv.bias", "output_blocks.8.2.conv.bias"),
+            (
+                "up_blocks.2.upsamplers.0.conv.bias",
+                "output_blocks.8.2.conv.bias",
+            ),
             (
                 "up_blocks.3.attentions.2.transformer_blocks.0.ff.net.0.proj.weight",
                 "output_blocks.11.1.transformer_blocks.0.ff.net.0.proj.weight",

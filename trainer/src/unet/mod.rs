@@ -1,7 +1,6 @@
-//! The SD1.x/SD2.x `UNet2DConditionModel`, module for module as diffusers builds it so the
-//! `VarBuilder` paths are diffusers' tensor names and kohya's `lora_unet_*` names fall out of
-//! them. Frozen weights throughout; LoRA sites inside every `Transformer2DModel` and, for
-//! `conv_dim` LoRA, inside every ResNet block, downsampler and upsampler.
+//! The SD1.x/SD2.x `UNet2DConditionModel`, built module for module as diffusers builds it so the
+//! `VarBuilder` paths are diffusers' tensor names and kohya's `lora_unet_*` names fall out of them;
+//! LoRA sites in every `Transformer2DModel` and (for `conv_dim`) every resnet and resampler.
 
 mod config;
 mod ldm;
@@ -47,7 +46,10 @@ fn timestep_features(t: &Tensor, dim: usize, flip_sin_to_cos: bool, shift: f64) 
         .map(|i| ((log_period * i as f32) / denom).exp())
         .collect();
     let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
-    let args = t.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&freqs)?;
+    let args = t
+        .to_dtype(DType::F32)?
+        .unsqueeze(1)?
+        .broadcast_mul(&freqs)?;
     let (sin, cos) = (args.sin()?, args.cos()?);
     let mut emb = if flip_sin_to_cos {
         Tensor::cat(&[cos, sin], 1)?
@@ -93,7 +95,11 @@ impl ResnetBlock2D {
     fn forward(&self, x: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
         let h = self.norm1.forward(x)?.silu()?;
         let h = self.conv1.forward(&h)?;
-        let t = self.time_emb_proj.forward(temb_act)?.unsqueeze(2)?.unsqueeze(3)?;
+        let t = self
+            .time_emb_proj
+            .forward(temb_act)?
+            .unsqueeze(2)?
+            .unsqueeze(3)?;
         let h = h.broadcast_add(&t)?;
         let h = self.norm2.forward(&h)?.silu()?;
         let h = self.conv2.forward(&h)?;
@@ -200,7 +206,10 @@ impl BasicTransformerBlock {
 
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
-        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + &x)?;
+        let x = (self
+            .attn2
+            .forward(&self.norm2.forward(&x)?, Some(context))?
+            + &x)?;
         Ok((self.ff.forward(&self.norm3.forward(&x)?)? + &x)?)
     }
 }
@@ -233,7 +242,13 @@ struct Transformer2DModel {
 }
 
 impl Transformer2DModel {
-    fn new(cfg: &UNetConfig, channels: usize, heads: usize, layers: usize, b: &Builder) -> Result<Self> {
+    fn new(
+        cfg: &UNetConfig,
+        channels: usize,
+        heads: usize,
+        layers: usize,
+        b: &Builder,
+    ) -> Result<Self> {
         let linear = cfg.use_linear_projection;
         let blocks = (0..layers)
             .map(|i| {
@@ -255,7 +270,7 @@ impl Transformer2DModel {
     }
 
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
+        let (b, _, h, w) = x.dims4()?;
         let n = self.norm.forward(x)?;
         let to_tokens = |t: Tensor| -> Result<Tensor> {
             let ch = t.dim(1)?;
@@ -270,18 +285,14 @@ impl Transformer2DModel {
         }
         let to_image = |t: Tensor| -> Result<Tensor> {
             let ch = t.dim(2)?;
-            Ok(t.reshape((b, h, w, ch))?.permute((0, 3, 1, 2))?.contiguous()?)
+            Ok(t.reshape((b, h, w, ch))?
+                .permute((0, 3, 1, 2))?
+                .contiguous()?)
         };
         let out = match &self.proj_out {
             Projection::Conv(conv) => conv.forward(&to_image(t)?)?,
             Projection::Linear(lin) => to_image(lin.forward(&t)?)?,
         };
-        if out.dim(1)? != c {
-            return Err(Error::Config(format!(
-                "transformer output has {} channels, its input {c}",
-                out.dim(1)?
-            )));
-        }
         Ok((out + x)?)
     }
 }
@@ -328,8 +339,19 @@ struct MidBlock {
     attentions: Vec<Transformer2DModel>,
 }
 
-fn resnet(cfg: &UNetConfig, in_ch: usize, out_ch: usize, b: &Builder, i: usize) -> Result<ResnetBlock2D> {
-    ResnetBlock2D::new(cfg, in_ch, out_ch, &b.pp("resnets").pp(i).scope(Scope::ResnetConv))
+fn resnet(
+    cfg: &UNetConfig,
+    in_ch: usize,
+    out_ch: usize,
+    b: &Builder,
+    i: usize,
+) -> Result<ResnetBlock2D> {
+    ResnetBlock2D::new(
+        cfg,
+        in_ch,
+        out_ch,
+        &b.pp("resnets").pp(i).scope(Scope::ResnetConv),
+    )
 }
 
 fn transformer(
@@ -377,10 +399,10 @@ impl UNet2DConditionModel {
 
         let mut down_blocks = Vec::with_capacity(n);
         let mut out_ch = ch[0];
-        for i in 0..n {
+        for (i, &block_ch) in ch.iter().enumerate() {
             let bb = b.pp("down_blocks").pp(i);
             let in_ch = out_ch;
-            out_ch = ch[i];
+            out_ch = block_ch;
             let mut resnets = Vec::with_capacity(layers);
             let mut attentions = Vec::new();
             for j in 0..layers {
