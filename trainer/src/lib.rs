@@ -2,11 +2,13 @@
 //!
 //! - [`nn`]: frozen layers with input-only gradients, differentiable norms/softmax, LoRA sites.
 //! - [`lora`]: kohya LoRA networks (targets, init, file format).
+//! - [`unet`]: the SD1.x/SD2.x UNet (diffusers and single-file LDM weights).
 //! - [`weights`]: memory-mapped tensor stores and key maps between checkpoint layouts.
 pub mod error;
 pub mod lora;
 pub mod nn;
 pub mod optim;
+pub mod unet;
 pub mod weights;
 
 pub use error::{Error, Result};
