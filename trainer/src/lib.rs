@@ -6,6 +6,8 @@
 pub mod error;
 pub mod lora;
 pub mod nn;
+pub mod schedule;
+pub mod vae;
 pub mod weights;
 
 pub use error::{Error, Result};
