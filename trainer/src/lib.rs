@@ -6,6 +6,7 @@
 pub mod error;
 pub mod lora;
 pub mod nn;
+pub mod optim;
 pub mod schedule;
 pub mod vae;
 pub mod weights;
