@@ -1,6 +1,6 @@
 //! The DDPM noise schedule used for training: ᾱ_t tables, per-sample forward noising, the
-//! v-prediction target and min-SNR loss weights. ᾱ_t reproduces diffusers' `DDPMScheduler`
-//! (float32 betas, cumulative product accumulated in f64) bit for bit, widened to f64.
+//! v-prediction target and min-SNR loss weights. By default ᾱ_t reproduces diffusers'
+//! `DDPMScheduler` (what sd-scripts trains with) bit for bit; exact f64 arithmetic is an option.
 
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
@@ -53,48 +53,166 @@ fn default_prediction_type() -> String {
     "epsilon".to_string()
 }
 
-/// `torch.linspace(start, end, n, dtype=torch.float32)` value for value. PyTorch's CPU kernel
-/// fills the first half forwards from `start` and the second half backwards from `end`, with the
-/// multiply-add fused; reproducing that exactly is what makes ᾱ match diffusers to the last bit.
-fn linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
-    let (start, end) = (start as f32, end as f32);
-    if n == 1 {
-        return vec![start];
-    }
-    let step = (end - start) / (n - 1) as f32;
-    let halfway = n / 2;
-    (0..n)
-        .map(|i| {
-            if i < halfway {
-                step.mul_add(i as f32, start)
-            } else {
-                (-step).mul_add((n - i - 1) as f32, end)
+/// How ᾱ_t is computed. The two differ by up to 4.7e-7 in ᾱ for SD's schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Arithmetic {
+    /// As diffusers' `DDPMScheduler` on CPU: betas and 1−β in float32, the running product kept
+    /// in f64 and rounded to f32 per entry (PyTorch's CPU `cumprod` accumulates float in
+    /// double). Matches the schedule sd-scripts trains with exactly.
+    #[default]
+    TorchF32,
+    /// Everything in f64.
+    F64,
+}
+
+/// How β_t is laid out over the timesteps.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BetaSchedule {
+    /// β = linspace(√start, √end, n)² (Stable Diffusion).
+    ScaledLinear { start: f64, end: f64 },
+    /// β = linspace(start, end, n).
+    Linear { start: f64, end: f64 },
+    /// Explicit β values (diffusers `trained_betas`).
+    Trained(Vec<f64>),
+}
+
+/// `torch.linspace(start, end, n)` value for value. PyTorch's CPU kernel fills the first half
+/// forwards from `start` and the second half backwards from `end` with a fused multiply-add;
+/// reproducing that is what makes the float32 schedule match diffusers to the last bit.
+macro_rules! linspace_impl {
+    ($name:ident, $t:ty) => {
+        fn $name(start: $t, end: $t, n: usize) -> Vec<$t> {
+            if n == 1 {
+                return vec![start];
             }
-        })
-        .collect()
+            let step = (end - start) / (n - 1) as $t;
+            let halfway = n / 2;
+            (0..n)
+                .map(|i| {
+                    if i < halfway {
+                        step.mul_add(i as $t, start)
+                    } else {
+                        (-step).mul_add((n - i - 1) as $t, end)
+                    }
+                })
+                .collect()
+        }
+    };
+}
+linspace_impl!(linspace_f32, f32);
+linspace_impl!(linspace_f64, f64);
+
+/// β_t in f32 as diffusers builds them (`torch.float32` tensors).
+fn betas_f32(schedule: &BetaSchedule, n: usize) -> Vec<f32> {
+    match schedule {
+        BetaSchedule::ScaledLinear { start, end } => {
+            linspace_f32(start.sqrt() as f32, end.sqrt() as f32, n)
+                .into_iter()
+                .map(|b| b * b)
+                .collect()
+        }
+        BetaSchedule::Linear { start, end } => linspace_f32(*start as f32, *end as f32, n),
+        BetaSchedule::Trained(b) => b.iter().map(|&x| x as f32).collect(),
+    }
+}
+
+fn betas_f64(schedule: &BetaSchedule, n: usize) -> Vec<f64> {
+    match schedule {
+        BetaSchedule::ScaledLinear { start, end } => linspace_f64(start.sqrt(), end.sqrt(), n)
+            .into_iter()
+            .map(|b| b * b)
+            .collect(),
+        BetaSchedule::Linear { start, end } => linspace_f64(*start, *end, n),
+        BetaSchedule::Trained(b) => b.clone(),
+    }
 }
 
 /// The training noise schedule: β_t and ᾱ_t for t in `0..num_train_timesteps`.
 #[derive(Debug, Clone)]
 pub struct DdpmSchedule {
+    schedule: BetaSchedule,
+    arithmetic: Arithmetic,
     betas: Vec<f64>,
     alphas_cumprod: Vec<f64>,
     prediction: Prediction,
 }
 
 impl DdpmSchedule {
-    /// Stable Diffusion's schedule: β = linspace(√start, √end, n)², e.g. (0.00085, 0.012, 1000).
-    pub fn scaled_linear(beta_start: f64, beta_end: f64, n: usize) -> Result<Self> {
-        let betas = linspace_f32(beta_start.sqrt(), beta_end.sqrt(), n)
-            .into_iter()
-            .map(|b| b * b)
-            .collect();
-        Self::from_betas_f32(betas)
+    /// A schedule of `n` timesteps, ε-prediction.
+    pub fn new(schedule: BetaSchedule, n: usize, arithmetic: Arithmetic) -> Result<Self> {
+        if let BetaSchedule::Trained(b) = &schedule {
+            if b.len() != n {
+                return Err(Error::Config(format!(
+                    "noise schedule: {} trained betas for {n} timesteps",
+                    b.len()
+                )));
+            }
+        }
+        if n == 0 {
+            return Err(Error::Config(
+                "noise schedule: num_train_timesteps must be at least 1".to_string(),
+            ));
+        }
+        let (betas, alphas_cumprod) = match arithmetic {
+            Arithmetic::TorchF32 => {
+                let betas = betas_f32(&schedule, n);
+                let mut acc = 1f64;
+                let ac = betas
+                    .iter()
+                    .map(|&b| {
+                        acc *= f64::from(1f32 - b);
+                        f64::from(acc as f32)
+                    })
+                    .collect();
+                (betas.into_iter().map(f64::from).collect::<Vec<_>>(), ac)
+            }
+            Arithmetic::F64 => {
+                let betas = betas_f64(&schedule, n);
+                let mut acc = 1f64;
+                let ac = betas
+                    .iter()
+                    .map(|&b| {
+                        acc *= 1.0 - b;
+                        acc
+                    })
+                    .collect();
+                (betas, ac)
+            }
+        };
+        if let Some((t, b)) = betas
+            .iter()
+            .enumerate()
+            .find(|(_, b)| !(b.is_finite() && **b > 0.0 && **b < 1.0))
+        {
+            return Err(Error::Config(format!(
+                "noise schedule: beta[{t}] = {b} is outside (0, 1)"
+            )));
+        }
+        Ok(Self {
+            schedule,
+            arithmetic,
+            betas,
+            alphas_cumprod,
+            prediction: Prediction::Epsilon,
+        })
     }
 
-    /// β = linspace(start, end, n).
+    /// β = linspace(√start, √end, n)², e.g. (0.00085, 0.012, 1000); diffusers arithmetic.
+    pub fn scaled_linear(beta_start: f64, beta_end: f64, n: usize) -> Result<Self> {
+        let schedule = BetaSchedule::ScaledLinear {
+            start: beta_start,
+            end: beta_end,
+        };
+        Self::new(schedule, n, Arithmetic::default())
+    }
+
+    /// β = linspace(start, end, n); diffusers arithmetic.
     pub fn linear(beta_start: f64, beta_end: f64, n: usize) -> Result<Self> {
-        Self::from_betas_f32(linspace_f32(beta_start, beta_end, n))
+        let schedule = BetaSchedule::Linear {
+            start: beta_start,
+            end: beta_end,
+        };
+        Self::new(schedule, n, Arithmetic::default())
     }
 
     /// The schedule every SD 1.x/2.x model was trained with (what sd-scripts hard-codes):
@@ -123,49 +241,30 @@ impl DdpmSchedule {
                 )))
             }
         };
+        let (start, end) = (cfg.beta_start, cfg.beta_end);
+        let schedule = match (cfg.trained_betas, cfg.beta_schedule.as_str()) {
+            (Some(b), _) => BetaSchedule::Trained(b),
+            (None, "scaled_linear") => BetaSchedule::ScaledLinear { start, end },
+            (None, "linear") => BetaSchedule::Linear { start, end },
+            (None, other) => {
+                return Err(Error::Config(format!(
+                    "scheduler config: beta_schedule `{other}` is not supported \
+                     (expected `scaled_linear` or `linear`)"
+                )))
+            }
+        };
         let n = cfg.num_train_timesteps;
-        let schedule = match (&cfg.trained_betas, cfg.beta_schedule.as_str()) {
-            (Some(b), _) => Self::from_betas_f32(b.iter().map(|&x| x as f32).collect()),
-            (None, "scaled_linear") => Self::scaled_linear(cfg.beta_start, cfg.beta_end, n),
-            (None, "linear") => Self::linear(cfg.beta_start, cfg.beta_end, n),
-            (None, other) => Err(Error::Config(format!(
-                "scheduler config: beta_schedule `{other}` is not supported \
-                 (expected `scaled_linear` or `linear`)"
-            ))),
-        }?;
-        Ok(schedule.with_prediction(prediction))
+        Ok(Self::new(schedule, n, Arithmetic::default())?.with_prediction(prediction))
     }
 
-    /// ᾱ as diffusers computes it: 1−β in f32, the running product kept in f64 and each entry
-    /// rounded to f32 (PyTorch's CPU `cumprod` accumulates float in double).
-    fn from_betas_f32(betas: Vec<f32>) -> Result<Self> {
-        if betas.is_empty() {
-            return Err(Error::Config(
-                "noise schedule: num_train_timesteps must be at least 1".to_string(),
-            ));
-        }
-        if let Some((t, b)) = betas
-            .iter()
-            .enumerate()
-            .find(|(_, b)| !(b.is_finite() && **b > 0.0 && **b < 1.0))
-        {
-            return Err(Error::Config(format!(
-                "noise schedule: beta[{t}] = {b} is outside (0, 1)"
-            )));
-        }
-        let mut acc = 1f64;
-        let alphas_cumprod = betas
-            .iter()
-            .map(|&b| {
-                acc *= f64::from(1f32 - b);
-                f64::from(acc as f32)
-            })
-            .collect();
-        Ok(Self {
-            betas: betas.into_iter().map(f64::from).collect(),
-            alphas_cumprod,
-            prediction: Prediction::Epsilon,
-        })
+    /// The same schedule with ᾱ recomputed in `arithmetic`.
+    pub fn with_arithmetic(self, arithmetic: Arithmetic) -> Result<Self> {
+        let n = self.num_train_timesteps();
+        Ok(Self::new(self.schedule, n, arithmetic)?.with_prediction(self.prediction))
+    }
+
+    pub fn arithmetic(&self) -> Arithmetic {
+        self.arithmetic
     }
 
     pub fn with_prediction(mut self, prediction: Prediction) -> Self {
@@ -319,10 +418,12 @@ mod tests {
     fn linspace_endpoints_and_halves() {
         let v = linspace_f32(0.0, 1.0, 5);
         assert_eq!(v, vec![0.0, 0.25, 0.5, 0.75, 1.0]);
-        assert_eq!(linspace_f32(0.3, 0.7, 1), vec![0.3f32]);
-        let v = linspace_f32(0.00085f64.sqrt(), 0.012f64.sqrt(), 1000);
-        assert_eq!(v[0], 0.00085f64.sqrt() as f32);
-        assert_eq!(v[999], 0.012f64.sqrt() as f32);
+        assert_eq!(linspace_f64(0.3, 0.7, 1), vec![0.3]);
+        let (a, b) = (0.00085f64.sqrt(), 0.012f64.sqrt());
+        let v = linspace_f32(a as f32, b as f32, 1000);
+        assert_eq!((v[0], v[999]), (a as f32, b as f32));
+        let v = linspace_f64(a, b, 1000);
+        assert_eq!((v[0], v[999]), (a, b));
     }
 
     #[test]
@@ -337,6 +438,27 @@ mod tests {
         assert!(DdpmSchedule::from_scheduler_config(bad).is_err());
         let bad = r#"{"prediction_type": "sample"}"#;
         assert!(DdpmSchedule::from_scheduler_config(bad).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn arithmetic_modes_agree_closely() -> Result<()> {
+        let torch = DdpmSchedule::sd()?;
+        let exact = torch.clone().with_arithmetic(Arithmetic::F64)?;
+        let diff = torch
+            .alphas_cumprod()
+            .iter()
+            .zip(exact.alphas_cumprod())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f64, f64::max);
+        assert!(diff > 0.0 && diff < 1e-6, "{diff}");
+        let trained = BetaSchedule::Trained(vec![0.1, 0.2]);
+        assert!(DdpmSchedule::new(trained, 3, Arithmetic::F64).is_err());
+        let bad = BetaSchedule::Linear {
+            start: 0.0,
+            end: 0.1,
+        };
+        assert!(DdpmSchedule::new(bad, 10, Arithmetic::F64).is_err());
         Ok(())
     }
 

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use loractl_trainer::schedule::{DdpmSchedule, Prediction};
+use loractl_trainer::schedule::{Arithmetic, DdpmSchedule, Prediction};
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
     anyhow::ensure!(
@@ -22,15 +22,32 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
         .to_scalar::<f64>()?)
 }
 
+fn max_rel_diff(got: &Tensor, want: &Tensor) -> Result<f64> {
+    let want = want.to_dtype(DType::F64)?;
+    let rel = ((got.to_dtype(DType::F64)? - &want)? / want)?;
+    Ok(rel.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?)
+}
+
+fn max_abs_f64(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
 #[test]
 fn sd_schedule_matches_diffusers_fixtures() -> Result<()> {
-    let schedule = DdpmSchedule::sd()?;
+    let torch = DdpmSchedule::sd()?;
+    assert_eq!(torch.arithmetic(), Arithmetic::TorchF32);
+    let exact = DdpmSchedule::sd()?.with_arithmetic(Arithmetic::F64)?;
+    let all_t = Tensor::arange(0i64, 1000, &Device::Cpu)?;
     let mut checked = 0;
-    for config in ["sd1", "sd2"] {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+    for (config, prediction) in [("sd1", Prediction::Epsilon), ("sd2", Prediction::V)] {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures")
-            .join(config)
-            .join("reference.safetensors");
+            .join(config);
+        let path = dir.join("reference.safetensors");
         if !path.exists() {
             eprintln!("skipping {config}: {} not found", path.display());
             continue;
@@ -40,42 +57,40 @@ fn sd_schedule_matches_diffusers_fixtures() -> Result<()> {
             r.get(k)
                 .with_context(|| format!("{config} fixture lacks `{k}`"))
         };
-        let want = get("sched.alphas_cumprod")?
-            .to_dtype(DType::F64)?
-            .to_vec1::<f64>()?;
-        let got = schedule.alphas_cumprod();
-        anyhow::ensure!(
-            want.len() == got.len(),
-            "{} vs {} timesteps",
-            want.len(),
-            got.len()
-        );
-        let err_ac = want
-            .iter()
-            .zip(got)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f64, f64::max);
+        let vec64 =
+            |k: &str| -> Result<Vec<f64>> { Ok(get(k)?.to_dtype(DType::F64)?.to_vec1::<f64>()?) };
+
+        // diffusers' own float32 ᾱ and the f64 computation of the same formula.
+        let err_ac = max_abs_f64(torch.alphas_cumprod(), &vec64("sched.alphas_cumprod")?);
+        let err_ac64 = max_abs_f64(exact.alphas_cumprod(), &vec64("sched.alphas_cumprod_f64")?);
         let (x0, noise, t) = (
             get("sched.x0")?,
             get("sched.noise")?,
             get("sched.timesteps")?,
         );
-        let err_noisy = max_abs_diff(&schedule.add_noise(x0, noise, t)?, get("sched.noisy")?)?;
-        let err_v = max_abs_diff(&schedule.velocity(x0, noise, t)?, get("sched.velocity")?)?;
-        let snr_want = get("sched.snr")?;
-        let snr_got = schedule.snr(t)?;
-        let err_snr_rel = max_abs_diff(
-            &(&snr_got / snr_want.to_dtype(DType::F32)?)?,
-            &snr_got.ones_like()?,
-        )?;
+        let err_noisy = max_abs_diff(&torch.add_noise(x0, noise, t)?, get("sched.noisy")?)?;
+        let err_v = max_abs_diff(&torch.velocity(x0, noise, t)?, get("sched.velocity")?)?;
+        let err_snr = max_rel_diff(&torch.snr(&all_t)?, get("sched.snr")?)?;
+        let err_snr64 = max_rel_diff(&exact.snr(&all_t)?, get("sched.snr_f64")?)?;
         eprintln!(
-            "{config}: alphas_cumprod {err_ac:.3e}, add_noise {err_noisy:.3e}, \
-             velocity {err_v:.3e}, snr rel {err_snr_rel:.3e}"
+            "{config}: alphas_cumprod {err_ac:.3e} (f64 {err_ac64:.3e}), add_noise {err_noisy:.3e}, \
+             velocity {err_v:.3e}, snr rel {err_snr:.3e} (f64 {err_snr64:.3e})"
         );
         anyhow::ensure!(err_ac <= 1e-12, "alphas_cumprod max abs err {err_ac}");
+        anyhow::ensure!(
+            err_ac64 <= 1e-12,
+            "alphas_cumprod_f64 max abs err {err_ac64}"
+        );
         anyhow::ensure!(err_noisy <= 1e-6, "add_noise max abs err {err_noisy}");
         anyhow::ensure!(err_v <= 1e-6, "velocity max abs err {err_v}");
-        anyhow::ensure!(err_snr_rel <= 1e-5, "snr max rel err {err_snr_rel}");
+        // snr() rounds to f32 at the end: relative error of a few f32 ulps.
+        anyhow::ensure!(err_snr <= 1e-6, "snr max rel err {err_snr}");
+        anyhow::ensure!(err_snr64 <= 1e-6, "snr_f64 max rel err {err_snr64}");
+
+        let json = std::fs::read_to_string(dir.join("diffusers/scheduler/scheduler_config.json"))?;
+        let from_config = DdpmSchedule::from_scheduler_config(&json)?;
+        assert_eq!(from_config.prediction(), prediction);
+        assert_eq!(from_config.alphas_cumprod(), torch.alphas_cumprod());
         checked += 1;
     }
     if checked == 0 {
