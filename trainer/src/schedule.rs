@@ -297,17 +297,14 @@ impl DdpmSchedule {
                 timesteps.dtype()
             )));
         }
-        let n = self.num_train_timesteps();
-        let values = timesteps
-            .flatten_all()?
-            .to_dtype(DType::I64)?
-            .to_vec1::<i64>()?;
         if timesteps.rank() != 1 {
             return Err(Error::Config(format!(
                 "timesteps must have shape [batch], got {:?}",
                 timesteps.dims()
             )));
         }
+        let n = self.num_train_timesteps();
+        let values = timesteps.to_dtype(DType::I64)?.to_vec1::<i64>()?;
         values
             .into_iter()
             .map(|t| {
