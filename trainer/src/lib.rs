@@ -3,12 +3,17 @@
 //! - [`nn`]: frozen layers with input-only gradients, differentiable norms/softmax, LoRA sites.
 //! - [`lora`]: kohya LoRA networks (targets, init, file format).
 //! - [`unet`]: the SD1.x/SD2.x UNet (diffusers and single-file LDM weights).
+//! - [`vae`]: the AutoencoderKL encoder/decoder.
+//! - [`schedule`]: the DDPM noise schedule (noising, velocity, SNR).
 //! - [`weights`]: memory-mapped tensor stores and key maps between checkpoint layouts.
+//! - [`optim`]: optimizers.
 pub mod error;
 pub mod lora;
 pub mod nn;
 pub mod optim;
+pub mod schedule;
 pub mod unet;
+pub mod vae;
 pub mod weights;
 
 pub use error::{Error, Result};
