@@ -1,12 +1,12 @@
 //! loractl's training engine: Stable Diffusion 1.x/2.x models in candle with kohya-style LoRA.
 //!
-//! - [`nn`]: frozen layers with input-only gradients, differentiable norms/softmax, LoRA sites.
-//! - [`lora`]: kohya LoRA networks (targets, init, file format).
-//! - [`unet`]: the SD1.x/SD2.x UNet (diffusers and single-file LDM weights).
-//! - [`vae`]: the AutoencoderKL encoder/decoder.
-//! - [`schedule`]: the DDPM noise schedule (noising, velocity, SNR).
-//! - [`weights`]: memory-mapped tensor stores and key maps between checkpoint layouts.
-//! - [`optim`]: optimizers.
+//! - [`nn`] — frozen layers with input-only gradients, differentiable norms/softmax, LoRA sites.
+//! - [`lora`] — kohya LoRA networks (targets, init, file format).
+//! - [`unet`] — the SD1.x/SD2.x UNet (diffusers and single-file LDM weights).
+//! - [`vae`] — the AutoencoderKL encoder/decoder.
+//! - [`schedule`] — the DDPM noise schedule (noising, velocity, SNR).
+//! - [`weights`] — memory-mapped tensor stores and key maps between checkpoint layouts.
+//! - [`optim`] — optimizers.
 pub mod error;
 pub mod lora;
 pub mod nn;

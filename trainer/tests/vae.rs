@@ -18,15 +18,12 @@ fn fixture_dir(config: &str) -> Option<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(config);
-    if dir.join("reference.safetensors").exists() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "skipping: fixtures for {config} not found at {}",
-            dir.display()
-        );
-        None
-    }
+    assert!(
+        dir.join("reference.safetensors").exists(),
+        "fixtures for {config} missing at {} (regenerate with scripts/fixtures/make_fixtures.py)",
+        dir.display()
+    );
+    Some(dir)
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
