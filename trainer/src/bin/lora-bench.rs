@@ -1,0 +1,122 @@
+//! Times one LoRA training step (UNet forward, backward, AdamW) for the benchmark UNet configs in
+//! `scripts/bench/unet_configs.json` and prints one JSON line, like `scripts/bench/torch_step.py`
+//! does for diffusers + peft. `scripts/bench/run.sh` runs both side by side.
+//!
+//! Usage: lora-bench CONFIG [--steps N] [--warmup N] [--rank R] [--alpha A]
+
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use loractl_trainer::lora::{LoraConfig, LoraNetwork};
+use loractl_trainer::nn::Builder;
+use loractl_trainer::optim::{AdamW, AdamWConfig};
+use loractl_trainer::unet::{UNet2DConditionModel, UNetConfig};
+use loractl_trainer::weights::RandomWeights;
+
+const CONFIGS: &str = include_str!("../../../scripts/bench/unet_configs.json");
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let mut name = None;
+    let (mut steps, mut warmup, mut rank, mut alpha) = (5usize, 1usize, 8usize, 8f64);
+    while let Some(a) = args.next() {
+        let mut val = |flag: &str| args.next().ok_or_else(|| anyhow!("{flag} needs a value"));
+        match a.as_str() {
+            "--steps" => steps = val("--steps")?.parse()?,
+            "--warmup" => warmup = val("--warmup")?.parse()?,
+            "--rank" => rank = val("--rank")?.parse()?,
+            "--alpha" => alpha = val("--alpha")?.parse()?,
+            "-h" | "--help" => {
+                println!("usage: lora-bench tiny|small|sd15 [--steps N] [--warmup N] [--rank R] [--alpha A]");
+                return Ok(());
+            }
+            s if !s.starts_with('-') && name.is_none() => name = Some(s.to_string()),
+            s => bail!("unknown argument `{s}`"),
+        }
+    }
+    let name = name.ok_or_else(|| anyhow!("which config? tiny, small or sd15"))?;
+    let all: serde_json::Value = serde_json::from_str(CONFIGS)?;
+    let spec = all
+        .get(&name)
+        .ok_or_else(|| anyhow!("unknown config `{name}`: tiny, small or sd15"))?;
+    let cfg = UNetConfig::from_json(&spec["unet"].to_string(), &name)?;
+    let dim = |v: &serde_json::Value, i: usize| -> anyhow::Result<usize> {
+        v.get(i)
+            .and_then(|x| x.as_u64())
+            .map(|x| x as usize)
+            .context("bad config dims")
+    };
+    let (h, w) = (dim(&spec["latent"], 0)?, dim(&spec["latent"], 1)?);
+    let (seq, ctx_dim) = (dim(&spec["context"], 0)?, dim(&spec["context"], 1)?);
+
+    let dev = Device::Cpu;
+    let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, dev.clone());
+    let unet = UNet2DConditionModel::new(&cfg, &Builder::new(vb, "lora_unet"))?;
+    let lora_cfg = LoraConfig {
+        rank,
+        alpha,
+        train_text_encoder: false,
+        ..Default::default()
+    };
+    let net = LoraNetwork::new(&unet.sites(), &lora_cfg, &dev, 0)?;
+    // Non-zero up weights so the step does the same work as after the first update.
+    for m in net.modules() {
+        m.up.set(&(m.up.as_tensor().randn_like(0.0, 0.01)?))?;
+    }
+    net.apply();
+    let mut opt = AdamW::new(
+        net.vars(),
+        AdamWConfig {
+            lr: 1e-4,
+            ..Default::default()
+        },
+    )?;
+    let x = Tensor::randn(0f32, 1., (1, 4, h, w), &dev)?;
+    let ctx = Tensor::randn(0f32, 1., (1, seq, ctx_dim), &dev)?;
+    let target = Tensor::randn(0f32, 1., (1, 4, h, w), &dev)?;
+    let mut times = Vec::new();
+    for i in 0..warmup + steps {
+        let t = Tensor::new(&[((i * 397) % 1000) as u32], &dev)?;
+        let start = Instant::now();
+        let out = unet.forward(&x, &t, &ctx)?;
+        let loss = (out - &target)?.sqr()?.mean_all()?;
+        let grads = loss.backward()?;
+        opt.step(&grads)?;
+        drop(grads);
+        if i >= warmup {
+            times.push(start.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let median = times[times.len() / 2];
+    let out = serde_json::json!({
+        "impl": "loractl",
+        "config": name,
+        "step_ms": median,
+        "step_ms_min": times[0],
+        "peak_rss_mib": peak_rss_mib(),
+        "lora_modules": net.modules().len(),
+        "lora_params": net.param_count(),
+        "threads": rayon_threads(),
+    });
+    println!("{out}");
+    Ok(())
+}
+
+fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
