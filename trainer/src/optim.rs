@@ -68,6 +68,9 @@ impl AdamW {
             let Some(g) = grads.get(p.as_tensor()) else {
                 continue;
             };
+            // Gradients of variables still reference the forward graph; keeping them (in the
+            // moments) would keep every step's activations alive.
+            let g = &g.detach();
             let nm = ((&*m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             let nv = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let denom = ((nv.sqrt()? / bc2.sqrt())? + c.eps)?;
@@ -127,6 +130,19 @@ mod tests {
         for (a, b) in got.iter().zip(want) {
             assert!((a - b).abs() < 1e-6, "{got:?} vs {want:?}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn moments_do_not_keep_the_graph_alive() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let p = Var::new(&[1f32, 2., 3.], &dev)?;
+        let mut opt = AdamW::new(vec![p.clone()], AdamWConfig::default())?;
+        // d/dp sum(p^2) = 2p references p, so an undetached moment would hold a graph.
+        let grads = p.as_tensor().sqr()?.sum_all()?.backward()?;
+        assert!(grads.get(p.as_tensor()).is_some_and(|g| g.track_op()));
+        opt.step(&grads)?;
+        assert!(opt.m.iter().chain(&opt.v).all(|t| !t.track_op()));
         Ok(())
     }
 }
