@@ -111,6 +111,108 @@ pub fn attach_grad(
     )?)
 }
 
+type Backward2Fn = dyn Fn(&Tensor) -> candle_core::Result<(Tensor, Tensor)> + Send + Sync;
+
+/// Like [`AttachGrad`] with two inputs (activation and trainable weight).
+struct AttachGrad2 {
+    backward: Box<Backward2Fn>,
+}
+
+impl candle_core::CustomOp3 for AttachGrad2 {
+    fn name(&self) -> &'static str {
+        "attach-grad2"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        _l1: &Layout,
+        _s2: &CpuStorage,
+        _l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Ok((copy_storage_cpu(s3, l3)?, l3.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _s1: &candle_core::CudaStorage,
+        _l1: &Layout,
+        _s2: &candle_core::CudaStorage,
+        _l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        match l3.contiguous_offsets() {
+            Some((0, _)) => Ok((s3.try_clone(l3)?, l3.shape().clone())),
+            _ => Err(candle_core::Error::Msg(
+                "attach-grad: value must be contiguous from offset 0".to_string(),
+            )),
+        }
+    }
+
+    fn bwd(
+        &self,
+        _arg1: &Tensor,
+        _arg2: &Tensor,
+        _arg3: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (ga, gb) = (self.backward)(grad_res)?;
+        Ok((Some(ga), Some(gb), None))
+    }
+}
+
+/// `value` as a function of `a` and `b`; `backward` maps d(out) to (d(a), d(b)).
+pub fn attach_grad2(
+    a: &Tensor,
+    b: &Tensor,
+    value: Tensor,
+    backward: impl Fn(&Tensor) -> candle_core::Result<(Tensor, Tensor)> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    if !a.track_op() && !b.track_op() {
+        return Ok(value);
+    }
+    let value = value.contiguous()?;
+    let value = if value.layout().start_offset() != 0 {
+        value.copy()?
+    } else {
+        value
+    };
+    Ok(a.apply_op3(
+        b,
+        &value,
+        AttachGrad2 {
+            backward: Box::new(backward),
+        },
+    )?)
+}
+
+/// A convolution of `x` with a trainable kernel `w` (square, no groups/dilation) whose input
+/// gradient is right for any H/W parity (candle's own backward sizes it from the height only).
+pub fn conv2d_trainable(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    if stride == 1 {
+        return Ok(x.conv2d(w, padding, stride, 1, 1)?);
+    }
+    let (_, _, h, wd) = x.dims4()?;
+    let y = x.detach().conv2d(&w.detach(), padding, stride, 1, 1)?;
+    let (xc, wc) = (x.detach(), w.detach());
+    attach_grad2(x, w, y, move |g| {
+        let gx = conv2d_input_grad(g, &wc, (h, wd), stride, padding)?;
+        let (_, _, k0, k1) = wc.dims4()?;
+        let gw = xc
+            .transpose(0, 1)?
+            .conv2d(&g.transpose(0, 1)?, padding, 1, stride, 1)?
+            .transpose(0, 1)?;
+        let gw = gw.narrow(2, 0, k0)?.narrow(3, 0, k1)?;
+        Ok((gx, gw))
+    })
+}
+
 /// Which kohya target family a layer belongs to; decides whether a LoRA network targets it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Scope {
@@ -415,7 +517,7 @@ impl Conv2d {
             conv2d_input_grad(g, &wt, (h, w), stride, padding)
         })?;
         for a in adapters(&self.slot) {
-            let d = x.conv2d(&a.down, self.padding, self.stride, 1, 1)?;
+            let d = conv2d_trainable(x, &a.down, self.stride, self.padding)?;
             let hdn = d.conv2d(&a.up, 0, 1, 1, 1)?;
             y = (y + (hdn * a.scale)?)?;
         }
@@ -591,6 +693,40 @@ mod tests {
                 let want = want.get(xv.as_tensor()).expect("grad");
                 assert_close(want, got, 1e-4);
             }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn trainable_conv_gradients_are_adjoints_for_any_parity() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        for &(h, w) in &[(8, 8), (7, 8), (8, 11), (13, 10)] {
+            let xv = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, h, w), &dev)?)?;
+            let wv = Var::from_tensor(&Tensor::randn(0f32, 1., (4, 3, 3, 3), &dev)?)?;
+            let y = conv2d_trainable(xv.as_tensor(), wv.as_tensor(), 2, 1)?;
+            let reference = xv.as_tensor().conv2d(wv.as_tensor(), 1, 2, 1, 1)?;
+            assert_close(&y, &reference, 1e-5);
+            let g = Tensor::randn(0f32, 1., y.shape(), &dev)?;
+            let grads = (&y * &g)?.sum_all()?.backward()?;
+            let gx = grads.get(xv.as_tensor()).expect("x grad");
+            let gw = grads.get(wv.as_tensor()).expect("w grad");
+            // conv is linear in x and in w: <conv(dx, w), g> = <dx, gx>, <conv(x, dw), g> = <dw, gw>
+            let dx = Tensor::randn(0f32, 1., (2, 3, h, w), &dev)?;
+            let lhs = (dx.conv2d(wv.as_tensor(), 1, 2, 1, 1)? * &g)?.sum_all()?;
+            let rhs = (&dx * gx)?.sum_all()?;
+            let (lhs, rhs) = (lhs.to_scalar::<f32>()?, rhs.to_scalar::<f32>()?);
+            assert!(
+                (lhs - rhs).abs() < 1e-3 * lhs.abs().max(1.0),
+                "{lhs} vs {rhs}"
+            );
+            let dw = Tensor::randn(0f32, 1., (4, 3, 3, 3), &dev)?;
+            let lhs = (xv.as_tensor().conv2d(&dw, 1, 2, 1, 1)? * &g)?.sum_all()?;
+            let rhs = (&dw * gw)?.sum_all()?;
+            let (lhs, rhs) = (lhs.to_scalar::<f32>()?, rhs.to_scalar::<f32>()?);
+            assert!(
+                (lhs - rhs).abs() < 1e-3 * lhs.abs().max(1.0),
+                "{lhs} vs {rhs}"
+            );
         }
         Ok(())
     }

@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""One LoRA training step (forward, backward, AdamW) of a diffusers UNet with peft LoRA on
+kohya's UNet targets, timed the same way as `lora-bench` so the two run side by side.
+
+Usage: torch_step.py CONFIG [--steps N] [--warmup N] [--threads N]
+Prints one JSON line: {"impl": "pytorch", "config", "step_ms" (median), "peak_rss_mib", ...}.
+Requirements: scripts/fixtures/requirements.txt (torch, diffusers, peft).
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import time
+
+import torch
+from diffusers import UNet2DConditionModel
+from peft import LoraConfig, inject_adapter_in_model
+
+# kohya networks/lora.py: every Linear/Conv2d inside Transformer2DModel blocks.
+KOHYA_UNET_TARGETS = r".*attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2))$"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("config")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--alpha", type=float, default=8.0)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "unet_configs.json")) as f:
+        spec = json.load(f)[args.config]
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**spec["unet"])
+    unet.requires_grad_(False)
+    cfg = LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=KOHYA_UNET_TARGETS,
+                     init_lora_weights=True)
+    unet = inject_adapter_in_model(cfg, unet)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    n_modules = sum(1 for n, _ in unet.named_modules() if n.endswith("lora_A.default"))
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    h, w = spec["latent"]
+    seq, dim = spec["context"]
+    x = torch.randn(1, 4, h, w)
+    ctx = torch.randn(1, seq, dim)
+    target = torch.randn(1, 4, h, w)
+    times = []
+    for i in range(args.warmup + args.steps):
+        t = torch.randint(0, 1000, (1,))
+        start = time.perf_counter()
+        out = unet(x, t, encoder_hidden_states=ctx).sample
+        loss = torch.nn.functional.mse_loss(out.float(), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= args.warmup:
+            times.append((time.perf_counter() - start) * 1000)
+    print(json.dumps({
+        "impl": "pytorch",
+        "config": args.config,
+        "step_ms": statistics.median(times),
+        "step_ms_min": min(times),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "lora_modules": n_modules,
+        "lora_params": sum(p.numel() for p in params),
+        "threads": args.threads,
+        "torch": torch.__version__,
+    }))
+
+
+if __name__ == "__main__":
+    main()
