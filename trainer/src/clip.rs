@@ -91,7 +91,8 @@ impl ClipTextConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
         {
             return Err(Error::Config(format!(
                 "CLIP text encoder: hidden_size {} is not divisible by num_attention_heads {}",
@@ -262,12 +263,15 @@ impl ClipTextModel {
         }
         let dev = self.token_embedding.device();
         let dtype = self.token_embedding.dtype();
-        let ids = input_ids.to_dtype(DType::U32)?.to_device(dev)?.flatten_all()?;
+        let ids = input_ids
+            .to_dtype(DType::U32)?
+            .to_device(dev)?
+            .flatten_all()?;
         // The embedding table is frozen: index_select on a constant records no weight gradient.
-        let tok = self
-            .token_embedding
-            .index_select(&ids, 0)?
-            .reshape((b, t, self.cfg.hidden_size))?;
+        let tok =
+            self.token_embedding
+                .index_select(&ids, 0)?
+                .reshape((b, t, self.cfg.hidden_size))?;
         let pos = self.position_embedding.narrow(0, 0, t)?;
         let mut x = tok.broadcast_add(&pos)?;
         let mask = causal_mask(t, dtype, dev)?;
@@ -291,40 +295,9 @@ impl ClipTextModel {
         if n == per {
             return self.forward(input_ids, clip_skip);
         }
-        if n < per || !(n - 2).is_multiple_of(CHUNK_TOKENS) {
-            return Err(Error::Config(format!(
-                "long prompt input has {n} tokens; it must be 2 + 75·k (77, 152, 227)"
-            )));
-        }
-        let k = (n - 2) / CHUNK_TOKENS;
-        let rows = input_ids
-            .to_dtype(DType::U32)?
-            .to_device(&candle_core::Device::Cpu)?
-            .to_vec2::<u32>()?;
-        let mut chunks: Vec<u32> = Vec::with_capacity(b * k * per);
-        for row in &rows {
-            let (first, last) = (row[0], row[n - 1]);
-            for c in 0..k {
-                let start = 1 + c * CHUNK_TOKENS;
-                let mut chunk = Vec::with_capacity(per);
-                chunk.push(first);
-                chunk.extend_from_slice(&row[start..start + CHUNK_TOKENS]);
-                chunk.push(last);
-                if v2 {
-                    let before_last = chunk[per - 2];
-                    if before_last != EOS_ID && before_last != SD2_PAD_ID {
-                        chunk[per - 1] = EOS_ID;
-                    }
-                    if chunk[1] == SD2_PAD_ID {
-                        chunk[1] = EOS_ID;
-                    }
-                }
-                chunks.extend(chunk);
-            }
-        }
-        let dev = self.token_embedding.device();
-        let ids = Tensor::from_vec(chunks, (b * k, per), dev)?;
-        let h = self.forward(&ids, clip_skip)?;
+        let chunks = long_prompt_chunks(input_ids, v2)?;
+        let k = chunks.dim(0)? / b;
+        let h = self.forward(&chunks.to_device(self.token_embedding.device())?, clip_skip)?;
         let c = h.dim(D::Minus1)?;
         let h = h.reshape((b, k * per, c))?;
         // sd-scripts' v2 branch of get_hidden_states compares ids with the EOS *string*, which
@@ -336,6 +309,51 @@ impl ClipTextModel {
         parts.push(h.narrow(1, k * per - 1, 1)?);
         Ok(Tensor::cat(&parts, 1)?)
     }
+}
+
+/// sd-scripts' `get_input_ids` re-wrapping of long-prompt ids [B, 2 + 75·k] into [B·k, 77]
+/// chunks `first id, 75 ids, last id` (see [`ClipTextModel::encode_long`] for the `v2` rules,
+/// which assume SD2's pad id 0).
+pub fn long_prompt_chunks(input_ids: &Tensor, v2: bool) -> Result<Tensor> {
+    let (b, n) = input_ids.dims2()?;
+    let per = CHUNK_TOKENS + 2;
+    if n < per || !(n - 2).is_multiple_of(CHUNK_TOKENS) {
+        return Err(Error::Config(format!(
+            "long prompt input has {n} tokens; it must be 2 + 75·k (77, 152, 227)"
+        )));
+    }
+    let k = (n - 2) / CHUNK_TOKENS;
+    let rows = input_ids
+        .to_dtype(DType::U32)?
+        .to_device(&candle_core::Device::Cpu)?
+        .to_vec2::<u32>()?;
+    let mut chunks: Vec<u32> = Vec::with_capacity(b * k * per);
+    for row in &rows {
+        let (first, last) = (row[0], row[n - 1]);
+        for c in 0..k {
+            let start = 1 + c * CHUNK_TOKENS;
+            let mut chunk = Vec::with_capacity(per);
+            chunk.push(first);
+            chunk.extend_from_slice(&row[start..start + CHUNK_TOKENS]);
+            chunk.push(last);
+            if v2 {
+                // A chunk cut inside the text ends with EOS; an empty one starts BOS, EOS.
+                let before_last = chunk[per - 2];
+                if before_last != EOS_ID && before_last != SD2_PAD_ID {
+                    chunk[per - 1] = EOS_ID;
+                }
+                if chunk[1] == SD2_PAD_ID {
+                    chunk[1] = EOS_ID;
+                }
+            }
+            chunks.extend(chunk);
+        }
+    }
+    Ok(Tensor::from_vec(
+        chunks,
+        (b * k, per),
+        &candle_core::Device::Cpu,
+    )?)
 }
 
 fn causal_mask(t: usize, dtype: DType, dev: &candle_core::Device) -> Result<Tensor> {
@@ -356,7 +374,10 @@ pub fn diffusers_layout() -> KeyMap {
 
 /// transformers ≥ 5 saves `CLIPTextModel` without the `text_model.` level.
 pub fn transformers5_layout() -> KeyMap {
-    Arc::new(|n: &str| n.strip_prefix("text_model.").map(|s| Fetch::Name(s.to_string())))
+    Arc::new(|n: &str| {
+        n.strip_prefix("text_model.")
+            .map(|s| Fetch::Name(s.to_string()))
+    })
 }
 
 /// SD1 single-file checkpoint: the transformers model under `cond_stage_model.transformer.`.
@@ -445,12 +466,15 @@ fn dim(store: &dyn TensorStore, name: &str, axis: usize) -> Result<usize> {
         name: name.to_string(),
         origin: store.origin(),
     })?;
-    shape.get(axis).copied().ok_or_else(|| Error::ShapeMismatch {
-        name: name.to_string(),
-        got: shape.clone(),
-        expected: vec![0; axis + 1],
-        origin: store.origin(),
-    })
+    shape
+        .get(axis)
+        .copied()
+        .ok_or_else(|| Error::ShapeMismatch {
+            name: name.to_string(),
+            got: shape.clone(),
+            expected: vec![0; axis + 1],
+            origin: store.origin(),
+        })
 }
 
 /// Distinct values of the integer path component that follows `prefix` in the store's names.
@@ -458,14 +482,21 @@ fn count_indices(store: &dyn TensorStore, prefix: &str) -> usize {
     store
         .names()
         .iter()
-        .filter_map(|n| n.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok())
+        .filter_map(|n| {
+            n.strip_prefix(prefix)?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
         .collect::<BTreeSet<_>>()
         .len()
 }
 
 /// The text encoder configuration of a single-file (LDM) checkpoint, read from tensor shapes,
-/// and whether it is SD2's OpenCLIP. Heads follow the real models' rule (64 channels per head);
-/// a model built with another head size (tiny test models) needs an explicit config.
+/// and whether it is SD2's OpenCLIP. The head count is not stored anywhere: it follows the real
+/// models' rule (64 channels per head, at least one), so a model built with another head size
+/// (tiny test models) needs its explicit config (`text_encoder/config.json`).
 /// For SD2 the last OpenCLIP block is left out, as diffusers does.
 pub fn infer_ldm_config(store: &dyn TensorStore) -> Result<(ClipTextConfig, bool)> {
     let sd1_tm = format!("{SD1_LDM_PREFIX}text_model.");
@@ -485,7 +516,7 @@ pub fn infer_ldm_config(store: &dyn TensorStore) -> Result<(ClipTextConfig, bool
             hidden_size: dim(store, &tok, 1)?,
             intermediate_size: dim(store, &format!("{p}encoder.layers.0.mlp.fc1.weight"), 0)?,
             num_hidden_layers: count_indices(store, &format!("{p}encoder.layers.")),
-            num_attention_heads: dim(store, &tok, 1)? / 64,
+            num_attention_heads: (dim(store, &tok, 1)? / 64).max(1),
             max_position_embeddings: dim(
                 store,
                 &format!("{p}embeddings.position_embedding.weight"),
@@ -508,7 +539,7 @@ pub fn infer_ldm_config(store: &dyn TensorStore) -> Result<(ClipTextConfig, bool
                 0,
             )?,
             num_hidden_layers: blocks.saturating_sub(1),
-            num_attention_heads: dim(store, &tok, 1)? / 64,
+            num_attention_heads: (dim(store, &tok, 1)? / 64).max(1),
             max_position_embeddings: dim(store, &format!("{p}positional_embedding"), 0)?,
             hidden_act: Activation::Gelu,
             layer_norm_eps: 1e-5,
@@ -553,7 +584,9 @@ mod tests {
         );
         assert_eq!(
             m("text_model.embeddings.position_embedding.weight"),
-            Some(Fetch::Name("cond_stage_model.model.positional_embedding".into()))
+            Some(Fetch::Name(
+                "cond_stage_model.model.positional_embedding".into()
+            ))
         );
         assert_eq!(
             m("text_model.final_layer_norm.weight"),
