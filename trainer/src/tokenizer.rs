@@ -5,16 +5,19 @@
 //! Text goes through the same steps: special tokens are split off first (for SD2 that includes
 //! its pad token `!`), then each piece is cleaned as `ftfy.fix_text` does, whitespace-collapsed,
 //! lower-cased, cut by CLIP's pattern and byte-pair encoded with `</w>` ending each word.
-//! ftfy's mojibake repair (re-decoding text that was decoded with the wrong codec) is not done.
+//! ftfy's cleanup is reproduced in [`ftfy`](fix_text) from tables generated out of ftfy itself.
 
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
 use tokenizers::utils::SysRegex;
 
 use crate::{Error, Result};
+
+mod ftfy;
+pub use ftfy::fix_text;
 
 const BOS: &str = "<|startoftext|>";
 const EOS: &str = "<|endoftext|>";
@@ -24,7 +27,6 @@ const MERGES: usize = 49152 - 256 - 2;
 const PATTERN: &str = r"(?i)<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 static BUNDLED_BPE: &[u8] = include_bytes!("../assets/bpe_simple_vocab_16e6.txt.gz");
-static FTFY_TABLES: &str = include_str!("../assets/ftfy_tables.tsv");
 
 /// A special token split off before cleanup (transformers' added tokens).
 #[derive(Debug, Clone)]
@@ -41,7 +43,6 @@ pub struct ClipTokenizer {
     ranks: HashMap<(String, String), usize>,
     byte_encoder: [char; 256],
     pattern: SysRegex,
-    ansi: SysRegex,
     specials: Vec<Special>,
     bos_id: u32,
     eos_id: u32,
@@ -167,7 +168,13 @@ impl ClipTokenizer {
         let merges_text = std::fs::read_to_string(merges).map_err(|e| Error::io(merges, e))?;
         // As transformers: strip, split lines, skip the header, keep at most MERGES.
         let mut merge_list = Vec::new();
-        for (i, line) in merges_text.trim().split('\n').skip(1).take(MERGES).enumerate() {
+        for (i, line) in merges_text
+            .trim()
+            .split('\n')
+            .skip(1)
+            .take(MERGES)
+            .enumerate()
+        {
             let parts: Vec<&str> = line.split_whitespace().collect();
             if parts.len() != 2 {
                 return Err(Error::Tokenizer(format!(
@@ -255,16 +262,18 @@ impl ClipTokenizer {
             byte_encoder[b as usize] = c;
         }
         // dict(zip(merges, range)): a repeated merge keeps its last rank, as in transformers.
-        let ranks = merges.into_iter().enumerate().map(|(i, m)| (m, i)).collect();
-        let regex = |p: &str| {
-            SysRegex::new(p).map_err(|e| Error::Tokenizer(format!("pattern {p:?}: {e}")))
-        };
+        let ranks = merges
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| (m, i))
+            .collect();
+        let regex =
+            |p: &str| SysRegex::new(p).map_err(|e| Error::Tokenizer(format!("pattern {p:?}: {e}")));
         Ok(Self {
             encoder,
             ranks,
             byte_encoder,
             pattern: regex(PATTERN)?,
-            ansi: regex(r"\x1b\[(?:\d|;)*[a-zA-Z]")?,
             specials,
             bos_id,
             eos_id,
@@ -366,7 +375,7 @@ impl ClipTokenizer {
 
     /// transformers' `CLIPTokenizer._tokenize` for text without special tokens.
     fn tokenize_plain(&self, text: &str, ids: &mut Vec<u32>) {
-        let fixed = fix_text(text, &self.ansi);
+        let fixed = ftfy::fix_text(text);
         let clean = fixed.split_whitespace().collect::<Vec<_>>().join(" ");
         // Python's `regex` with IGNORECASE matches U+0345 (it case-folds to a letter but is not
         // one) with no alternative of the pattern, so it separates words; Rust's class folding
@@ -439,279 +448,9 @@ impl ClipTokenizer {
     }
 }
 
-/// Tables derived from Python's `html` module and Unicode data, as ftfy builds them.
-struct FtfyTables {
-    entities: HashMap<String, String>,
-    width: HashMap<char, String>,
-    /// Numeric references decoded specially by `html.unescape` (None = dropped).
-    charrefs: HashMap<u32, String>,
-}
-
-fn ftfy_tables() -> &'static FtfyTables {
-    static TABLES: OnceLock<FtfyTables> = OnceLock::new();
-    TABLES.get_or_init(|| {
-        let mut t = FtfyTables {
-            entities: HashMap::new(),
-            width: HashMap::new(),
-            charrefs: HashMap::new(),
-        };
-        for line in FTFY_TABLES.lines().filter(|l| !l.starts_with('#')) {
-            let mut cols = line.split('\t');
-            let (Some(kind), Some(key), Some(value)) = (cols.next(), cols.next(), cols.next())
-            else {
-                continue;
-            };
-            let value: String = value
-                .split_whitespace()
-                .filter_map(|h| u32::from_str_radix(h, 16).ok().and_then(char::from_u32))
-                .collect();
-            let code = u32::from_str_radix(key, 16).ok();
-            match kind {
-                "entity" => {
-                    t.entities.insert(key.to_string(), value);
-                }
-                "width" => {
-                    if let Some(c) = code.and_then(char::from_u32) {
-                        t.width.insert(c, value);
-                    }
-                }
-                "charref" => {
-                    // Python checks its special decodings before its dropped code points.
-                    if let Some(c) = code {
-                        t.charrefs.entry(c).or_insert(value);
-                    }
-                }
-                _ => {}
-            }
-        }
-        t
-    })
-}
-
-/// `ftfy.fix_text` with its default configuration, less the mojibake repair: per line,
-/// repeated until nothing changes. HTML entities are decoded unless a `<` was seen (then the
-/// text is taken to be HTML, for that line and the rest).
-pub fn fix_text(text: &str, ansi: &SysRegex) -> String {
-    let mut unescape = true;
-    let mut out = String::with_capacity(text.len());
-    for segment in text.split_inclusive('\n') {
-        if unescape && segment.contains('<') {
-            unescape = false;
-        }
-        let mut s = segment.to_string();
-        loop {
-            let orig = s.clone();
-            if unescape {
-                s = unescape_html(&s);
-            }
-            s = fix_c1_and_ligatures_and_width(&s);
-            s = uncurl_quotes(&s);
-            s = fix_line_breaks(&s);
-            s = remove_ansi(&s, ansi);
-            s = remove_control_chars(&s);
-            s = nfc(&s);
-            if s == orig {
-                break;
-            }
-        }
-        out.push_str(&s);
-    }
-    out
-}
-
-fn nfc(s: &str) -> String {
-    let mut n = tokenizers::NormalizedString::from(s);
-    n.nfc();
-    n.get().to_string()
-}
-
-/// ftfy's `unescape_html`: `&name;` from the HTML5 table (and upper-cased Latin names), and
-/// `&#...;` / `&#x...;` decoded only when the whole reference up to `;` is a number.
-fn unescape_html(s: &str) -> String {
-    let t = ftfy_tables();
-    let bytes = s.as_bytes();
-    let mut out = String::with_capacity(s.len());
-    let mut i = 0;
-    let mut copied = 0;
-    while i < bytes.len() {
-        if bytes[i] != b'&' {
-            i += 1;
-            continue;
-        }
-        // `&#?[0-9A-Za-z]{1,24};`
-        let mut j = i + 1;
-        let hash = j < bytes.len() && bytes[j] == b'#';
-        if hash {
-            j += 1;
-        }
-        let start = j;
-        while j < bytes.len() && bytes[j].is_ascii_alphanumeric() && j - start < 25 {
-            j += 1;
-        }
-        let n = j - start;
-        if n == 0 || n > 24 || j >= bytes.len() || bytes[j] != b';' {
-            i += 1;
-            continue;
-        }
-        let m = &s[i..=j];
-        let body = &s[start..j];
-        let replacement = if let Some(v) = t.entities.get(m) {
-            Some(v.clone())
-        } else if hash {
-            decode_charref(body, t).filter(|v| !v.contains(';'))
-        } else {
-            None
-        };
-        if let Some(r) = replacement {
-            out.push_str(&s[copied..i]);
-            out.push_str(&r);
-            copied = j + 1;
-        }
-        i = j + 1;
-    }
-    out.push_str(&s[copied..]);
-    out
-}
-
-/// `html.unescape` of `&#body;` when `body` is all decimal digits or `x` + hex digits.
-fn decode_charref(body: &str, t: &FtfyTables) -> Option<String> {
-    let (digits, radix) = match body.strip_prefix(['x', 'X']) {
-        Some(h) => (h, 16),
-        None => (body, 10),
-    };
-    let valid = !digits.is_empty()
-        && digits.chars().all(|c| {
-            if radix == 16 {
-                c.is_ascii_hexdigit()
-            } else {
-                c.is_ascii_digit()
-            }
-        });
-    if !valid {
-        return None;
-    }
-    // Beyond u32 is past U+10FFFF, which Python replaces with U+FFFD.
-    let num = u32::from_str_radix(digits, radix).unwrap_or(u32::MAX);
-    if let Some(v) = t.charrefs.get(&num) {
-        return Some(v.clone());
-    }
-    if (0xD800..=0xDFFF).contains(&num) || num > 0x10FFFF {
-        return Some('\u{FFFD}'.to_string());
-    }
-    char::from_u32(num).map(|c| c.to_string())
-}
-
-/// `fix_c1_controls` (C1 controls read as Windows-1252), `fix_latin_ligatures` and
-/// `fix_character_width`, each applied over the whole string in ftfy's order.
-fn fix_c1_and_ligatures_and_width(s: &str) -> String {
-    let t = ftfy_tables();
-    let c1: String = s
-        .chars()
-        .map(|c| match c as u32 {
-            0x80..=0x9F => t
-                .charrefs
-                .get(&(c as u32))
-                .cloned()
-                .unwrap_or_else(|| c.to_string()),
-            _ => c.to_string(),
-        })
-        .collect();
-    let lig: String = c1
-        .chars()
-        .map(|c| match c {
-            'Ĳ' => "IJ".into(),
-            'ĳ' => "ij".into(),
-            'ŉ' => "ʼn".into(),
-            'Ǳ' => "DZ".into(),
-            'ǲ' => "Dz".into(),
-            'ǳ' => "dz".into(),
-            'Ǆ' => "DŽ".into(),
-            'ǅ' => "Dž".into(),
-            'ǆ' => "dž".into(),
-            'Ǉ' => "LJ".into(),
-            'ǈ' => "Lj".into(),
-            'ǉ' => "lj".into(),
-            'Ǌ' => "NJ".into(),
-            'ǋ' => "Nj".into(),
-            'ǌ' => "nj".into(),
-            'ﬀ' => "ff".into(),
-            'ﬁ' => "fi".into(),
-            'ﬂ' => "fl".into(),
-            'ﬃ' => "ffi".into(),
-            'ﬄ' => "ffl".into(),
-            'ﬅ' => "ſt".into(),
-            'ﬆ' => "st".into(),
-            c => c.to_string(),
-        })
-        .collect::<Vec<String>>()
-        .concat();
-    lig.chars()
-        .map(|c| t.width.get(&c).cloned().unwrap_or_else(|| c.to_string()))
-        .collect()
-}
-
-fn uncurl_quotes(s: &str) -> String {
-    s.chars()
-        .map(|c| match c {
-            '\u{201C}'..='\u{201F}' => '"',
-            '\u{02BC}' | '\u{2018}'..='\u{201B}' => '\'',
-            c => c,
-        })
-        .collect()
-}
-
-fn fix_line_breaks(s: &str) -> String {
-    s.replace("\r\n", "\n")
-        .replace(['\r', '\u{2028}', '\u{2029}', '\u{0085}'], "\n")
-}
-
-fn remove_ansi(s: &str, ansi: &SysRegex) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut last = 0;
-    for (a, b) in ansi.find_iter(s) {
-        out.push_str(&s[last..a]);
-        last = b;
-    }
-    out.push_str(&s[last..]);
-    out
-}
-
-/// ftfy's `remove_control_chars`: C0 controls other than tab/newline/form feed/CR, DEL,
-/// deprecated Arabic format controls, the BOM and interlinear annotation characters.
-fn remove_control_chars(s: &str) -> String {
-    s.chars()
-        .filter(|&c| {
-            !matches!(c as u32,
-                0x00..=0x08 | 0x0B | 0x0E..=0x1F | 0x7F | 0x206A..=0x206F | 0xFEFF | 0xFFF9..=0xFFFC)
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ansi() -> SysRegex {
-        SysRegex::new(r"\x1b\[(?:\d|;)*[a-zA-Z]").expect("regex")
-    }
-
-    #[test]
-    fn html_entities_decode_until_stable() {
-        assert_eq!(fix_text("&amp;lt; x", &ansi()), "< x");
-        assert_eq!(fix_text("P&EACUTE;REZ", &ansi()), "PÉREZ");
-        assert_eq!(fix_text("a &#59; b &#x41; &#65a;", &ansi()), "a &#59; b A &#65a;");
-        assert_eq!(fix_text("<b>&amp;</b>", &ansi()), "<b>&amp;</b>");
-    }
-
-    #[test]
-    fn width_quotes_and_ligatures() {
-        assert_eq!(
-            fix_text("ＬＯＵＤ\u{3000}ＮＯＩＳＥＳ", &ansi()),
-            "LOUD NOISES"
-        );
-        assert_eq!(fix_text("it\u{2019}s \u{201C}ﬁne\u{201D}", &ansi()), "it's \"fine\"");
-        assert_eq!(fix_text("\x1b[36mblue\x1b[0m\u{feff}", &ansi()), "blue");
-    }
 
     #[test]
     fn bundled_tokenizers_encode() -> Result<()> {

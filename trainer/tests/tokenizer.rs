@@ -41,7 +41,12 @@ fn check(tok: &ClipTokenizer, sd2: bool, what: &str) -> Result<()> {
         // sd-scripts tokenizes long prompts to max_token_length + 2 ids, padded.
         let long = tok.encode_kohya(&c.text, 225)?;
         assert_eq!(long.len(), 227);
-        assert_eq!(&long[..want227.len()], want227.as_slice(), "{what} 227: {:?}", c.text);
+        assert_eq!(
+            &long[..want227.len()],
+            want227.as_slice(),
+            "{what} 227: {:?}",
+            c.text
+        );
         assert!(
             long[want227.len()..].iter().all(|&id| id == tok.pad_id()),
             "{what} 227 padding: {:?}",
@@ -88,7 +93,10 @@ fn invalid_vocab_is_a_clear_error() -> Result<()> {
 
     std::fs::write(&vocab, r#"{"a": 0, "b": 1}"#)?;
     let err = ClipTokenizer::from_files(&vocab, &merges, None).unwrap_err();
-    assert!(err.to_string().contains("is not in the vocabulary"), "{err}");
+    assert!(
+        err.to_string().contains("is not in the vocabulary"),
+        "{err}"
+    );
 
     let err = ClipTokenizer::from_files(&dir.join("missing.json"), &merges, None).unwrap_err();
     assert!(err.to_string().contains("missing.json"), "{err}");
