@@ -4,14 +4,18 @@
 //! - [`lora`] — kohya LoRA networks (targets, init, file format).
 //! - [`unet`] — the SD1.x/SD2.x UNet (diffusers and single-file LDM weights).
 //! - [`vae`] — the AutoencoderKL encoder/decoder.
+//! - [`clip`] — the SD1/SD2 CLIP text encoders (clip skip, kohya long prompts, checkpoint layouts).
+//! - [`tokenizer`] — CLIP's BPE tokenizer with transformers' slow-tokenizer ids.
 //! - [`schedule`] — the DDPM noise schedule (noising, velocity, SNR).
 //! - [`weights`] — memory-mapped tensor stores and key maps between checkpoint layouts.
 //! - [`optim`] — optimizers.
+pub mod clip;
 pub mod error;
 pub mod lora;
 pub mod nn;
 pub mod optim;
 pub mod schedule;
+pub mod tokenizer;
 pub mod unet;
 pub mod vae;
 pub mod weights;
