@@ -7,9 +7,11 @@
 //! - [`clip`] — the SD1/SD2 CLIP text encoders (clip skip, kohya long prompts, checkpoint layouts).
 //! - [`tokenizer`] — CLIP's BPE tokenizer with transformers' slow-tokenizer ids.
 //! - [`schedule`] — the DDPM noise schedule (noising, velocity, SNR).
+//! - [`dataset`] — kohya's `N_name` folder datasets: buckets, captions, batches, latent cache.
 //! - [`weights`] — memory-mapped tensor stores and key maps between checkpoint layouts.
 //! - [`optim`] — optimizers.
 pub mod clip;
+pub mod dataset;
 pub mod error;
 pub mod lora;
 pub mod nn;
