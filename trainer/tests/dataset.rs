@@ -14,9 +14,7 @@ use loractl_trainer::dataset::bucket::{make_bucket_resolutions, BucketSelector};
 use loractl_trainer::dataset::caption::{process_caption, CaptionOptions};
 use loractl_trainer::dataset::pixels::{area_resize, lanczos_resize};
 use loractl_trainer::dataset::plan::{batch_rng, shard};
-use loractl_trainer::dataset::{
-    BadImagePolicy, BatchInput, Dataset, DatasetConfig, LatentCache,
-};
+use loractl_trainer::dataset::{BadImagePolicy, BatchInput, Dataset, DatasetConfig, LatentCache};
 use loractl_trainer::Result;
 use serde_json::Value;
 
@@ -102,7 +100,9 @@ fn assert_mentions(msg: &str, parts: &[&str]) {
 }
 
 fn fixture(name: &str) -> Value {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dataset").join(name);
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/dataset")
+        .join(name);
     let text = fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     serde_json::from_str(&text).unwrap()
 }
@@ -250,7 +250,11 @@ fn bucket_selection_matches_kohya() {
         assert_eq!(got.reso, pair(&c["reso"]), "{c}");
         assert_eq!(got.resized, pair(&c["resized"]), "{c}");
         let want_err = c["ar_error"].as_f64().unwrap();
-        assert!((got.ar_error - want_err).abs() < 1e-12, "{c}: {}", got.ar_error);
+        assert!(
+            (got.ar_error - want_err).abs() < 1e-12,
+            "{c}: {}",
+            got.ar_error
+        );
     }
 }
 
@@ -263,15 +267,28 @@ fn resize_matches_pillow_lanczos_and_cv2_area() {
     let source = |name: &str| {
         let s = &f["sources"][name];
         let shape = s["shape"].as_array().unwrap();
-        let (h, w) = (shape[0].as_u64().unwrap() as u32, shape[1].as_u64().unwrap() as u32);
-        let data: Vec<u8> = s["data"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u8).collect();
+        let (h, w) = (
+            shape[0].as_u64().unwrap() as u32,
+            shape[1].as_u64().unwrap() as u32,
+        );
+        let data: Vec<u8> = s["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u8)
+            .collect();
         RgbImage::from_raw(w, h, data).unwrap()
     };
     let (mut lanczos_cases, mut area_cases, mut area_max_diff, mut area_off) = (0, 0, 0i32, 0usize);
     for c in f["cases"].as_array().unwrap() {
         let img = source(c["src"].as_str().unwrap());
         let (w, h) = pair(&c["size"]);
-        let want: Vec<u8> = c["out"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u8).collect();
+        let want: Vec<u8> = c["out"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u8)
+            .collect();
         match c["filter"].as_str().unwrap() {
             "pil_lanczos" => {
                 let got = lanczos_resize(&img, w, h);
@@ -280,6 +297,17 @@ fn resize_matches_pillow_lanczos_and_cv2_area() {
             }
             "cv2_area" => {
                 let got = area_resize(&img, w, h);
+                let integer = img.width() % w == 0 && img.height() % h == 0;
+                if integer {
+                    assert_eq!(
+                        got.as_raw(),
+                        &want,
+                        "INTER_AREA {}x{} of {}",
+                        w,
+                        h,
+                        c["src"]
+                    );
+                }
                 for (a, b) in got.as_raw().iter().zip(&want) {
                     let d = (*a as i32 - *b as i32).abs();
                     area_max_diff = area_max_diff.max(d);
@@ -291,11 +319,15 @@ fn resize_matches_pillow_lanczos_and_cv2_area() {
         }
     }
     assert_eq!(lanczos_cases, 10);
-    if area_cases > 0 {
-        // One 8-bit level where OpenCV's integer arithmetic rounds an exact half differently.
-        assert!(area_max_diff <= 1, "INTER_AREA max diff {area_max_diff}");
-        eprintln!("INTER_AREA: {area_cases} cases, {area_off} values off by one");
-    }
+    assert_eq!(
+        area_cases, 15,
+        "cv2 cases missing: regenerate with opencv installed"
+    );
+    // Exact on every fixture case: integer ratios (2x2 rounds halves up) and fractional ones.
+    assert_eq!(
+        area_off, 0,
+        "INTER_AREA: {area_off} values differ, max {area_max_diff}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -306,7 +338,10 @@ fn captions_from_files_folder_names_and_bom() {
     let t = TempDir::new("captions");
     let d = t.join("5_zenny girl");
     write_image(&d.join("a.png"), 64, 64, 0);
-    write(&d.join("a.txt"), "\u{FEFF}Zenny, red hair ,smile\nsecond line ignored");
+    write(
+        &d.join("a.txt"),
+        "\u{FEFF}Zenny, red hair ,smile\nsecond line ignored",
+    );
     write_image(&d.join("b.JPG"), 64, 64, 1);
     write_image(&d.join("c.Jpeg"), 64, 64, 2);
     write_image(&d.join("d.webp"), 64, 64, 3);
@@ -318,7 +353,12 @@ fn captions_from_files_folder_names_and_bom() {
     let caps: Vec<(&str, &str)> = ds
         .images()
         .iter()
-        .map(|e| (e.path.file_name().unwrap().to_str().unwrap(), e.caption.as_str()))
+        .map(|e| {
+            (
+                e.path.file_name().unwrap().to_str().unwrap(),
+                e.caption.as_str(),
+            )
+        })
         .collect();
     assert_eq!(
         caps,
@@ -336,7 +376,10 @@ fn captions_from_files_folder_names_and_bom() {
     assert_eq!(ds.warnings().len(), 1, "{:?}", ds.warnings());
     assert_mentions(&ds.warnings()[0], &["notes", "repeat count", "30_zenny"]);
 
-    assert_eq!(ds.ss_dataset_dirs(), r#"{"5_zenny girl": {"n_repeats": 5, "img_count": 4}}"#);
+    assert_eq!(
+        ds.ss_dataset_dirs(),
+        r#"{"5_zenny girl": {"n_repeats": 5, "img_count": 4}}"#
+    );
     assert_eq!(
         ds.ss_tag_frequency(),
         r#"{"5_zenny girl": {"zenny": 2, "red hair": 1, "smile": 1, "zenny girl": 2, "blue sky": 1}}"#
@@ -354,7 +397,16 @@ fn caption_extension_mismatch_warns() {
     let ds = Dataset::open(cfg(t.path())).unwrap();
     assert!(ds.images().iter().all(|e| e.caption == "sks"));
     let w = ds.warnings().join("\n");
-    assert_mentions(&w, &["2 images", "`.caption` caption file", "caption_extension is `.txt`", "NOT used", "caption_extension = \".caption\""]);
+    assert_mentions(
+        &w,
+        &[
+            "2 images",
+            "`.caption` caption file",
+            "caption_extension is `.txt`",
+            "NOT used",
+            "caption_extension = \".caption\"",
+        ],
+    );
     assert_mentions(&w, &[".bmp", "not read", "convert"]);
 
     // caption_extension without its dot, as kohya accepts it.
@@ -373,19 +425,43 @@ fn layout_errors_name_the_path_and_the_fix() {
     // train_data_dir missing.
     let missing = t.join("nope");
     let msg = open_err(cfg(&missing));
-    assert_mentions(&msg, &["train_data_dir", "nope", "does not exist", "parent of folders like `30_zenny`"]);
+    assert_mentions(
+        &msg,
+        &[
+            "train_data_dir",
+            "nope",
+            "does not exist",
+            "parent of folders like `30_zenny`",
+        ],
+    );
 
     // train_data_dir is itself a `30_x` folder.
     let inner = t.join("train/30_zenny");
     folder(&inner, 2, None);
     let msg = open_err(cfg(&inner));
-    assert_mentions(&msg, &["30_zenny", "is itself a `N_name` folder", "must be the parent of folders like `30_zenny`", "train`)"]);
+    assert_mentions(
+        &msg,
+        &[
+            "30_zenny",
+            "is itself a `N_name` folder",
+            "must be the parent of folders like `30_zenny`",
+            "train`)",
+        ],
+    );
 
     // Images directly inside train_data_dir.
     let flat = t.join("flat");
     folder(&flat, 2, None);
     let msg = open_err(cfg(&flat));
-    assert_mentions(&msg, &["flat", "2 images directly inside", "must be the parent of folders like `30_zenny`", "10_name"]);
+    assert_mentions(
+        &msg,
+        &[
+            "flat",
+            "2 images directly inside",
+            "must be the parent of folders like `30_zenny`",
+            "10_name",
+        ],
+    );
 
     // No `N_name` folders.
     let empty = t.join("empty");
@@ -397,7 +473,10 @@ fn layout_errors_name_the_path_and_the_fix() {
     let noimg = t.join("noimg");
     write(&noimg.join("10_dog/readme.txt"), "x");
     let msg = open_err(cfg(&noimg));
-    assert_mentions(&msg, &["10_dog", "has no images", ".png", "remove the folder"]);
+    assert_mentions(
+        &msg,
+        &["10_dog", "has no images", ".png", "remove the folder"],
+    );
 
     // Repeats 0.
     let zero = t.join("zero");
@@ -443,7 +522,10 @@ fn config_errors_name_the_key() {
     .validate()
     .unwrap_err()
     .to_string();
-    assert_mentions(&msg, &["bucket_reso_steps", "32", "multiple of 64", "use 64"]);
+    assert_mentions(
+        &msg,
+        &["bucket_reso_steps", "32", "multiple of 64", "use 64"],
+    );
 
     let msg = DatasetConfig {
         random_crop: true,
@@ -473,7 +555,10 @@ fn config_errors_name_the_key() {
     .validate()
     .unwrap_err()
     .to_string();
-    assert_mentions(&msg, &["resolution", "500x512", "multiples of 64", "448x512"]);
+    assert_mentions(
+        &msg,
+        &["resolution", "500x512", "multiples of 64", "448x512"],
+    );
 
     // Steps that are not multiples move min/max as kohya does.
     let c = DatasetConfig {
@@ -501,15 +586,26 @@ fn reg_images_are_balanced_and_weighted() {
     })
     .unwrap();
     assert_eq!((ds.num_train_images(), ds.num_reg_images()), (10, 3));
-    let reg: Vec<u32> = ds.images().iter().filter(|e| e.is_reg).map(|e| e.repeats).collect();
+    let reg: Vec<u32> = ds
+        .images()
+        .iter()
+        .filter(|e| e.is_reg)
+        .map(|e| e.repeats)
+        .collect();
     assert_eq!(reg, vec![4, 3, 3]);
     // 10 train + 10 reg samples in one bucket, bs 4.
     assert_eq!(ds.batches_per_epoch(), 5);
-    assert_eq!(ds.ss_reg_dataset_dirs(), r#"{"1_dog": {"n_repeats": 1, "img_count": 3}}"#);
+    assert_eq!(
+        ds.ss_reg_dataset_dirs(),
+        r#"{"1_dog": {"n_repeats": 1, "img_count": 3}}"#
+    );
 
     let mut reg_weights = 0;
     for b in ds.epoch_batches(1, 7) {
-        let s = ds.load_batch(&b, 1, 7, None, &Device::Cpu).unwrap().unwrap();
+        let s = ds
+            .load_batch(&b, 1, 7, None, &Device::Cpu)
+            .unwrap()
+            .unwrap();
         for (&i, &w) in s.images.iter().zip(&s.loss_weights) {
             let want = if ds.images()[i].is_reg { 0.5 } else { 1.0 };
             assert_eq!(w, want);
@@ -548,7 +644,9 @@ fn caption_processing_is_deterministic_and_ordered() {
     };
     let run = |seed: u64, opts: &CaptionOptions, epoch: usize| -> Vec<String> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        (0..5).map(|_| process_caption(caption, opts, epoch, &mut rng)).collect()
+        (0..5)
+            .map(|_| process_caption(caption, opts, epoch, &mut rng))
+            .collect()
     };
     let a = run(1, &opts, 1);
     assert_eq!(a, run(1, &opts, 1));
@@ -563,9 +661,15 @@ fn caption_processing_is_deterministic_and_ordered() {
     }
 
     // Whole-caption dropout: rate 1 always, every 2nd epoch.
-    let drop_all = CaptionOptions { dropout_rate: 1.0, ..opts.clone() };
+    let drop_all = CaptionOptions {
+        dropout_rate: 1.0,
+        ..opts.clone()
+    };
     assert!(run(3, &drop_all, 1).iter().all(|c| c.is_empty()));
-    let every2 = CaptionOptions { dropout_every_n_epochs: 2, ..opts.clone() };
+    let every2 = CaptionOptions {
+        dropout_every_n_epochs: 2,
+        ..opts.clone()
+    };
     assert!(run(3, &every2, 2).iter().all(|c| c.is_empty()));
     assert!(run(3, &every2, 3).iter().all(|c| !c.is_empty()));
 
@@ -582,7 +686,10 @@ fn caption_processing_is_deterministic_and_ordered() {
     // The dataset's per-batch RNG makes loading repeatable.
     let mut r1 = batch_rng(9, 3, 5);
     let mut r2 = batch_rng(9, 3, 5);
-    assert_eq!(process_caption(caption, &opts, 3, &mut r1), process_caption(caption, &opts, 3, &mut r2));
+    assert_eq!(
+        process_caption(caption, &opts, 3, &mut r1),
+        process_caption(caption, &opts, 3, &mut r2)
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -591,9 +698,15 @@ fn caption_processing_is_deterministic_and_ordered() {
 /// Left half black, right half white.
 fn halves(path: &Path, w: u32, h: u32) {
     fs::create_dir_all(path.parent().unwrap()).unwrap();
-    RgbImage::from_fn(w, h, |x, _| if x < w / 2 { Rgb([0, 0, 0]) } else { Rgb([255, 255, 255]) })
-        .save(path)
-        .unwrap();
+    RgbImage::from_fn(w, h, |x, _| {
+        if x < w / 2 {
+            Rgb([0, 0, 0])
+        } else {
+            Rgb([255, 255, 255])
+        }
+    })
+    .save(path)
+    .unwrap();
 }
 
 fn row(t: &Tensor, c: usize, y: usize) -> Vec<f32> {
@@ -607,7 +720,10 @@ fn loading_resizes_crops_and_flips() {
     halves(&t.join("1_x/a.png"), 128, 64);
     let ds = Dataset::open(cfg(t.path())).unwrap();
     let e = &ds.images()[0];
-    assert_eq!((e.size, e.choice.reso, e.choice.resized), ((128, 64), (64, 64), (128, 64)));
+    assert_eq!(
+        (e.size, e.choice.reso, e.choice.resized),
+        ((128, 64), (64, 64), (128, 64))
+    );
     let mut rng = batch_rng(0, 1, 0);
     let px = ds.load_pixels(0, false, &mut rng, &Device::Cpu).unwrap();
     assert_eq!(px.dims(), &[3, 64, 64]);
@@ -624,7 +740,10 @@ fn loading_resizes_crops_and_flips() {
     assert_eq!(ds.images()[0].choice.resized, (64, 96));
     let px = ds.load_pixels(0, false, &mut rng, &Device::Cpu).unwrap();
     assert_eq!(px.dims(), &[3, 64, 64]);
-    let (lo, hi) = (px.min_all().unwrap().to_scalar::<f32>().unwrap(), px.max_all().unwrap().to_scalar::<f32>().unwrap());
+    let (lo, hi) = (
+        px.min_all().unwrap().to_scalar::<f32>().unwrap(),
+        px.max_all().unwrap().to_scalar::<f32>().unwrap(),
+    );
     assert!((-1.0..=1.0).contains(&lo) && (-1.0..=1.0).contains(&hi));
 }
 
@@ -643,7 +762,10 @@ fn batches_load_with_seeded_flips() {
         ds.epoch_batches(1, seed)
             .iter()
             .map(|b| {
-                let s = ds.load_batch(b, 1, seed, None, &Device::Cpu).unwrap().unwrap();
+                let s = ds
+                    .load_batch(b, 1, seed, None, &Device::Cpu)
+                    .unwrap()
+                    .unwrap();
                 match &s.input {
                     BatchInput::Pixels(p) => assert_eq!(p.dims(), &[3, 3, 64, 64]),
                     BatchInput::Latents(_) => panic!("no cache given"),
@@ -656,7 +778,10 @@ fn batches_load_with_seeded_flips() {
     assert_eq!(a, load_all(5));
     let flips: Vec<bool> = a.iter().flat_map(|(f, _)| f.clone()).collect();
     assert_eq!(flips.len(), 24);
-    assert!(flips.iter().any(|&f| f) && flips.iter().any(|&f| !f), "{flips:?}");
+    assert!(
+        flips.iter().any(|&f| f) && flips.iter().any(|&f| !f),
+        "{flips:?}"
+    );
 }
 
 #[test]
@@ -669,7 +794,10 @@ fn bad_images_are_skipped_with_a_warning_or_fail() {
     // A valid header with the pixel data cut off: caught when decoded.
     let mut good = Vec::new();
     RgbImage::from_fn(64, 64, |x, y| Rgb([x as u8, y as u8, 7]))
-        .write_to(&mut std::io::Cursor::new(&mut good), image::ImageFormat::Png)
+        .write_to(
+            &mut std::io::Cursor::new(&mut good),
+            image::ImageFormat::Png,
+        )
         .unwrap();
     write(&d.join("truncated.png"), &good[..good.len() / 2]);
 
@@ -682,7 +810,10 @@ fn bad_images_are_skipped_with_a_warning_or_fail() {
     let ds = Dataset::open(cfg(t.path())).unwrap();
     assert_eq!(ds.images().len(), 4);
     assert_eq!(ds.subsets()[0].img_count, 4);
-    assert_mentions(&ds.warnings().join("\n"), &["skipping image", "garbage.png"]);
+    assert_mentions(
+        &ds.warnings().join("\n"),
+        &["skipping image", "garbage.png"],
+    );
     let mut dropped = 0;
     let mut loaded = 0;
     for b in ds.epoch_batches(1, 0) {
@@ -710,9 +841,16 @@ fn bad_images_are_skipped_with_a_warning_or_fail() {
         ..cfg(t.path())
     })
     .unwrap();
-    let idx = ds.images().iter().position(|e| e.path.ends_with("truncated.png")).unwrap();
+    let idx = ds
+        .images()
+        .iter()
+        .position(|e| e.path.ends_with("truncated.png"))
+        .unwrap();
     let mut rng = batch_rng(0, 1, 0);
-    let msg = ds.load_pixels(idx, false, &mut rng, &Device::Cpu).unwrap_err().to_string();
+    let msg = ds
+        .load_pixels(idx, false, &mut rng, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert_mentions(&msg, &["truncated.png", "cannot decode"]);
 }
 
@@ -730,13 +868,23 @@ fn bucket_no_upscale_buckets_follow_images() {
         ..DatasetConfig::new(t.path())
     })
     .unwrap();
-    let got: Vec<_> = ds.images().iter().map(|e| (e.size, e.choice.reso, e.choice.resized)).collect();
+    let got: Vec<_> = ds
+        .images()
+        .iter()
+        .map(|e| (e.size, e.choice.reso, e.choice.resized))
+        .collect();
     // tiny.png (40 wide) cannot make a 64-step bucket without upscaling: skipped with a warning.
     assert_eq!(
         got,
-        vec![((1024, 768), (512, 384), (512, 384)), ((300, 200), (256, 192), (300, 200))]
+        vec![
+            ((1024, 768), (512, 384), (512, 384)),
+            ((300, 200), (256, 192), (300, 200))
+        ]
     );
-    assert_mentions(&ds.warnings().join("\n"), &["tiny.png", "bucket_no_upscale"]);
+    assert_mentions(
+        &ds.warnings().join("\n"),
+        &["tiny.png", "bucket_no_upscale"],
+    );
     let mut rng = batch_rng(0, 1, 0);
     for i in 0..2 {
         let (w, h) = ds.images()[i].choice.reso;
@@ -780,15 +928,31 @@ fn latent_cache_in_memory_and_on_disk() {
 
     // Batches then come from the cache; the flipped entry is the mirror's latent.
     for b in ds.epoch_batches(1, 3) {
-        let sb = ds.load_batch(&b, 1, 3, Some(&mem), &Device::Cpu).unwrap().unwrap();
-        let BatchInput::Latents(l) = &sb.input else { panic!("expected latents") };
+        let sb = ds
+            .load_batch(&b, 1, 3, Some(&mem), &Device::Cpu)
+            .unwrap()
+            .unwrap();
+        let BatchInput::Latents(l) = &sb.input else {
+            panic!("expected latents")
+        };
         assert_eq!(l.dims(), &[sb.images.len(), 4, 8, 8]);
         for (k, (&i, &flip)) in sb.images.iter().zip(&sb.flipped).enumerate() {
             let mut rng = batch_rng(0, 0, 0);
-            let px = ds.load_pixels(i, flip, &mut rng, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            let px = ds
+                .load_pixels(i, flip, &mut rng, &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
             let want = px.avg_pool2d(8).unwrap().squeeze(0).unwrap();
             let got = l.get(k).unwrap().narrow(0, 0, 3).unwrap();
-            let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(diff < 1e-6, "latent of image {i} flip {flip}: {diff}");
         }
     }
@@ -815,7 +979,11 @@ fn latent_cache_in_memory_and_on_disk() {
     assert_eq!((s.encoded, s.reused), (6, 0));
 
     // Another resolution (another bucket) misses everything too.
-    let ds3 = Dataset::open(DatasetConfig { resolution: (128, 128), ..c.clone() }).unwrap();
+    let ds3 = Dataset::open(DatasetConfig {
+        resolution: (128, 128),
+        ..c.clone()
+    })
+    .unwrap();
     let s = ds3.cache_latents(&disk, fake_encoder(&calls)).unwrap();
     assert_eq!((s.encoded, s.reused), (6, 0));
 
@@ -826,8 +994,15 @@ fn latent_cache_in_memory_and_on_disk() {
     assert_eq!(s.encoded + s.reused, 6);
 
     // Random crops cannot be cached.
-    let rc = Dataset::open(DatasetConfig { random_crop: true, ..c }).unwrap();
-    let msg = rc.cache_latents(&mem, fake_encoder(&calls)).unwrap_err().to_string();
+    let rc = Dataset::open(DatasetConfig {
+        random_crop: true,
+        ..c
+    })
+    .unwrap();
+    let msg = rc
+        .cache_latents(&mem, fake_encoder(&calls))
+        .unwrap_err()
+        .to_string();
     assert_mentions(&msg, &["cache_latents", "random_crop"]);
 
     // NaN latents name the image.
@@ -856,9 +1031,19 @@ fn summary_and_metadata() {
     let s = ds.summary();
     assert_eq!(s.folders.len(), 1);
     let f = &s.folders[0];
-    assert_eq!((f.name.as_str(), f.repeats, f.img_count, f.samples_per_epoch), ("10_sks dog", 10, 20, 200));
+    assert_eq!(
+        (f.name.as_str(), f.repeats, f.img_count, f.samples_per_epoch),
+        ("10_sks dog", 10, 20, 200)
+    );
     assert_eq!(s.buckets.len(), 1);
-    assert_eq!((s.buckets[0].resolution, s.buckets[0].count, s.buckets[0].batches), ((64, 64), 200, 50));
+    assert_eq!(
+        (
+            s.buckets[0].resolution,
+            s.buckets[0].count,
+            s.buckets[0].batches
+        ),
+        ((64, 64), 200, 50)
+    );
     assert_eq!(s.batches_per_epoch, 50);
     assert_eq!(s.mean_ar_error, None);
     // The summary serializes for a `plan --json` output.
@@ -866,7 +1051,10 @@ fn summary_and_metadata() {
     assert_eq!(v["batches_per_epoch"], 50);
 
     let md: std::collections::HashMap<String, String> = ds.metadata().into_iter().collect();
-    assert_eq!(md["ss_dataset_dirs"], r#"{"10_sks dog": {"n_repeats": 10, "img_count": 20}}"#);
+    assert_eq!(
+        md["ss_dataset_dirs"],
+        r#"{"10_sks dog": {"n_repeats": 10, "img_count": 20}}"#
+    );
     assert_eq!(md["ss_num_train_images"], "200");
     assert_eq!(md["ss_num_batches_per_epoch"], "50");
     assert_eq!(md["ss_bucket_info"], "null");
@@ -877,4 +1065,51 @@ fn summary_and_metadata() {
     let tags: Value = serde_json::from_str(&md["ss_tag_frequency"]).unwrap();
     assert_eq!(tags["10_sks dog"]["sks dog"], 20);
     assert_eq!(tags["10_sks dog"]["tag7"], 1);
+}
+
+#[test]
+fn latent_cache_from_config_sharded_and_missing() {
+    let t = TempDir::new("cache2");
+    folder(&t.join("2_x"), 3, None);
+    let c = DatasetConfig {
+        flip_aug: true,
+        ..cfg(t.path())
+    };
+    assert!(Dataset::open(c.clone())
+        .unwrap()
+        .latent_cache("v")
+        .unwrap()
+        .is_none());
+    let ds = Dataset::open(DatasetConfig {
+        cache_latents_to_disk: true,
+        ..c.clone()
+    })
+    .unwrap();
+    let cache = ds.latent_cache("v").unwrap().unwrap();
+    assert_eq!(cache.dir(), Some(t.join(".latent_cache").as_path()));
+
+    // Two ranks split the encoding; afterwards everything is there for both.
+    let calls = Cell::new(0);
+    let s0 = ds
+        .cache_latents_shard(&cache, 0, 2, fake_encoder(&calls))
+        .unwrap();
+    let s1 = ds
+        .cache_latents_shard(&cache, 1, 2, fake_encoder(&calls))
+        .unwrap();
+    assert_eq!((s0.encoded, s1.encoded), (4, 2));
+    let all = ds.cache_latents(&cache, fake_encoder(&calls)).unwrap();
+    assert_eq!((all.encoded, all.reused), (0, 6));
+
+    // The cache folder inside train_data_dir is not mistaken for a dataset folder.
+    let again = Dataset::open(c.clone()).unwrap();
+    assert!(again.warnings().is_empty(), "{:?}", again.warnings());
+
+    // Loading from a cache that lacks an entry is an error whatever the bad-image policy.
+    let empty = LatentCache::in_memory("v");
+    let b = &ds.epoch_batches(1, 0)[0];
+    let msg = ds
+        .load_batch(b, 1, 0, Some(&empty), &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert_mentions(&msg, &["no cached latent", "cache_latents"]);
 }

@@ -9,7 +9,12 @@ pub type Reso = (u32, u32);
 
 /// kohya's `model_util.make_bucket_resolutions`: sizes on a `divisible` grid whose area is at
 /// most `max_reso`'s, with sides in `[min_size, max_size]`, plus the largest square; sorted.
-pub fn make_bucket_resolutions(max_reso: Reso, min_size: u32, max_size: u32, divisible: u32) -> Vec<Reso> {
+pub fn make_bucket_resolutions(
+    max_reso: Reso,
+    min_size: u32,
+    max_size: u32,
+    divisible: u32,
+) -> Vec<Reso> {
     let max_area = max_reso.0 as u64 * max_reso.1 as u64;
     let div = divisible.max(1) as u64;
     let mut resos = BTreeSet::new();
@@ -42,14 +47,23 @@ pub struct BucketChoice {
 /// `bucket_no_upscale` and the no-bucket mode (a single predefined bucket = `resolution`).
 #[derive(Debug, Clone)]
 pub enum BucketSelector {
-    Predefined { resos: Vec<Reso>, aspect_ratios: Vec<f64> },
-    NoUpscale { max_area: u64, reso_steps: u32 },
+    Predefined {
+        resos: Vec<Reso>,
+        aspect_ratios: Vec<f64>,
+    },
+    NoUpscale {
+        max_area: u64,
+        reso_steps: u32,
+    },
 }
 
 impl BucketSelector {
     pub fn predefined(resos: Vec<Reso>) -> Self {
         let aspect_ratios = resos.iter().map(|&(w, h)| w as f64 / h as f64).collect();
-        BucketSelector::Predefined { resos, aspect_ratios }
+        BucketSelector::Predefined {
+            resos,
+            aspect_ratios,
+        }
     }
 
     pub fn no_upscale(max_reso: Reso, reso_steps: u32) -> Self {
@@ -65,7 +79,10 @@ impl BucketSelector {
         let (iw, ih) = (width as f64, height as f64);
         let aspect = iw / ih;
         let (reso, resized) = match self {
-            BucketSelector::Predefined { resos, aspect_ratios } => {
+            BucketSelector::Predefined {
+                resos,
+                aspect_ratios,
+            } => {
                 let reso = if resos.contains(&(width, height)) {
                     (width, height)
                 } else {

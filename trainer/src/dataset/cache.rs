@@ -75,7 +75,9 @@ impl LatentCache {
     }
 
     fn path_of(&self, key: &str) -> Option<PathBuf> {
-        self.dir.as_ref().map(|d| d.join(format!("{key}.safetensors")))
+        self.dir
+            .as_ref()
+            .map(|d| d.join(format!("{key}.safetensors")))
     }
 
     /// The latent for `key`, if cached. An unreadable disk entry counts as a miss (with a

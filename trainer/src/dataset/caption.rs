@@ -58,7 +58,7 @@ pub fn process_caption<R: Rng + ?Sized>(
     // kohya draws only when the rate is positive; keeping that keeps the RNG stream aligned
     // with the other options whatever the dropout settings are.
     let dropped = (opts.dropout_rate > 0.0 && rng.random::<f64>() < opts.dropout_rate)
-        || (opts.dropout_every_n_epochs > 0 && epoch % opts.dropout_every_n_epochs == 0);
+        || (opts.dropout_every_n_epochs > 0 && epoch.is_multiple_of(opts.dropout_every_n_epochs));
     if dropped {
         return String::new();
     }
@@ -174,7 +174,10 @@ mod tests {
             ..Default::default()
         };
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        assert_eq!(process_caption("a,b ,c\nsecond", &opts, 1, &mut rng), "a,b ,c");
+        assert_eq!(
+            process_caption("a,b ,c\nsecond", &opts, 1, &mut rng),
+            "a,b ,c"
+        );
     }
 
     #[test]
@@ -186,7 +189,12 @@ mod tests {
             ..Default::default()
         };
         let mut rng = ChaCha8Rng::seed_from_u64(3);
-        let out = process_caption("sks, dog ||| a, b, c, d ||| masterpiece", &opts, 1, &mut rng);
+        let out = process_caption(
+            "sks, dog ||| a, b, c, d ||| masterpiece",
+            &opts,
+            1,
+            &mut rng,
+        );
         assert!(out.starts_with("sks, dog, "), "{out}");
         assert!(out.ends_with(", masterpiece"), "{out}");
     }

@@ -161,7 +161,7 @@ impl DatasetConfig {
         }
         if self.enable_bucket {
             let steps = self.bucket_reso_steps;
-            if steps == 0 || steps % SD_RESO_MULTIPLE != 0 {
+            if steps == 0 || !steps.is_multiple_of(SD_RESO_MULTIPLE) {
                 p.push(format!(
                     "bucket_reso_steps: {steps} must be a multiple of {SD_RESO_MULTIPLE} for SD1.x/SD2.x \
                      (the UNet halves the latent three times); use 64"
@@ -187,7 +187,7 @@ impl DatasetConfig {
                     ));
                 }
             }
-        } else if w % SD_RESO_MULTIPLE != 0 || h % SD_RESO_MULTIPLE != 0 {
+        } else if !w.is_multiple_of(SD_RESO_MULTIPLE) || !h.is_multiple_of(SD_RESO_MULTIPLE) {
             p.push(format!(
                 "resolution: {w}x{h} must have sides that are multiples of {SD_RESO_MULTIPLE} for SD1.x/SD2.x \
                  without enable_bucket (e.g. {}x{})",
@@ -224,7 +224,7 @@ impl DatasetConfig {
     pub fn adjusted_bucket_range(&self) -> (u32, u32) {
         let steps = self.bucket_reso_steps.max(1);
         let min = self.min_bucket_reso - self.min_bucket_reso % steps;
-        let max = if self.max_bucket_reso % steps == 0 {
+        let max = if self.max_bucket_reso.is_multiple_of(steps) {
             self.max_bucket_reso
         } else {
             self.max_bucket_reso + steps - self.max_bucket_reso % steps

@@ -148,7 +148,13 @@ impl Dataset {
             }
         }
 
-        scan::scan_data_dir(&cfg.train_data_dir, "train_data_dir", false, &caption_ext, &mut out)?;
+        scan::scan_data_dir(
+            &cfg.train_data_dir,
+            "train_data_dir",
+            false,
+            &caption_ext,
+            &mut out,
+        )?;
         if let Some(reg) = &cfg.reg_data_dir {
             scan::scan_data_dir(reg, "reg_data_dir", true, &caption_ext, &mut out)?;
         }
@@ -362,6 +368,19 @@ impl Dataset {
         }
     }
 
+    /// The latent cache the options ask for: on disk under `latent_cache_dir` with
+    /// `cache_latents_to_disk`, in memory with `cache_latents`, none otherwise. `vae_id` must
+    /// change whenever the VAE's weights do (e.g. the VAE file's hash).
+    pub fn latent_cache(&self, vae_id: &str) -> Result<Option<LatentCache>> {
+        if self.cfg.cache_latents_to_disk {
+            LatentCache::on_disk(vae_id, self.cfg.latent_cache_dir()).map(Some)
+        } else if self.cfg.cache_latents {
+            Ok(Some(LatentCache::in_memory(vae_id)))
+        } else {
+            Ok(None)
+        }
+    }
+
     /// Images dropped so far under [`BadImagePolicy::Skip`], at open and while loading.
     pub fn skipped_images(&self) -> Vec<SkippedImage> {
         let mut out = self.skipped_at_open.clone();
@@ -376,7 +395,10 @@ impl Dataset {
 
     /// Batches per epoch (all ranks together), kohya's `len(train_dataloader)`.
     pub fn batches_per_epoch(&self) -> usize {
-        plan::batches_per_epoch(self.buckets.iter().map(|b| b.count), self.cfg.train_batch_size)
+        plan::batches_per_epoch(
+            self.buckets.iter().map(|b| b.count),
+            self.cfg.train_batch_size,
+        )
     }
 
     /// Optimizer steps of the run (see [`plan::total_steps`]).
@@ -398,7 +420,12 @@ impl Dataset {
 
     /// Epochs needed for `total_steps` optimizer steps.
     pub fn num_epochs(&self, total_steps: usize, world_size: usize, grad_accum: usize) -> usize {
-        plan::num_epochs(self.batches_per_epoch(), total_steps, world_size, grad_accum)
+        plan::num_epochs(
+            self.batches_per_epoch(),
+            total_steps,
+            world_size,
+            grad_accum,
+        )
     }
 
     /// The batches of `epoch` (1-based) in training order, before sharding.
@@ -435,7 +462,12 @@ impl Dataset {
     }
 
     /// Decodes image `index` to 8-bit RGB resized and cropped to its bucket.
-    pub fn load_fitted<R: Rng + ?Sized>(&self, index: usize, flip: bool, rng: &mut R) -> Result<RgbImage> {
+    pub fn load_fitted<R: Rng + ?Sized>(
+        &self,
+        index: usize,
+        flip: bool,
+        rng: &mut R,
+    ) -> Result<RgbImage> {
         let e = &self.images[index];
         let img = pixels::decode_rgb(&e.path)?;
         let (w, h) = (img.width(), img.height());
@@ -498,7 +530,23 @@ impl Dataset {
     /// are already there. `encode` gets `[1, 3, H, W]` f32 pixels on the CPU in [-1, 1] and
     /// returns `[1, C, H/8, W/8]` latents. Images that cannot be read follow the bad-image
     /// policy; a latent with NaN is an error naming the image.
-    pub fn cache_latents<F>(&self, cache: &LatentCache, mut encode: F) -> Result<CacheStats>
+    pub fn cache_latents<F>(&self, cache: &LatentCache, encode: F) -> Result<CacheStats>
+    where
+        F: FnMut(&Tensor) -> Result<Tensor>,
+    {
+        self.cache_latents_shard(cache, 0, 1, encode)
+    }
+
+    /// [`Dataset::cache_latents`] for the images with index ≡ `rank` (mod `world_size`): with a
+    /// disk cache, each data-parallel rank encodes its share and, after a barrier, every rank
+    /// reads all entries (kohya splits disk caching the same way).
+    pub fn cache_latents_shard<F>(
+        &self,
+        cache: &LatentCache,
+        rank: usize,
+        world_size: usize,
+        mut encode: F,
+    ) -> Result<CacheStats>
     where
         F: FnMut(&Tensor) -> Result<Tensor>,
     {
@@ -509,11 +557,16 @@ impl Dataset {
                     .into(),
             ));
         }
-        let flips: &[bool] = if self.cfg.flip_aug { &[false, true] } else { &[false] };
+        let flips: &[bool] = if self.cfg.flip_aug {
+            &[false, true]
+        } else {
+            &[false]
+        };
         let mut stats = CacheStats::default();
         // Center crops draw nothing from the RNG; one is needed only to satisfy the signature.
         let mut rng = plan::epoch_rng(0, 0);
-        for index in 0..self.images.len() {
+        let world = world_size.max(1);
+        for index in (0..self.images.len()).filter(|i| i % world == rank % world) {
             if self.is_failed(index) {
                 continue;
             }
@@ -605,12 +658,11 @@ impl Dataset {
             let flip = self.cfg.flip_aug && rng.random::<f64>() < 0.5;
             let loaded = if self.is_failed(index) {
                 None
+            } else if let Some(c) = cache {
+                // A missing latent is the caller's mistake, not a bad image: no policy applies.
+                Some(self.cached_latent(c, index, flip)?)
             } else {
-                let r = match cache {
-                    Some(c) => self.cached_latent(c, index, flip),
-                    None => self.load_pixels(index, flip, &mut rng, &Device::Cpu),
-                };
-                match r {
+                match self.load_pixels(index, flip, &mut rng, &Device::Cpu) {
                     Ok(t) => Some(t),
                     Err(e) => {
                         self.on_bad_image(index, e)?;

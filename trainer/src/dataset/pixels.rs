@@ -4,9 +4,9 @@
 //!
 //! Resizing follows `library/utils.resize_image`: when neither side grows kohya uses OpenCV's
 //! `INTER_AREA`, otherwise PIL's `LANCZOS`. [`lanczos_resize`] reproduces Pillow's fixed-point
-//! resampler bit for bit; [`area_resize`] computes the same pixel-area average as `INTER_AREA` in
-//! f64 with one rounding at the end, so it can differ from OpenCV (which rounds integer-ratio
-//! reductions in integer arithmetic) by one 8-bit level on exact halves.
+//! resampler bit for bit. [`area_resize`] follows `INTER_AREA`: integer ratios as OpenCV computes
+//! them (bit for bit), other ratios as a pixel-area average in f64 rounded once; OpenCV sums
+//! those in f32, so a value within f32 noise of a half can land one 8-bit level apart.
 
 use std::path::Path;
 
@@ -136,10 +136,16 @@ pub fn to_tensor(img: &RgbImage, device: &Device) -> Result<Tensor> {
 pub fn area_resize(img: &RgbImage, width: u32, height: u32) -> RgbImage {
     let (iw, ih) = (img.width() as usize, img.height() as usize);
     let (ow, oh) = (width as usize, height as usize);
+    if ow == 0 || oh == 0 {
+        return RgbImage::new(width, height);
+    }
+    if iw.is_multiple_of(ow) && ih.is_multiple_of(oh) {
+        return area_resize_integer(img, iw / ow, ih / oh, width, height);
+    }
     let xw = area_weights(iw, ow);
     let yw = area_weights(ih, oh);
     let src = img.as_raw();
-    // Horizontal pass in f64 (no rounding between passes, as OpenCV accumulates in float).
+    // Horizontal pass in f64, no rounding between passes (OpenCV accumulates in float).
     let mut tmp = vec![0f64; ih * ow * 3];
     for y in 0..ih {
         for (ox, taps) in xw.iter().enumerate() {
@@ -160,6 +166,36 @@ pub fn area_resize(img: &RgbImage, width: u32, height: u32) -> RgbImage {
                     .map(|&(y, wt)| tmp[(y * ow + ox) * 3 + c] * wt)
                     .sum();
                 out[(oy * ow + ox) * 3 + c] = v.round_ties_even().clamp(0.0, 255.0) as u8;
+            }
+        }
+    }
+    RgbImage::from_raw(width, height, out).unwrap_or_else(|| RgbImage::new(width, height))
+}
+
+/// OpenCV's integer-ratio `INTER_AREA` (`resizeAreaFast`): integer block sums, scaled by the f32
+/// reciprocal of the block area and rounded half to even; the 2×2 case rounds halves up.
+fn area_resize_integer(img: &RgbImage, sx: usize, sy: usize, width: u32, height: u32) -> RgbImage {
+    let iw = img.width() as usize;
+    let (ow, oh) = (width as usize, height as usize);
+    let src = img.as_raw();
+    let area = (sx * sy) as u32;
+    let inv = 1.0f32 / area as f32;
+    let mut out = vec![0u8; oh * ow * 3];
+    for oy in 0..oh {
+        for ox in 0..ow {
+            for c in 0..3 {
+                let mut sum = 0u32;
+                for y in oy * sy..(oy + 1) * sy {
+                    for x in ox * sx..(ox + 1) * sx {
+                        sum += src[(y * iw + x) * 3 + c] as u32;
+                    }
+                }
+                let v = if sx == 2 && sy == 2 {
+                    (sum + 2) >> 2
+                } else {
+                    (sum as f32 * inv).round_ties_even() as u32
+                };
+                out[(oy * ow + ox) * 3 + c] = v.min(255) as u8;
             }
         }
     }
@@ -320,9 +356,15 @@ mod tests {
             *px = image::Rgb([(i * 10) as u8, 100, 200]);
         }
         let out = area_resize(&img, 2, 1);
-        // Block (0,1,4,5) -> 25 (tie rounds to even: 25), block (2,3,6,7) -> 45.
+        // Blocks (0,1,4,5) and (2,3,6,7) of 4×2 pixels: means 25 and 45.
         assert_eq!(out.get_pixel(0, 0).0, [25, 100, 200]);
         assert_eq!(out.get_pixel(1, 0).0, [45, 100, 200]);
+        // Halves: to even for 2×1 blocks, up for 2×2 blocks (as OpenCV).
+        let row = RgbImage::from_raw(2, 1, vec![1, 3, 5, 0, 0, 0]).unwrap();
+        assert_eq!(area_resize(&row, 1, 1).get_pixel(0, 0).0, [0, 2, 2]);
+        let mut sq = RgbImage::new(2, 2);
+        sq.put_pixel(0, 0, image::Rgb([2, 10, 18]));
+        assert_eq!(area_resize(&sq, 1, 1).get_pixel(0, 0).0, [1, 3, 5]);
     }
 
     #[test]

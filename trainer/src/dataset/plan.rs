@@ -20,7 +20,10 @@ pub struct Batch {
 }
 
 /// Batches cut from buckets of `counts[i]` entries each.
-pub fn batches_per_epoch(bucket_counts: impl IntoIterator<Item = usize>, batch_size: usize) -> usize {
+pub fn batches_per_epoch(
+    bucket_counts: impl IntoIterator<Item = usize>,
+    batch_size: usize,
+) -> usize {
     let bs = batch_size.max(1);
     bucket_counts.into_iter().map(|n| n.div_ceil(bs)).sum()
 }
@@ -47,7 +50,12 @@ pub fn steps_per_epoch(batches_per_epoch: usize, world_size: usize, grad_accum: 
 
 /// Epochs needed for `total_steps`, as kohya's `num_train_epochs`: each rank sees
 /// `ceil(batches / world_size)` batches per epoch.
-pub fn num_epochs(batches_per_epoch: usize, total_steps: usize, world_size: usize, grad_accum: usize) -> usize {
+pub fn num_epochs(
+    batches_per_epoch: usize,
+    total_steps: usize,
+    world_size: usize,
+    grad_accum: usize,
+) -> usize {
     let per_rank = batches_per_epoch.div_ceil(world_size.max(1));
     let updates = per_rank.div_ceil(grad_accum.max(1)).max(1);
     total_steps.div_ceil(updates)

@@ -30,7 +30,8 @@ pub struct Subset {
     /// The name part after `N_`: the caption of images without a caption file.
     pub class_tokens: String,
     pub is_reg: bool,
-    /// Images found in the folder.
+    /// Readable images in the folder (kohya counts files; the two differ only when an image is
+    /// skipped as unreadable).
     pub img_count: usize,
     /// Images that used `class_tokens` because they have no caption file.
     pub missing_captions: usize,
@@ -232,7 +233,16 @@ pub fn scan_data_dir(
                 dir.display()
             ))
         })?;
-        scan_subset(key, name, dir, repeats, class_tokens, is_reg, caption_ext, out)?;
+        scan_subset(
+            key,
+            name,
+            dir,
+            repeats,
+            class_tokens,
+            is_reg,
+            caption_ext,
+            out,
+        )?;
     }
     Ok(())
 }
@@ -291,7 +301,10 @@ fn scan_subset(
     let mut other_ext_found: Vec<(String, usize)> = Vec::new();
     for path in &paths {
         let cap_path = sibling_with_ext(path, caption_ext);
-        let caption = if fs::metadata(&cap_path).map(|m| m.is_file()).unwrap_or(false) {
+        let caption = if fs::metadata(&cap_path)
+            .map(|m| m.is_file())
+            .unwrap_or(false)
+        {
             read_caption(&cap_path)?
         } else {
             missing += 1;
@@ -349,7 +362,10 @@ mod tests {
     #[test]
     fn folder_names() {
         assert_eq!(parse_folder_name("30_zenny"), Some((30, "zenny".into())));
-        assert_eq!(parse_folder_name("10_sks dog"), Some((10, "sks dog".into())));
+        assert_eq!(
+            parse_folder_name("10_sks dog"),
+            Some((10, "sks dog".into()))
+        );
         assert_eq!(parse_folder_name("5_a_b"), Some((5, "a_b".into())));
         assert_eq!(parse_folder_name("7"), Some((7, String::new())));
         assert_eq!(parse_folder_name("0_x"), Some((0, "x".into())));
