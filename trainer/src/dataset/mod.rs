@@ -10,6 +10,16 @@
 //! - [`plan`] — batches per epoch, shuffling, sharding, step arithmetic.
 //! - [`cache`] — the latent cache keyed by image bytes, VAE, bucket, flip and crop.
 //! - [`summary`] — the `plan` report and kohya's `ss_*` dataset metadata.
+//!
+//! Deliberate differences from sd-scripts: folders are read in name order (kohya: directory
+//! order); image extensions match case-insensitively and `.bmp`/`.gif`/… are reported, not read;
+//! a folder without images, a repeat count below 1 or an unreadable caption is an error (kohya
+//! skips the first two with a log line); unreadable images are skipped with a warning by default
+//! instead of crashing; without `enable_bucket` images are resized to cover `resolution` and
+//! center-cropped (what kohya's latent-cache path does; its uncached path demands exact sizes);
+//! randomness comes from seeded ChaCha8 streams (same distributions, other draws than Python's
+//! `random`). Not supported: wildcards, `secondary_separator`, token warmup, face-crop file
+//! names, `color_aug`, alpha masks, validation splits and `dataset_config` TOML subsets.
 
 pub mod bucket;
 pub mod cache;
@@ -132,13 +142,13 @@ impl Dataset {
         if cfg.enable_bucket {
             let (min, max) = cfg.adjusted_bucket_range();
             if min != cfg.min_bucket_reso {
-                out.warnings.push(format!(
+                out.warn(format!(
                     "min_bucket_reso: {} is not a multiple of bucket_reso_steps {}; using {min}",
                     cfg.min_bucket_reso, cfg.bucket_reso_steps
                 ));
             }
             if max != cfg.max_bucket_reso {
-                out.warnings.push(format!(
+                out.warn(format!(
                     "max_bucket_reso: {} is not a multiple of bucket_reso_steps {}; using {max}",
                     cfg.max_bucket_reso, cfg.bucket_reso_steps
                 ));
@@ -163,9 +173,6 @@ impl Dataset {
             images: found,
             mut warnings,
         } = out;
-        for w in &warnings {
-            tracing::warn!("{w}");
-        }
 
         let selector = if !cfg.enable_bucket {
             BucketSelector::predefined(vec![cfg.resolution])

@@ -119,7 +119,8 @@ pub struct ScanOutput {
 }
 
 impl ScanOutput {
-    fn warn(&mut self, msg: String) {
+    /// Records and logs a warning.
+    pub fn warn(&mut self, msg: String) {
         tracing::warn!("{msg}");
         self.warnings.push(msg);
     }
