@@ -8,10 +8,13 @@
 //! - [`tokenizer`] — CLIP's BPE tokenizer with transformers' slow-tokenizer ids.
 //! - [`schedule`] — the DDPM noise schedule (noising, velocity, SNR).
 //! - [`weights`] — memory-mapped tensor stores and key maps between checkpoint layouts.
-//! - [`optim`] — optimizers.
+//! - [`optim`] — kohya's optimizer set (AdamW, AdamW8bit, Lion, SGDNesterov, DAdaptAdam, Prodigy,
+//!   Adafactor), gradient clipping, resumable state.
+//! - [`lr`] — learning-rate schedules and warmup parsing.
 pub mod clip;
 pub mod error;
 pub mod lora;
+pub mod lr;
 pub mod nn;
 pub mod optim;
 pub mod schedule;
