@@ -9,6 +9,7 @@
 //! - [`schedule`] — the DDPM noise schedule (noising, velocity, SNR).
 //! - [`weights`] — memory-mapped tensor stores and key maps between checkpoint layouts.
 //! - [`optim`] — optimizers.
+pub mod ckpt;
 pub mod clip;
 pub mod error;
 pub mod lora;
