@@ -121,6 +121,11 @@ impl CkptFile {
         })
     }
 
+    /// The file this checkpoint was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Tensor names in the order the checkpoint stores them (see the module docs for the rule).
     pub fn names(&self) -> Vec<String> {
         self.tensors.iter().map(|t| t.name.clone()).collect()

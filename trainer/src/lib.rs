@@ -8,10 +8,13 @@
 //! - [`tokenizer`] — CLIP's BPE tokenizer with transformers' slow-tokenizer ids.
 //! - [`schedule`] — the DDPM noise schedule (noising, velocity, SNR).
 //! - [`weights`] — memory-mapped tensor stores and key maps between checkpoint layouts.
+//! - [`loader`] — opens diffusers folders and single-file `.safetensors`/`.ckpt` checkpoints.
+//! - [`ckpt`] — PyTorch zip checkpoints read without executing pickle code.
 //! - [`optim`] — optimizers.
 pub mod ckpt;
 pub mod clip;
 pub mod error;
+pub mod loader;
 pub mod lora;
 pub mod nn;
 pub mod optim;
