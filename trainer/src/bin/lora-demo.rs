@@ -81,7 +81,7 @@ fn main() -> anyhow::Result<()> {
             s => bail!("unknown argument `{s}`"),
         }
     }
-    if res == 0 || res % 64 != 0 && res != 32 {
+    if res == 0 || (!res.is_multiple_of(64) && res != 32) {
         bail!("--resolution must be a multiple of 64 (or 32 for the shipped tiny model)");
     }
     let dev = Device::Cpu;
