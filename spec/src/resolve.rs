@@ -640,7 +640,7 @@ impl Checker {
     fn check_buckets(&mut self, spec: &JobSpec) -> Option<Buckets> {
         let d = &spec.dataset;
         let steps = d.bucket_reso_steps;
-        if steps == 0 || steps % 64 != 0 {
+        if steps == 0 || !steps.is_multiple_of(64) {
             self.err(
                 "dataset.bucket_reso_steps",
                 format!("{steps} is not a multiple of 64 (SD1/SD2 latents must halve three times)"),
