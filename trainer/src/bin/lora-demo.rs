@@ -13,7 +13,8 @@ use candle_core::{DType, Device, Tensor};
 use loractl_trainer::loader::{self, LoadOptions, StableDiffusion};
 use loractl_trainer::lora::{LoraConfig, LoraNetwork};
 use loractl_trainer::optim::{AdamW, AdamWConfig};
-use rand::{Rng, SeedableRng};
+use loractl_trainer::step::{draw_noise, training_loss, StepNoise, StepOptions};
+use rand::SeedableRng;
 
 const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/sd1/diffusers");
 
@@ -45,18 +46,19 @@ struct Sample {
     context: Tensor,
 }
 
-fn loss_on(
-    sd: &StableDiffusion,
-    batch: &[&Sample],
-    noise: &Tensor,
-    timesteps: &Tensor,
-) -> anyhow::Result<Tensor> {
+fn loss_on(sd: &StableDiffusion, batch: &[&Sample], noise: &StepNoise) -> anyhow::Result<Tensor> {
     let latents = Tensor::cat(&batch.iter().map(|s| &s.latent).collect::<Vec<_>>(), 0)?;
     let ctx = Tensor::cat(&batch.iter().map(|s| &s.context).collect::<Vec<_>>(), 0)?;
-    let noisy = sd.schedule.add_noise(&latents, noise, timesteps)?;
-    let target = sd.schedule.target(&latents, noise, timesteps)?;
-    let pred = sd.unet.forward(&noisy, timesteps, &ctx)?;
-    Ok((pred - target)?.sqr()?.mean_all()?)
+    let weights = Tensor::ones(batch.len(), DType::F32, latents.device())?;
+    Ok(training_loss(
+        &sd.unet,
+        &sd.schedule,
+        &latents,
+        &ctx,
+        &weights,
+        noise,
+        &StepOptions::default(),
+    )?)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -163,19 +165,19 @@ fn main() -> anyhow::Result<()> {
     // Validation: the whole set with fixed noise and spread timesteps.
     let all: Vec<&Sample> = data.iter().collect();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-    let val_noise = Tensor::randn(0f32, 1., (all.len(), c, h, w), &dev)?;
-    let val_t = Tensor::new(&[100u32, 350, 600, 850], &dev)?;
-    let before = loss_on(&sd, &all, &val_noise, &val_t)?.to_scalar::<f32>()?;
+    let val = StepNoise {
+        noise: loractl_trainer::random::randn(&mut rng, (all.len(), c, h, w), &dev)?,
+        timesteps: Tensor::new(&[100u32, 350, 600, 850], &dev)?,
+    };
+    let before = loss_on(&sd, &all, &val)?.to_scalar::<f32>()?;
     println!("validation loss before training: {before:.5}");
 
     let t_train = Instant::now();
     let mut avg = 0f32;
     for step in 1..=steps {
         let batch: Vec<&Sample> = vec![&data[(step - 1) % data.len()], &data[step % data.len()]];
-        let noise = Tensor::randn(0f32, 1., (2, c, h, w), &dev)?;
-        let ts: Vec<u32> = (0..2).map(|_| rng.random_range(0..1000)).collect();
-        let ts = Tensor::new(ts.as_slice(), &dev)?;
-        let loss = loss_on(&sd, &batch, &noise, &ts)?;
+        let noise = draw_noise(&mut rng, (2, c, h, w), &StepOptions::default(), &dev)?;
+        let loss = loss_on(&sd, &batch, &noise)?;
         let lv = loss.to_scalar::<f32>()?;
         if !lv.is_finite() {
             bail!("loss became {lv} at step {step} (lr {lr}): lower the learning rate");
@@ -194,7 +196,7 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
-    let after = loss_on(&sd, &all, &val_noise, &val_t)?.to_scalar::<f32>()?;
+    let after = loss_on(&sd, &all, &val)?.to_scalar::<f32>()?;
     println!(
         "validation loss after {steps} steps: {after:.5} ({:+.1}%)",
         (after / before - 1.0) * 100.0
