@@ -16,6 +16,7 @@ pub mod clip;
 pub mod error;
 pub mod loader;
 pub mod lora;
+pub mod metadata;
 pub mod nn;
 pub mod optim;
 pub mod random;
