@@ -205,7 +205,8 @@ fn check_groups(groups: &[ParamGroup]) -> Result<()> {
 /// torch.nn.utils.clip_grad_norm_: the 2-norm over all gradients of `vars` taken together; when
 /// it exceeds `max_norm` every gradient is scaled by `max_norm / (norm + 1e-6)`. Returns the norm
 /// before clipping. A non-finite norm leaves the gradients untouched (torch would turn them into
-/// NaN); check [`all_finite`] and skip the step instead.
+/// NaN); check [`all_finite`] and skip the step instead. The norm is accumulated in f64 (torch:
+/// per-tensor f32 norms), a difference in the last f32 bits only.
 pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<f64> {
     let mut sum_sq = 0f64;
     for v in vars {
