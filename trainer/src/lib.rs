@@ -9,11 +9,13 @@
 //! - [`schedule`] — the DDPM noise schedule (noising, velocity, SNR).
 //! - [`weights`] — memory-mapped tensor stores and key maps between checkpoint layouts.
 //! - [`optim`] — optimizers.
+//! - [`sample`] — preview images (sd-scripts' `--sample_prompts`): samplers, prompt files, PNGs.
 pub mod clip;
 pub mod error;
 pub mod lora;
 pub mod nn;
 pub mod optim;
+pub mod sample;
 pub mod schedule;
 pub mod tokenizer;
 pub mod unet;
