@@ -8,15 +8,22 @@
 //! - [`tokenizer`] — CLIP's BPE tokenizer with transformers' slow-tokenizer ids.
 //! - [`schedule`] — the DDPM noise schedule (noising, velocity, SNR).
 //! - [`weights`] — memory-mapped tensor stores and key maps between checkpoint layouts.
+//! - [`loader`] — opens diffusers folders and single-file `.safetensors`/`.ckpt` checkpoints.
+//! - [`ckpt`] — PyTorch zip checkpoints read without executing pickle code.
 //! - [`optim`] — optimizers.
 //! - [`sample`] — preview images (sd-scripts' `--sample_prompts`): samplers, prompt files, PNGs.
+pub mod ckpt;
 pub mod clip;
 pub mod error;
+pub mod loader;
 pub mod lora;
+pub mod metadata;
 pub mod nn;
 pub mod optim;
+pub mod random;
 pub mod sample;
 pub mod schedule;
+pub mod step;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

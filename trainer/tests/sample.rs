@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use loractl_trainer::clip::{ClipTextConfig, ClipTextModel};
+use loractl_trainer::loader::{self, LoadOptions};
 use loractl_trainer::nn::Builder;
 use loractl_trainer::sample::{
     load_prompts, parse_prompt_attention, parse_prompt_json, parse_prompt_text, parse_prompt_toml,
@@ -387,15 +388,9 @@ fn sd2_v_pipeline_matches_sd_scripts() -> Result<()> {
 /// sensitivity, PNG files named as sd-scripts names them.
 #[test]
 fn seeded_generation_end_to_end() -> Result<()> {
-    let m = tiny("sd1")?;
-    let enc = LpwPromptEncoder::new(&m.text_encoder, &m.tokenizer, 1);
-    let models = SampleModels {
-        unet: &m.unet,
-        vae: &m.vae,
-        schedule: &m.schedule,
-        encoder: &enc,
-        device: Device::Cpu,
-    };
+    let sd = loader::load(&fixtures().join("sd1/diffusers"), &LoadOptions::default())?;
+    let enc = LpwPromptEncoder::new(&sd.text_encoder, &sd.tokenizer, 1);
+    let models = SampleModels::new(&sd, &enc, Device::Cpu);
     let cfg = SampleConfig {
         steps: 4,
         ..SampleConfig::default()

@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 pub use prompts::{
@@ -24,6 +24,7 @@ pub use prompts::{
 pub use scheduler::{SamplerKind, SamplerSettings, Scheduler, TimestepSpacing};
 pub use text::{parse_prompt_attention, Conditioning, LpwPromptEncoder, PromptEncoder};
 
+use crate::loader::StableDiffusion;
 use crate::schedule::DdpmSchedule;
 use crate::unet::UNet2DConditionModel;
 use crate::vae::AutoencoderKL;
@@ -109,19 +110,7 @@ impl SeededNoise {
 
 impl NoiseSource for SeededNoise {
     fn randn(&mut self, shape: &[usize], device: &Device) -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        let mut v = Vec::with_capacity(n + 1);
-        while v.len() < n {
-            // Box–Muller; 1 - u lies in (0, 1], so the logarithm is finite.
-            let u1: f64 = 1.0 - self.rng.random::<f64>();
-            let u2: f64 = self.rng.random::<f64>();
-            let r = (-2.0 * u1.ln()).sqrt();
-            let theta = std::f64::consts::TAU * u2;
-            v.push((r * theta.cos()) as f32);
-            v.push((r * theta.sin()) as f32);
-        }
-        v.truncate(n);
-        Ok(Tensor::from_vec(v, shape, device)?)
+        crate::random::randn(&mut self.rng, shape, device)
     }
 }
 
@@ -142,7 +131,19 @@ pub struct SampleModels<'a> {
     pub device: Device,
 }
 
-impl SampleModels<'_> {
+impl<'a> SampleModels<'a> {
+    /// A loaded model's UNet, VAE and schedule with `encoder` (usually an
+    /// [`LpwPromptEncoder`] over the same model's text encoder and tokenizer).
+    pub fn new(sd: &'a StableDiffusion, encoder: &'a dyn PromptEncoder, device: Device) -> Self {
+        Self {
+            unet: &sd.unet,
+            vae: &sd.vae,
+            schedule: &sd.schedule,
+            encoder,
+            device,
+        }
+    }
+
     /// One image for `prompt` with `cfg`'s defaults (seeded from `--d`, else randomly).
     pub fn generate(&self, prompt: &SamplePrompt, cfg: &SampleConfig) -> Result<RgbImage> {
         let req = SampleRequest::resolve(prompt, cfg);
