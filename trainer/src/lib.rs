@@ -13,6 +13,7 @@
 //! - [`optim`] — kohya's optimizer set (AdamW, AdamW8bit, Lion, SGDNesterov, DAdaptAdam, Prodigy,
 //!   Adafactor), gradient clipping, resumable state.
 //! - [`lr`] — learning-rate schedules and warmup parsing.
+//! - [`sample`] — preview images (sd-scripts' `--sample_prompts`): samplers, prompt files, PNGs.
 pub mod ckpt;
 pub mod clip;
 pub mod error;
@@ -23,6 +24,7 @@ pub mod metadata;
 pub mod nn;
 pub mod optim;
 pub mod random;
+pub mod sample;
 pub mod schedule;
 pub mod step;
 pub mod tokenizer;
