@@ -207,6 +207,7 @@ pub struct ClipTextModel {
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
     cfg: ClipTextConfig,
+    sites: crate::nn::Sites,
 }
 
 impl ClipTextModel {
@@ -237,11 +238,17 @@ impl ClipTextModel {
             layers,
             final_layer_norm,
             cfg: cfg.clone(),
+            sites: builder.sites().clone(),
         })
     }
 
     pub fn config(&self) -> &ClipTextConfig {
         &self.cfg
+    }
+
+    /// The LoRA sites of this model (kohya `lora_te_*` names), in construction order.
+    pub fn sites(&self) -> Vec<crate::nn::LoraSite> {
+        self.sites.list()
     }
 
     /// Hidden state `clip_skip` layers from the end (1 = last layer), with the final layer norm

@@ -9,14 +9,26 @@
 //! - [`schedule`] — the DDPM noise schedule (noising, velocity, SNR).
 //! - [`dataset`] — kohya's `N_name` folder datasets: buckets, captions, batches, latent cache.
 //! - [`weights`] — memory-mapped tensor stores and key maps between checkpoint layouts.
-//! - [`optim`] — optimizers.
+//! - [`loader`] — opens diffusers folders and single-file `.safetensors`/`.ckpt` checkpoints.
+//! - [`ckpt`] — PyTorch zip checkpoints read without executing pickle code.
+//! - [`optim`] — kohya's optimizer set (AdamW, AdamW8bit, Lion, SGDNesterov, DAdaptAdam, Prodigy,
+//!   Adafactor), gradient clipping, resumable state.
+//! - [`lr`] — learning-rate schedules and warmup parsing.
+//! - [`sample`] — preview images (sd-scripts' `--sample_prompts`): samplers, prompt files, PNGs.
+pub mod ckpt;
 pub mod clip;
 pub mod dataset;
 pub mod error;
+pub mod loader;
 pub mod lora;
+pub mod lr;
+pub mod metadata;
 pub mod nn;
 pub mod optim;
+pub mod random;
+pub mod sample;
 pub mod schedule;
+pub mod step;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

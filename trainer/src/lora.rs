@@ -192,24 +192,35 @@ impl LoraNetwork {
                 }
                 Ok(())
             };
-            let mut down_shape = LoraModule::down_shape(&site.kind, rank);
-            // A 1×1 conv site may carry a linear-shaped LoRA and vice versa in some files.
-            if down.rank() != down_shape.len() {
-                down_shape = down.dims().to_vec();
-            }
-            check(&down, down_shape, "lora_down.weight")?;
-            let up = if up.rank() != LoraModule::up_shape(&site.kind, rank).len() {
-                up.reshape(LoraModule::up_shape(&site.kind, rank))?
-            } else {
-                up
+            // 1×1 convs and Linears hold the same numbers: files made for SD1 (conv proj_in)
+            // and SD2 (linear proj_in) differ only in the trailing 1×1 dims.
+            let fit = |t: Tensor, want: Vec<usize>| -> Result<Tensor> {
+                if t.dims() != want.as_slice() && t.elem_count() == want.iter().product::<usize>() {
+                    Ok(t.reshape(want)?)
+                } else {
+                    Ok(t)
+                }
             };
+            let down = fit(down, LoraModule::down_shape(&site.kind, rank))?;
+            let up = fit(up, LoraModule::up_shape(&site.kind, rank))?;
+            check(
+                &down,
+                LoraModule::down_shape(&site.kind, rank),
+                "lora_down.weight",
+            )?;
             check(
                 &up,
                 LoraModule::up_shape(&site.kind, rank),
                 "lora_up.weight",
             )?;
             let alpha = match tensors.get(&format!("{name}.alpha")) {
-                Some(a) => a.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0],
+                Some(a) => a
+                    .to_dtype(DType::F64)?
+                    .flatten_all()?
+                    .to_vec1::<f64>()?
+                    .first()
+                    .copied()
+                    .ok_or_else(|| Error::Lora(format!("{origin}: `{name}.alpha` is empty")))?,
                 None => rank as f64,
             };
             modules.push(LoraModule {

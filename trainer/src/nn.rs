@@ -44,6 +44,20 @@ fn copy_storage_cpu(s: &CpuStorage, l: &Layout) -> candle_core::Result<CpuStorag
     })
 }
 
+#[cfg(feature = "cuda")]
+fn copy_storage_cuda(
+    s: &candle_core::CudaStorage,
+    l: &Layout,
+) -> candle_core::Result<candle_core::CudaStorage> {
+    use candle_core::backend::BackendStorage;
+    match l.contiguous_offsets() {
+        Some((0, _)) => s.try_clone(l),
+        _ => Err(candle_core::Error::Msg(
+            "attach-grad: value must be contiguous from offset 0".to_string(),
+        )),
+    }
+}
+
 impl CustomOp2 for AttachGrad {
     fn name(&self) -> &'static str {
         "attach-grad"
@@ -67,13 +81,7 @@ impl CustomOp2 for AttachGrad {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        match l2.contiguous_offsets() {
-            Some((0, _)) => Ok((s2.try_clone(l2)?, l2.shape().clone())),
-            _ => Err(candle_core::Error::Msg(
-                "attach-grad: value must be contiguous from offset 0".to_string(),
-            )),
-        }
+        Ok((copy_storage_cuda(s2, l2)?, l2.shape().clone()))
     }
 
     fn bwd(
@@ -145,13 +153,7 @@ impl candle_core::CustomOp3 for AttachGrad2 {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        match l3.contiguous_offsets() {
-            Some((0, _)) => Ok((s3.try_clone(l3)?, l3.shape().clone())),
-            _ => Err(candle_core::Error::Msg(
-                "attach-grad: value must be contiguous from offset 0".to_string(),
-            )),
-        }
+        Ok((copy_storage_cuda(s3, l3)?, l3.shape().clone()))
     }
 
     fn bwd(

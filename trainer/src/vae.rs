@@ -9,6 +9,7 @@ use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 
 use crate::nn::{attention, upsample_nearest2x, Builder, Conv2d, GroupNorm, Linear};
+use crate::random::standard_normal;
 use crate::weights::{Fetch, KeyMap, TensorStore};
 use crate::{Error, Result};
 
@@ -455,22 +456,6 @@ impl DiagonalGaussian {
     }
 }
 
-/// `n` independent N(0, 1) values (Box–Muller).
-fn standard_normal<R: Rng + ?Sized>(rng: &mut R, n: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(n + 1);
-    while out.len() < n {
-        // 1 - u lies in (0, 1], so the logarithm is finite.
-        let u1: f64 = 1.0 - rng.random::<f64>();
-        let u2: f64 = rng.random::<f64>();
-        let r = (-2.0 * u1.ln()).sqrt();
-        let theta = std::f64::consts::TAU * u2;
-        out.push((r * theta.cos()) as f32);
-        out.push((r * theta.sin()) as f32);
-    }
-    out.truncate(n);
-    out
-}
-
 /// diffusers `AutoencoderKL`. Inference only: inputs are detached so no graph is ever recorded,
 /// and its layers are never LoRA targets.
 #[derive(Debug, Clone)]
@@ -824,23 +809,5 @@ mod tests {
         let d = (whole - chunked)?.abs()?.flatten_all()?.max(0)?;
         assert!(d.to_scalar::<f32>()? < 1e-6);
         Ok(())
-    }
-
-    #[test]
-    fn standard_normal_moments() {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-        let v = standard_normal(&mut rng, 100_001);
-        assert_eq!(v.len(), 100_001);
-        let n = v.len() as f64;
-        let mean = v.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
-        let var = v
-            .iter()
-            .map(|&x| (f64::from(x) - mean).powi(2))
-            .sum::<f64>()
-            / n;
-        assert!(
-            mean.abs() < 0.02 && (var - 1.0).abs() < 0.02,
-            "{mean} {var}"
-        );
     }
 }

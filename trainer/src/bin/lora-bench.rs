@@ -3,6 +3,7 @@
 //! does for diffusers + peft. `scripts/bench/run.sh` runs both side by side.
 //!
 //! Usage: lora-bench CONFIG [--steps N] [--warmup N] [--rank R] [--alpha A]
+//!        lora-bench --load CHECKPOINT   (load time and memory of a base model)
 
 use std::time::Instant;
 
@@ -17,13 +18,42 @@ use loractl_trainer::weights::RandomWeights;
 
 const CONFIGS: &str = include_str!("../../../scripts/bench/unet_configs.json");
 
-fn peak_rss_mib() -> f64 {
+/// A `/proc/self/status` figure in MiB (`VmHWM` = peak resident, `RssAnon` = resident
+/// anonymous memory, i.e. not file pages of memory-mapped weights).
+fn status_mib(key: &str) -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn peak_rss_mib() -> f64 {
+    status_mib("VmHWM:")
+}
+
+/// Loads a base model and reports time and memory: with memory-mapped weights the process
+/// should hold one f32 copy of the model (anonymous memory) plus reclaimable file pages.
+fn load_report(path: &std::path::Path) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let sd = loractl_trainer::loader::load(path, &Default::default())?;
+    let secs = start.elapsed().as_secs_f64();
+    let file_mib = std::fs::metadata(path)?.len() as f64 / 1048576.0;
+    let sites = sd.sites().len();
+    println!(
+        "{}",
+        serde_json::json!({
+            "load_s": secs,
+            "family": format!("{:?}", sd.family),
+            "file_mib": file_mib,
+            "rss_anon_mib": status_mib("RssAnon:"),
+            "rss_file_mib": status_mib("RssFile:"),
+            "peak_rss_mib": peak_rss_mib(),
+            "lora_sites": sites,
+        })
+    );
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,6 +67,7 @@ fn main() -> anyhow::Result<()> {
             "--warmup" => warmup = val("--warmup")?.parse()?,
             "--rank" => rank = val("--rank")?.parse()?,
             "--alpha" => alpha = val("--alpha")?.parse()?,
+            "--load" => return load_report(std::path::Path::new(&val("--load")?)),
             "-h" | "--help" => {
                 println!("usage: lora-bench tiny|small|sd15 [--steps N] [--warmup N] [--rank R] [--alpha A]");
                 return Ok(());

@@ -1,0 +1,1388 @@
+//! Validation and the resolved (typed, effective) view of a job spec. Both come out of one pass,
+//! [`JobSpec::resolved`], so every rule lives in one place: it reports every problem with its
+//! key path and a fix, and otherwise yields [`ResolvedSpec`] with kohya's effective values.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use crate::error::{SpecError, SpecErrors, SpecWarning};
+use crate::spec::{defaults, JobSpec, LrWarmup, OptimizerArgs, Resolution, SPEC_VERSION};
+use crate::suggest::closest;
+
+macro_rules! choices {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant),+
+        }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The name as written in a job spec (and in sd-scripts).
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+
+            fn names() -> impl Iterator<Item = &'static str> + Clone {
+                Self::ALL.iter().map(|v| v.as_str())
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+choices! {
+    /// sd-scripts' optimizer names. Which of them the trainer implements is the trainer's
+    /// business; the spec accepts every name sd-scripts accepts (except Python class paths).
+    OptimizerType {
+        AdamW = "AdamW",
+        AdamW8bit = "AdamW8bit",
+        PagedAdamW = "PagedAdamW",
+        PagedAdamW8bit = "PagedAdamW8bit",
+        PagedAdamW32bit = "PagedAdamW32bit",
+        Lion = "Lion",
+        Lion8bit = "Lion8bit",
+        PagedLion8bit = "PagedLion8bit",
+        SgdNesterov = "SGDNesterov",
+        SgdNesterov8bit = "SGDNesterov8bit",
+        /// DAdaptAdamPreprint; `DAdaptAdamPreprint` is accepted as an alias.
+        DAdaptation = "DAdaptation",
+        DAdaptAdaGrad = "DAdaptAdaGrad",
+        DAdaptAdam = "DAdaptAdam",
+        DAdaptAdan = "DAdaptAdan",
+        DAdaptAdanIp = "DAdaptAdanIP",
+        DAdaptLion = "DAdaptLion",
+        DAdaptSgd = "DAdaptSGD",
+        Prodigy = "Prodigy",
+        Adafactor = "Adafactor",
+        AdamWScheduleFree = "AdamWScheduleFree",
+        RAdamScheduleFree = "RAdamScheduleFree",
+        SgdScheduleFree = "SGDScheduleFree",
+    }
+}
+
+impl OptimizerType {
+    /// sd-scripts matches optimizer names case-insensitively.
+    pub fn parse(text: &str) -> Option<Self> {
+        if text.eq_ignore_ascii_case("DAdaptAdamPreprint") {
+            return Some(Self::DAdaptation);
+        }
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|o| o.as_str().eq_ignore_ascii_case(text))
+    }
+
+    /// D-Adaptation and Prodigy estimate the step size; `learning_rate` is a multiplier (~1).
+    pub fn is_adaptive(self) -> bool {
+        use OptimizerType::*;
+        matches!(
+            self,
+            DAdaptation
+                | DAdaptAdaGrad
+                | DAdaptAdam
+                | DAdaptAdan
+                | DAdaptAdanIp
+                | DAdaptLion
+                | DAdaptSgd
+                | Prodigy
+        )
+    }
+
+    /// Schedule-free optimizers run without an LR scheduler.
+    pub fn is_schedule_free(self) -> bool {
+        use OptimizerType::*;
+        matches!(
+            self,
+            AdamWScheduleFree | RAdamScheduleFree | SgdScheduleFree
+        )
+    }
+}
+
+choices! {
+    /// Learning-rate schedules (diffusers' `get_scheduler` names).
+    LrScheduler {
+        Linear = "linear",
+        Cosine = "cosine",
+        CosineWithRestarts = "cosine_with_restarts",
+        Polynomial = "polynomial",
+        Constant = "constant",
+        ConstantWithWarmup = "constant_with_warmup",
+    }
+}
+
+choices! {
+    MixedPrecision {
+        No = "no",
+        Fp16 = "fp16",
+        Bf16 = "bf16",
+    }
+}
+
+choices! {
+    /// dtype of the saved LoRA file.
+    SavePrecision {
+        Fp16 = "fp16",
+        Bf16 = "bf16",
+        Float = "float",
+    }
+}
+
+choices! {
+    LossType {
+        L2 = "l2",
+        L1 = "l1",
+        Huber = "huber",
+        SmoothL1 = "smooth_l1",
+    }
+}
+
+choices! {
+    /// How the Huber parameter varies with the timestep (sd-scripts' `huber_schedule`).
+    HuberSchedule {
+        Constant = "constant",
+        Exponential = "exponential",
+        Snr = "snr",
+    }
+}
+
+choices! {
+    /// Preview-image samplers.
+    Sampler {
+        Ddim = "ddim",
+        Euler = "euler",
+        EulerA = "euler_a",
+    }
+}
+
+impl Sampler {
+    fn parse(text: &str) -> Option<Self> {
+        // sd-scripts treats the k_ names as the same samplers.
+        let text = text.strip_prefix("k_").unwrap_or(text);
+        Self::ALL.iter().copied().find(|s| s.as_str() == text)
+    }
+}
+
+macro_rules! exact_parse {
+    ($($name:ident),+) => {$(
+        impl $name {
+            fn parse(text: &str) -> Option<Self> {
+                Self::ALL.iter().copied().find(|v| v.as_str() == text)
+            }
+        }
+    )+};
+}
+exact_parse!(
+    LrScheduler,
+    MixedPrecision,
+    SavePrecision,
+    LossType,
+    HuberSchedule
+);
+
+/// The loss and its parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Loss {
+    L2,
+    L1,
+    Huber { c: f64, schedule: HuberSchedule },
+    SmoothL1 { c: f64, schedule: HuberSchedule },
+}
+
+/// Warmup length, resolved from `lr_warmup_steps` (percentages become fractions).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum WarmupSpec {
+    Steps(u64),
+    /// Fraction of the scheduler's total steps, in [0, 1].
+    Fraction(f64),
+}
+
+impl WarmupSpec {
+    /// Warmup steps for a schedule of `total_steps` steps; fractions round down as in
+    /// sd-scripts (`int(fraction * total)`).
+    pub fn steps(self, total_steps: u64) -> u64 {
+        match self {
+            Self::Steps(n) => n,
+            Self::Fraction(f) => (f * total_steps as f64).floor() as u64,
+        }
+    }
+}
+
+/// How long to train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrainLength {
+    Steps(u64),
+    /// Steps = epochs × ceil(batches per epoch / GPUs / gradient accumulation), known only once
+    /// the dataset is scanned.
+    Epochs(u32),
+}
+
+/// Which devices a job uses on each worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gpus {
+    All,
+    Cpu,
+    /// Distinct GPU ids, in the order written.
+    Ids(Vec<u32>),
+}
+
+impl Gpus {
+    /// `"all"`, `"cpu"` or comma-separated distinct non-negative integers.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text.eq_ignore_ascii_case("all") {
+            return Ok(Self::All);
+        }
+        if text.eq_ignore_ascii_case("cpu") {
+            return Ok(Self::Cpu);
+        }
+        let mut ids = Vec::new();
+        for part in text.split(',') {
+            let part = part.trim();
+            let id: u32 = part
+                .parse()
+                .map_err(|_| format!("`{part}` is not a GPU id (a non-negative integer)"))?;
+            if ids.contains(&id) {
+                return Err(format!("GPU {id} is listed twice"));
+            }
+            ids.push(id);
+        }
+        Ok(Self::Ids(ids))
+    }
+}
+
+impl fmt::Display for Gpus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::All => f.write_str("all"),
+            Self::Cpu => f.write_str("cpu"),
+            Self::Ids(ids) => {
+                let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
+                f.write_str(&ids.join(","))
+            }
+        }
+    }
+}
+
+/// Aspect-ratio bucketing, with min/max already rounded to multiples of `reso_steps` as
+/// sd-scripts does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Buckets {
+    pub min_reso: u32,
+    pub max_reso: u32,
+    pub reso_steps: u32,
+    pub no_upscale: bool,
+}
+
+/// LoRA on 3×3 convolutions (`network_args.conv_dim`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ConvLora {
+    pub dim: u32,
+    /// Effective alpha (0 already replaced by `dim`).
+    pub alpha: f64,
+}
+
+/// A validated job spec with every effective value worked out. Read the typed fields rather
+/// than their string counterparts in `spec`: some differ on purpose (see `lr_scheduler`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedSpec {
+    /// The spec as written, defaults filled in.
+    pub spec: JobSpec,
+    /// `output.output_name`, else the job name.
+    pub output_name: String,
+    pub resolution: Resolution,
+    /// `None` without `enable_bucket`.
+    pub buckets: Option<Buckets>,
+    /// `cache_latents`, also implied by `cache_latents_to_disk`.
+    pub cache_latents: bool,
+    /// 75, 150 or 225.
+    pub max_token_length: u32,
+    /// Effective alpha (0 replaced by `network_dim`).
+    pub network_alpha: f64,
+    pub conv: Option<ConvLora>,
+    /// `None`: the U-Net LoRA is not trained (unet_lr 0 or network_train_text_encoder_only).
+    pub unet_lr: Option<f64>,
+    /// `None`: the text-encoder LoRA is not trained (lr 0 or network_train_unet_only).
+    pub text_encoder_lr: Option<f64>,
+    pub optimizer: OptimizerType,
+    /// `key -> value` as sd-scripts would see `key=value` (values are Python literals).
+    pub optimizer_args: BTreeMap<String, String>,
+    /// Effective schedule: `constant` with a non-zero warmup becomes `constant_with_warmup`.
+    pub lr_scheduler: LrScheduler,
+    pub warmup: WarmupSpec,
+    pub length: TrainLength,
+    pub mixed_precision: MixedPrecision,
+    /// `None`: save in the training dtype.
+    pub save_precision: Option<SavePrecision>,
+    pub loss: Loss,
+    /// Timesteps are drawn uniformly from `min..max`.
+    pub timesteps: std::ops::Range<u32>,
+    pub sampler: Sampler,
+    pub gpus: Gpus,
+    /// Accepted values worth telling the user about.
+    pub warnings: Vec<SpecWarning>,
+}
+
+impl JobSpec {
+    /// Checks everything and returns every problem found, each with its key path and a fix.
+    pub fn validate(&self) -> Result<(), SpecErrors> {
+        self.resolved().map(|_| ())
+    }
+
+    /// Validates and works out the effective values (kohya's defaults and implications).
+    pub fn resolved(&self) -> Result<ResolvedSpec, SpecErrors> {
+        let mut c = Checker::default();
+        let resolved = c.check(self);
+        match resolved {
+            Some(r) if c.errors.is_empty() => Ok(ResolvedSpec {
+                warnings: c.warnings,
+                ..r
+            }),
+            _ => Err(SpecErrors(c.errors)),
+        }
+    }
+
+    /// Non-blocking remarks about the spec (empty if it does not validate).
+    pub fn warnings(&self) -> Vec<SpecWarning> {
+        self.resolved().map(|r| r.warnings).unwrap_or_default()
+    }
+}
+
+#[derive(Default)]
+struct Checker {
+    errors: Vec<SpecError>,
+    warnings: Vec<SpecWarning>,
+}
+
+impl Checker {
+    fn err(&mut self, path: &str, problem: impl Into<String>, fix: impl Into<String>) {
+        self.errors.push(SpecError {
+            path: path.to_owned(),
+            problem: problem.into(),
+            fix: fix.into(),
+        });
+    }
+
+    fn warn(&mut self, path: &str, message: impl Into<String>) {
+        self.warnings.push(SpecWarning {
+            path: path.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    /// A value among fixed names; reports the closest name or the list.
+    fn choice<T: Copy>(
+        &mut self,
+        path: &str,
+        text: &str,
+        parse: impl Fn(&str) -> Option<T>,
+        names: impl Iterator<Item = &'static str> + Clone,
+    ) -> Option<T> {
+        let parsed = parse(text);
+        if parsed.is_none() {
+            let fix = match closest(text, names.clone()) {
+                Some(name) => format!("did you mean `{name}`?"),
+                None => format!("use one of: {}", names.collect::<Vec<_>>().join(", ")),
+            };
+            self.err(path, format!("unknown value `{text}`"), fix);
+        }
+        parsed
+    }
+
+    fn nonzero(&mut self, path: &str, value: u64, fix: &str) {
+        if value == 0 {
+            self.err(path, "must be at least 1, got 0", fix);
+        }
+    }
+
+    fn non_negative(&mut self, path: &str, value: f64, fix: &str) -> bool {
+        let ok = value.is_finite() && value >= 0.0;
+        if !ok {
+            self.err(
+                path,
+                format!("must be a finite number >= 0, got {value}"),
+                fix,
+            );
+        }
+        ok
+    }
+
+    fn positive(&mut self, path: &str, value: f64, fix: &str) -> bool {
+        let ok = value.is_finite() && value > 0.0;
+        if !ok {
+            self.err(
+                path,
+                format!("must be a finite number > 0, got {value}"),
+                fix,
+            );
+        }
+        ok
+    }
+
+    fn rate(&mut self, path: &str, value: f64) {
+        if !(0.0..=1.0).contains(&value) {
+            self.err(
+                path,
+                format!("is a probability and must be between 0 and 1, got {value}"),
+                "use e.g. 0.1 for 10%",
+            );
+        }
+    }
+
+    fn file_stem(&mut self, path: &str, value: &str) {
+        if value.trim().is_empty() {
+            self.err(path, "is empty", "give a name such as \"zenny\"");
+        } else if value.contains(['/', '\\']) || value == "." || value == ".." {
+            self.err(
+                path,
+                format!("`{value}` is used as a file name and must not contain path separators"),
+                "put directories in output.output_dir",
+            );
+        }
+    }
+
+    fn check(&mut self, spec: &JobSpec) -> Option<ResolvedSpec> {
+        if spec.version != SPEC_VERSION {
+            self.err(
+                "version",
+                format!("unsupported job spec version {}", spec.version),
+                format!("this loractl reads version {SPEC_VERSION}"),
+            );
+        }
+        self.file_stem("name", &spec.name);
+
+        let max_token_length = self.check_model(spec);
+        let (resolution, buckets, cache_latents) = self.check_dataset(spec);
+        let (network_alpha, conv) = self.check_network(spec);
+        let length = self.check_length(spec);
+        let opt = self.check_optimizer(spec, length);
+        self.check_caching_vs_text_encoder(spec);
+        let training = self.check_training(spec);
+        let (output_name, save_precision) = self.check_output(spec);
+        let sampler = self.check_sample(spec);
+        let gpus = self.check_resources(spec);
+
+        let opt = opt?;
+        let (mixed_precision, loss, timesteps) = training?;
+        Some(ResolvedSpec {
+            spec: spec.clone(),
+            output_name,
+            resolution,
+            buckets,
+            cache_latents,
+            max_token_length,
+            network_alpha,
+            conv,
+            unet_lr: opt.unet_lr,
+            text_encoder_lr: opt.text_encoder_lr,
+            optimizer: opt.optimizer,
+            optimizer_args: opt.args,
+            lr_scheduler: opt.scheduler,
+            warmup: opt.warmup,
+            length,
+            mixed_precision,
+            save_precision: save_precision?,
+            loss,
+            timesteps,
+            sampler: sampler?,
+            gpus: gpus?,
+            warnings: Vec::new(),
+        })
+    }
+
+    fn check_model(&mut self, spec: &JobSpec) -> u32 {
+        let m = &spec.model;
+        if m.pretrained_model_name_or_path.as_os_str().is_empty() {
+            self.err(
+                "model.pretrained_model_name_or_path",
+                "is empty",
+                "give a .safetensors/.ckpt checkpoint file or a diffusers folder",
+            );
+        }
+        if m.v_parameterization && !m.v2 {
+            self.warn(
+                "model.v_parameterization",
+                "v-prediction without v2: only SD2 768-v checkpoints are trained with v_parameterization",
+            );
+        }
+        if let Some(skip) = m.clip_skip {
+            // SD1's CLIP has 12 layers; SD2's OpenCLIP text tower as loaded has 23.
+            let layers = if m.v2 { 23 } else { 12 };
+            if skip == 0 || skip > layers {
+                self.err(
+                    "model.clip_skip",
+                    format!("must be between 1 and {layers} (1 = last layer), got {skip}"),
+                    "use 1 for SD1 bases, 2 for anime/NovelAI-style bases, or remove it",
+                );
+            } else if m.v2 {
+                self.warn(
+                    "model.clip_skip",
+                    "SD2 already uses the penultimate layer; clip_skip with v2 is unusual (sd-scripts warns too)",
+                );
+            }
+        }
+        match m.max_token_length {
+            None => defaults::MAX_TOKEN_LENGTH,
+            Some(n @ (75 | 150 | 225)) => n,
+            Some(n) => {
+                self.err(
+                    "model.max_token_length",
+                    format!("must be 75, 150 or 225, got {n}"),
+                    "use 225 for long captions or remove it for 75",
+                );
+                defaults::MAX_TOKEN_LENGTH
+            }
+        }
+    }
+
+    fn check_dataset(&mut self, spec: &JobSpec) -> (Resolution, Option<Buckets>, bool) {
+        let d = &spec.dataset;
+        if d.train_data_dir.as_os_str().is_empty() {
+            self.err(
+                "dataset.train_data_dir",
+                "is empty",
+                "give the parent of folders like `30_zenny` (repeats_name)",
+            );
+        }
+        if !d.caption_extension.starts_with('.') {
+            self.err(
+                "dataset.caption_extension",
+                format!(
+                    "`{}` does not start with a dot, so caption files would never be found",
+                    d.caption_extension
+                ),
+                format!("use \".{}\"", d.caption_extension.trim_start_matches('.')),
+            );
+        }
+        if d.caption_separator.is_empty() {
+            self.err("dataset.caption_separator", "is empty", "use \",\"");
+        }
+        self.rate("dataset.caption_dropout_rate", d.caption_dropout_rate);
+        self.rate(
+            "dataset.caption_tag_dropout_rate",
+            d.caption_tag_dropout_rate,
+        );
+        self.non_negative(
+            "dataset.prior_loss_weight",
+            d.prior_loss_weight,
+            "use 1.0 (regularisation images weigh as much as training images)",
+        );
+        self.nonzero(
+            "dataset.vae_batch_size",
+            d.vae_batch_size.into(),
+            "use 1 or more",
+        );
+
+        let res = d.resolution;
+        for (side, value) in [("width", res.width), ("height", res.height)] {
+            if value < 64 || value % 64 != 0 {
+                let down = value / 64 * 64;
+                let fix = if down == 0 {
+                    "use at least 64; SD1 trains at 512, SD2-768-v at 768".to_owned()
+                } else {
+                    format!("use {down} or {}", down + 64)
+                };
+                self.err(
+                    "dataset.resolution",
+                    format!("{side} {value} is not a multiple of 64 (the UNet halves the 1/8-size latent three times)"),
+                    fix,
+                );
+            }
+        }
+
+        let buckets = if d.enable_bucket {
+            self.check_buckets(spec)
+        } else {
+            if d.bucket_no_upscale {
+                self.warn(
+                    "dataset.bucket_no_upscale",
+                    "has no effect without enable_bucket = true",
+                );
+            }
+            None
+        };
+
+        let cache_latents = d.cache_latents || d.cache_latents_to_disk;
+        if d.cache_latents_to_disk && !d.cache_latents {
+            self.warn(
+                "dataset.cache_latents_to_disk",
+                "implies cache_latents = true",
+            );
+        }
+        if cache_latents {
+            let key = if d.cache_latents {
+                "cache_latents"
+            } else {
+                "cache_latents_to_disk"
+            };
+            for (name, on) in [("random_crop", d.random_crop), ("color_aug", d.color_aug)] {
+                if on {
+                    self.err(
+                        &format!("dataset.{name}"),
+                        format!("changes the image every epoch, so it cannot be used with dataset.{key}: cached latents are computed once"),
+                        format!("set {name} = false, or set cache_latents and cache_latents_to_disk to false"),
+                    );
+                }
+            }
+        }
+        (res, buckets, cache_latents)
+    }
+
+    fn check_buckets(&mut self, spec: &JobSpec) -> Option<Buckets> {
+        let d = &spec.dataset;
+        let steps = d.bucket_reso_steps;
+        if steps == 0 || !steps.is_multiple_of(64) {
+            self.err(
+                "dataset.bucket_reso_steps",
+                format!("{steps} is not a multiple of 64 (SD1/SD2 latents must halve three times)"),
+                "use 64 (or 128)",
+            );
+            return None;
+        }
+        // sd-scripts rounds min down and max up to the step with a warning; so do we.
+        let min = d.min_bucket_reso - d.min_bucket_reso % steps;
+        let max = d.max_bucket_reso.div_ceil(steps) * steps;
+        if min != d.min_bucket_reso {
+            self.warn(
+                "dataset.min_bucket_reso",
+                format!(
+                    "{} rounded down to {min}, a multiple of bucket_reso_steps",
+                    d.min_bucket_reso
+                ),
+            );
+        }
+        if max != d.max_bucket_reso {
+            self.warn(
+                "dataset.max_bucket_reso",
+                format!(
+                    "{} rounded up to {max}, a multiple of bucket_reso_steps",
+                    d.max_bucket_reso
+                ),
+            );
+        }
+        let mut ok = true;
+        if min == 0 {
+            ok = false;
+            self.err(
+                "dataset.min_bucket_reso",
+                format!(
+                    "{} is smaller than bucket_reso_steps ({steps})",
+                    d.min_bucket_reso
+                ),
+                format!(
+                    "use {steps} or more (the default is {})",
+                    defaults::MIN_BUCKET_RESO
+                ),
+            );
+        }
+        if min > max {
+            ok = false;
+            self.err(
+                "dataset.min_bucket_reso",
+                format!("{min} is larger than max_bucket_reso ({max})"),
+                "swap them or lower min_bucket_reso",
+            );
+        }
+        let res = d.resolution;
+        let (small, large) = (res.width.min(res.height), res.width.max(res.height));
+        if small < min {
+            ok = false;
+            self.err(
+                "dataset.min_bucket_reso",
+                format!("{min} is larger than the resolution's smaller side ({small})"),
+                format!("set min_bucket_reso <= {small} or raise the resolution"),
+            );
+        }
+        if large > max {
+            ok = false;
+            self.err(
+                "dataset.max_bucket_reso",
+                format!("{max} is smaller than the resolution's larger side ({large})"),
+                format!("set max_bucket_reso >= {large} or lower the resolution"),
+            );
+        }
+        ok.then_some(Buckets {
+            min_reso: min,
+            max_reso: max,
+            reso_steps: steps,
+            no_upscale: d.bucket_no_upscale,
+        })
+    }
+
+    fn check_network(&mut self, spec: &JobSpec) -> (f64, Option<ConvLora>) {
+        let n = &spec.network;
+        if n.network_module != defaults::NETWORK_MODULE {
+            self.err(
+                "network.network_module",
+                format!("`{}` is not supported", n.network_module),
+                format!("use \"{}\" (or remove the key)", defaults::NETWORK_MODULE),
+            );
+        }
+        self.nonzero(
+            "network.network_dim",
+            n.network_dim.into(),
+            "use e.g. 32, 64 or 128",
+        );
+        let mut alpha = n.network_alpha;
+        if self.non_negative(
+            "network.network_alpha",
+            n.network_alpha,
+            "use e.g. half of network_dim, or network_dim for no scaling",
+        ) && alpha == 0.0
+        {
+            self.warn(
+                "network.network_alpha",
+                "0 means alpha = network_dim (no scaling), as in sd-scripts",
+            );
+            alpha = n.network_dim as f64;
+        }
+        if let Some(p) = n.network_dropout {
+            self.rate("network.network_dropout", p);
+        }
+        if n.network_weights
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            self.err(
+                "network.network_weights",
+                "is empty",
+                "give a LoRA .safetensors file or remove the key",
+            );
+        }
+        if n.network_train_unet_only && n.network_train_text_encoder_only {
+            self.err(
+                "network.network_train_text_encoder_only",
+                "cannot be combined with network.network_train_unet_only: nothing would be trained",
+                "keep at most one of them",
+            );
+        }
+        let args = &n.network_args;
+        let conv = match (args.conv_dim, args.conv_alpha) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                self.err(
+                    "network.network_args.conv_alpha",
+                    "has no effect without conv_dim",
+                    "set conv_dim too, or remove conv_alpha",
+                );
+                None
+            }
+            (Some(0), _) => {
+                self.err(
+                    "network.network_args.conv_dim",
+                    "must be at least 1, got 0",
+                    "use e.g. 8, or remove conv_dim to leave 3x3 convolutions alone",
+                );
+                None
+            }
+            (Some(dim), alpha) => {
+                let alpha = alpha.unwrap_or(defaults::CONV_ALPHA);
+                if self.non_negative(
+                    "network.network_args.conv_alpha",
+                    alpha,
+                    "use e.g. half of conv_dim",
+                ) {
+                    let alpha = if alpha == 0.0 { dim as f64 } else { alpha };
+                    Some(ConvLora { dim, alpha })
+                } else {
+                    None
+                }
+            }
+        };
+        (alpha, conv)
+    }
+
+    fn check_length(&mut self, spec: &JobSpec) -> TrainLength {
+        let t = &spec.training;
+        match (t.max_train_steps, t.max_train_epochs) {
+            (None, None) => {
+                self.warn(
+                    "training.max_train_steps",
+                    format!(
+                        "neither max_train_steps nor max_train_epochs is set: training runs {} steps (sd-scripts' default)",
+                        defaults::MAX_TRAIN_STEPS
+                    ),
+                );
+                TrainLength::Steps(defaults::MAX_TRAIN_STEPS)
+            }
+            (Some(steps), None) => {
+                self.nonzero(
+                    "training.max_train_steps",
+                    steps,
+                    "use 1 or more, or set max_train_epochs",
+                );
+                TrainLength::Steps(steps)
+            }
+            (steps, Some(epochs)) => {
+                self.nonzero(
+                    "training.max_train_epochs",
+                    epochs.into(),
+                    "use 1 or more, or set max_train_steps",
+                );
+                if steps.is_some() {
+                    self.warn(
+                        "training.max_train_steps",
+                        "ignored because max_train_epochs is set (as in sd-scripts)",
+                    );
+                }
+                TrainLength::Epochs(epochs)
+            }
+        }
+    }
+
+    fn check_optimizer(&mut self, spec: &JobSpec, length: TrainLength) -> Option<OptimizerChoice> {
+        let o = &spec.optimizer;
+        let n = &spec.network;
+        let optimizer = if o.optimizer_type.contains('.') {
+            self.err(
+                "optimizer.optimizer_type",
+                format!(
+                    "`{}` looks like a Python class path, which loractl cannot load",
+                    o.optimizer_type
+                ),
+                "use one of sd-scripts' optimizer names, e.g. AdamW8bit, Lion, Prodigy",
+            );
+            None
+        } else {
+            self.choice(
+                "optimizer.optimizer_type",
+                &o.optimizer_type,
+                OptimizerType::parse,
+                OptimizerType::names(),
+            )
+        };
+        let args = self.optimizer_args(&o.optimizer_args);
+
+        let lr_fix = "use e.g. 1e-4 (AdamW) or 1.0 (DAdaptation, Prodigy)";
+        let mut lrs_ok = self.non_negative("optimizer.learning_rate", o.learning_rate, lr_fix);
+        if let Some(lr) = o.unet_lr {
+            lrs_ok &= self.non_negative("optimizer.unet_lr", lr, lr_fix);
+        }
+        if let Some(lr) = o.text_encoder_lr {
+            lrs_ok &= self.non_negative("optimizer.text_encoder_lr", lr, lr_fix);
+        }
+        // sd-scripts: a group's lr defaults to learning_rate; a group with lr 0 is dropped.
+        let unet_lr = o.unet_lr.unwrap_or(o.learning_rate);
+        let te_lr = o.text_encoder_lr.unwrap_or(o.learning_rate);
+        let unet = (!n.network_train_text_encoder_only && unet_lr != 0.0).then_some(unet_lr);
+        let te = (!n.network_train_unet_only && te_lr != 0.0).then_some(te_lr);
+        if lrs_ok
+            && unet.is_none()
+            && te.is_none()
+            && !(n.network_train_unet_only && n.network_train_text_encoder_only)
+        {
+            let (path, fix) = if n.network_train_unet_only {
+                (
+                    "optimizer.unet_lr",
+                    "give the U-Net a learning rate above 0",
+                )
+            } else if n.network_train_text_encoder_only {
+                (
+                    "optimizer.text_encoder_lr",
+                    "give the text encoder a learning rate above 0",
+                )
+            } else if o.unet_lr.is_some() || o.text_encoder_lr.is_some() {
+                (
+                    "optimizer.unet_lr",
+                    "give unet_lr or text_encoder_lr a value above 0",
+                )
+            } else {
+                ("optimizer.learning_rate", "use a learning rate above 0")
+            };
+            self.err(
+                path,
+                "every LoRA group has learning rate 0, so nothing would be trained",
+                fix,
+            );
+        }
+        if let Some(opt) = optimizer.filter(|o| o.is_adaptive()) {
+            if let Some(lr) = [unet, te].into_iter().flatten().find(|&lr| lr <= 0.1) {
+                self.warn(
+                    "optimizer.learning_rate",
+                    format!("{opt} adapts the step size itself and expects learning rates around 1.0; {lr} will train very slowly"),
+                );
+            }
+        }
+
+        let scheduler = self.choice(
+            "optimizer.lr_scheduler",
+            &o.lr_scheduler,
+            LrScheduler::parse,
+            LrScheduler::names(),
+        );
+        let warmup = self.warmup(o.lr_warmup_steps, length);
+        // sd-scripts raises "constant does not require num_warmup_steps"; we accept it and do
+        // what the user evidently wants.
+        let scheduler = match scheduler {
+            Some(LrScheduler::Constant) if !o.lr_warmup_steps.is_zero() => {
+                self.warn(
+                    "optimizer.lr_scheduler",
+                    format!(
+                        "\"constant\" with lr_warmup_steps = {} runs as \"constant_with_warmup\" (sd-scripts rejects this combination)",
+                        o.lr_warmup_steps
+                    ),
+                );
+                Some(LrScheduler::ConstantWithWarmup)
+            }
+            s => s,
+        };
+        if let Some(opt) = optimizer.filter(|o| o.is_schedule_free()) {
+            if scheduler != Some(LrScheduler::Constant) {
+                self.warn(
+                    "optimizer.lr_scheduler",
+                    format!("{opt} is schedule-free: lr_scheduler and lr_warmup_steps are ignored"),
+                );
+            }
+        }
+        self.nonzero(
+            "optimizer.lr_scheduler_num_cycles",
+            o.lr_scheduler_num_cycles.into(),
+            "use 1 or more",
+        );
+        self.positive(
+            "optimizer.lr_scheduler_power",
+            o.lr_scheduler_power,
+            "use 1.0 for a linear decay",
+        );
+        self.non_negative(
+            "optimizer.max_grad_norm",
+            o.max_grad_norm,
+            "use 1.0, or 0 to turn clipping off",
+        );
+
+        Some(OptimizerChoice {
+            optimizer: optimizer?,
+            args: args?,
+            unet_lr: unet,
+            text_encoder_lr: te,
+            scheduler: scheduler?,
+            warmup: warmup?,
+        })
+    }
+
+    fn warmup(&mut self, warmup: LrWarmup, length: TrainLength) -> Option<WarmupSpec> {
+        let path = "optimizer.lr_warmup_steps";
+        match warmup {
+            LrWarmup::Steps(n) => {
+                if let TrainLength::Steps(total) = length {
+                    if n > total {
+                        self.warn(path, format!("{n} warmup steps exceed the {total} training steps: the full learning rate is never reached"));
+                    }
+                }
+                Some(WarmupSpec::Steps(n))
+            }
+            LrWarmup::Fraction(f) if (0.0..=1.0).contains(&f) => Some(WarmupSpec::Fraction(f)),
+            LrWarmup::Fraction(f) => {
+                let fix = if f >= 1.0 && f.fract() == 0.0 {
+                    format!(
+                        "write {} without the decimal point for a number of steps",
+                        f as u64
+                    )
+                } else {
+                    "use an integer number of steps, a fraction below 1, or a percentage such as \"5%\"".to_owned()
+                };
+                self.err(
+                    path,
+                    format!("{f} is neither a step count nor a fraction of the steps"),
+                    fix,
+                );
+                None
+            }
+            LrWarmup::Percent(p) if (0.0..=100.0).contains(&p) => {
+                Some(WarmupSpec::Fraction(p / 100.0))
+            }
+            LrWarmup::Percent(p) => {
+                self.err(
+                    path,
+                    format!("{p}% is not between 0% and 100%"),
+                    "use e.g. \"5%\"",
+                );
+                None
+            }
+        }
+    }
+
+    fn optimizer_args(&mut self, args: &OptimizerArgs) -> Option<BTreeMap<String, String>> {
+        let base = "optimizer.optimizer_args";
+        let mut out = BTreeMap::new();
+        let mut ok = true;
+        match args {
+            OptimizerArgs::List(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    // sd-scripts: `key, value = arg.split("=")`, so exactly one `=`.
+                    let mut parts = item.split('=');
+                    match (parts.next(), parts.next(), parts.next()) {
+                        (Some(key), Some(value), None)
+                            if !key.trim().is_empty() && !value.trim().is_empty() =>
+                        {
+                            let key = key.trim().to_owned();
+                            if out.insert(key.clone(), value.trim().to_owned()).is_some() {
+                                ok = false;
+                                self.err(
+                                    &format!("{base}[{i}]"),
+                                    format!("`{key}` is given twice"),
+                                    "keep one",
+                                );
+                            }
+                        }
+                        _ => {
+                            ok = false;
+                            self.err(
+                                &format!("{base}[{i}]"),
+                                format!("`{item}` is not of the form key=value"),
+                                "write e.g. \"weight_decay=0.01\" or \"betas=0.9,0.999\"",
+                            );
+                        }
+                    }
+                }
+            }
+            OptimizerArgs::Table(table) => {
+                for (key, value) in table {
+                    match python_literal(value) {
+                        Some(text) => {
+                            out.insert(key.clone(), text);
+                        }
+                        None => {
+                            ok = false;
+                            self.err(
+                                &format!("{base}.{key}"),
+                                format!("a {} cannot be passed to an optimizer", value.type_str()),
+                                "use a number, string, boolean or array of numbers",
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        ok.then_some(out)
+    }
+
+    /// cache_text_encoder_outputs freezes one embedding per caption, so it needs a frozen
+    /// text encoder and captions that never change (sd-scripts' SDXL rules).
+    fn check_caching_vs_text_encoder(&mut self, spec: &JobSpec) {
+        let d = &spec.dataset;
+        if !d.cache_text_encoder_outputs {
+            return;
+        }
+        let o = &spec.optimizer;
+        let te_trained = !spec.network.network_train_unet_only
+            && o.text_encoder_lr.unwrap_or(o.learning_rate) != 0.0;
+        if te_trained {
+            self.err(
+                "dataset.cache_text_encoder_outputs",
+                "the text encoder LoRA is trained, so its outputs change every step and cannot be cached",
+                "set network.network_train_unet_only = true, or remove cache_text_encoder_outputs",
+            );
+        }
+        let varying = [
+            ("shuffle_caption", d.shuffle_caption),
+            ("caption_dropout_rate", d.caption_dropout_rate != 0.0),
+            (
+                "caption_tag_dropout_rate",
+                d.caption_tag_dropout_rate != 0.0,
+            ),
+            (
+                "caption_dropout_every_n_epochs",
+                d.caption_dropout_every_n_epochs != 0,
+            ),
+        ];
+        for (name, on) in varying {
+            if on {
+                self.err(
+                    &format!("dataset.{name}"),
+                    "changes captions during training, so it cannot be used with dataset.cache_text_encoder_outputs",
+                    format!("turn {name} off, or remove cache_text_encoder_outputs"),
+                );
+            }
+        }
+    }
+
+    fn check_training(
+        &mut self,
+        spec: &JobSpec,
+    ) -> Option<(MixedPrecision, Loss, std::ops::Range<u32>)> {
+        let t = &spec.training;
+        self.nonzero(
+            "training.train_batch_size",
+            t.train_batch_size.into(),
+            "use 1 or more",
+        );
+        self.nonzero(
+            "training.gradient_accumulation_steps",
+            t.gradient_accumulation_steps.into(),
+            "use 1 for no accumulation",
+        );
+        let precision = self.choice(
+            "training.mixed_precision",
+            &t.mixed_precision,
+            MixedPrecision::parse,
+            MixedPrecision::names(),
+        );
+        if let Some(x) = t.noise_offset {
+            self.non_negative("training.noise_offset", x, "use about 0.1, or remove it");
+        }
+        if let Some(g) = t.min_snr_gamma {
+            self.positive(
+                "training.min_snr_gamma",
+                g,
+                "use 5 (the paper's value), or remove it",
+            );
+        }
+        let min = t.min_timestep.unwrap_or(0);
+        let max = t.max_timestep.unwrap_or(1000);
+        let mut timesteps_ok = true;
+        if min > 999 {
+            timesteps_ok = false;
+            self.err(
+                "training.min_timestep",
+                format!("must be between 0 and 999, got {min}"),
+                "use 0",
+            );
+        }
+        if max == 0 || max > 1000 {
+            timesteps_ok = false;
+            self.err(
+                "training.max_timestep",
+                format!("must be between 1 and 1000, got {max}"),
+                "use 1000",
+            );
+        }
+        if timesteps_ok && min >= max {
+            timesteps_ok = false;
+            self.err(
+                "training.min_timestep",
+                format!(
+                    "{min} is not below max_timestep ({max}): timesteps are drawn from min..max"
+                ),
+                "lower min_timestep or raise max_timestep",
+            );
+        }
+        let loss_type = self.choice(
+            "training.loss_type",
+            &t.loss_type,
+            LossType::parse,
+            LossType::names(),
+        );
+        let schedule = self.choice(
+            "training.huber_schedule",
+            &t.huber_schedule,
+            HuberSchedule::parse,
+            HuberSchedule::names(),
+        );
+        let c_ok = self.positive("training.huber_c", t.huber_c, "use 0.1");
+        let loss = match loss_type? {
+            LossType::L2 => Loss::L2,
+            LossType::L1 => Loss::L1,
+            LossType::Huber => Loss::Huber {
+                c: c_ok.then_some(t.huber_c)?,
+                schedule: schedule?,
+            },
+            LossType::SmoothL1 => Loss::SmoothL1 {
+                c: c_ok.then_some(t.huber_c)?,
+                schedule: schedule?,
+            },
+        };
+        Some((precision?, loss, timesteps_ok.then_some(min..max)?))
+    }
+
+    fn check_output(&mut self, spec: &JobSpec) -> (String, Option<Option<SavePrecision>>) {
+        let o = &spec.output;
+        if o.output_dir.as_os_str().is_empty() {
+            self.err(
+                "output.output_dir",
+                "is empty",
+                format!("use \"{}\" or remove the key", defaults::OUTPUT_DIR),
+            );
+        }
+        let name = match &o.output_name {
+            Some(name) => {
+                self.file_stem("output.output_name", name);
+                name.clone()
+            }
+            None => spec.name.clone(),
+        };
+        if o.save_model_as != defaults::SAVE_MODEL_AS {
+            self.err(
+                "output.save_model_as",
+                format!(
+                    "`{}` is not supported: loractl writes LoRA files as safetensors only",
+                    o.save_model_as
+                ),
+                "use \"safetensors\" (or remove the key)",
+            );
+        }
+        let precision = match &o.save_precision {
+            None => Some(None),
+            Some(p) => self
+                .choice(
+                    "output.save_precision",
+                    p,
+                    SavePrecision::parse,
+                    SavePrecision::names(),
+                )
+                .map(Some),
+        };
+        if let Some(n) = o.save_every_n_epochs {
+            self.nonzero(
+                "output.save_every_n_epochs",
+                n.into(),
+                "use 1 to save after every epoch",
+            );
+        }
+        if let Some(n) = o.save_every_n_steps {
+            self.nonzero(
+                "output.save_every_n_steps",
+                n,
+                "use e.g. 500, or remove the key",
+            );
+        }
+        if let Some(n) = o.save_last_n_epochs {
+            self.nonzero(
+                "output.save_last_n_epochs",
+                n.into(),
+                "use 1 or more, or remove the key",
+            );
+            if o.save_every_n_epochs.is_none() {
+                self.err(
+                    "output.save_last_n_epochs",
+                    "only prunes files written by save_every_n_epochs, which is not set",
+                    "set save_every_n_epochs too, or remove save_last_n_epochs",
+                );
+            }
+        }
+        if o.resume.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            self.err(
+                "output.resume",
+                "is empty",
+                "give a `-state` folder written by save_state, or remove the key",
+            );
+        }
+        (name, precision)
+    }
+
+    fn check_sample(&mut self, spec: &JobSpec) -> Option<Sampler> {
+        let s = &spec.sample;
+        let sampler = self.choice(
+            "sample.sample_sampler",
+            &s.sample_sampler,
+            Sampler::parse,
+            Sampler::names(),
+        );
+        if let Some(n) = s.sample_every_n_epochs {
+            self.nonzero(
+                "sample.sample_every_n_epochs",
+                n.into(),
+                "use 1 or more, or remove the key",
+            );
+        }
+        if let Some(n) = s.sample_every_n_steps {
+            self.nonzero(
+                "sample.sample_every_n_steps",
+                n,
+                "use e.g. 100, or remove the key",
+            );
+        }
+        let scheduled = s.sample_every_n_epochs.is_some() || s.sample_every_n_steps.is_some();
+        match (&s.sample_prompts, scheduled) {
+            (None, true) => {
+                let key = if s.sample_every_n_epochs.is_some() {
+                    "sample.sample_every_n_epochs"
+                } else {
+                    "sample.sample_every_n_steps"
+                };
+                self.err(
+                    key,
+                    "is set but sample.sample_prompts is not, so there is nothing to sample",
+                    "set sample_prompts to a text file with one prompt per line",
+                );
+            }
+            (Some(p), _) if p.as_os_str().is_empty() => {
+                self.err(
+                    "sample.sample_prompts",
+                    "is empty",
+                    "give a text file with one prompt per line",
+                );
+            }
+            (Some(_), false) => {
+                self.warn(
+                    "sample.sample_prompts",
+                    "no images are sampled: set sample_every_n_epochs or sample_every_n_steps",
+                );
+            }
+            _ => {}
+        }
+        sampler
+    }
+
+    fn check_resources(&mut self, spec: &JobSpec) -> Option<Gpus> {
+        let r = &spec.resources;
+        self.nonzero(
+            "resources.workers",
+            r.workers.into(),
+            "use 1 for a single machine",
+        );
+        match Gpus::parse(&r.gpus) {
+            Ok(gpus) => Some(gpus),
+            Err(why) => {
+                self.err(
+                    "resources.gpus",
+                    format!("`{}`: {why}", r.gpus),
+                    "use \"all\", \"cpu\", or distinct GPU ids such as \"0,2\"",
+                );
+                None
+            }
+        }
+    }
+}
+
+struct OptimizerChoice {
+    optimizer: OptimizerType,
+    args: BTreeMap<String, String>,
+    unet_lr: Option<f64>,
+    text_encoder_lr: Option<f64>,
+    scheduler: LrScheduler,
+    warmup: WarmupSpec,
+}
+
+/// A TOML value as sd-scripts' `key=value` text, which it reads with `ast.literal_eval`.
+fn python_literal(value: &toml::Value) -> Option<String> {
+    Some(match value {
+        toml::Value::String(s) => s.clone(),
+        toml::Value::Integer(i) => i.to_string(),
+        toml::Value::Float(f) => python_float(*f),
+        toml::Value::Boolean(true) => "True".to_owned(),
+        toml::Value::Boolean(false) => "False".to_owned(),
+        toml::Value::Array(items) => {
+            let parts = items
+                .iter()
+                .map(|v| match v {
+                    toml::Value::Integer(i) => Some(i.to_string()),
+                    toml::Value::Float(f) => Some(python_float(*f)),
+                    toml::Value::Boolean(b) => Some(if *b { "True" } else { "False" }.to_owned()),
+                    _ => None,
+                })
+                .collect::<Option<Vec<_>>>()?;
+            // A one-element tuple needs its trailing comma.
+            if parts.len() == 1 {
+                format!("({},)", parts[0])
+            } else {
+                format!("({})", parts.join(","))
+            }
+        }
+        toml::Value::Datetime(_) | toml::Value::Table(_) => return None,
+    })
+}
+
+fn python_float(f: f64) -> String {
+    // `{:?}` keeps a decimal point ("1.0", "1e-8"), so the value stays a float in Python.
+    format!("{f:?}")
+}
