@@ -77,6 +77,9 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let name = name.ok_or_else(|| anyhow!("which config? tiny, small or sd15"))?;
+    if steps == 0 {
+        bail!("--steps must be at least 1");
+    }
     let all: serde_json::Value = serde_json::from_str(CONFIGS)?;
     let spec = all
         .get(&name)
