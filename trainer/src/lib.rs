@@ -30,6 +30,7 @@ pub mod sample;
 pub mod schedule;
 pub mod step;
 pub mod tokenizer;
+pub mod train;
 pub mod unet;
 pub mod vae;
 pub mod weights;

@@ -1,0 +1,174 @@
+//! End to end on the tiny SD1 fixture: a generated `N_name` dataset, the training loop, and a
+//! validation loss (fixed noise and timesteps) that drops; a NaN-producing learning rate stops
+//! the run with a message naming the step.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use loractl_trainer::dataset::{BatchInput, Dataset, DatasetConfig};
+use loractl_trainer::loader::{self, LoadOptions, StableDiffusion};
+use loractl_trainer::lora::LoraConfig;
+use loractl_trainer::step::{training_loss, StepNoise, StepOptions};
+use loractl_trainer::train::{train, TrainOptions};
+use rand::SeedableRng;
+
+fn make_dataset(name: &str) -> anyhow::Result<PathBuf> {
+    let root = std::env::temp_dir().join(format!("loractl-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let colours = [
+        ([220u8, 30, 30], "red"),
+        ([30, 200, 40], "green"),
+        ([40, 40, 230], "blue"),
+        ([230, 220, 30], "yellow"),
+    ];
+    for (folder, (w, h)) in [("3_square", (64u32, 64u32)), ("2_tall", (64, 128))] {
+        let dir = root.join(folder);
+        std::fs::create_dir_all(&dir)?;
+        for (i, (rgb, cname)) in colours.iter().enumerate() {
+            let img = image::RgbImage::from_fn(w, h, |x, y| {
+                if (x / 16 + y / 16) % 2 == (i as u32) % 2 {
+                    image::Rgb(*rgb)
+                } else {
+                    image::Rgb([250, 250, 250])
+                }
+            });
+            img.save(dir.join(format!("{i}.png")))?;
+            std::fs::write(dir.join(format!("{i}.txt")), format!("{cname}, checkers"))?;
+        }
+    }
+    Ok(root)
+}
+
+fn model() -> anyhow::Result<StableDiffusion> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd1/diffusers");
+    Ok(loader::load(&dir, &LoadOptions::default())?)
+}
+
+fn options(steps: usize, lr: f64) -> TrainOptions {
+    TrainOptions {
+        lora: LoraConfig {
+            rank: 8,
+            alpha: 8.0,
+            ..Default::default()
+        },
+        optimizer_type: "AdamW".into(),
+        optimizer_args: BTreeMap::new(),
+        unet_lr: Some(lr),
+        text_encoder_lr: Some(lr / 2.0),
+        lr_scheduler: "constant".into(),
+        lr_warmup_steps: 0,
+        lr_scheduler_num_cycles: 1,
+        lr_scheduler_power: 1.0,
+        max_train_steps: steps,
+        gradient_accumulation_steps: 2,
+        max_grad_norm: 1.0,
+        seed: 1234,
+        clip_skip: 1,
+        step: StepOptions::default(),
+    }
+}
+
+/// Mean loss over the first epoch's batches with fixed noise and timesteps.
+fn validation_loss(sd: &StableDiffusion, ds: &Dataset) -> anyhow::Result<f32> {
+    let dev = Device::Cpu;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(99);
+    let (mut total, mut n) = (0f32, 0);
+    for batch in ds.epoch_batches(1, 7) {
+        let Some(sb) = ds.load_batch(&batch, 1, 7, None, &dev)? else {
+            continue;
+        };
+        let BatchInput::Pixels(px) = &sb.input else {
+            anyhow::bail!("expected pixels without a latent cache");
+        };
+        let latents = (sd.vae.encode(px)?.mean * sd.vae.scaling_factor())?;
+        let ids = sb
+            .captions
+            .iter()
+            .map(|c| sd.tokenizer.encode(c, 77))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ctx = sd.text_encoder.forward(&Tensor::new(ids, &dev)?, 1)?;
+        let b = latents.dim(0)?;
+        let noise = StepNoise {
+            noise: loractl_trainer::random::randn(&mut rng, latents.dims4()?, &dev)?,
+            timesteps: Tensor::new(
+                (0..b).map(|i| 150 + 200 * i as u32).collect::<Vec<_>>(),
+                &dev,
+            )?,
+        };
+        let w = Tensor::ones(b, DType::F32, &dev)?;
+        let loss = training_loss(
+            &sd.unet,
+            &sd.schedule,
+            &latents,
+            &ctx,
+            &w,
+            &noise,
+            &StepOptions::default(),
+        )?;
+        total += loss.to_scalar::<f32>()?;
+        n += 1;
+    }
+    Ok(total / n as f32)
+}
+
+#[test]
+fn training_lowers_the_validation_loss() -> anyhow::Result<()> {
+    let root = make_dataset("loss")?;
+    let ds = Dataset::open(DatasetConfig {
+        train_data_dir: root.clone(),
+        resolution: (64, 64),
+        enable_bucket: true,
+        min_bucket_reso: 64,
+        max_bucket_reso: 128,
+        train_batch_size: 2,
+        shuffle_caption: true,
+        flip_aug: true,
+        ..Default::default()
+    })?;
+    let sd = model()?;
+    let before = validation_loss(&sd, &ds)?;
+    let mut events = Vec::new();
+    let net = train(&sd, &ds, &options(25, 3e-3), &Device::Cpu, |e| {
+        events.push(e.clone())
+    })?;
+    let after = validation_loss(&sd, &ds)?;
+    eprintln!("validation loss {before} -> {after}");
+    assert_eq!(events.len(), 25);
+    assert_eq!(events.last().map(|e| e.step), Some(25));
+    assert!(events.iter().all(|e| e.loss.is_finite()));
+    assert_eq!(events[0].lrs.len(), 2, "unet and text encoder groups");
+    assert!(
+        net.modules().iter().any(|m| m.is_text_encoder()),
+        "text encoder LoRA trained"
+    );
+    assert!(
+        after < 0.9 * before,
+        "validation loss did not drop: {before} -> {after}"
+    );
+    std::fs::remove_dir_all(&root)?;
+    Ok(())
+}
+
+#[test]
+fn a_diverging_run_stops_with_the_step_and_no_weights() -> anyhow::Result<()> {
+    let root = make_dataset("nan")?;
+    let ds = Dataset::open(DatasetConfig {
+        train_data_dir: root.clone(),
+        resolution: (64, 64),
+        train_batch_size: 2,
+        ..Default::default()
+    })?;
+    let sd = model()?;
+    let mut opts = options(20, 1e30);
+    opts.max_grad_norm = 0.0;
+    opts.optimizer_type = "SGDNesterov".into();
+    let err = match train(&sd, &ds, &opts, &Device::Cpu, |_| {}) {
+        Ok(_) => anyhow::bail!("a learning rate of 1e30 trained without error"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("at step"), "{err}");
+    assert!(err.contains("NaN") || err.contains("inf"), "{err}");
+    std::fs::remove_dir_all(&root)?;
+    Ok(())
+}
