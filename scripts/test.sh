@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # Dependencies are built with opt-level 3 in the dev profile (Cargo.toml), so numeric tests
 # run at release speed without a release build of the workspace.
+# Incremental caches only cost disk on a one-shot build.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 cargo test --workspace --locked "$@"
