@@ -32,6 +32,9 @@ pub enum Error {
     Config(String),
     #[error("LoRA: {0}")]
     Lora(String),
+    /// The loss or a gradient became NaN or infinite: the run stopped, nothing was written.
+    #[error("training diverged: {0}")]
+    Diverged(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

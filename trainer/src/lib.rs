@@ -15,6 +15,8 @@
 //!   Adafactor), gradient clipping, resumable state.
 //! - [`lr`] — learning-rate schedules and warmup parsing.
 //! - [`sample`] — preview images (sd-scripts' `--sample_prompts`): samplers, prompt files, PNGs.
+//! - [`train`] — the resumable training loop; [`run`] — a job spec run end to end (plan,
+//!   caching, saving with kohya's names and metadata, states, samples, events).
 pub mod ckpt;
 pub mod clip;
 pub mod dataset;
@@ -26,6 +28,7 @@ pub mod metadata;
 pub mod nn;
 pub mod optim;
 pub mod random;
+pub mod run;
 pub mod sample;
 pub mod schedule;
 pub mod step;

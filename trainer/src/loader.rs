@@ -76,6 +76,10 @@ pub struct LoadOptions {
     pub v_parameterization: Option<bool>,
     /// A separate VAE file (sd-scripts' `--vae`): LDM-layout or diffusers-layout safetensors.
     pub vae_path: Option<PathBuf>,
+    /// Build the model from the weights' shapes only, every weight a broadcast zero that takes
+    /// no memory: enough to count LoRA modules and parameters (`loractl plan`), useless for
+    /// computing anything.
+    pub shapes_only: bool,
 }
 
 impl Default for LoadOptions {
@@ -88,6 +92,7 @@ impl Default for LoadOptions {
             vae_config: None,
             v_parameterization: None,
             vae_path: None,
+            shapes_only: false,
         }
     }
 }
@@ -101,6 +106,8 @@ pub struct StableDiffusion {
     pub vae: AutoencoderKL,
     pub tokenizer: ClipTokenizer,
     pub schedule: DdpmSchedule,
+    /// Parameters of the three models, known when loaded with `shapes_only`.
+    pub model_params: Option<u64>,
 }
 
 impl StableDiffusion {
@@ -404,9 +411,14 @@ fn build(
     opts: &LoadOptions,
 ) -> Result<StableDiffusion> {
     let (dtype, dev) = (opts.dtype, &opts.device);
-    let (unet_cfg, unet_w) = parts.unet;
-    let (text_cfg, text_w) = parts.text;
-    let (vae_cfg, vae_w) = parts.vae;
+    let (unet_cfg, mut unet_w) = parts.unet;
+    let (text_cfg, mut text_w) = parts.text;
+    let (vae_cfg, mut vae_w) = parts.vae;
+    if opts.shapes_only {
+        unet_w = unet_w.shapes_only();
+        text_w = text_w.shapes_only();
+        vae_w = vae_w.shapes_only();
+    }
     if unet_cfg.cross_attention_dim != text_cfg.hidden_size {
         return Err(Error::Config(format!(
             "the UNet attends to {}-dim text features but the text encoder makes {}-dim ones: \
@@ -426,6 +438,10 @@ fn build(
         &vae_cfg,
         &Builder::new(vae_w.var_builder(dtype, dev), "vae"),
     )?;
+    let model_params = [&unet_w, &text_w, &vae_w]
+        .iter()
+        .map(|w| w.served_elements())
+        .sum::<Option<u64>>();
     Ok(StableDiffusion {
         family,
         layout,
@@ -434,5 +450,6 @@ fn build(
         vae,
         tokenizer,
         schedule,
+        model_params,
     })
 }

@@ -76,7 +76,7 @@ pub struct LoraModule {
 }
 
 impl LoraModule {
-    fn down_shape(kind: &SiteKind, rank: usize) -> Vec<usize> {
+    pub fn down_shape(kind: &SiteKind, rank: usize) -> Vec<usize> {
         match *kind {
             SiteKind::Linear { in_features, .. } => vec![rank, in_features],
             SiteKind::Conv2d {
@@ -86,7 +86,7 @@ impl LoraModule {
             } => vec![rank, in_channels, kernel, kernel],
         }
     }
-    fn up_shape(kind: &SiteKind, rank: usize) -> Vec<usize> {
+    pub fn up_shape(kind: &SiteKind, rank: usize) -> Vec<usize> {
         match *kind {
             SiteKind::Linear { out_features, .. } => vec![out_features, rank],
             SiteKind::Conv2d { out_channels, .. } => vec![out_channels, rank, 1, 1],
@@ -266,6 +266,70 @@ impl LoraNetwork {
         )
     }
 
+    /// Sets every module's weights from kohya-format `tensors` (sd-scripts' `network_weights`,
+    /// or a saved training state): every module of this network must be there with the same
+    /// shapes, and no other; a `.alpha` present in the file replaces the configured one (call
+    /// before [`LoraNetwork::apply`]).
+    pub fn load_values(&mut self, tensors: &HashMap<String, Tensor>, origin: &str) -> Result<()> {
+        let mut unused: BTreeMap<&str, ()> = tensors.keys().map(|k| (k.as_str(), ())).collect();
+        let mut missing = Vec::new();
+        for m in &mut self.modules {
+            for (suffix, var) in [("lora_down.weight", &m.down), ("lora_up.weight", &m.up)] {
+                let key = format!("{}.{suffix}", m.name);
+                let Some(t) = tensors.get(&key) else {
+                    missing.push(key);
+                    continue;
+                };
+                unused.remove(key.as_str());
+                let want = var.as_tensor().dims().to_vec();
+                let t = t.to_dtype(DType::F32)?;
+                let t = if t.dims() != want.as_slice()
+                    && t.elem_count() == want.iter().product::<usize>()
+                {
+                    t.reshape(want.as_slice())?
+                } else {
+                    t
+                };
+                if t.dims() != want.as_slice() {
+                    return Err(Error::Lora(format!(
+                        "{origin}: `{key}` has shape {:?}, this network needs {want:?} \
+                         (another network_dim, conv_dim or base model?)",
+                        t.dims()
+                    )));
+                }
+                var.set(&t.to_device(var.as_tensor().device())?)?;
+            }
+            let alpha_key = format!("{}.alpha", m.name);
+            if let Some(a) = tensors.get(&alpha_key) {
+                unused.remove(alpha_key.as_str());
+                if let Some(v) = a
+                    .to_dtype(DType::F64)?
+                    .flatten_all()?
+                    .to_vec1::<f64>()?
+                    .first()
+                {
+                    m.alpha = *v;
+                }
+            }
+        }
+        if !missing.is_empty() {
+            let shown: Vec<&String> = missing.iter().take(3).collect();
+            return Err(Error::Lora(format!(
+                "{origin}: {} tensor(s) of this network are missing, e.g. {shown:?} (a LoRA for \
+                 other targets: conv_dim, text encoder or UNet only?)",
+                missing.len()
+            )));
+        }
+        if !unused.is_empty() {
+            let shown: Vec<&str> = unused.keys().take(3).copied().collect();
+            return Err(Error::Lora(format!(
+                "{origin}: {} tensor(s) match no module of this network, e.g. {shown:?}",
+                unused.len()
+            )));
+        }
+        Ok(())
+    }
+
     pub fn modules(&self) -> &[LoraModule] {
         &self.modules
     }
@@ -349,8 +413,14 @@ impl LoraNetwork {
                 .iter()
                 .all(|v| v.is_finite());
             if !finite {
+                let why = if dtype == DType::F16 {
+                    " (or values beyond fp16's ±65504: the run has likely diverged; lower the \
+                     learning rate, or save with save_precision = \"bf16\" or \"float\")"
+                } else {
+                    ""
+                };
                 return Err(Error::Lora(format!(
-                    "refusing to write {}: `{k}` holds NaN or infinite values",
+                    "refusing to write {}: `{k}` holds NaN or infinite values{why}",
                     path.display()
                 )));
             }
@@ -359,12 +429,80 @@ impl LoraNetwork {
     }
 }
 
-/// Writes tensors with metadata to `path` via a temporary file in the same directory.
-pub fn write_safetensors_atomic(
-    path: &Path,
+/// A safetensors file as bytes, laid out deterministically: tensors in name order, metadata
+/// keys sorted, so the same tensors and metadata always give the same bytes (the safetensors
+/// crate writes metadata in hash-map order, which differs from one process to the next).
+pub fn serialize_safetensors(
     tensors: &BTreeMap<String, Tensor>,
-    metadata: HashMap<String, String>,
-) -> Result<()> {
+    metadata: &HashMap<String, String>,
+) -> Result<Vec<u8>> {
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        let sorted: BTreeMap<&String, &String> = metadata.iter().collect();
+        let meta: serde_json::Map<String, serde_json::Value> = sorted
+            .into_iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect();
+        header.insert("__metadata__".into(), serde_json::Value::Object(meta));
+    }
+    let mut data = Vec::new();
+    for (name, t) in tensors {
+        let t = t.to_device(&Device::Cpu)?.flatten_all()?;
+        let start = data.len();
+        let dtype = match t.dtype() {
+            DType::F32 => {
+                data.extend(t.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()));
+                "F32"
+            }
+            DType::F16 => {
+                data.extend(
+                    t.to_vec1::<half::f16>()?
+                        .iter()
+                        .flat_map(|v| v.to_le_bytes()),
+                );
+                "F16"
+            }
+            DType::BF16 => {
+                data.extend(
+                    t.to_vec1::<half::bf16>()?
+                        .iter()
+                        .flat_map(|v| v.to_le_bytes()),
+                );
+                "BF16"
+            }
+            other => {
+                return Err(Error::Lora(format!(
+                    "tensor `{name}` has dtype {other:?}; LoRA files hold F32, F16 or BF16"
+                )))
+            }
+        };
+        let shape: Vec<serde_json::Value> = tensors[name]
+            .dims()
+            .iter()
+            .map(|&d| serde_json::Value::from(d as u64))
+            .collect();
+        header.insert(
+            name.clone(),
+            serde_json::json!({
+                "dtype": dtype,
+                "shape": shape,
+                "data_offsets": [start as u64, data.len() as u64],
+            }),
+        );
+    }
+    let mut head = serde_json::Value::Object(header).to_string().into_bytes();
+    head.resize(head.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + head.len() + data.len());
+    out.extend((head.len() as u64).to_le_bytes());
+    out.extend(head);
+    out.extend(data);
+    Ok(out)
+}
+
+/// Writes `bytes` to `path` via a synced temporary file in the same directory and a rename, so
+/// a crash leaves either the old file or the new one, never half of one.
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
     if let Some(d) = dir {
         std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
@@ -374,13 +512,25 @@ pub fn write_safetensors_atomic(
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_else(|| "lora.safetensors".into());
     let tmp = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
-    let meta = if metadata.is_empty() {
-        None
-    } else {
-        Some(metadata)
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
     };
-    safetensors::serialize_to_file(tensors.iter(), meta, &tmp)
-        .map_err(|e| Error::Lora(format!("writing {}: {e}", tmp.display())))?;
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(&tmp, e));
+    }
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
     Ok(())
+}
+
+/// Writes tensors with metadata to `path` atomically (see [`write_file_atomic`]), laid out as
+/// [`serialize_safetensors`] does.
+pub fn write_safetensors_atomic(
+    path: &Path,
+    tensors: &BTreeMap<String, Tensor>,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    write_file_atomic(path, &serialize_safetensors(tensors, &metadata)?)
 }

@@ -73,9 +73,7 @@ pub fn sshs_hashes(
         .filter(|(k, _)| k.starts_with("ss_"))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let meta = if ss.is_empty() { None } else { Some(ss) };
-    let bytes = safetensors::serialize(tensors.iter(), meta)
-        .map_err(|e| Error::Lora(format!("serialising for hashing: {e}")))?;
+    let bytes = crate::lora::serialize_safetensors(tensors, &ss)?;
     if bytes.len() < 8 {
         return Err(Error::Lora(
             "serialised LoRA is shorter than its header".into(),

@@ -1,19 +1,29 @@
-//! The training loop on one process: epochs of dataset batches, VAE latents and text
-//! conditioning, the kohya loss, gradient accumulation, clipping, the optimizer and LR schedule,
-//! and a stop at the first non-finite loss or gradient (no LoRA is ever made from NaN weights).
-//! Saving, resuming, sampling and data-parallel ranks build on this.
+//! The training loop on one process: epochs of dataset batches, VAE latents (or cached ones)
+//! and text conditioning (cached when the text encoder is frozen), the kohya loss, gradient
+//! accumulation, clipping, the optimizer and LR schedule, and a stop at the first non-finite
+//! loss or gradient (no LoRA is ever made from NaN weights).
+//!
+//! [`Trainer`] owns everything that changes while training and stops only at optimizer-step
+//! boundaries, so its whole state ([`Trainer::save_state`]) is the LoRA weights, the optimizer
+//! state, the data position and the loss window: a resumed run continues bit-identically.
+//! Every random draw of a micro-batch comes from a stream keyed by (seed, epoch, batch), so no
+//! generator state needs saving.
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 
-use crate::dataset::{BatchInput, Dataset};
+use crate::dataset::{plan, BatchInput, Dataset, LatentCache};
 use crate::loader::StableDiffusion;
 use crate::lora::{LoraConfig, LoraNetwork};
 use crate::lr::LrScheduler;
-use crate::optim::{self, ParamGroup};
+use crate::optim::{self, Optimizer, OptimizerState, ParamGroup};
 use crate::step::{draw_noise, training_loss, StepOptions};
 use crate::{Error, Result};
 
@@ -39,19 +49,165 @@ pub struct TrainOptions {
     pub max_grad_norm: f64,
     pub seed: u64,
     pub clip_skip: usize,
+    /// `max_token_length`: 75, 150 or 225.
+    pub max_token_length: usize,
     pub step: StepOptions,
 }
 
+impl Default for TrainOptions {
+    /// sd-scripts' defaults for the options it has (AdamW, constant lr 1e-4 on both models,
+    /// clipping at 1, one step).
+    fn default() -> Self {
+        Self {
+            lora: LoraConfig::default(),
+            optimizer_type: "AdamW".into(),
+            optimizer_args: BTreeMap::new(),
+            unet_lr: Some(1e-4),
+            text_encoder_lr: Some(1e-4),
+            lr_scheduler: "constant".into(),
+            lr_warmup_steps: 0,
+            lr_scheduler_num_cycles: 1,
+            lr_scheduler_power: 1.0,
+            max_train_steps: 1,
+            gradient_accumulation_steps: 1,
+            max_grad_norm: 1.0,
+            seed: 0,
+            clip_skip: 1,
+            max_token_length: 75,
+            step: StepOptions::default(),
+        }
+    }
+}
+
+/// Where a run stands: optimizer steps done, the current epoch (1-based) and the next batch of
+/// that epoch (on this rank's share of it). A run saved at the end of an epoch's batches holds
+/// `batch == batches in the epoch`: the epoch's end (saving, sampling) is still to come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    pub step: usize,
+    pub epoch: usize,
+    pub batch: usize,
+}
+
+impl Default for Position {
+    fn default() -> Self {
+        Self {
+            step: 0,
+            epoch: 1,
+            batch: 0,
+        }
+    }
+}
+
+/// sd-scripts' `LossRecorder`: the moving average of the last epoch's worth of micro-batch
+/// losses (`loss/average`, and `loss/epoch_average` at an epoch's end). Slot `i` holds the
+/// latest loss of the `i`-th micro-batch of an epoch.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LossRecorder {
+    losses: Vec<f32>,
+    total: f64,
+}
+
+impl LossRecorder {
+    pub fn add(&mut self, slot: usize, loss: f32) {
+        if let Some(old) = self.losses.get_mut(slot) {
+            self.total -= *old as f64;
+            *old = loss;
+        } else {
+            self.losses.push(loss);
+        }
+        self.total += loss as f64;
+    }
+
+    pub fn moving_average(&self) -> f32 {
+        if self.losses.is_empty() {
+            return 0.0;
+        }
+        (self.total / self.losses.len() as f64) as f32
+    }
+
+    /// Bit-exact form for a saved state (JSON numbers would round).
+    fn to_bits(&self) -> (Vec<u32>, u64) {
+        (
+            self.losses.iter().map(|l| l.to_bits()).collect(),
+            self.total.to_bits(),
+        )
+    }
+
+    fn from_bits(losses: &[u32], total: u64) -> Self {
+        Self {
+            losses: losses.iter().map(|b| f32::from_bits(*b)).collect(),
+            total: f64::from_bits(total),
+        }
+    }
+}
+
 /// Progress after each optimizer step.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StepEvent {
     pub step: usize,
     pub total: usize,
     pub epoch: usize,
-    /// Loss of this optimizer step (mean over its accumulated micro-batches).
+    /// Loss of this optimizer step (mean over its accumulated micro-batches), `loss/current`.
     pub loss: f32,
-    /// Learning rate per trained group, in order unet, text encoder.
+    /// `loss/average`: the moving mean over the last epoch's worth of micro-batches.
+    pub loss_average: f32,
+    /// Learning rate per trained group (`unet`, `textencoder`), as the optimizer used it.
     pub lrs: Vec<(String, f64)>,
+    /// `d · lr` per group for D-Adaptation and Prodigy.
+    pub d_lrs: Option<Vec<(String, f64)>>,
+    /// Samples (images) this step trained on, all micro-batches together.
+    pub samples: usize,
+}
+
+/// The end of an epoch (also when `max_train_steps` ends the run inside it, as sd-scripts).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EpochEvent {
+    /// The epoch that ended (1-based).
+    pub epoch: usize,
+    pub step: usize,
+    /// `loss/epoch_average`.
+    pub loss_average: f32,
+    /// Whether this is the last epoch of the run.
+    pub last: bool,
+}
+
+/// Whether a hook lets the run go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// Stop at this optimizer-step boundary; the trainer's state is then complete and can be
+    /// saved and resumed.
+    Stop,
+}
+
+/// Called by [`Trainer::run`] at optimizer-step and epoch boundaries.
+pub trait Hooks {
+    fn step_end(&mut self, _trainer: &Trainer<'_>, _event: &StepEvent) -> Result<Flow> {
+        Ok(Flow::Continue)
+    }
+    fn epoch_end(&mut self, _trainer: &Trainer<'_>, _event: &EpochEvent) -> Result<Flow> {
+        Ok(Flow::Continue)
+    }
+}
+
+/// Hooks that only watch steps.
+pub struct OnStep<F>(pub F);
+
+impl<F: FnMut(&StepEvent)> Hooks for OnStep<F> {
+    fn step_end(&mut self, _trainer: &Trainer<'_>, event: &StepEvent) -> Result<Flow> {
+        (self.0)(event);
+        Ok(Flow::Continue)
+    }
+}
+
+/// How [`Trainer::run`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// `max_train_steps` reached.
+    Finished,
+    /// A hook asked to stop; [`Trainer::position`] says where.
+    Stopped,
 }
 
 fn active_lr(lr: Option<f64>) -> Option<f64> {
@@ -59,11 +215,7 @@ fn active_lr(lr: Option<f64>) -> Option<f64> {
 }
 
 /// Adds `new` into `acc` for every variable.
-fn accumulate(
-    acc: &mut Option<GradStore>,
-    new: GradStore,
-    vars: &[candle_core::Var],
-) -> Result<()> {
+fn accumulate(acc: &mut Option<GradStore>, new: GradStore, vars: &[Var]) -> Result<()> {
     match acc {
         None => *acc = Some(new),
         Some(a) => {
@@ -81,152 +233,566 @@ fn accumulate(
     Ok(())
 }
 
-/// Trains a LoRA network on `sd` with `dataset`; `on_step` sees every optimizer step.
+/// The RNG of one micro-batch's VAE sample, noise and timesteps: its own stream of a seed
+/// derived from the run's, so it is the same after a resume and on whichever rank.
+pub fn step_rng(seed: u64, epoch: usize, batch_index: usize) -> ChaCha8Rng {
+    // A constant apart from the dataset's own streams (which use `seed + epoch`).
+    let mut rng =
+        ChaCha8Rng::seed_from_u64(seed.wrapping_add(epoch as u64) ^ 0x6c6f_7261_6374_6c00);
+    rng.set_stream(batch_index as u64 + 1);
+    rng
+}
+
+/// Most text-encoder outputs kept in memory when the text encoder is frozen.
+const TEXT_CACHE_LIMIT: usize = 8192;
+
+const STATE_FORMAT: &str = "loractl-train-state";
+const STATE_VERSION: u32 = 1;
+
+/// `state.json` of a saved training state.
+#[derive(Debug, Serialize, Deserialize)]
+struct StateFile {
+    format: String,
+    version: u32,
+    position: Position,
+    seed: u64,
+    optimizer_type: String,
+    groups: Vec<String>,
+    max_train_steps: usize,
+    gradient_accumulation_steps: usize,
+    /// This rank's batches per epoch when saved; a different count means another dataset.
+    batches_per_epoch: usize,
+    loss_window: Vec<u32>,
+    loss_total_bits: u64,
+}
+
+/// A training run in progress: the LoRA, the optimizer and where the data stands.
+pub struct Trainer<'a> {
+    sd: &'a StableDiffusion,
+    dataset: &'a Dataset,
+    opts: TrainOptions,
+    device: Device,
+    net: LoraNetwork,
+    optimizer: Box<dyn Optimizer>,
+    scheduler: LrScheduler,
+    group_names: Vec<String>,
+    train_te: bool,
+    vars: Vec<Var>,
+    latents: Option<LatentCache>,
+    text_cache: RefCell<HashMap<String, Tensor>>,
+    position: Position,
+    loss: LossRecorder,
+    rank: usize,
+    world_size: usize,
+}
+
+impl<'a> Trainer<'a> {
+    /// A fresh run: a new LoRA (or `initial` weights, sd-scripts' `network_weights`) on `sd`.
+    pub fn new(
+        sd: &'a StableDiffusion,
+        dataset: &'a Dataset,
+        opts: TrainOptions,
+        device: &Device,
+        initial: Option<&HashMap<String, Tensor>>,
+    ) -> Result<Self> {
+        let unet_lr = active_lr(opts.unet_lr);
+        let te_lr = active_lr(opts.text_encoder_lr);
+        if unet_lr.is_none() && te_lr.is_none() {
+            return Err(Error::Config(
+                "both unet_lr and text_encoder_lr are 0: nothing would be trained".into(),
+            ));
+        }
+        if opts.max_train_steps == 0 || opts.gradient_accumulation_steps == 0 {
+            return Err(Error::Config(
+                "max_train_steps and gradient_accumulation_steps must be at least 1".into(),
+            ));
+        }
+        let lora_cfg = LoraConfig {
+            train_unet: opts.lora.train_unet && unet_lr.is_some(),
+            train_text_encoder: opts.lora.train_text_encoder && te_lr.is_some(),
+            ..opts.lora.clone()
+        };
+        let mut net = LoraNetwork::new(&sd.sites(), &lora_cfg, device, opts.seed)?;
+        if let Some(init) = initial {
+            net.load_values(init, "network_weights")?;
+        }
+        net.apply();
+        let (mut groups, mut base_lrs) = (Vec::new(), Vec::new());
+        for (name, lr, te) in [("unet", unet_lr, false), ("textencoder", te_lr, true)] {
+            let Some(lr) = lr else { continue };
+            let vars: Vec<_> = net
+                .modules()
+                .iter()
+                .filter(|m| m.is_text_encoder() == te)
+                .flat_map(|m| [m.down.clone(), m.up.clone()])
+                .collect();
+            if vars.is_empty() {
+                continue;
+            }
+            groups.push(ParamGroup {
+                name: name.to_string(),
+                vars,
+                lr,
+            });
+            base_lrs.push((name.to_string(), lr));
+        }
+        let group_names: Vec<String> = base_lrs.iter().map(|(n, _)| n.clone()).collect();
+        let train_te = group_names.iter().any(|n| n == "textencoder");
+        let vars = net.vars();
+        let optimizer = optim::build(&opts.optimizer_type, &opts.optimizer_args, groups)?;
+        let scheduler = LrScheduler::new(
+            &opts.lr_scheduler,
+            base_lrs.iter().map(|(_, l)| *l).collect(),
+            opts.lr_warmup_steps,
+            opts.max_train_steps,
+            opts.lr_scheduler_num_cycles,
+            opts.lr_scheduler_power,
+        )?;
+        Ok(Self {
+            sd,
+            dataset,
+            opts,
+            device: device.clone(),
+            net,
+            optimizer,
+            scheduler,
+            group_names,
+            train_te,
+            vars,
+            latents: None,
+            text_cache: RefCell::new(HashMap::new()),
+            position: Position::default(),
+            loss: LossRecorder::default(),
+            rank: 0,
+            world_size: 1,
+        })
+    }
+
+    /// Trains on latents from `cache` (filled by [`Dataset::cache_latents`] or
+    /// [`Trainer::cache_latents`]) instead of encoding images every step.
+    pub fn with_latent_cache(mut self, cache: LatentCache) -> Self {
+        self.latents = Some(cache);
+        self
+    }
+
+    /// Encodes every image (and its flipped copy with `flip_aug`) into `cache` with the VAE:
+    /// a sample of the latent distribution, unscaled, as sd-scripts caches it.
+    pub fn cache_latents(
+        sd: &StableDiffusion,
+        dataset: &Dataset,
+        cache: &LatentCache,
+        seed: u64,
+        device: &Device,
+    ) -> Result<crate::dataset::CacheStats> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7661_655f_6361_6368);
+        dataset.cache_latents(cache, |px| {
+            let px = px.to_device(device)?;
+            let px = if px.rank() == 3 { px.unsqueeze(0)? } else { px };
+            let l = sd.vae.encode(&px)?.sample_with(&mut rng)?;
+            Ok(l.squeeze(0)?.to_device(&Device::Cpu)?)
+        })
+    }
+
+    pub fn position(&self) -> Position {
+        self.position
+    }
+
+    pub fn network(&self) -> &LoraNetwork {
+        &self.net
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn options(&self) -> &TrainOptions {
+        &self.opts
+    }
+
+    /// Names of the trained parameter groups, in optimizer order.
+    pub fn groups(&self) -> &[String] {
+        &self.group_names
+    }
+
+    /// This rank's batches of one epoch.
+    fn rank_batches(&self, epoch: usize) -> Vec<plan::Batch> {
+        let all = self.dataset.epoch_batches(epoch, self.opts.seed);
+        plan::shard(&all, self.rank, self.world_size)
+    }
+
+    /// Text conditioning for `captions`: batched through the LoRA-patched encoder when it
+    /// trains, else caption by caption from a cache (a frozen encoder gives each caption the
+    /// same output every time).
+    fn context(&self, captions: &[String]) -> Result<Tensor> {
+        let v2 = self.sd.family.is_v2();
+        let encode = |caps: &[&String]| -> Result<Tensor> {
+            let ids = caps
+                .iter()
+                .map(|c| {
+                    self.sd
+                        .tokenizer
+                        .encode_kohya(c, self.opts.max_token_length)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let ids = Tensor::new(ids, &self.device)?;
+            self.sd
+                .text_encoder
+                .encode_long(&ids, self.opts.clip_skip, v2)
+        };
+        if self.train_te {
+            return encode(&captions.iter().collect::<Vec<_>>());
+        }
+        let mut parts = Vec::with_capacity(captions.len());
+        for c in captions {
+            let cached = self.text_cache.borrow().get(c).cloned();
+            let t = match cached {
+                Some(t) => t,
+                None => {
+                    let t = encode(&[c])?.detach();
+                    let mut cache = self.text_cache.borrow_mut();
+                    if cache.len() < TEXT_CACHE_LIMIT {
+                        cache.insert(c.clone(), t.clone());
+                    }
+                    t
+                }
+            };
+            parts.push(t);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// Loss of one micro-batch (`None` when every image of it was dropped as unreadable) and
+    /// the number of samples in it.
+    fn micro_batch_loss(
+        &self,
+        batch: &plan::Batch,
+        epoch: usize,
+    ) -> Result<Option<(Tensor, usize)>> {
+        let seed = self.opts.seed;
+        let Some(sb) =
+            self.dataset
+                .load_batch(batch, epoch, seed, self.latents.as_ref(), &self.device)?
+        else {
+            return Ok(None);
+        };
+        let mut rng = step_rng(seed, epoch, batch.index);
+        let scale = self.sd.vae.scaling_factor();
+        let latents = match &sb.input {
+            BatchInput::Pixels(px) => (self.sd.vae.encode(px)?.sample_with(&mut rng)? * scale)?,
+            BatchInput::Latents(l) => (l * scale)?,
+        }
+        .detach();
+        let context = self.context(&sb.captions)?;
+        let weights = Tensor::new(sb.loss_weights.as_slice(), &self.device)?;
+        let noise = draw_noise(&mut rng, latents.dims4()?, &self.opts.step, &self.device)?;
+        let loss = training_loss(
+            &self.sd.unet,
+            &self.sd.schedule,
+            &latents,
+            &context,
+            &weights,
+            &noise,
+            &self.opts.step,
+        )?;
+        Ok(Some((loss, sb.captions.len())))
+    }
+
+    fn diverged(&self, what: &str, lrs: &[f64]) -> Error {
+        let lrs: Vec<String> = self
+            .group_names
+            .iter()
+            .zip(lrs)
+            .map(|(g, l)| format!("{g} {l:e}"))
+            .collect();
+        Error::Diverged(format!(
+            "{what} at step {} of {} (epoch {}, lr {}): stopping before any weight is \
+             written. Likely causes: a learning rate too high for {} (lower it or keep \
+             max_grad_norm on), fp16 overflow (use bf16 or no mixed precision), or a broken \
+             image or cached latent",
+            self.position.step + 1,
+            self.opts.max_train_steps,
+            self.position.epoch,
+            lrs.join(", "),
+            self.opts.optimizer_type,
+        ))
+    }
+
+    /// One optimizer update from accumulated gradients.
+    fn update(
+        &mut self,
+        mut grads: GradStore,
+        micro: usize,
+        loss_sum: f32,
+        samples: usize,
+    ) -> Result<StepEvent> {
+        let lrs = self.scheduler.lr(self.position.step);
+        if !optim::all_finite(&grads, &self.vars)? {
+            return Err(self.diverged("a LoRA gradient became NaN or infinite", &lrs));
+        }
+        if self.opts.max_grad_norm > 0.0 {
+            optim::clip_grad_norm(&mut grads, &self.vars, self.opts.max_grad_norm)?;
+        }
+        self.optimizer.step(&grads, &lrs)?;
+        if !optim::params_finite(&self.vars)? {
+            return Err(self.diverged("a LoRA weight became NaN or infinite in the update", &lrs));
+        }
+        self.position.step += 1;
+        let used = self.optimizer.own_lrs().unwrap_or(lrs);
+        let named = |v: Vec<f64>| -> Vec<(String, f64)> {
+            self.group_names.iter().cloned().zip(v).collect()
+        };
+        Ok(StepEvent {
+            step: self.position.step,
+            total: self.opts.max_train_steps,
+            epoch: self.position.epoch,
+            loss: loss_sum / micro as f32,
+            loss_average: self.loss.moving_average(),
+            lrs: named(used),
+            d_lrs: self.optimizer.d_lr().map(named),
+            samples,
+        })
+    }
+
+    /// Trains from the current position until `max_train_steps` or until a hook stops it.
+    pub fn run(&mut self, hooks: &mut dyn Hooks) -> Result<Outcome> {
+        let accum = self.opts.gradient_accumulation_steps;
+        while self.position.step < self.opts.max_train_steps {
+            let epoch = self.position.epoch;
+            let batches = self.rank_batches(epoch);
+            if batches.is_empty() {
+                return Err(Error::Config(
+                    "the dataset yields no batches: every image was skipped".into(),
+                ));
+            }
+            if self.position.batch > batches.len() {
+                return Err(Error::Config(format!(
+                    "the saved position (batch {} of epoch {epoch}) is past the epoch's {} \
+                     batches: the dataset changed since the state was saved",
+                    self.position.batch,
+                    batches.len()
+                )));
+            }
+            let (mut acc, mut micro, mut loss_sum, mut samples) = (None, 0usize, 0f32, 0usize);
+            let mut stop = false;
+            while self.position.batch < batches.len() && !stop {
+                let slot = self.position.batch;
+                let batch = &batches[slot];
+                self.position.batch += 1;
+                if let Some((loss, n)) = self.micro_batch_loss(batch, epoch)? {
+                    let value = loss.to_scalar::<f32>()?;
+                    if !value.is_finite() {
+                        let lrs = self.scheduler.lr(self.position.step);
+                        return Err(self.diverged(&format!("the loss became {value}"), &lrs));
+                    }
+                    let grads = (loss / accum as f64)?.backward()?;
+                    accumulate(&mut acc, grads, &self.vars)?;
+                    self.loss.add(slot, value);
+                    loss_sum += value;
+                    micro += 1;
+                    samples += n;
+                }
+                // As accelerate does, the end of the epoch's data closes a short accumulation.
+                let boundary =
+                    micro == accum || (self.position.batch == batches.len() && micro > 0);
+                if !boundary {
+                    continue;
+                }
+                let Some(grads) = acc.take() else { continue };
+                let event = self.update(grads, micro, loss_sum, samples)?;
+                (micro, loss_sum, samples) = (0, 0.0, 0);
+                if hooks.step_end(self, &event)? == Flow::Stop {
+                    stop = true;
+                }
+                if self.position.step >= self.opts.max_train_steps {
+                    break;
+                }
+            }
+            let epoch_done = self.position.batch == batches.len()
+                || self.position.step >= self.opts.max_train_steps;
+            if epoch_done {
+                let event = EpochEvent {
+                    epoch,
+                    step: self.position.step,
+                    loss_average: self.loss.moving_average(),
+                    last: self.position.step >= self.opts.max_train_steps,
+                };
+                if hooks.epoch_end(self, &event)? == Flow::Stop {
+                    stop = true;
+                }
+                self.position.epoch += 1;
+                self.position.batch = 0;
+            }
+            if stop && self.position.step < self.opts.max_train_steps {
+                return Ok(Outcome::Stopped);
+            }
+        }
+        Ok(Outcome::Finished)
+    }
+
+    /// Writes everything needed to continue bit-identically into the folder `dir` (replaced
+    /// as a whole: a crash while saving leaves the previous state intact).
+    pub fn save_state(&self, dir: &Path) -> Result<()> {
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+        if let Some(p) = parent {
+            std::fs::create_dir_all(p).map_err(|e| Error::io(p, e))?;
+        }
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "state".into());
+        let tmp = dir.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        self.net
+            .save(&tmp.join("lora.safetensors"), DType::F32, HashMap::new())?;
+        self.optimizer
+            .state()?
+            .save(&tmp.join("optimizer.safetensors"))?;
+        let (loss_window, loss_total_bits) = self.loss.to_bits();
+        let state = StateFile {
+            format: STATE_FORMAT.into(),
+            version: STATE_VERSION,
+            position: self.position,
+            seed: self.opts.seed,
+            optimizer_type: self.optimizer.name().into(),
+            groups: self.group_names.clone(),
+            max_train_steps: self.opts.max_train_steps,
+            gradient_accumulation_steps: self.opts.gradient_accumulation_steps,
+            batches_per_epoch: self.rank_batches(1).len(),
+            loss_window,
+            loss_total_bits,
+        };
+        let json = serde_json::to_vec_pretty(&state)
+            .map_err(|e| Error::Config(format!("encoding the training state: {e}")))?;
+        crate::lora::write_file_atomic(&tmp.join("state.json"), &json)?;
+        let old = dir.with_file_name(format!(".{name}.old-{}", std::process::id()));
+        if dir.exists() {
+            std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+        }
+        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    }
+
+    /// Continues from a folder written by [`Trainer::save_state`] (sd-scripts' `resume`). The
+    /// run's options must match the saved ones where they decide what the next step does.
+    pub fn load_state(&mut self, dir: &Path) -> Result<()> {
+        let bad = |msg: String| Error::bad_checkpoint(dir, msg);
+        let path = dir.join("state.json");
+        let text = std::fs::read(&path).map_err(|e| {
+            Error::io(
+                &path,
+                std::io::Error::new(
+                    e.kind(),
+                    format!("{e}: `resume` must name a state folder written with save_state"),
+                ),
+            )
+        })?;
+        let s: StateFile = serde_json::from_slice(&text)
+            .map_err(|e| bad(format!("state.json is not a loractl training state: {e}")))?;
+        if s.format != STATE_FORMAT || s.version != STATE_VERSION {
+            return Err(bad(format!(
+                "state format {} v{} is not {STATE_FORMAT} v{STATE_VERSION}",
+                s.format, s.version
+            )));
+        }
+        let mut mismatches = Vec::new();
+        if s.seed != self.opts.seed {
+            mismatches.push(format!("seed was {}, now {}", s.seed, self.opts.seed));
+        }
+        if !s.optimizer_type.eq_ignore_ascii_case(self.optimizer.name()) {
+            mismatches.push(format!(
+                "optimizer_type was {}, now {}",
+                s.optimizer_type,
+                self.optimizer.name()
+            ));
+        }
+        if s.groups != self.group_names {
+            mismatches.push(format!(
+                "trained parts were {:?}, now {:?} (unet_lr / text_encoder_lr / \
+                 network_train_*_only)",
+                s.groups, self.group_names
+            ));
+        }
+        if s.gradient_accumulation_steps != self.opts.gradient_accumulation_steps {
+            mismatches.push(format!(
+                "gradient_accumulation_steps was {}, now {}",
+                s.gradient_accumulation_steps, self.opts.gradient_accumulation_steps
+            ));
+        }
+        let batches = self.rank_batches(1).len();
+        if s.batches_per_epoch != batches {
+            mismatches.push(format!(
+                "the dataset gave {} batches per epoch, now {batches} (images, repeats, \
+                 buckets or batch size changed)",
+                s.batches_per_epoch
+            ));
+        }
+        if !mismatches.is_empty() {
+            return Err(bad(format!(
+                "cannot resume this run from it: {}; resume with the settings the state was \
+                 saved with, or start a new run with network_weights to reuse only the LoRA",
+                mismatches.join("; ")
+            )));
+        }
+        if s.max_train_steps != self.opts.max_train_steps {
+            tracing::warn!(
+                saved = s.max_train_steps,
+                now = self.opts.max_train_steps,
+                "max_train_steps differs from the saved run: the lr schedule follows the new length"
+            );
+        }
+        let lora_path = dir.join("lora.safetensors");
+        let tensors = candle_core::safetensors::load(&lora_path, &self.device)?;
+        self.net
+            .load_values(&tensors, &lora_path.display().to_string())?;
+        self.net.apply();
+        let opt_state = OptimizerState::load(&dir.join("optimizer.safetensors"), &self.device)?;
+        self.optimizer.load_state(opt_state)?;
+        self.position = s.position;
+        self.loss = LossRecorder::from_bits(&s.loss_window, s.loss_total_bits);
+        Ok(())
+    }
+}
+
+/// Trains a LoRA network on `sd` with `dataset` from scratch to `max_train_steps`; `on_step`
+/// sees every optimizer step.
 pub fn train(
     sd: &StableDiffusion,
     dataset: &Dataset,
     opts: &TrainOptions,
     device: &Device,
-    mut on_step: impl FnMut(&StepEvent),
+    on_step: impl FnMut(&StepEvent),
 ) -> Result<LoraNetwork> {
-    let unet_lr = active_lr(opts.unet_lr);
-    let te_lr = active_lr(opts.text_encoder_lr);
-    if unet_lr.is_none() && te_lr.is_none() {
-        return Err(Error::Config(
-            "both unet_lr and text_encoder_lr are 0: nothing would be trained".into(),
-        ));
+    let mut trainer = Trainer::new(sd, dataset, opts.clone(), device, None)?;
+    trainer.run(&mut OnStep(on_step))?;
+    Ok(trainer.net)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loss_window_replaces_slots_like_sd_scripts() {
+        let mut r = LossRecorder::default();
+        r.add(0, 1.0);
+        r.add(1, 3.0);
+        assert_eq!(r.moving_average(), 2.0);
+        r.add(0, 5.0); // next epoch, first batch
+        assert_eq!(r.moving_average(), 4.0);
+        let (l, t) = r.to_bits();
+        assert_eq!(LossRecorder::from_bits(&l, t), r);
     }
-    if opts.max_train_steps == 0 || opts.gradient_accumulation_steps == 0 {
-        return Err(Error::Config(
-            "max_train_steps and gradient_accumulation_steps must be at least 1".into(),
-        ));
+
+    #[test]
+    fn step_streams_differ_by_batch_and_repeat() {
+        use rand::Rng;
+        let a: u64 = step_rng(1, 1, 0).random();
+        let b: u64 = step_rng(1, 1, 1).random();
+        let c: u64 = step_rng(1, 2, 0).random();
+        assert_ne!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(a, step_rng(1, 1, 0).random::<u64>());
     }
-    let lora_cfg = LoraConfig {
-        train_unet: opts.lora.train_unet && unet_lr.is_some(),
-        train_text_encoder: opts.lora.train_text_encoder && te_lr.is_some(),
-        ..opts.lora.clone()
-    };
-    let net = LoraNetwork::new(&sd.sites(), &lora_cfg, device, opts.seed)?;
-    net.apply();
-    let (mut groups, mut base_lrs) = (Vec::new(), Vec::new());
-    for (name, lr, te) in [("unet", unet_lr, false), ("textencoder", te_lr, true)] {
-        let Some(lr) = lr else { continue };
-        let vars: Vec<_> = net
-            .modules()
-            .iter()
-            .filter(|m| m.is_text_encoder() == te)
-            .flat_map(|m| [m.down.clone(), m.up.clone()])
-            .collect();
-        if vars.is_empty() {
-            continue;
-        }
-        groups.push(ParamGroup {
-            name: name.to_string(),
-            vars,
-            lr,
-        });
-        base_lrs.push((name.to_string(), lr));
-    }
-    let group_names: Vec<String> = base_lrs.iter().map(|(n, _)| n.clone()).collect();
-    let train_te = group_names.iter().any(|n| n == "textencoder");
-    let vars = net.vars();
-    let mut optimizer = optim::build(&opts.optimizer_type, &opts.optimizer_args, groups)?;
-    let scheduler = LrScheduler::new(
-        &opts.lr_scheduler,
-        base_lrs.iter().map(|(_, l)| *l).collect(),
-        opts.lr_warmup_steps,
-        opts.max_train_steps,
-        opts.lr_scheduler_num_cycles,
-        opts.lr_scheduler_power,
-    )?;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
-    let scale = sd.vae.scaling_factor();
-    let (mut step, mut micro, mut epoch) = (0usize, 0usize, 0usize);
-    let mut acc: Option<GradStore> = None;
-    let mut loss_sum = 0f32;
-    while step < opts.max_train_steps {
-        epoch += 1;
-        let batches = dataset.epoch_batches(epoch, opts.seed);
-        if batches.is_empty() {
-            return Err(Error::Config("the dataset yields no batches".into()));
-        }
-        for batch in &batches {
-            let Some(sb) = dataset.load_batch(batch, epoch, opts.seed, None, device)? else {
-                continue;
-            };
-            let latents = match &sb.input {
-                BatchInput::Pixels(px) => (sd.vae.encode(px)?.sample_with(&mut rng)? * scale)?,
-                BatchInput::Latents(l) => (l * scale)?,
-            }
-            .detach();
-            let ids = sb
-                .captions
-                .iter()
-                .map(|c| sd.tokenizer.encode(c, 77))
-                .collect::<Result<Vec<_>>>()?;
-            let ids = Tensor::new(ids, device)?;
-            let mut context = sd.text_encoder.forward(&ids, opts.clip_skip)?;
-            if !train_te {
-                context = context.detach();
-            }
-            let weights = Tensor::new(sb.loss_weights.as_slice(), device)?;
-            let noise = draw_noise(&mut rng, latents.dims4()?, &opts.step, device)?;
-            let loss = training_loss(
-                &sd.unet,
-                &sd.schedule,
-                &latents,
-                &context,
-                &weights,
-                &noise,
-                &opts.step,
-            )?;
-            let lrs = scheduler.lr(step);
-            let value = loss.to_scalar::<f32>()?;
-            if !value.is_finite() {
-                return Err(Error::Config(format!(
-                    "loss became {value} at step {} (lr {lrs:?}): stopping before any weight is \
-                     written. Likely causes: learning rate too high, fp16 overflow (try bf16 or \
-                     no mixed precision), or a broken image/latent",
-                    step + 1
-                )));
-            }
-            let grads = (loss / opts.gradient_accumulation_steps as f64)?.backward()?;
-            accumulate(&mut acc, grads, &vars)?;
-            loss_sum += value;
-            micro += 1;
-            if micro < opts.gradient_accumulation_steps {
-                continue;
-            }
-            let Some(mut grads) = acc.take() else {
-                continue;
-            };
-            if !optim::all_finite(&grads, &vars)? {
-                return Err(Error::Config(format!(
-                    "a LoRA gradient became NaN or infinite at step {} (lr {lrs:?}): stopping \
-                     before any weight is written; lower the learning rate or keep \
-                     max_grad_norm on",
-                    step + 1
-                )));
-            }
-            if opts.max_grad_norm > 0.0 {
-                optim::clip_grad_norm(&mut grads, &vars, opts.max_grad_norm)?;
-            }
-            optimizer.step(&grads, &lrs)?;
-            step += 1;
-            let event = StepEvent {
-                step,
-                total: opts.max_train_steps,
-                epoch,
-                loss: loss_sum / micro as f32,
-                lrs: group_names.iter().cloned().zip(lrs).collect(),
-            };
-            on_step(&event);
-            loss_sum = 0.0;
-            micro = 0;
-            if step >= opts.max_train_steps {
-                break;
-            }
-        }
-    }
-    Ok(net)
 }

@@ -150,11 +150,36 @@ pub fn prefixed(prefix: &str) -> KeyMap {
 pub struct Weights {
     store: Arc<dyn TensorStore>,
     map: KeyMap,
+    /// Elements served so far, counted by [`Weights::shapes_only`] stores.
+    served: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Weights {
     pub fn new(store: Arc<dyn TensorStore>, map: KeyMap) -> Self {
-        Self { store, map }
+        Self {
+            store,
+            map,
+            served: None,
+        }
+    }
+
+    /// The same names and shapes, every tensor an f32 broadcast zero (see
+    /// [`crate::loader::LoadOptions::shapes_only`]).
+    pub fn shapes_only(self) -> Self {
+        let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        Self {
+            store: Arc::new(ShapeOnly(self.store, served.clone())),
+            map: self.map,
+            served: Some(served),
+        }
+    }
+
+    /// Elements of the tensors a shapes-only store has served (the model's parameter count
+    /// once it is built); `None` for real weights.
+    pub fn served_elements(&self) -> Option<u64> {
+        self.served
+            .as_ref()
+            .map(|s| s.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     pub fn store(&self) -> &Arc<dyn TensorStore> {
@@ -250,6 +275,32 @@ impl candle_nn::var_builder::SimpleBackend for Weights {
 
     fn contains_tensor(&self, name: &str) -> bool {
         self.contains(name)
+    }
+}
+
+/// A store that knows its inner store's names and shapes but serves every tensor as a
+/// broadcast f32 zero: building a model from it allocates (almost) nothing.
+struct ShapeOnly(Arc<dyn TensorStore>, Arc<std::sync::atomic::AtomicU64>);
+
+impl TensorStore for ShapeOnly {
+    fn origin(&self) -> String {
+        self.0.origin()
+    }
+    fn names(&self) -> Vec<String> {
+        self.0.names()
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.0.shape(name)
+    }
+    fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
+        let shape = self.0.shape(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            origin: self.0.origin(),
+        })?;
+        let n: usize = shape.iter().product();
+        self.1
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(Tensor::zeros((), DType::F32, device)?.broadcast_as(shape)?)
     }
 }
 

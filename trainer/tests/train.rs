@@ -65,6 +65,7 @@ fn options(steps: usize, lr: f64) -> TrainOptions {
         max_grad_norm: 1.0,
         seed: 1234,
         clip_skip: 1,
+        max_token_length: 75,
         step: StepOptions::default(),
     }
 }

@@ -232,6 +232,23 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Res
     Ok(norm)
 }
 
+/// Whether every value of `vars` is finite: `x - x` is 0 for finite x and NaN otherwise, so
+/// the sum is 0 exactly when all are.
+pub fn params_finite(vars: &[Var]) -> Result<bool> {
+    for v in vars {
+        let t = v.as_tensor();
+        let s = t
+            .sub(t)?
+            .sum_all()?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()?;
+        if s != 0.0 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// Whether every gradient of `vars` present in `grads` is finite (no NaN or ±inf).
 pub fn all_finite(grads: &GradStore, vars: &[Var]) -> Result<bool> {
     for v in vars {

@@ -1,0 +1,1104 @@
+//! A job spec run end to end in this process, as sd-scripts' `train_network.py` does it: the
+//! plan (what kohya prints before training, and more), latent caching, the training loop,
+//! epoch/step LoRA files with kohya's names and metadata, resumable states, preview images,
+//! and structured events for whoever watches (the CLI's progress bar, the worker's stream).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use candle_core::{DType, Device};
+use loractl_spec::{
+    Loss, LrScheduler as SpecScheduler, MixedPrecision, ResolvedSpec, SavePrecision, TrainLength,
+};
+use serde::Serialize;
+
+use crate::dataset::{summary::py_float, BadImagePolicy, Dataset, DatasetConfig};
+use crate::loader::{self, Family, LoadOptions, StableDiffusion};
+use crate::lora::LoraConfig;
+use crate::metadata::{self, BaseModel};
+use crate::sample::{self, LpwPromptEncoder, SampleModels, SamplePrompt, SampleSchedule};
+use crate::step::{LossType, StepOptions};
+use crate::train::{EpochEvent, Flow, Hooks, Outcome, StepEvent, TrainOptions, Trainer};
+use crate::{Error, Result};
+
+/// What a run tells its watcher, in order. Serialises to JSON with a `kind` tag.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RunEvent {
+    /// Something slow started (loading the model, caching latents).
+    Status { message: String },
+    /// A non-fatal remark (skipped image, option adjusted).
+    Warning { message: String },
+    /// Training is about to start (or continue from `resumed_at`).
+    Started {
+        total_steps: usize,
+        num_epochs: usize,
+        resumed_at: usize,
+    },
+    Step {
+        step: usize,
+        total: usize,
+        epoch: usize,
+        /// `loss/current`.
+        loss: f32,
+        /// `loss/average`.
+        loss_average: f32,
+        /// `lr/<group>`.
+        lrs: Vec<(String, f64)>,
+        /// `lr/d*lr/<group>` for D-Adaptation and Prodigy.
+        d_lrs: Option<Vec<(String, f64)>>,
+        samples: usize,
+    },
+    Epoch {
+        epoch: usize,
+        num_epochs: usize,
+        /// `loss/epoch_average`.
+        loss_average: f32,
+    },
+    /// A LoRA file was written.
+    Saved {
+        path: PathBuf,
+        step: usize,
+        epoch: usize,
+    },
+    /// A resumable state folder was written.
+    StateSaved { path: PathBuf, step: usize },
+    /// Preview images were written.
+    Sampled { paths: Vec<PathBuf>, step: usize },
+    /// The run reached `max_train_steps`; `path` is the final LoRA.
+    Finished { path: PathBuf, steps: usize },
+    /// The run was asked to stop; `state` resumes it.
+    Stopped { state: PathBuf, step: usize },
+}
+
+/// How a run is carried out (not what it trains: that is the spec).
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub device: Device,
+    /// Set to stop at the next optimizer step with a resumable state saved.
+    pub stop: Arc<AtomicBool>,
+    /// Seconds since the epoch for every time written into files (`SOURCE_DATE_EPOCH`), so the
+    /// same seed gives the same file bytes; `None` uses the clock.
+    pub fixed_time: Option<u64>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            stop: Arc::new(AtomicBool::new(false)),
+            fixed_time: None,
+        }
+    }
+}
+
+/// A path from the job spec: relative ones are relative to the job file's folder.
+pub fn resolve_path(base_dir: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base_dir.join(p)
+    }
+}
+
+/// The dataset options of `spec`.
+pub fn dataset_config(spec: &ResolvedSpec, base_dir: &Path) -> DatasetConfig {
+    let d = &spec.spec.dataset;
+    let bs = spec.buckets;
+    DatasetConfig {
+        train_data_dir: resolve_path(base_dir, &d.train_data_dir),
+        reg_data_dir: d.reg_data_dir.as_ref().map(|p| resolve_path(base_dir, p)),
+        caption_extension: d.caption_extension.clone(),
+        shuffle_caption: d.shuffle_caption,
+        caption_separator: d.caption_separator.clone(),
+        keep_tokens: d.keep_tokens as usize,
+        keep_tokens_separator: None,
+        caption_prefix: d.caption_prefix.clone(),
+        caption_suffix: d.caption_suffix.clone(),
+        caption_dropout_rate: d.caption_dropout_rate,
+        caption_dropout_every_n_epochs: d.caption_dropout_every_n_epochs as usize,
+        caption_tag_dropout_rate: d.caption_tag_dropout_rate,
+        resolution: (spec.resolution.width, spec.resolution.height),
+        enable_bucket: bs.is_some(),
+        min_bucket_reso: bs.map_or(d.min_bucket_reso, |b| b.min_reso),
+        max_bucket_reso: bs.map_or(d.max_bucket_reso, |b| b.max_reso),
+        bucket_reso_steps: bs.map_or(d.bucket_reso_steps, |b| b.reso_steps),
+        bucket_no_upscale: bs.is_some_and(|b| b.no_upscale),
+        random_crop: d.random_crop,
+        flip_aug: d.flip_aug,
+        prior_loss_weight: d.prior_loss_weight,
+        train_batch_size: spec.spec.training.train_batch_size as usize,
+        cache_latents: spec.cache_latents,
+        cache_latents_to_disk: d.cache_latents_to_disk,
+        latent_cache_dir: None,
+        bad_image_policy: BadImagePolicy::Skip,
+    }
+}
+
+/// Optimizer steps and epochs of the run, kohya's arithmetic (see [`Dataset::total_steps`]).
+pub fn run_length(spec: &ResolvedSpec, dataset: &Dataset, world_size: usize) -> (usize, usize) {
+    let accum = spec.spec.training.gradient_accumulation_steps as usize;
+    let (steps, epochs) = match spec.length {
+        TrainLength::Steps(n) => (n as usize, None),
+        TrainLength::Epochs(e) => (0, Some(e as usize)),
+    };
+    let total = dataset.total_steps(steps, epochs, world_size, accum);
+    let num_epochs = dataset.num_epochs(total, world_size, accum);
+    (total, num_epochs)
+}
+
+/// The training options of `spec` for a run of `total_steps`.
+pub fn train_options(spec: &ResolvedSpec, total_steps: usize) -> Result<TrainOptions> {
+    let s = &spec.spec;
+    let supported = crate::optim::SUPPORTED;
+    if !supported
+        .iter()
+        .any(|o| o.eq_ignore_ascii_case(spec.optimizer.as_str()))
+    {
+        return Err(Error::Config(format!(
+            "optimizer.optimizer_type `{}` is an sd-scripts optimizer this trainer does not \
+             implement; use one of {}",
+            spec.optimizer,
+            supported.join(", ")
+        )));
+    }
+    let loss_type = match spec.loss {
+        Loss::L2 => LossType::L2,
+        Loss::Huber {
+            c,
+            schedule: loractl_spec::HuberSchedule::Constant,
+        } => LossType::Huber { c },
+        other => {
+            return Err(Error::Config(format!(
+                "training.loss_type {other:?} is not implemented; use \"l2\", or \"huber\" with \
+                 huber_schedule = \"constant\""
+            )))
+        }
+    };
+    let lr_scheduler = match spec.lr_scheduler {
+        SpecScheduler::Constant => "constant",
+        SpecScheduler::ConstantWithWarmup => "constant_with_warmup",
+        SpecScheduler::Linear => "linear",
+        SpecScheduler::Cosine => "cosine",
+        SpecScheduler::CosineWithRestarts => "cosine_with_restarts",
+        SpecScheduler::Polynomial => "polynomial",
+    };
+    let n = &s.network;
+    Ok(TrainOptions {
+        lora: LoraConfig {
+            rank: n.network_dim as usize,
+            alpha: spec.network_alpha,
+            conv_rank: spec.conv.map(|c| c.dim as usize),
+            conv_alpha: spec.conv.map(|c| c.alpha),
+            train_unet: spec.unet_lr.is_some(),
+            train_text_encoder: spec.text_encoder_lr.is_some(),
+            ..LoraConfig::default()
+        },
+        optimizer_type: spec.optimizer.as_str().to_string(),
+        optimizer_args: spec.optimizer_args.clone(),
+        unet_lr: spec.unet_lr,
+        text_encoder_lr: spec.text_encoder_lr,
+        lr_scheduler: lr_scheduler.into(),
+        lr_warmup_steps: spec.warmup.steps(total_steps as u64) as usize,
+        lr_scheduler_num_cycles: s.optimizer.lr_scheduler_num_cycles as usize,
+        lr_scheduler_power: s.optimizer.lr_scheduler_power,
+        max_train_steps: total_steps,
+        gradient_accumulation_steps: s.training.gradient_accumulation_steps as usize,
+        max_grad_norm: s.optimizer.max_grad_norm,
+        seed: s.training.seed.unwrap_or(0),
+        clip_skip: s.model.clip_skip.unwrap_or(1) as usize,
+        max_token_length: spec.max_token_length as usize,
+        step: StepOptions {
+            noise_offset: s.training.noise_offset.unwrap_or(0.0),
+            min_snr_gamma: s.training.min_snr_gamma,
+            loss_type,
+            min_timestep: spec.timesteps.start as usize,
+            max_timestep: spec.timesteps.end as usize,
+        },
+    })
+}
+
+fn load_options(spec: &ResolvedSpec, base_dir: &Path, device: &Device) -> LoadOptions {
+    let m = &spec.spec.model;
+    LoadOptions {
+        device: device.clone(),
+        dtype: DType::F32,
+        v_parameterization: Some(m.v_parameterization),
+        vae_path: m.vae.as_ref().map(|p| resolve_path(base_dir, p)),
+        ..LoadOptions::default()
+    }
+}
+
+/// The model and the spec must agree on SD1 vs SD2, as sd-scripts' `--v2` must.
+fn check_family(spec: &ResolvedSpec, sd: &StableDiffusion) -> Result<()> {
+    let v2 = spec.spec.model.v2;
+    match (v2, sd.family) {
+        (true, Family::Sd1) => Err(Error::Config(
+            "model.v2 = true but the checkpoint is an SD1.x model: set v2 = false".into(),
+        )),
+        (false, Family::Sd2) => Err(Error::Config(
+            "the checkpoint is an SD2.x model: set model.v2 = true (and v_parameterization = true \
+             for 768-v models)"
+                .into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// What a run will do, worked out before any training (`loractl plan`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub name: String,
+    pub model: PathBuf,
+    pub base_model: Option<String>,
+    /// Folders, buckets, image counts, batches per epoch.
+    pub dataset: crate::dataset::DatasetSummary,
+    pub world_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub steps_per_epoch: usize,
+    pub num_epochs: usize,
+    pub total_steps: usize,
+    pub warmup_steps: usize,
+    pub lora_modules_unet: Option<usize>,
+    pub lora_modules_text_encoder: Option<usize>,
+    pub lora_params: Option<usize>,
+    pub file_bytes: Option<u64>,
+    pub memory_bytes: Option<u64>,
+    pub outputs: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+/// Bytes per element of the saved LoRA.
+fn save_dtype(spec: &ResolvedSpec) -> DType {
+    match spec.save_precision {
+        Some(SavePrecision::Fp16) => DType::F16,
+        Some(SavePrecision::Bf16) => DType::BF16,
+        Some(SavePrecision::Float) | None => DType::F32,
+    }
+}
+
+/// Works out the plan of `spec`. With `inspect_model`, the checkpoint is read for its tensor
+/// shapes only (no weights are loaded) to count LoRA modules and parameters.
+pub fn plan(spec: &ResolvedSpec, base_dir: &Path, inspect_model: bool) -> Result<Plan> {
+    let dataset = Dataset::open(dataset_config(spec, base_dir))?;
+    let world_size = world_size(spec);
+    let (total_steps, num_epochs) = run_length(spec, &dataset, world_size);
+    let summary = dataset.summary();
+    let accum = spec.spec.training.gradient_accumulation_steps as usize;
+    let opts = train_options(spec, total_steps)?;
+    let mut warnings: Vec<String> = spec.warnings.iter().map(|w| w.to_string()).collect();
+    warnings.extend(summary.warnings.iter().cloned());
+    for (p, why) in &summary.skipped_images {
+        warnings.push(format!("{}: skipped ({why})", p.display()));
+    }
+    let model = resolve_path(base_dir, &spec.spec.model.pretrained_model_name_or_path);
+    let (mut base_model, mut mods_u, mut mods_t, mut params, mut file, mut mem) =
+        (None, None, None, None, None, None);
+    if inspect_model {
+        let lo = LoadOptions {
+            shapes_only: true,
+            ..load_options(spec, base_dir, &Device::Cpu)
+        };
+        let sd = loader::load(&model, &lo)?;
+        check_family(spec, &sd)?;
+        base_model = Some(base_model_of(spec, &sd).ss_version().to_string());
+        let lora_cfg = LoraConfig {
+            train_unet: opts.unet_lr.is_some_and(|l| l > 0.0),
+            train_text_encoder: opts.text_encoder_lr.is_some_and(|l| l > 0.0),
+            ..opts.lora.clone()
+        };
+        let sites = sd.sites();
+        let (mut u, mut t, mut p) = (0usize, 0usize, 0usize);
+        for site in &sites {
+            if let Some((rank, _)) = lora_cfg.target(site) {
+                let down: usize = crate::lora::LoraModule::down_shape(&site.kind, rank)
+                    .iter()
+                    .product();
+                let up: usize = crate::lora::LoraModule::up_shape(&site.kind, rank)
+                    .iter()
+                    .product();
+                p += down + up;
+                if site.name.starts_with("lora_te") {
+                    t += 1;
+                } else {
+                    u += 1;
+                }
+            }
+        }
+        let elem = save_dtype(spec).size_in_bytes() as u64;
+        // Tensors plus one alpha per module plus about 120 bytes of header per tensor and
+        // 16 KiB of metadata (tag frequencies grow with the dataset).
+        let n_mod = (u + t) as u64;
+        file = Some(p as u64 * elem + n_mod * (elem + 3 * 120) + 16 * 1024);
+        // f32 weights of the three models, LoRA weights with gradients and optimizer moments,
+        // and activations of one batch (a rough per-pixel figure measured on SD1.5 at 512²).
+        let model_params = sd.model_params.unwrap_or(0);
+        let optim_copies = optimizer_copies(spec);
+        let pixels = (spec.resolution.width as u64) * (spec.resolution.height as u64);
+        let act = pixels * spec.spec.training.train_batch_size as u64 * 9 * 1024;
+        mem = Some(model_params * 4 + p as u64 * 4 * (2 + optim_copies) + act);
+        mods_u = Some(u);
+        mods_t = Some(t);
+        params = Some(p);
+    }
+    let name = spec.output_name.clone();
+    let mut outputs = Vec::new();
+    let o = &spec.spec.output;
+    if let Some(n) = o.save_every_n_epochs {
+        let n = n as usize;
+        for e in (n..num_epochs).step_by(n.max(1)).take(3) {
+            outputs.push(format!("{name}-{e:06}.safetensors"));
+        }
+    }
+    if let Some(n) = o.save_every_n_steps {
+        let n = n as usize;
+        for s in (n..=total_steps).step_by(n.max(1)).take(3) {
+            outputs.push(format!("{name}-step{s:08}.safetensors"));
+        }
+    }
+    outputs.push(format!("{name}.safetensors"));
+    let steps_per_epoch =
+        crate::dataset::plan::steps_per_epoch(summary.batches_per_epoch, world_size, accum);
+    Ok(Plan {
+        name: spec.spec.name.clone(),
+        model,
+        base_model,
+        dataset: summary.clone(),
+        world_size,
+        gradient_accumulation_steps: accum,
+        steps_per_epoch,
+        num_epochs,
+        total_steps,
+        warmup_steps: opts.lr_warmup_steps,
+        lora_modules_unet: mods_u,
+        lora_modules_text_encoder: mods_t,
+        lora_params: params,
+        file_bytes: file,
+        memory_bytes: mem,
+        outputs,
+        warnings,
+    })
+}
+
+/// Full-size copies of the LoRA weights an optimizer keeps (moments, D-Adaptation sums).
+fn optimizer_copies(spec: &ResolvedSpec) -> u64 {
+    use loractl_spec::OptimizerType::*;
+    match spec.optimizer {
+        SgdNesterov | Lion | Adafactor => 1,
+        AdamW8bit => 1, // two 8-bit moments
+        DAdaptAdam | Prodigy => 4,
+        _ => 2,
+    }
+}
+
+fn world_size(spec: &ResolvedSpec) -> usize {
+    // One process on one device; data-parallel runs set their own.
+    let _ = spec;
+    1
+}
+
+fn human_bytes(n: u64) -> String {
+    let (v, unit) = if n >= 1 << 30 {
+        (n as f64 / (1u64 << 30) as f64, "GiB")
+    } else if n >= 1 << 20 {
+        (n as f64 / (1u64 << 20) as f64, "MiB")
+    } else {
+        (n as f64 / 1024.0, "KiB")
+    };
+    format!("{v:.1} {unit}")
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "job `{}` on {}", self.name, self.model.display())?;
+        if let Some(b) = &self.base_model {
+            writeln!(f, "  base model: {b}")?;
+        }
+        let d = &self.dataset;
+        writeln!(f, "folders:")?;
+        for x in &d.folders {
+            writeln!(
+                f,
+                "  {}{}: {} images × {} repeats = {} samples per epoch{}",
+                x.name,
+                if x.is_reg { " (regularization)" } else { "" },
+                x.img_count,
+                x.repeats,
+                x.samples_per_epoch,
+                if x.missing_captions > 0 {
+                    format!(
+                        ", {} without caption file (folder name used)",
+                        x.missing_captions
+                    )
+                } else {
+                    String::new()
+                }
+            )?;
+        }
+        writeln!(f, "buckets:")?;
+        for b in &d.buckets {
+            writeln!(
+                f,
+                "  {}×{}: {} images, {} samples, {} batches",
+                b.resolution.0, b.resolution.1, b.images, b.count, b.batches
+            )?;
+        }
+        writeln!(
+            f,
+            "num train images × repeats: {}\nnum reg images: {}",
+            d.num_train_images, d.num_reg_images
+        )?;
+        writeln!(
+            f,
+            "batch size per device: {}\nbatches per epoch: {}\nprocesses (world size): {}\n\
+             gradient accumulation steps: {}\noptimizer steps per epoch: {}\nepochs: {}\n\
+             total optimization steps: {}\nwarmup steps: {}",
+            d.batch_size,
+            d.batches_per_epoch,
+            self.world_size,
+            self.gradient_accumulation_steps,
+            self.steps_per_epoch,
+            self.num_epochs,
+            self.total_steps,
+            self.warmup_steps
+        )?;
+        if let (Some(u), Some(t), Some(p)) = (
+            self.lora_modules_unet,
+            self.lora_modules_text_encoder,
+            self.lora_params,
+        ) {
+            writeln!(
+                f,
+                "LoRA modules: {u} UNet + {t} text encoder, {p} parameters"
+            )?;
+        }
+        if let Some(b) = self.file_bytes {
+            writeln!(f, "LoRA file size: about {}", human_bytes(b))?;
+        }
+        if let Some(b) = self.memory_bytes {
+            writeln!(
+                f,
+                "memory estimate (f32 training): about {}",
+                human_bytes(b)
+            )?;
+        }
+        writeln!(f, "outputs: {}", self.outputs.join(", "))?;
+        for w in &self.warnings {
+            writeln!(f, "warning: {w}")?;
+        }
+        Ok(())
+    }
+}
+
+fn base_model_of(spec: &ResolvedSpec, sd: &StableDiffusion) -> BaseModel {
+    match (sd.family, spec.spec.model.v_parameterization) {
+        (Family::Sd1, _) => BaseModel::Sd1,
+        (Family::Sd2, false) => BaseModel::Sd2,
+        (Family::Sd2, true) => BaseModel::Sd2V,
+    }
+}
+
+/// `str()` of an optional number as Python prints it.
+fn py_opt_f64(v: Option<f64>) -> String {
+    v.map_or("None".into(), py_float)
+}
+
+fn py_opt<T: ToString>(v: Option<T>) -> String {
+    v.map_or("None".into(), |x| x.to_string())
+}
+
+fn py_bool(b: bool) -> String {
+    if b { "True" } else { "False" }.into()
+}
+
+/// sd-scripts' module path of each optimizer class (for `ss_optimizer`).
+fn optimizer_class(name: &str) -> &'static str {
+    match name.to_ascii_lowercase().as_str() {
+        "adamw" => "torch.optim.adamw.AdamW",
+        "adamw8bit" => "bitsandbytes.optim.adamw.AdamW8bit",
+        "lion" => "lion_pytorch.lion_pytorch.Lion",
+        "sgdnesterov" => "torch.optim.sgd.SGD",
+        "dadaptadam" => "dadaptation.dadapt_adam.DAdaptAdam",
+        "prodigy" => "prodigyopt.prodigy.Prodigy",
+        "adafactor" => "transformers.optimization.Adafactor",
+        _ => "unknown",
+    }
+}
+
+/// Civil UTC date-time `YYYY-MM-DDTHH:MM:SS` for `modelspec.date`.
+fn iso_date(secs: u64) -> String {
+    let ts = sample::timestamp(UNIX_EPOCH + std::time::Duration::from_secs(secs));
+    format!(
+        "{}-{}-{}T{}:{}:{}",
+        &ts[0..4],
+        &ts[4..6],
+        &ts[6..8],
+        &ts[8..10],
+        &ts[10..12],
+        &ts[12..14]
+    )
+}
+
+/// The fixed part of the LoRA metadata for a run (sd-scripts' `train_network.py` keys).
+struct MetaBase {
+    common: BTreeMap<String, String>,
+    minimal: BTreeMap<String, String>,
+    base: BaseModel,
+    title: String,
+    resolution: (usize, usize),
+    no_metadata: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn meta_base(
+    spec: &ResolvedSpec,
+    dataset: &Dataset,
+    sd: &StableDiffusion,
+    opts: &TrainOptions,
+    model_path: &Path,
+    num_epochs: usize,
+    started_at: u64,
+    model_hashes: (String, String),
+) -> MetaBase {
+    let s = &spec.spec;
+    let base = base_model_of(spec, sd);
+    let mut m = BTreeMap::new();
+    let mut put = |k: &str, v: String| {
+        m.insert(k.to_string(), v);
+    };
+    let mut net_args = serde_json::Map::new();
+    if let Some(c) = spec.conv {
+        net_args.insert("conv_dim".into(), c.dim.to_string().into());
+        net_args.insert("conv_alpha".into(), py_float(c.alpha).into());
+    }
+    let minimal: BTreeMap<String, String> = [
+        ("ss_v2", py_bool(s.model.v2)),
+        ("ss_base_model_version", base.ss_version().to_string()),
+        ("ss_network_module", "networks.lora".to_string()),
+        ("ss_network_dim", s.network.network_dim.to_string()),
+        ("ss_network_alpha", py_float(spec.network_alpha)),
+        (
+            "ss_network_args",
+            if net_args.is_empty() {
+                "None".into()
+            } else {
+                serde_json::Value::Object(net_args).to_string()
+            },
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    for (k, v) in &minimal {
+        put(k, v.clone());
+    }
+    let session_id = opts.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 33;
+    put("ss_session_id", session_id.to_string());
+    put("ss_training_started_at", py_float(started_at as f64));
+    put("ss_output_name", spec.output_name.clone());
+    put("ss_learning_rate", py_float(s.optimizer.learning_rate));
+    put(
+        "ss_text_encoder_lr",
+        py_opt_f64(s.optimizer.text_encoder_lr),
+    );
+    put("ss_unet_lr", py_opt_f64(s.optimizer.unet_lr));
+    put("ss_num_epochs", num_epochs.to_string());
+    put(
+        "ss_gradient_checkpointing",
+        py_bool(s.training.gradient_checkpointing),
+    );
+    put(
+        "ss_gradient_accumulation_steps",
+        opts.gradient_accumulation_steps.to_string(),
+    );
+    put("ss_max_train_steps", opts.max_train_steps.to_string());
+    put("ss_lr_warmup_steps", opts.lr_warmup_steps.to_string());
+    put("ss_lr_scheduler", opts.lr_scheduler.clone());
+    let args: Vec<String> = opts
+        .optimizer_args
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let class = optimizer_class(&opts.optimizer_type);
+    put(
+        "ss_optimizer",
+        if args.is_empty() {
+            class.to_string()
+        } else {
+            format!("{class}({})", args.join(","))
+        },
+    );
+    put(
+        "ss_mixed_precision",
+        match spec.mixed_precision {
+            MixedPrecision::No => "no",
+            MixedPrecision::Fp16 => "fp16",
+            MixedPrecision::Bf16 => "bf16",
+        }
+        .into(),
+    );
+    put("ss_full_fp16", "False".into());
+    put("ss_clip_skip", py_opt(s.model.clip_skip));
+    put("ss_max_token_length", py_opt(s.model.max_token_length));
+    put("ss_seed", opts.seed.to_string());
+    put("ss_noise_offset", py_opt_f64(s.training.noise_offset));
+    put("ss_min_snr_gamma", py_opt_f64(s.training.min_snr_gamma));
+    put("ss_max_grad_norm", py_float(s.optimizer.max_grad_norm));
+    put("ss_min_timestep", py_opt(s.training.min_timestep));
+    put("ss_max_timestep", py_opt(s.training.max_timestep));
+    put("ss_loss_type", s.training.loss_type.clone());
+    put("ss_huber_schedule", s.training.huber_schedule.clone());
+    put("ss_huber_c", py_float(s.training.huber_c));
+    put("ss_network_dropout", py_opt_f64(s.network.network_dropout));
+    put("ss_zero_terminal_snr", "False".into());
+    put("ss_debiased_estimation", "False".into());
+    put("ss_scale_weight_norms", "None".into());
+    put("ss_ip_noise_gamma", "None".into());
+    put("ss_adaptive_noise_scale", "None".into());
+    put("ss_multires_noise_iterations", "None".into());
+    put("ss_multires_noise_discount", "0.3".into());
+    put("ss_face_crop_aug_range", "None".into());
+    put(
+        "ss_caption_tag_dropout_rate",
+        py_float(s.dataset.caption_tag_dropout_rate),
+    );
+    put(
+        "ss_total_batch_size",
+        (s.training.train_batch_size as usize * opts.gradient_accumulation_steps).to_string(),
+    );
+    let file_name = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default()
+    };
+    put("ss_sd_model_name", file_name(model_path));
+    put(
+        "ss_vae_name",
+        s.model.vae.as_deref().map_or("None".into(), file_name),
+    );
+    put("ss_sd_model_hash", model_hashes.0);
+    put("ss_new_sd_model_hash", model_hashes.1);
+    if let Some(c) = &s.output.training_comment {
+        put("ss_training_comment", c.clone());
+    }
+    for (k, v) in dataset.metadata() {
+        put(&k, v);
+    }
+    MetaBase {
+        common: m,
+        minimal,
+        base,
+        title: spec.output_name.clone(),
+        resolution: (
+            spec.resolution.width as usize,
+            spec.resolution.height as usize,
+        ),
+        no_metadata: s.output.no_metadata,
+    }
+}
+
+/// sd-scripts' `model_hash` (A1111's old 8-hex hash of 64 KiB at 1 MiB) and the sha256 of the
+/// whole file; empty for a diffusers folder (as sd-scripts leaves them).
+fn model_hashes(path: &Path) -> Result<(String, String)> {
+    use sha2::{Digest, Sha256};
+    use std::io::{Read, Seek, SeekFrom};
+    if !path.is_file() {
+        return Ok((String::new(), String::new()));
+    }
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut full = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        full.update(&buf[..n]);
+    }
+    f.seek(SeekFrom::Start(0x100000))
+        .map_err(|e| Error::io(path, e))?;
+    let mut chunk = Vec::new();
+    f.take(0x10000)
+        .read_to_end(&mut chunk)
+        .map_err(|e| Error::io(path, e))?;
+    let legacy = hex(&Sha256::digest(&chunk));
+    Ok((legacy[..8].to_string(), hex(&full.finalize())))
+}
+
+/// Saving, sampling and events at the trainer's boundaries.
+struct RunHooks<'r, 'e> {
+    spec: &'r ResolvedSpec,
+    output_dir: PathBuf,
+    name: String,
+    meta: MetaBase,
+    num_epochs: usize,
+    save_dtype: DType,
+    prompts: Vec<SamplePrompt>,
+    schedule: SampleSchedule,
+    sample_cfg: sample::SampleConfig,
+    stop: Arc<AtomicBool>,
+    fixed_time: Option<u64>,
+    events: &'e mut dyn FnMut(&RunEvent),
+}
+
+impl RunHooks<'_, '_> {
+    fn now(&self) -> u64 {
+        self.fixed_time.unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        })
+    }
+
+    fn metadata(&self, step: usize, epoch: usize) -> HashMap<String, String> {
+        let mut m: HashMap<String, String> = if self.meta.no_metadata {
+            self.meta.minimal.clone().into_iter().collect()
+        } else {
+            self.meta.common.clone().into_iter().collect()
+        };
+        let now = self.now();
+        if !self.meta.no_metadata {
+            m.insert("ss_training_finished_at".into(), py_float(now as f64));
+            m.insert("ss_steps".into(), step.to_string());
+            m.insert("ss_epoch".into(), epoch.to_string());
+        }
+        m.extend(metadata::modelspec(
+            self.meta.base,
+            &self.meta.title,
+            self.meta.resolution,
+            &iso_date(now),
+        ));
+        m
+    }
+
+    /// Writes the LoRA as `file_stem.safetensors` with metadata and its sshs hashes.
+    fn save_lora(
+        &mut self,
+        t: &Trainer<'_>,
+        file_stem: &str,
+        step: usize,
+        epoch: usize,
+    ) -> Result<PathBuf> {
+        let path = self.output_dir.join(format!("{file_stem}.safetensors"));
+        let mut meta = self.metadata(step, epoch);
+        let tensors = t.network().to_tensors(self.save_dtype)?;
+        let (model_hash, legacy) = metadata::sshs_hashes(&tensors, &meta)?;
+        meta.insert("sshs_model_hash".into(), model_hash);
+        meta.insert("sshs_legacy_hash".into(), legacy);
+        t.network().save(&path, self.save_dtype, meta)?;
+        (self.events)(&RunEvent::Saved {
+            path: path.clone(),
+            step,
+            epoch,
+        });
+        Ok(path)
+    }
+
+    fn save_state(&mut self, t: &Trainer<'_>, dir_name: &str) -> Result<PathBuf> {
+        let dir = self.output_dir.join(dir_name);
+        t.save_state(&dir)?;
+        (self.events)(&RunEvent::StateSaved {
+            path: dir.clone(),
+            step: t.position().step,
+        });
+        Ok(dir)
+    }
+
+    fn sample(
+        &mut self,
+        t: &Trainer<'_>,
+        sd: &StableDiffusion,
+        epoch: Option<usize>,
+        step: usize,
+    ) -> Result<()> {
+        if self.prompts.is_empty() || !self.schedule.due(epoch, step) {
+            return Ok(());
+        }
+        let clip_skip = t.options().clip_skip;
+        let encoder = LpwPromptEncoder::new(&sd.text_encoder, &sd.tokenizer, clip_skip);
+        let models = SampleModels::new(sd, &encoder, t.device().clone());
+        let paths = models.sample_images(
+            &self.prompts,
+            &self.sample_cfg,
+            &self.output_dir,
+            Some(&self.name),
+            epoch,
+            step,
+        )?;
+        (self.events)(&RunEvent::Sampled { paths, step });
+        Ok(())
+    }
+}
+
+struct BoundHooks<'r, 'e, 's> {
+    inner: RunHooks<'r, 'e>,
+    sd: &'s StableDiffusion,
+}
+
+impl Hooks for BoundHooks<'_, '_, '_> {
+    fn step_end(&mut self, t: &Trainer<'_>, e: &StepEvent) -> Result<Flow> {
+        let h = &mut self.inner;
+        (h.events)(&RunEvent::Step {
+            step: e.step,
+            total: e.total,
+            epoch: e.epoch,
+            loss: e.loss,
+            loss_average: e.loss_average,
+            lrs: e.lrs.clone(),
+            d_lrs: e.d_lrs.clone(),
+            samples: e.samples,
+        });
+        let last = e.step >= e.total;
+        if let Some(n) = h.spec.spec.output.save_every_n_steps {
+            if n > 0 && (e.step as u64).is_multiple_of(n) && !last {
+                let stem = format!("{}-step{:08}", h.name, e.step);
+                h.save_lora(t, &stem, e.step, e.epoch)?;
+                if h.spec.spec.output.save_state {
+                    h.save_state(t, &format!("{stem}-state"))?;
+                }
+            }
+        }
+        h.sample(t, self.sd, None, e.step)?;
+        Ok(if h.stop.load(Ordering::SeqCst) {
+            Flow::Stop
+        } else {
+            Flow::Continue
+        })
+    }
+
+    fn epoch_end(&mut self, t: &Trainer<'_>, e: &EpochEvent) -> Result<Flow> {
+        let h = &mut self.inner;
+        (h.events)(&RunEvent::Epoch {
+            epoch: e.epoch,
+            num_epochs: h.num_epochs,
+            loss_average: e.loss_average,
+        });
+        if let Some(n) = h.spec.spec.output.save_every_n_epochs {
+            let n = n as usize;
+            if n > 0 && e.epoch.is_multiple_of(n) && !e.last && e.epoch < h.num_epochs {
+                let stem = format!("{}-{:06}", h.name, e.epoch);
+                h.save_lora(t, &stem, e.step, e.epoch)?;
+                if h.spec.spec.output.save_state {
+                    h.save_state(t, &format!("{stem}-state"))?;
+                }
+                if let Some(keep) = h.spec.spec.output.save_last_n_epochs {
+                    // sd-scripts removes the file `save_every_n_epochs × keep` epochs back.
+                    let old = e.epoch as i64 - (n as i64) * keep as i64;
+                    if old > 0 {
+                        let stem = format!("{}-{:06}", h.name, old);
+                        let _ =
+                            std::fs::remove_file(h.output_dir.join(format!("{stem}.safetensors")));
+                        let _ = std::fs::remove_dir_all(h.output_dir.join(format!("{stem}-state")));
+                    }
+                }
+            }
+        }
+        h.sample(t, self.sd, Some(e.epoch), e.step)?;
+        Ok(if h.stop.load(Ordering::SeqCst) {
+            Flow::Stop
+        } else {
+            Flow::Continue
+        })
+    }
+}
+
+/// What a finished or stopped run left behind.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunResult {
+    Finished { lora: PathBuf, steps: usize },
+    Stopped { state: PathBuf, step: usize },
+}
+
+/// Runs `spec` (paths relative to `base_dir`) in this process.
+pub fn run(
+    spec: &ResolvedSpec,
+    base_dir: &Path,
+    ro: &RunOptions,
+    events: &mut dyn FnMut(&RunEvent),
+) -> Result<RunResult> {
+    let started_at = ro.fixed_time.unwrap_or_else(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    });
+    for w in &spec.warnings {
+        events(&RunEvent::Warning {
+            message: w.to_string(),
+        });
+    }
+    if spec.mixed_precision != MixedPrecision::No && ro.device.is_cpu() {
+        events(&RunEvent::Warning {
+            message: format!(
+                "training.mixed_precision = \"{}\" runs in f32 on the CPU (it has no fast \
+                 half-precision math); the setting is recorded in the metadata",
+                spec.spec.training.mixed_precision
+            ),
+        });
+    }
+    let dataset = Dataset::open(dataset_config(spec, base_dir))?;
+    for w in dataset.warnings() {
+        events(&RunEvent::Warning { message: w.clone() });
+    }
+    let (total_steps, num_epochs) = run_length(spec, &dataset, 1);
+    let opts = train_options(spec, total_steps)?;
+    let model_path = resolve_path(base_dir, &spec.spec.model.pretrained_model_name_or_path);
+    events(&RunEvent::Status {
+        message: format!("loading {}", model_path.display()),
+    });
+    let sd = loader::load(&model_path, &load_options(spec, base_dir, &ro.device))?;
+    check_family(spec, &sd)?;
+    let prompts = match &spec.spec.sample.sample_prompts {
+        Some(p) => sample::load_prompts(&resolve_path(base_dir, p))?,
+        None => Vec::new(),
+    };
+    let initial = match &spec.spec.network.network_weights {
+        Some(p) => {
+            let p = resolve_path(base_dir, p);
+            Some(candle_core::safetensors::load(&p, &ro.device).map_err(|e| {
+                Error::bad_checkpoint(
+                    &p,
+                    format!("network_weights is not a readable LoRA file: {e}"),
+                )
+            })?)
+        }
+        None => None,
+    };
+    let mut trainer = Trainer::new(&sd, &dataset, opts.clone(), &ro.device, initial.as_ref())?;
+    let vae_id = vae_fingerprint(spec, base_dir, &model_path)?;
+    if let Some(cache) = dataset.latent_cache(&vae_id)? {
+        events(&RunEvent::Status {
+            message: format!("caching latents of {} images", dataset.images().len()),
+        });
+        let stats = Trainer::cache_latents(&sd, &dataset, &cache, opts.seed, &ro.device)?;
+        tracing::info!(?stats, "latents cached");
+        trainer = trainer.with_latent_cache(cache);
+    }
+    if let Some(r) = &spec.spec.output.resume {
+        let dir = resolve_path(base_dir, r);
+        events(&RunEvent::Status {
+            message: format!("resuming from {}", dir.display()),
+        });
+        trainer.load_state(&dir)?;
+    }
+    let output_dir = resolve_path(base_dir, &spec.spec.output.output_dir);
+    std::fs::create_dir_all(&output_dir).map_err(|e| Error::io(&output_dir, e))?;
+    let hashes = model_hashes(&model_path)?;
+    let meta = meta_base(
+        spec,
+        &dataset,
+        &sd,
+        &opts,
+        &model_path,
+        num_epochs,
+        started_at,
+        hashes,
+    );
+    let sampler = match spec.sampler {
+        loractl_spec::Sampler::Ddim => sample::SamplerKind::Ddim,
+        loractl_spec::Sampler::Euler => sample::SamplerKind::Euler,
+        loractl_spec::Sampler::EulerA => sample::SamplerKind::EulerAncestral,
+    };
+    let sp = &spec.spec.sample;
+    let mut hooks = BoundHooks {
+        inner: RunHooks {
+            spec,
+            output_dir: output_dir.clone(),
+            name: spec.output_name.clone(),
+            meta,
+            num_epochs,
+            save_dtype: save_dtype(spec),
+            prompts,
+            schedule: SampleSchedule {
+                every_n_steps: sp.sample_every_n_steps.map(|n| n as usize),
+                every_n_epochs: sp.sample_every_n_epochs.map(|n| n as usize),
+                at_first: false,
+            },
+            sample_cfg: sample::SampleConfig {
+                sampler,
+                ..sample::SampleConfig::default()
+            },
+            stop: ro.stop.clone(),
+            fixed_time: ro.fixed_time,
+            events,
+        },
+        sd: &sd,
+    };
+    (hooks.inner.events)(&RunEvent::Started {
+        total_steps,
+        num_epochs,
+        resumed_at: trainer.position().step,
+    });
+    let outcome = trainer.run(&mut hooks)?;
+    let h = &mut hooks.inner;
+    let pos = trainer.position();
+    match outcome {
+        Outcome::Finished => {
+            let epoch = pos.epoch.saturating_sub(1).max(1);
+            let path = h.save_lora(&trainer, &h.name.clone(), pos.step, epoch)?;
+            if spec.spec.output.save_state {
+                h.save_state(&trainer, &format!("{}-state", h.name))?;
+            }
+            (h.events)(&RunEvent::Finished {
+                path: path.clone(),
+                steps: pos.step,
+            });
+            Ok(RunResult::Finished {
+                lora: path,
+                steps: pos.step,
+            })
+        }
+        Outcome::Stopped => {
+            let state = h.save_state(&trainer, &format!("{}-state", h.name))?;
+            (h.events)(&RunEvent::Stopped {
+                state: state.clone(),
+                step: pos.step,
+            });
+            Ok(RunResult::Stopped {
+                state,
+                step: pos.step,
+            })
+        }
+    }
+}
+
+/// What identifies the VAE for the latent cache key: the VAE file (or the model) by name,
+/// size and modification time, so replacing either invalidates cached latents.
+fn vae_fingerprint(spec: &ResolvedSpec, base_dir: &Path, model: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let source = match &spec.spec.model.vae {
+        Some(v) => resolve_path(base_dir, v),
+        None if model.is_dir() => model.join("vae"),
+        None => model.to_path_buf(),
+    };
+    let mut files = Vec::new();
+    if source.is_dir() {
+        for e in std::fs::read_dir(&source).map_err(|e| Error::io(&source, e))? {
+            files.push(e.map_err(|e| Error::io(&source, e))?.path());
+        }
+        files.sort();
+    } else {
+        files.push(source.clone());
+    }
+    let mut h = Sha256::new();
+    for f in files {
+        let m = std::fs::metadata(&f).map_err(|e| Error::io(&f, e))?;
+        let mtime = m
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        h.update(f.display().to_string().as_bytes());
+        h.update(m.len().to_le_bytes());
+        h.update(mtime.to_le_bytes());
+    }
+    let d = h.finalize();
+    Ok(d[..8].iter().map(|b| format!("{b:02x}")).collect())
+}

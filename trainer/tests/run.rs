@@ -1,0 +1,402 @@
+//! A job spec run end to end on the tiny SD1 fixture: a generated dataset with two aspect
+//! ratios, epoch files and the final LoRA in kohya's format (names, shapes, alphas, metadata,
+//! hashes), a stopped-and-resumed run that writes the same bytes as an uninterrupted one, seed
+//! determinism, the plan's arithmetic, and a diverging run that writes nothing.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use candle_core::{DType, Device, Tensor};
+use loractl_spec::JobSpec;
+use loractl_trainer::run::{self, RunEvent, RunOptions, RunResult};
+use loractl_trainer::Error;
+
+fn fixture_model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd1/diffusers")
+}
+
+/// `root/train/{2_wide,1_tall}` with captioned checkerboards (the tall folder's last image has
+/// no caption file, so its folder name is used).
+fn make_job_dir(name: &str) -> anyhow::Result<PathBuf> {
+    let root = std::env::temp_dir().join(format!("loractl-run-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let colours = [
+        ([220u8, 30, 30], "red"),
+        ([30, 200, 40], "green"),
+        ([40, 40, 230], "blue"),
+    ];
+    for (folder, (w, h)) in [("2_wide", (128u32, 64u32)), ("1_tall", (64, 128))] {
+        let dir = root.join("train").join(folder);
+        std::fs::create_dir_all(&dir)?;
+        for (i, (rgb, cname)) in colours.iter().enumerate() {
+            let img = image::RgbImage::from_fn(w, h, |x, y| {
+                if (x / 16 + y / 16) % 2 == (i as u32) % 2 {
+                    image::Rgb(*rgb)
+                } else {
+                    image::Rgb([250, 250, 250])
+                }
+            });
+            img.save(dir.join(format!("{i}.png")))?;
+            if !(folder == "1_tall" && i == 2) {
+                std::fs::write(dir.join(format!("{i}.txt")), format!("{cname}, checkers"))?;
+            }
+        }
+    }
+    Ok(root)
+}
+
+fn job_toml(extra_training: &str, extra_output: &str) -> String {
+    format!(
+        r#"
+name = "tiny"
+[model]
+pretrained_model_name_or_path = "{model}"
+[dataset]
+train_data_dir = "train"
+resolution = "128,64"
+enable_bucket = true
+min_bucket_reso = 64
+max_bucket_reso = 128
+bucket_reso_steps = 64
+cache_latents = true
+[network]
+network_dim = 4
+network_alpha = 2
+[optimizer]
+optimizer_type = "AdamW"
+learning_rate = 2e-3
+text_encoder_lr = 5e-4
+lr_scheduler = "cosine"
+lr_warmup_steps = 2
+[training]
+train_batch_size = 2
+seed = 42
+{extra_training}
+[output]
+output_dir = "out"
+save_precision = "fp16"
+{extra_output}
+"#,
+        model = fixture_model().display()
+    )
+}
+
+fn resolve(text: &str) -> anyhow::Result<loractl_spec::ResolvedSpec> {
+    let spec = JobSpec::from_toml_str(text, "job.toml")?;
+    Ok(spec.resolved()?)
+}
+
+/// Runs a job, collecting its events.
+fn run_job(
+    dir: &Path,
+    text: &str,
+    stop_at: Option<usize>,
+) -> anyhow::Result<(RunResult, Vec<RunEvent>)> {
+    let spec = resolve(text)?;
+    let ro = RunOptions {
+        fixed_time: Some(1_700_000_000),
+        ..RunOptions::default()
+    };
+    let stop = ro.stop.clone();
+    let mut events = Vec::new();
+    let result = run::run(&spec, dir, &ro, &mut |e| {
+        if let (RunEvent::Step { step, .. }, Some(k)) = (e, stop_at) {
+            if *step == k {
+                stop.store(true, Ordering::SeqCst);
+            }
+        }
+        events.push(e.clone());
+    })?;
+    Ok((result, events))
+}
+
+fn lora_tensors(path: &Path) -> anyhow::Result<HashMap<String, Tensor>> {
+    Ok(candle_core::safetensors::load(path, &Device::Cpu)?)
+}
+
+fn lora_metadata(path: &Path) -> anyhow::Result<HashMap<String, String>> {
+    let bytes = std::fs::read(path)?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
+    Ok(header.metadata().clone().unwrap_or_default())
+}
+
+#[test]
+fn a_job_trains_and_writes_kohya_files() -> anyhow::Result<()> {
+    let dir = make_job_dir("kohya")?;
+    let text = job_toml(
+        "max_train_epochs = 4",
+        "save_every_n_epochs = 1\nsave_last_n_epochs = 2",
+    );
+    let plan = run::plan(&resolve(&text)?, &dir, true)?;
+    // 3 wide × 2 repeats = 6 samples → 3 batches of 2; 3 tall × 1 = 3 → 2 batches.
+    assert_eq!(plan.dataset.batches_per_epoch, 5);
+    assert_eq!(plan.total_steps, 20);
+    assert_eq!(plan.num_epochs, 4);
+    assert_eq!(plan.warmup_steps, 2);
+    assert_eq!(plan.dataset.buckets.len(), 2);
+    let (result, events) = run_job(&dir, &text, None)?;
+    let RunResult::Finished { lora, steps } = result else {
+        anyhow::bail!("the run did not finish: {result:?}");
+    };
+    assert_eq!(steps, 20);
+    assert_eq!(lora, dir.join("out/tiny.safetensors"));
+    let epoch_avgs: Vec<f32> = events
+        .iter()
+        .filter_map(|e| match e {
+            RunEvent::Epoch { loss_average, .. } => Some(*loss_average),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(epoch_avgs.len(), 4);
+    assert!(
+        epoch_avgs[3] < epoch_avgs[0],
+        "epoch average loss did not drop: {epoch_avgs:?}"
+    );
+    // Epoch files for epochs 1..3 (never the last), only the last two kept.
+    assert!(!dir.join("out/tiny-000001.safetensors").exists());
+    assert!(dir.join("out/tiny-000002.safetensors").exists());
+    assert!(dir.join("out/tiny-000003.safetensors").exists());
+    assert!(!dir.join("out/tiny-000004.safetensors").exists());
+
+    let tensors = lora_tensors(&lora)?;
+    let unet_modules: Vec<&String> = tensors
+        .keys()
+        .filter(|k| k.starts_with("lora_unet_") && k.ends_with(".alpha"))
+        .collect();
+    let te_modules = tensors
+        .keys()
+        .filter(|k| k.starts_with("lora_te_") && k.ends_with(".alpha"))
+        .count();
+    assert_eq!(
+        Some(unet_modules.len()),
+        plan.lora_modules_unet,
+        "plan and file disagree"
+    );
+    assert_eq!(Some(te_modules), plan.lora_modules_text_encoder);
+    assert!(te_modules > 0);
+    let mut params = 0;
+    for (k, t) in &tensors {
+        assert_eq!(t.dtype(), DType::F16, "{k} not saved in fp16");
+        if k.ends_with(".alpha") {
+            assert_eq!(t.dims(), &[] as &[usize]);
+            assert_eq!(t.to_dtype(DType::F32)?.to_scalar::<f32>()?, 2.0);
+            let m = k.trim_end_matches(".alpha");
+            let down = &tensors[&format!("{m}.lora_down.weight")];
+            let up = &tensors[&format!("{m}.lora_up.weight")];
+            assert_eq!(down.dim(0)?, 4, "{m} rank");
+            assert_eq!(up.dim(1)?, 4, "{m} rank");
+            params += down.elem_count() + up.elem_count();
+        }
+    }
+    assert_eq!(Some(params), plan.lora_params);
+    assert!(tensors.contains_key(
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"
+    ));
+    assert!(tensors.contains_key("lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha"));
+    // The trained up weights moved away from zero.
+    let up_norm: f32 = tensors
+        .iter()
+        .filter(|(k, _)| k.ends_with("lora_up.weight"))
+        .map(|(_, t)| -> anyhow::Result<f32> {
+            Ok(t.to_dtype(DType::F32)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f32>()?)
+        })
+        .sum::<anyhow::Result<f32>>()?;
+    assert!(up_norm > 0.0);
+
+    let meta = lora_metadata(&lora)?;
+    for (k, v) in [
+        ("ss_network_module", "networks.lora"),
+        ("ss_network_dim", "4"),
+        ("ss_network_alpha", "2.0"),
+        ("ss_base_model_version", "sd_v1"),
+        ("ss_v2", "False"),
+        ("ss_steps", "20"),
+        ("ss_epoch", "4"),
+        ("ss_num_epochs", "4"),
+        ("ss_max_train_steps", "20"),
+        ("ss_lr_warmup_steps", "2"),
+        ("ss_lr_scheduler", "cosine"),
+        ("ss_optimizer", "torch.optim.adamw.AdamW"),
+        ("ss_seed", "42"),
+        ("ss_output_name", "tiny"),
+        ("ss_num_train_images", "9"),
+        ("ss_num_batches_per_epoch", "5"),
+        ("ss_batch_size_per_device", "2"),
+        ("ss_learning_rate", "0.002"),
+        ("ss_text_encoder_lr", "0.0005"),
+        ("ss_unet_lr", "None"),
+        ("ss_sd_model_name", "diffusers"),
+        ("modelspec.sai_model_spec", "1.0.1"),
+        ("modelspec.architecture", "stable-diffusion-v1/lora"),
+        ("modelspec.title", "tiny"),
+        ("modelspec.resolution", "128x64"),
+        ("modelspec.prediction_type", "epsilon"),
+        ("modelspec.date", "2023-11-14T22:13:20"),
+    ] {
+        assert_eq!(meta.get(k).map(String::as_str), Some(v), "metadata {k}");
+    }
+    let dirs: serde_json::Value = serde_json::from_str(&meta["ss_dataset_dirs"])?;
+    assert_eq!(dirs["2_wide"]["n_repeats"], 2);
+    assert_eq!(dirs["1_tall"]["img_count"], 3);
+    let tags: serde_json::Value = serde_json::from_str(&meta["ss_tag_frequency"])?;
+    assert_eq!(tags["2_wide"]["checkers"], 3);
+    // sshs_model_hash is the sha256 of everything after the header.
+    let bytes = std::fs::read(&lora)?;
+    let header = u64::from_le_bytes(bytes[..8].try_into()?) as usize;
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(&bytes[8 + header..]);
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(meta["sshs_model_hash"], hex);
+    assert_eq!(meta["sshs_legacy_hash"].len(), 8);
+
+    // The file loads back as a kohya LoRA onto the model it was trained for.
+    let sd = loractl_trainer::loader::load(&fixture_model(), &Default::default())?;
+    let net = loractl_trainer::lora::LoraNetwork::load_file(&sd.sites(), &lora, 1.0, &Device::Cpu)?;
+    assert_eq!(net.modules().len(), unet_modules.len() + te_modules);
+    Ok(())
+}
+
+#[test]
+fn a_stopped_and_resumed_run_writes_the_same_file_as_an_uninterrupted_one() -> anyhow::Result<()> {
+    // Gradient accumulation and an odd batch count put a short accumulation at each epoch end.
+    // 5 batches per epoch in accumulations of 2: the third step of each epoch is short.
+    let training = "max_train_steps = 5\ngradient_accumulation_steps = 2";
+    let dir_a = make_job_dir("straight")?;
+    let (a, _) = run_job(&dir_a, &job_toml(training, ""), None)?;
+    let RunResult::Finished { lora: file_a, .. } = a else {
+        anyhow::bail!("uninterrupted run did not finish: {a:?}");
+    };
+
+    let dir_b = make_job_dir("resumed")?;
+    let (b, events) = run_job(&dir_b, &job_toml(training, ""), Some(2))?;
+    let RunResult::Stopped { state, step } = b else {
+        anyhow::bail!("the run did not stop: {b:?}");
+    };
+    assert_eq!(step, 2);
+    assert!(state.join("state.json").is_file());
+    assert!(events.iter().any(|e| matches!(e, RunEvent::Stopped { .. })));
+    assert!(!dir_b.join("out/tiny.safetensors").exists());
+    let resumed = job_toml(training, "resume = \"out/tiny-state\"");
+    let (c, events) = run_job(&dir_b, &resumed, None)?;
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, RunEvent::Started { resumed_at: 2, .. })),
+        "the resumed run did not start at step 2"
+    );
+    let first_step = events.iter().find_map(|e| match e {
+        RunEvent::Step { step, .. } => Some(*step),
+        _ => None,
+    });
+    assert_eq!(first_step, Some(3), "step count restarted");
+    let RunResult::Finished {
+        lora: file_c,
+        steps,
+    } = c
+    else {
+        anyhow::bail!("resumed run did not finish: {c:?}");
+    };
+    assert_eq!(steps, 5);
+    let (bytes_a, bytes_c) = (std::fs::read(&file_a)?, std::fs::read(&file_c)?);
+    assert!(
+        bytes_a == bytes_c,
+        "resumed LoRA differs from the uninterrupted one"
+    );
+
+    // Same seed, same bytes; another seed, other weights.
+    let dir_d = make_job_dir("again")?;
+    let (d, _) = run_job(&dir_d, &job_toml(training, ""), None)?;
+    let RunResult::Finished { lora: file_d, .. } = d else {
+        anyhow::bail!("repeat run did not finish");
+    };
+    assert!(
+        std::fs::read(&file_d)? == bytes_a,
+        "same seed gave another file"
+    );
+    let dir_e = make_job_dir("seed7")?;
+    // The initial LoRA already depends on the seed: one step shows it.
+    let other = job_toml("max_train_steps = 1", "")
+        .replace("seed = 42", "seed = 7")
+        .replace("lr_warmup_steps = 2", "lr_warmup_steps = 0");
+    let (e, _) = run_job(&dir_e, &other, None)?;
+    let RunResult::Finished { lora: file_e, .. } = e else {
+        anyhow::bail!("seed-7 run did not finish");
+    };
+    let ta = lora_tensors(&file_a)?;
+    let te = lora_tensors(&file_e)?;
+    let key =
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight";
+    let diff = (ta[key].to_dtype(DType::F32)? - te[key].to_dtype(DType::F32)?)?
+        .abs()?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    assert!(diff > 0.0, "another seed gave the same weights");
+    Ok(())
+}
+
+#[test]
+fn resuming_with_another_seed_or_dataset_is_refused() -> anyhow::Result<()> {
+    let training = "max_train_steps = 3";
+    let dir = make_job_dir("refuse")?;
+    let (b, _) = run_job(&dir, &job_toml(training, "save_state = true"), None)?;
+    assert!(matches!(b, RunResult::Finished { .. }));
+    assert!(dir.join("out/tiny-state/state.json").is_file());
+    let text = job_toml(training, "resume = \"out/tiny-state\"").replace("seed = 42", "seed = 1");
+    let err = run_job(&dir, &text, None).expect_err("resume with another seed must fail");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("seed was 42, now 1"), "{msg}");
+    let text = job_toml(training, "resume = \"out/nope-state\"");
+    let msg = format!(
+        "{:#}",
+        run_job(&dir, &text, None).expect_err("missing state")
+    );
+    assert!(
+        msg.contains("nope-state") && msg.contains("save_state"),
+        "{msg}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_diverging_job_stops_and_writes_no_lora() -> anyhow::Result<()> {
+    let dir = make_job_dir("nan")?;
+    let text = job_toml("max_train_steps = 6", "save_every_n_steps = 1")
+        .replace("learning_rate = 2e-3", "learning_rate = 1e30")
+        .replace("lr_warmup_steps = 2", "lr_warmup_steps = 0")
+        .replace(
+            "optimizer_type = \"AdamW\"",
+            "optimizer_type = \"SGDNesterov\"",
+        )
+        .replace("[optimizer]", "[optimizer]\nmax_grad_norm = 0.0")
+        .replace("save_precision = \"fp16\"", "save_precision = \"float\"");
+    let spec = resolve(&text)?;
+    let err = run::run(&spec, &dir, &RunOptions::default(), &mut |_| {})
+        .expect_err("a 1e30 learning rate must diverge");
+    assert!(matches!(err, Error::Diverged(_)), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("at step") && msg.contains("lr"), "{msg}");
+    let finals: Vec<_> = std::fs::read_dir(dir.join("out"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    // Step files written before the loss went non-finite are finite; none after.
+    for f in &finals {
+        let t = lora_tensors(f)?;
+        for (k, v) in t {
+            let ok = v
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .all(|x| x.is_finite());
+            assert!(ok, "{} holds a non-finite {k}", f.display());
+        }
+    }
+    assert!(!dir.join("out/tiny.safetensors").exists());
+    Ok(())
+}
