@@ -131,6 +131,52 @@ pub fn train(
     }
 }
 
+pub fn quickstart(
+    dir: &Path,
+    model: Option<PathBuf>,
+    data: Option<PathBuf>,
+    resolution: u32,
+    steps: usize,
+    device: &str,
+) -> anyhow::Result<ExitCode> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    let abs = |p: PathBuf| -> anyhow::Result<PathBuf> {
+        p.canonicalize()
+            .with_context(|| format!("{}: no such file or folder", p.display()))
+    };
+    let model = match model {
+        Some(m) => abs(m)?,
+        None => loractl_trainer::demo::bundled_tiny_model(),
+    };
+    let data = match data {
+        Some(d) => abs(d)?,
+        None => {
+            eprintln!(
+                "writing a generated dataset to {}",
+                dir.join("train").display()
+            );
+            loractl_trainer::demo::write_dataset(&dir, resolution, 8)?
+        }
+    };
+    let job = dir.join("job.toml");
+    std::fs::write(
+        &job,
+        loractl_trainer::demo::job_toml(&model, &data, resolution, steps),
+    )
+    .with_context(|| format!("writing {}", job.display()))?;
+    eprintln!("job spec: {}\n", job.display());
+    plan(&job, false, true)?;
+    eprintln!();
+    let code = train(&job, None, false, device)?;
+    eprintln!(
+        "\nnext: edit {} (every key is an sd-scripts option) or run\n  loractl quickstart \
+         --model /path/to/v1-5-pruned-emaonly.safetensors --data /path/to/train --resolution 512",
+        job.display()
+    );
+    Ok(code)
+}
+
 /// The event as one JSON line.
 pub fn event_json(e: &RunEvent) -> String {
     serde_json::to_string(e)

@@ -46,9 +46,44 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Train a small LoRA right away: writes a job spec (and, without `--data`, a generated
+    /// dataset) into `--dir`, shows the plan, and trains with a progress bar.
+    Quickstart {
+        /// Where the job, data and outputs go.
+        #[arg(long, default_value = "loractl-quickstart")]
+        dir: PathBuf,
+        /// An SD1.x/SD2.x checkpoint (.safetensors, .ckpt or diffusers folder); default: the
+        /// tiny model shipped with loractl.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// A kohya dataset folder (parent of `N_name` folders); default: generated shapes.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Training resolution (a multiple of 64).
+        #[arg(long, default_value_t = 64)]
+        resolution: u32,
+        #[arg(long, default_value_t = 60)]
+        steps: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+}
+
+/// Training allocates and frees the same large activation buffers every step. glibc's default
+/// returns each one to the kernel and faults it back in at the next step, which doubled step
+/// times on CPU; keep freed memory in the process instead (the same as `MALLOC_MMAP_THRESHOLD_`
+/// and `MALLOC_TRIM_THRESHOLD_`, which the test script sets).
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
 }
 
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -69,6 +104,14 @@ fn main() -> ExitCode {
             json,
             device,
         } => local::train(&job, resume, json, &device),
+        Command::Quickstart {
+            dir,
+            model,
+            data,
+            resolution,
+            steps,
+            device,
+        } => local::quickstart(&dir, model, data, resolution, steps, &device),
     };
     match result {
         Ok(code) => code,

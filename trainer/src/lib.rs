@@ -20,6 +20,7 @@
 pub mod ckpt;
 pub mod clip;
 pub mod dataset;
+pub mod demo;
 pub mod error;
 pub mod loader;
 pub mod lora;

@@ -1,0 +1,169 @@
+//! The `loractl` binary on the tiny model: `plan` output, spec errors with their key paths, and
+//! a `train` interrupted by SIGINT that saves a state and resumes to the end.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+fn loractl() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_loractl"))
+}
+
+fn job_dir(name: &str, steps: usize) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let dir = std::env::temp_dir().join(format!("loractl-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let data = loractl_trainer::demo::write_dataset(&dir, 64, 4)?;
+    let model = loractl_trainer::demo::bundled_tiny_model();
+    let job = dir.join("job.toml");
+    let text = loractl_trainer::demo::job_toml(&model, &data, 64, steps)
+        .replace("train_batch_size = 2", "train_batch_size = 1");
+    std::fs::write(&job, text)?;
+    Ok((dir, job))
+}
+
+#[test]
+fn plan_prints_kohya_arithmetic_and_json() -> anyhow::Result<()> {
+    let (_dir, job) = job_dir("plan", 30)?;
+    let out = loractl().arg("plan").arg(&job).output()?;
+    let text = String::from_utf8(out.stdout)?;
+    assert!(out.status.success(), "{text}");
+    // 4 images × 5 repeats = 20 samples = 20 batches of 1 per epoch; 30 steps → 2 epochs.
+    for want in [
+        "5_shapes: 4 images × 5 repeats = 20 samples per epoch",
+        "batches per epoch: 20",
+        "epochs: 2",
+        "total optimization steps: 30",
+        "warmup steps: 3",
+        "LoRA modules: 48 UNet + 18 text encoder",
+    ] {
+        assert!(text.contains(want), "`{want}` missing from:\n{text}");
+    }
+    let out = loractl().args(["plan", "--json"]).arg(&job).output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(v["total_steps"], 30);
+    assert_eq!(v["dataset"]["batches_per_epoch"], 20);
+    assert!(v["lora_params"].as_u64().is_some_and(|p| p > 0));
+    Ok(())
+}
+
+#[test]
+fn a_bad_spec_names_every_key_at_fault() -> anyhow::Result<()> {
+    let (dir, job) = job_dir("bad", 10)?;
+    let text = std::fs::read_to_string(&job)?
+        .replace("network_dim = 8", "network_dim = 0")
+        .replace(
+            "train_batch_size = 1",
+            "train_batch_size = 1\nmax_train_epoch = 3",
+        );
+    std::fs::write(&job, text)?;
+    let out = loractl().arg("train").arg(&job).output()?;
+    let err = String::from_utf8(out.stderr)?;
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("training.max_train_epoch"), "{err}");
+    assert!(err.contains("max_train_epochs"), "no suggestion: {err}");
+    assert!(!dir.join("output").exists(), "a rejected job wrote output");
+    // Unknown keys stop parsing; the value errors show once they are fixed.
+    let text = std::fs::read_to_string(&job)?.replace("max_train_epoch = 3\n", "");
+    std::fs::write(&job, text)?;
+    let out = loractl().arg("plan").arg(&job).output()?;
+    let err = String::from_utf8(out.stderr)?;
+    assert!(err.contains("network.network_dim"), "{err}");
+    Ok(())
+}
+
+fn wait_for_step(stdout: impl std::io::Read) -> anyhow::Result<Vec<serde_json::Value>> {
+    let mut seen = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(&line?)?;
+        let is_step = v["kind"] == "step";
+        seen.push(v);
+        if is_step {
+            return Ok(seen);
+        }
+    }
+    anyhow::bail!("the run ended before its first step: {seen:?}")
+}
+
+fn send_sigint(pid: u32) -> anyhow::Result<()> {
+    let status = Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()?;
+    anyhow::ensure!(status.success(), "kill -INT failed");
+    Ok(())
+}
+
+fn events_of(out: &[u8]) -> anyhow::Result<Vec<serde_json::Value>> {
+    String::from_utf8(out.to_vec())?
+        .lines()
+        .map(|l| Ok(serde_json::from_str(l)?))
+        .collect()
+}
+
+#[test]
+fn ctrl_c_saves_a_state_that_resumes_to_the_end() -> anyhow::Result<()> {
+    let (dir, job) = job_dir("sigint", 6)?;
+    let mut child = loractl()
+        .args(["train", "--json"])
+        .arg(&job)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let mut reader = BufReader::new(stdout);
+    let before = wait_for_step(&mut reader)?;
+    send_sigint(child.id())?;
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut reader, &mut rest)?;
+    let status = child.wait()?;
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        std::io::Read::read_to_string(&mut e, &mut stderr)?;
+    }
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("saving a resumable state"), "{stderr}");
+    let after = events_of(&rest)?;
+    let stopped = after
+        .iter()
+        .find(|e| e["kind"] == "stopped")
+        .ok_or_else(|| anyhow::anyhow!("no stopped event in {after:?} (before: {before:?})"))?;
+    let step = stopped["step"].as_u64().unwrap_or(0);
+    assert!((1..6).contains(&step), "stopped at step {step}");
+    let state = PathBuf::from(stopped["state"].as_str().unwrap_or_default());
+    assert_eq!(state, dir.join("output/quickstart-state"));
+    assert!(!dir.join("output/quickstart.safetensors").exists());
+
+    let out = loractl()
+        .args(["train", "--json", "--resume"])
+        .arg(&state)
+        .arg(&job)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events = events_of(&out.stdout)?;
+    let started = events
+        .iter()
+        .find(|e| e["kind"] == "started")
+        .ok_or_else(|| anyhow::anyhow!("no started event"))?;
+    assert_eq!(started["resumed_at"].as_u64(), Some(step));
+    let steps: Vec<u64> = events
+        .iter()
+        .filter(|e| e["kind"] == "step")
+        .filter_map(|e| e["step"].as_u64())
+        .collect();
+    assert_eq!(steps, ((step + 1)..=6).collect::<Vec<_>>());
+    assert!(file_has_lora(&dir.join("output/quickstart.safetensors"))?);
+    Ok(())
+}
+
+fn file_has_lora(path: &Path) -> anyhow::Result<bool> {
+    let bytes = std::fs::read(path)?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)?;
+    Ok(st.names().iter().any(|n| n.ends_with(".lora_up.weight")))
+}
