@@ -92,7 +92,9 @@ pub fn training_loss(
     let latents = latents.detach();
     let noisy = schedule.add_noise(&latents, &noise.noise, &noise.timesteps)?;
     let target = schedule.target(&latents, &noise.noise, &noise.timesteps)?;
-    let pred = unet.forward(&noisy, &noise.timesteps, &context.detach())?;
+    // The context keeps its graph: with a trained text encoder the loss reaches its LoRA
+    // through it. Callers pass a detached context when the encoder is frozen.
+    let pred = unet.forward(&noisy, &noise.timesteps, context)?;
     let diff = (pred.to_dtype(DType::F32)? - target.to_dtype(DType::F32)?)?;
     let per_elem = match opts.loss_type {
         LossType::L2 => diff.sqr()?,
