@@ -84,6 +84,12 @@ pub struct RunOptions {
     /// Seconds since the epoch for every time written into files (`SOURCE_DATE_EPOCH`), so the
     /// same seed gives the same file bytes; `None` uses the clock.
     pub fixed_time: Option<u64>,
+    /// Write states as single `NAME-state.safetensors` files instead of folders (what a
+    /// cluster rank uploads as its checkpoint).
+    pub state_as_file: bool,
+    /// Also write a state every this many optimizer steps (`NAME-state`), whatever the spec's
+    /// `save_state` says: a cluster run resumes from it after a lost worker.
+    pub checkpoint_every_n_steps: Option<usize>,
 }
 
 impl Default for RunOptions {
@@ -92,6 +98,8 @@ impl Default for RunOptions {
             device: Device::Cpu,
             stop: Arc::new(AtomicBool::new(false)),
             fixed_time: None,
+            state_as_file: false,
+            checkpoint_every_n_steps: None,
         }
     }
 }
@@ -743,6 +751,8 @@ struct RunHooks<'r, 'e> {
     sample_cfg: sample::SampleConfig,
     stop: Arc<AtomicBool>,
     fixed_time: Option<u64>,
+    state_as_file: bool,
+    checkpoint_every: Option<usize>,
     events: &'e mut dyn FnMut(&RunEvent),
 }
 
@@ -801,8 +811,15 @@ impl RunHooks<'_, '_> {
     }
 
     fn save_state(&mut self, t: &Trainer<'_>, dir_name: &str) -> Result<PathBuf> {
-        let dir = self.output_dir.join(dir_name);
-        t.save_state(&dir)?;
+        let dir = if self.state_as_file {
+            let path = self.output_dir.join(format!("{dir_name}.safetensors"));
+            t.save_state_file(&path)?;
+            path
+        } else {
+            let dir = self.output_dir.join(dir_name);
+            t.save_state(&dir)?;
+            dir
+        };
         (self.events)(&RunEvent::StateSaved {
             path: dir.clone(),
             step: t.position().step,
@@ -862,6 +879,11 @@ impl Hooks for BoundHooks<'_, '_, '_> {
                 if h.spec.spec.output.save_state {
                     h.save_state(t, &format!("{stem}-state"))?;
                 }
+            }
+        }
+        if let Some(n) = h.checkpoint_every {
+            if e.step.is_multiple_of(n) && !last {
+                h.save_state(t, &format!("{}-state", h.name))?;
             }
         }
         h.sample(t, self.sd, None, e.step)?;
@@ -1026,6 +1048,8 @@ pub fn run(
             },
             stop: ro.stop.clone(),
             fixed_time: ro.fixed_time,
+            state_as_file: ro.state_as_file,
+            checkpoint_every: ro.checkpoint_every_n_steps.filter(|n| *n > 0),
             events,
         },
         sd: &sd,

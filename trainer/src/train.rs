@@ -247,6 +247,8 @@ pub fn step_rng(seed: u64, epoch: usize, batch_index: usize) -> ChaCha8Rng {
 const TEXT_CACHE_LIMIT: usize = 8192;
 
 const STATE_FORMAT: &str = "loractl-train-state";
+/// Metadata key of the state JSON in a single-file state.
+const STATE_KEY: &str = "loractl.train_state";
 const STATE_VERSION: u32 = 1;
 
 /// `state.json` of a saved training state.
@@ -629,8 +631,26 @@ impl<'a> Trainer<'a> {
         Ok(Outcome::Finished)
     }
 
+    fn state_file(&self) -> StateFile {
+        let (loss_window, loss_total_bits) = self.loss.to_bits();
+        StateFile {
+            format: STATE_FORMAT.into(),
+            version: STATE_VERSION,
+            position: self.position,
+            seed: self.opts.seed,
+            optimizer_type: self.optimizer.name().into(),
+            groups: self.group_names.clone(),
+            max_train_steps: self.opts.max_train_steps,
+            gradient_accumulation_steps: self.opts.gradient_accumulation_steps,
+            batches_per_epoch: self.rank_batches(1).len(),
+            loss_window,
+            loss_total_bits,
+        }
+    }
+
     /// Writes everything needed to continue bit-identically into the folder `dir` (replaced
-    /// as a whole: a crash while saving leaves the previous state intact).
+    /// as a whole: a crash while saving leaves the previous state intact): `lora.safetensors`,
+    /// `optimizer.safetensors` and `state.json`, as sd-scripts' state folders hold theirs.
     pub fn save_state(&self, dir: &Path) -> Result<()> {
         let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
         if let Some(p) = parent {
@@ -648,21 +668,7 @@ impl<'a> Trainer<'a> {
         self.optimizer
             .state()?
             .save(&tmp.join("optimizer.safetensors"))?;
-        let (loss_window, loss_total_bits) = self.loss.to_bits();
-        let state = StateFile {
-            format: STATE_FORMAT.into(),
-            version: STATE_VERSION,
-            position: self.position,
-            seed: self.opts.seed,
-            optimizer_type: self.optimizer.name().into(),
-            groups: self.group_names.clone(),
-            max_train_steps: self.opts.max_train_steps,
-            gradient_accumulation_steps: self.opts.gradient_accumulation_steps,
-            batches_per_epoch: self.rank_batches(1).len(),
-            loss_window,
-            loss_total_bits,
-        };
-        let json = serde_json::to_vec_pretty(&state)
+        let json = serde_json::to_vec_pretty(&self.state_file())
             .map_err(|e| Error::Config(format!("encoding the training state: {e}")))?;
         crate::lora::write_file_atomic(&tmp.join("state.json"), &json)?;
         let old = dir.with_file_name(format!(".{name}.old-{}", std::process::id()));
@@ -674,22 +680,51 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
-    /// Continues from a folder written by [`Trainer::save_state`] (sd-scripts' `resume`). The
-    /// run's options must match the saved ones where they decide what the next step does.
+    /// The same state as one `.safetensors` file (LoRA tensors under `lora/`, optimizer
+    /// tensors under `optimizer/`, the rest as JSON metadata): what a cluster run uploads as
+    /// its checkpoint. [`Trainer::load_state`] reads either form.
+    pub fn save_state_file(&self, path: &Path) -> Result<()> {
+        let mut tensors = BTreeMap::new();
+        for (k, t) in self.net.to_tensors(DType::F32)? {
+            tensors.insert(format!("lora/{k}"), t);
+        }
+        let opt = self.optimizer.state()?;
+        for (k, t) in opt.tensors {
+            tensors.insert(format!("optimizer/{k}"), t);
+        }
+        let json = serde_json::to_string(&self.state_file())
+            .map_err(|e| Error::Config(format!("encoding the training state: {e}")))?;
+        let mut meta = HashMap::new();
+        meta.insert(STATE_KEY.to_string(), json);
+        meta.insert(optim::SCALARS_KEY.to_string(), opt.scalars.to_string());
+        crate::lora::write_safetensors_atomic(path, &tensors, meta)
+    }
+
+    /// Continues from a state folder written by [`Trainer::save_state`] (sd-scripts' `resume`)
+    /// or a file written by [`Trainer::save_state_file`]. The run's options must match the
+    /// saved ones where they decide what the next step does.
     pub fn load_state(&mut self, dir: &Path) -> Result<()> {
         let bad = |msg: String| Error::bad_checkpoint(dir, msg);
-        let path = dir.join("state.json");
-        let text = std::fs::read(&path).map_err(|e| {
-            Error::io(
-                &path,
-                std::io::Error::new(
-                    e.kind(),
-                    format!("{e}: `resume` must name a state folder written with save_state"),
-                ),
-            )
-        })?;
+        let (text, lora, opt_state) = if dir.is_file() {
+            read_state_file(dir, &self.device)?
+        } else {
+            let path = dir.join("state.json");
+            let text = std::fs::read(&path).map_err(|e| {
+                Error::io(
+                    &path,
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("{e}: `resume` must name a state folder written with save_state"),
+                    ),
+                )
+            })?;
+            let lora_path = dir.join("lora.safetensors");
+            let lora = candle_core::safetensors::load(&lora_path, &self.device)?;
+            let opt = OptimizerState::load(&dir.join("optimizer.safetensors"), &self.device)?;
+            (text, lora, opt)
+        };
         let s: StateFile = serde_json::from_slice(&text)
-            .map_err(|e| bad(format!("state.json is not a loractl training state: {e}")))?;
+            .map_err(|e| bad(format!("not a loractl training state: {e}")))?;
         if s.format != STATE_FORMAT || s.version != STATE_VERSION {
             return Err(bad(format!(
                 "state format {} v{} is not {STATE_FORMAT} v{STATE_VERSION}",
@@ -742,17 +777,56 @@ impl<'a> Trainer<'a> {
                 "max_train_steps differs from the saved run: the lr schedule follows the new length"
             );
         }
-        let lora_path = dir.join("lora.safetensors");
-        let tensors = candle_core::safetensors::load(&lora_path, &self.device)?;
-        self.net
-            .load_values(&tensors, &lora_path.display().to_string())?;
+        self.net.load_values(&lora, &dir.display().to_string())?;
         self.net.apply();
-        let opt_state = OptimizerState::load(&dir.join("optimizer.safetensors"), &self.device)?;
         self.optimizer.load_state(opt_state)?;
         self.position = s.position;
         self.loss = LossRecorder::from_bits(&s.loss_window, s.loss_total_bits);
         Ok(())
     }
+}
+
+/// Reads a single-file state: (state JSON, LoRA tensors, optimizer state).
+fn read_state_file(
+    path: &Path,
+    device: &Device,
+) -> Result<(Vec<u8>, HashMap<String, Tensor>, OptimizerState)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| Error::bad_checkpoint(path, format!("not a safetensors state file: {e}")))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let get = |k: &str| {
+        meta.get(k).cloned().ok_or_else(|| {
+            Error::bad_checkpoint(
+                path,
+                format!("no `{k}` metadata: not a training state written by loractl"),
+            )
+        })
+    };
+    let state = get(STATE_KEY)?.into_bytes();
+    let scalars: serde_json::Value = serde_json::from_str(&get(optim::SCALARS_KEY)?)
+        .map_err(|e| Error::bad_checkpoint(path, format!("bad optimizer scalars: {e}")))?;
+    let (mut lora, mut opt) = (HashMap::new(), BTreeMap::new());
+    for (k, t) in candle_core::safetensors::load_buffer(&bytes, device)? {
+        if let Some(name) = k.strip_prefix("lora/") {
+            lora.insert(name.to_string(), t);
+        } else if let Some(name) = k.strip_prefix("optimizer/") {
+            opt.insert(name.to_string(), t);
+        } else {
+            return Err(Error::bad_checkpoint(
+                path,
+                format!("unexpected tensor `{k}` in a training state"),
+            ));
+        }
+    }
+    Ok((
+        state,
+        lora,
+        OptimizerState {
+            tensors: opt,
+            scalars,
+        },
+    ))
 }
 
 /// Trains a LoRA network on `sd` with `dataset` from scratch to `max_train_steps`; `on_step`

@@ -93,9 +93,19 @@ fn run_job(
     text: &str,
     stop_at: Option<usize>,
 ) -> anyhow::Result<(RunResult, Vec<RunEvent>)> {
+    run_job_with(dir, text, stop_at, false)
+}
+
+fn run_job_with(
+    dir: &Path,
+    text: &str,
+    stop_at: Option<usize>,
+    state_as_file: bool,
+) -> anyhow::Result<(RunResult, Vec<RunEvent>)> {
     let spec = resolve(text)?;
     let ro = RunOptions {
         fixed_time: Some(1_700_000_000),
+        state_as_file,
         ..RunOptions::default()
     };
     let stop = ro.stop.clone();
@@ -309,15 +319,16 @@ fn a_stopped_and_resumed_run_writes_the_same_file_as_an_uninterrupted_one() -> a
     };
 
     let dir_b = make_job_dir("resumed")?;
-    let (b, events) = run_job(&dir_b, &job_toml(training, ""), Some(2))?;
+    // The stopped run keeps its state as one file, as a cluster rank uploads it.
+    let (b, events) = run_job_with(&dir_b, &job_toml(training, ""), Some(2), true)?;
     let RunResult::Stopped { state, step } = b else {
         anyhow::bail!("the run did not stop: {b:?}");
     };
     assert_eq!(step, 2);
-    assert!(state.join("state.json").is_file());
+    assert_eq!(state, dir_b.join("out/tiny-state.safetensors"));
     assert!(events.iter().any(|e| matches!(e, RunEvent::Stopped { .. })));
     assert!(!dir_b.join("out/tiny.safetensors").exists());
-    let resumed = job_toml(training, "resume = \"out/tiny-state\"");
+    let resumed = job_toml(training, "resume = \"out/tiny-state.safetensors\"");
     let (c, events) = run_job(&dir_b, &resumed, None)?;
     assert!(
         events

@@ -74,7 +74,7 @@ pub struct OptimizerState {
 }
 
 /// safetensors metadata key holding [`OptimizerState::scalars`].
-const SCALARS_KEY: &str = "loractl.optimizer_state";
+pub const SCALARS_KEY: &str = "loractl.optimizer_state";
 
 impl OptimizerState {
     /// Writes the state as a safetensors file (scalars as JSON in the metadata), atomically.
