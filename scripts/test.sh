@@ -7,4 +7,5 @@ cd "$(dirname "$0")/.."
 # run at release speed without a release build of the workspace.
 # Incremental caches only cost disk on a one-shot build.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+source scripts/env.sh
 cargo test --workspace --locked "$@"

@@ -411,6 +411,36 @@ impl From<Registration> for pb::RegisterRequest {
     }
 }
 
+impl TryFrom<pb::Worker> for Worker {
+    type Error = ConvertError;
+
+    fn try_from(value: pb::Worker) -> Result<Self> {
+        Ok(Self {
+            id: worker_id(value.id, "id")?,
+            name: non_empty(value.name, "name")?,
+            gpus: nested_list(value.gpus, "gpus")?,
+            labels: value.labels.into_iter().collect(),
+            registered_at: value.registered_at_unix_ms,
+            last_seen: value.last_seen_unix_ms,
+            alive: value.alive,
+        })
+    }
+}
+
+impl From<Worker> for pb::Worker {
+    fn from(value: Worker) -> Self {
+        Self {
+            id: value.id.to_string(),
+            name: value.name,
+            gpus: value.gpus.into_iter().map(Into::into).collect(),
+            labels: value.labels.into_iter().collect(),
+            registered_at_unix_ms: value.registered_at,
+            last_seen_unix_ms: value.last_seen,
+            alive: value.alive,
+        }
+    }
+}
+
 impl TryFrom<pb::ArtifactInfo> for ArtifactInfo {
     type Error = ConvertError;
 

@@ -135,6 +135,10 @@ impl fmt::Display for JobState {
     }
 }
 
+/// Exit code of a rank process whose job cannot run as written (sysexits' `EX_CONFIG`): the
+/// coordinator fails the job without retrying.
+pub const EXIT_BAD_CONFIG: i32 = 78;
+
 /// Why an attempt failed; decides retry and restart budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FailureKind {
@@ -158,6 +162,18 @@ impl FailureKind {
     /// not: a job must not fail because its workers were preempted.
     pub fn counts_against_restarts(self) -> bool {
         matches!(self, Self::TrainingError)
+    }
+
+    /// Classifies how a rank process ended: `None` for success; a signal is `Killed` (the
+    /// worker, the OOM killer or a preemption stopped it); [`EXIT_BAD_CONFIG`] is `BadConfig`;
+    /// any other non-zero code is `TrainingError`.
+    pub fn from_exit(code: Option<i32>, signal: Option<i32>) -> Option<Self> {
+        match (code, signal) {
+            (Some(0), _) => None,
+            (_, Some(_)) => Some(Self::Killed),
+            (Some(EXIT_BAD_CONFIG), None) => Some(Self::BadConfig),
+            _ => Some(Self::TrainingError),
+        }
     }
 
     pub fn as_str(self) -> &'static str {
@@ -306,6 +322,18 @@ pub struct Registration {
     pub labels: BTreeMap<String, String>,
 }
 
+/// A registered worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Worker {
+    pub id: WorkerId,
+    pub name: String,
+    pub gpus: Vec<GpuInfo>,
+    pub labels: BTreeMap<String, String>,
+    pub registered_at: UnixMs,
+    pub last_seen: Option<UnixMs>,
+    pub alive: bool,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ArtifactKind {
     Dataset,
@@ -409,5 +437,13 @@ mod tests {
         assert!(Killed.retryable() && !Killed.counts_against_restarts());
         assert!(!BadConfig.retryable());
         assert!(TrainingError.retryable() && TrainingError.counts_against_restarts());
+
+        assert_eq!(FailureKind::from_exit(Some(0), None), None);
+        assert_eq!(FailureKind::from_exit(None, Some(9)), Some(Killed));
+        assert_eq!(
+            FailureKind::from_exit(Some(EXIT_BAD_CONFIG), None),
+            Some(BadConfig)
+        );
+        assert_eq!(FailureKind::from_exit(Some(1), None), Some(TrainingError));
     }
 }
