@@ -61,6 +61,12 @@ pub enum Error {
     Artifact { digest: String, problem: String },
     #[error("artifact store is full: {needed} more bytes would exceed its quota of {quota} bytes; raise `--artifact-quota` or delete old jobs")]
     QuotaExceeded { needed: u64, quota: u64 },
+    #[error("worker speaks protocol version {worker} but this coordinator speaks {coordinator}: run a loractl-worker of the same release as the coordinator")]
+    ProtocolMismatch { worker: u32, coordinator: u32 },
+    #[error("worker `{0}` is not registered or was declared lost: register again")]
+    UnknownWorker(loractl_proto::domain::WorkerId),
+    #[error("cannot serve gRPC: {0}")]
+    Transport(#[from] tonic::transport::Error),
     #[error("the coordinator is shutting down")]
     ShuttingDown,
 }
@@ -105,6 +111,8 @@ impl From<Error> for tonic::Status {
                 tonic::Status::aborted(message)
             }
             Error::ShuttingDown => tonic::Status::unavailable(message),
+            Error::ProtocolMismatch { .. } => tonic::Status::failed_precondition(message),
+            Error::UnknownWorker(_) => tonic::Status::not_found(message),
             _ => tonic::Status::internal(message),
         }
     }

@@ -36,6 +36,9 @@ pub struct WorkerSlots {
     pub gpus: Vec<u32>,
     /// How many CPU ranks the worker runs at once.
     pub cpu_slots: u32,
+    /// False while the worker is disconnected but not yet declared lost: its placed jobs stay,
+    /// no new ones go there.
+    pub accepts_new_work: bool,
 }
 
 /// The result of a round, fed back as the next round's `previous`.
@@ -69,6 +72,7 @@ struct Free {
     gpus: BTreeSet<u32>,
     cpu: u32,
     cpu_slots: u32,
+    accepts_new_work: bool,
 }
 
 impl Free {
@@ -114,6 +118,7 @@ fn free_of(workers: &[WorkerSlots]) -> BTreeMap<WorkerId, Free> {
                 pinned,
                 cpu: w.cpu_slots,
                 cpu_slots: w.cpu_slots,
+                accepts_new_work: w.accepts_new_work,
             };
             (w.id.clone(), free)
         })
@@ -137,7 +142,7 @@ fn try_place(
 ) -> Option<Vec<RankPlacement>> {
     let mut candidates: Vec<(usize, &WorkerId, Vec<u32>)> = free
         .iter()
-        .filter(|(id, _)| !excluded.contains_key(*id))
+        .filter(|(id, f)| f.accepts_new_work && !excluded.contains_key(*id))
         .filter_map(|(id, f)| f.take(&job.resources.gpus).map(|g| (f.gpus.len(), id, g)))
         .collect();
     let ranks = job.resources.workers as usize;
@@ -191,7 +196,9 @@ fn reservation(
     let request = &job.resources.gpus;
     let mut candidates: Vec<(usize, &WorkerId)> = free
         .iter()
-        .filter(|(id, f)| !reserved.contains_key(*id) && f.could_ever_take(request))
+        .filter(|(id, f)| {
+            f.accepts_new_work && !reserved.contains_key(*id) && f.could_ever_take(request)
+        })
         .map(|(id, f)| {
             let ready = match request {
                 GpuRequest::Cpu => f.cpu as usize,
@@ -277,6 +284,7 @@ mod tests {
             id: WorkerId::new(id),
             gpus: gpus.to_vec(),
             cpu_slots,
+            accepts_new_work: true,
         }
     }
 
@@ -328,6 +336,28 @@ mod tests {
         // `small` finished: `big` gets both GPUs.
         let p = place(&jobs[1..], &workers, &p, &Policy::default());
         assert_eq!(p.jobs[&JobId::new("big")][0].gpu_indices, vec![0, 1]);
+    }
+
+    #[test]
+    fn disconnected_workers_keep_their_jobs_but_get_no_new_ones() {
+        let mut workers = vec![worker("a", &[0], 0), worker("b", &[0], 0)];
+        let first = place(
+            &[job("j1", 0, 1, 1, GpuRequest::All)],
+            &workers,
+            &Placement::default(),
+            &Policy::default(),
+        );
+        let host = first.jobs[&JobId::new("j1")][0].worker_id.clone();
+        for w in &mut workers {
+            w.accepts_new_work = false;
+        }
+        let jobs = [
+            job("j1", 0, 1, 1, GpuRequest::All),
+            job("j2", 0, 2, 1, GpuRequest::All),
+        ];
+        let p = place(&jobs, &workers, &first, &Policy::default());
+        assert_eq!(p.jobs[&JobId::new("j1")][0].worker_id, host);
+        assert!(!p.jobs.contains_key(&JobId::new("j2")));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::future::Future;
 
 use loractl_coordinator::job::Transition;
 use loractl_coordinator::state::{NewJob, State};
-use loractl_coordinator::store::{EtcdStore, Expect, RedbStore, Store};
+use loractl_coordinator::store::{EtcdStore, Expect, MemoryStore, RedbStore, Store};
 use loractl_coordinator::Error;
 use loractl_proto::domain::{GpuRequest, JobState, RankPlacement, Resources, WorkerId};
 
@@ -222,6 +222,11 @@ where
     concurrent_job_creation_numbers_every_job_once(make("concurrent_creation").await).await;
     concurrent_updates_all_land(make("concurrent_updates").await).await;
     transitions_are_validated_and_stored(make("transitions").await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_backend_conforms() {
+    run_suite(|_| async { MemoryStore::new() }).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -61,6 +61,11 @@ pub fn digest(value: Option<pb::Digest>, field: &str) -> Result<Digest> {
     nested(value, field)
 }
 
+/// A required artifact info field.
+pub fn artifact_info(value: Option<pb::ArtifactInfo>, field: &str) -> Result<ArtifactInfo> {
+    nested(value, field)
+}
+
 impl TryFrom<pb::Digest> for Digest {
     type Error = ConvertError;
 

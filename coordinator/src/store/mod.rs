@@ -1,15 +1,17 @@
 //! The coordinator's persistent state behind one small interface: a versioned key-value map
 //! with compare-and-swap writes. [`RedbStore`] keeps it in one local file (the default, no
-//! server); [`EtcdStore`] keeps it in etcd v3 for clusters. Both pass the same conformance
-//! suite (`tests/store_conformance.rs`); typed access to jobs and workers is in
-//! [`crate::state`].
+//! server); [`EtcdStore`] keeps it in etcd v3 for clusters; [`MemoryStore`] is for tests.
+//! All pass the same conformance suite (`tests/store_conformance.rs`); typed access to jobs
+//! and workers is in [`crate::state`].
 
 mod etcd;
+mod memory;
 mod redb;
 
 use std::future::Future;
 
 pub use self::etcd::EtcdStore;
+pub use self::memory::MemoryStore;
 pub use self::redb::RedbStore;
 use crate::error::Result;
 
