@@ -437,7 +437,7 @@ impl<S: Store> Actor<S> {
     async fn cancel(&mut self, id: &JobId) -> Result<Job> {
         let before = self.state.job(id).await?;
         let job = self.transition(id, Transition::Cancel).await?;
-        self.stop_ranks(&before, "job cancelled");
+        self.stop_ranks(&before, "job cancelled", None);
         self.schedule().await;
         Ok(job)
     }
@@ -568,9 +568,13 @@ impl<S: Store> Actor<S> {
         }
     }
 
-    /// Tells every worker of `job`'s current placement to stop its rank.
-    fn stop_ranks(&mut self, job: &Job, reason: &str) {
+    /// Tells every worker of `job`'s current placement to stop its rank, except `skip` (a
+    /// rank that already ended).
+    fn stop_ranks(&mut self, job: &Job, reason: &str, skip: Option<u32>) {
         for rank in job.placement.clone() {
+            if skip == Some(rank.rank) {
+                continue;
+            }
             let running = RunningRank {
                 job_id: job.id.clone(),
                 attempt: job.attempt,
@@ -586,14 +590,15 @@ impl<S: Store> Actor<S> {
         }
     }
 
-    /// Ends the current attempt of `id` with `failure`: stops its other ranks; the state
-    /// machine decides between a retry and the end.
-    async fn fail(&mut self, id: &JobId, failure: Failure) -> Result<Job> {
+    /// Ends the current attempt of `id` with `failure`: stops its other ranks (all but
+    /// `ended`, the rank that reported it); the state machine decides between a retry and the
+    /// end.
+    async fn fail(&mut self, id: &JobId, failure: Failure, ended: Option<u32>) -> Result<Job> {
         let before = self.state.job(id).await?;
         let reason = format!("attempt {} failed: {failure}", before.attempt);
         let job = self.transition(id, Transition::Fail(failure)).await?;
         self.succeeded.remove(&(id.clone(), before.attempt));
-        self.stop_ranks(&before, &reason);
+        self.stop_ranks(&before, &reason, ended);
         tracing::info!(job = %id, state = %job.state, %reason, "attempt ended");
         Ok(job)
     }
@@ -618,7 +623,7 @@ impl<S: Store> Actor<S> {
                 message: format!("worker {worker}: {why}"),
                 rank: None,
             };
-            self.fail(&id, failure).await?;
+            self.fail(&id, failure, None).await?;
         }
         Ok(())
     }
@@ -768,7 +773,7 @@ impl<S: Store> Actor<S> {
                         }
                     }
                     RankOutcome::Failed(failure) => {
-                        self.fail(&job.id, failure).await?;
+                        self.fail(&job.id, failure, Some(rank.rank)).await?;
                     }
                 }
                 self.schedule().await;
