@@ -299,16 +299,18 @@ impl<S: Store> Actor<S> {
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
+            // Liveness first: a flood of events must not postpone declaring workers lost.
             tokio::select! {
-                event = rx.recv() => match event {
-                    Some(event) => self.handle(event).await,
-                    None => break,
-                },
+                biased;
                 _ = tick.tick() => {
                     if let Err(e) = self.expire_workers().await {
                         tracing::warn!(error = %e, "checking worker heartbeats failed");
                     }
                 }
+                event = rx.recv() => match event {
+                    Some(event) => self.handle(event).await,
+                    None => break,
+                },
             }
         }
         tracing::info!("coordinator loop stopped");
