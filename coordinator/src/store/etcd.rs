@@ -20,12 +20,16 @@ impl EtcdStore {
         let options = etcd_client::ConnectOptions::new()
             .with_connect_timeout(std::time::Duration::from_secs(5))
             .with_timeout(std::time::Duration::from_secs(10));
+        let failed = |source| Error::EtcdConnect {
+            endpoints: endpoints.join(","),
+            source,
+        };
         let client = Client::connect(endpoints, Some(options))
             .await
-            .map_err(|source| Error::EtcdConnect {
-                endpoints: endpoints.join(","),
-                source,
-            })?;
+            .map_err(failed)?;
+        // The client connects lazily; ask for the server's status so a wrong address fails
+        // here, with the address in the message.
+        client.maintenance_client().status().await.map_err(failed)?;
         Ok(Self {
             client,
             prefix: prefix.to_owned(),

@@ -131,3 +131,24 @@ impl Store for AnyStore {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn store_locations_are_parsed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let store = AnyStore::open(&format!("redb:{}", path.display()))
+            .await
+            .unwrap();
+        assert!(matches!(store, AnyStore::Redb(_)));
+        store.put("k", b"v".to_vec(), Expect::Absent).await.unwrap();
+        assert!(path.exists());
+        for bad in ["bogus", "sqlite:x.db", ""] {
+            let err = AnyStore::open(bad).await.err().expect("refused");
+            assert!(err.to_string().contains("redb:PATH"), "{err}");
+        }
+    }
+}
