@@ -14,8 +14,11 @@ if [ -z "${PROTOC:-}" ] && ! command -v protoc >/dev/null 2>&1; then
     *) protoc_crate="" ;;
   esac
   if [ -n "$protoc_crate" ]; then
-    cargo fetch --locked --quiet
-    manifest=$(cargo metadata --locked --format-version 1 2>/dev/null |
+    # CI checks the committed Cargo.lock; a developer's may be ahead of it.
+    locked=""
+    if [ -n "${CI:-}" ]; then locked="--locked"; fi
+    cargo fetch $locked --quiet
+    manifest=$(cargo metadata $locked --format-version 1 2>/dev/null |
       grep -o "\"manifest_path\":\"[^\"]*/${protoc_crate}-[^\"]*/Cargo.toml\"" | head -n 1 |
       sed 's/^"manifest_path":"//; s/"$//')
     if [ -n "$manifest" ] && [ -x "$(dirname "$manifest")/bin/protoc" ]; then

@@ -1,0 +1,14 @@
+//! loractl's worker daemon. Components:
+//!
+//! - [`config`]: the worker's TOML config (coordinator, pinned GPUs, folders, rank command);
+//! - [`gpu`]: GPU discovery through NVML loaded at run time, CPU-only without it;
+//! - [`rank`]: one child process per rank, in its own process group, with exactly its GPUs;
+//! - [`protocol`]: what a rank prints for progress and artifacts.
+
+pub mod config;
+mod error;
+pub mod gpu;
+pub mod protocol;
+pub mod rank;
+
+pub use error::{ConfigProblem, Error, Result};
