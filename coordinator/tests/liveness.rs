@@ -78,7 +78,10 @@ async fn heartbeat(
         .worker_message(
             worker.clone(),
             session.id,
-            WorkerMessage::Heartbeat { running },
+            WorkerMessage::Heartbeat {
+                running,
+                draining: false,
+            },
         )
         .await
         .unwrap();

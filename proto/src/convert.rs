@@ -507,6 +507,7 @@ impl TryFrom<pb::WorkerMessage> for WorkerMessage {
             },
             Message::Heartbeat(beat) => Self::Heartbeat {
                 running: nested_list(beat.running, "heartbeat.running")?,
+                draining: beat.draining,
             },
             Message::Progress(p) => {
                 Self::Progress(Progress::try_from(p).map_err(|e| e.within("progress"))?)
@@ -537,8 +538,9 @@ impl From<WorkerMessage> for pb::WorkerMessage {
             WorkerMessage::Open { worker_id } => Message::Open(pb::SessionOpen {
                 worker_id: worker_id.to_string(),
             }),
-            WorkerMessage::Heartbeat { running } => Message::Heartbeat(pb::Heartbeat {
+            WorkerMessage::Heartbeat { running, draining } => Message::Heartbeat(pb::Heartbeat {
                 running: running.into_iter().map(Into::into).collect(),
+                draining,
             }),
             WorkerMessage::Progress(p) => Message::Progress(p.into()),
             WorkerMessage::Log(line) => Message::Log(line.into()),
@@ -772,6 +774,7 @@ mod tests {
             },
             WorkerMessage::Heartbeat {
                 running: vec![rank.clone()],
+                draining: true,
             },
             WorkerMessage::Started(rank.clone()),
             WorkerMessage::Result {

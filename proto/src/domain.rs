@@ -376,6 +376,8 @@ pub enum WorkerMessage {
     },
     Heartbeat {
         running: Vec<RunningRank>,
+        /// Shutting down: send no new work.
+        draining: bool,
     },
     Progress(Progress),
     Log(LogLine),

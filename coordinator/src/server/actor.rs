@@ -234,6 +234,8 @@ struct Actor<S: Store> {
     registry: Registry,
     sessions: HashMap<WorkerId, SessionTx>,
     next_session: u64,
+    /// Workers shutting down: no new work, and their jobs move as soon as they leave.
+    draining: BTreeSet<WorkerId>,
     /// Non-terminal jobs, kept in step with the store.
     active: BTreeMap<JobId, Job>,
     placement: Placement,
@@ -277,6 +279,7 @@ pub async fn start<S: Store + Clone>(
         registry,
         sessions: HashMap::new(),
         next_session: 0,
+        draining: BTreeSet::new(),
         active,
         placement,
         succeeded: HashMap::new(),
@@ -375,6 +378,13 @@ impl<S: Store> Actor<S> {
                 {
                     self.sessions.remove(&worker_id);
                     tracing::info!(worker = %worker_id, "worker session closed");
+                    if self.draining.remove(&worker_id) {
+                        // A clean shutdown: no reason to wait for the heartbeat timeout.
+                        if let Err(e) = self.worker_lost(&worker_id, "the worker shut down").await {
+                            tracing::warn!(worker = %worker_id, error = %e, "worker departure not applied");
+                        }
+                        self.schedule().await;
+                    }
                 }
             }
             Event::CheckpointStored { job, digest } => {
@@ -665,7 +675,8 @@ impl<S: Store> Actor<S> {
                 id: w.id.clone(),
                 gpus: w.gpus.iter().map(|g| g.index).collect(),
                 cpu_slots: self.config.cpu_slots,
-                accepts_new_work: self.sessions.contains_key(&w.id),
+                accepts_new_work: self.sessions.contains_key(&w.id)
+                    && !self.draining.contains(&w.id),
             })
             .collect();
         let mut previous = self.placement.clone();
@@ -721,7 +732,10 @@ impl<S: Store> Actor<S> {
         }
         match message {
             WorkerMessage::Open { .. } => {}
-            WorkerMessage::Heartbeat { running } => {
+            WorkerMessage::Heartbeat { running, draining } => {
+                if draining && self.draining.insert(worker.clone()) {
+                    tracing::info!(worker = %worker, "worker is shutting down");
+                }
                 // A worker that was out of touch may still run ranks whose jobs moved on.
                 for rank in running {
                     if self.expected(worker, &rank).is_none() {
