@@ -234,7 +234,12 @@ impl ArtifactStore {
         let mut out = Vec::new();
         while let Some(entry) = entries.next_entry().await.map_err(io_error(&dir))? {
             let path = entry.path();
-            let bytes = tokio::fs::read(&path).await.map_err(io_error(&path))?;
+            let bytes = match tokio::fs::read(&path).await {
+                Ok(bytes) => bytes,
+                // Deleted by a concurrent garbage collection since the listing.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_error(&path)(e)),
+            };
             let info = decode_info(&path, &bytes)?;
             if job.is_none() || info.job_id.as_ref() == job {
                 out.push(info);
@@ -360,7 +365,8 @@ impl Upload {
         let mut info = self.info.clone();
         info.created_at = self.store.next_created_at();
         let meta = self.store.meta_path(&digest);
-        let tmp = meta.with_extension("tmp");
+        // Written beside the partial data, then renamed: `meta/` only ever holds whole records.
+        let tmp = partial.with_extension("meta");
         let bytes = pb::ArtifactInfo::from(info.clone()).encode_to_vec();
         tokio::fs::write(&tmp, bytes)
             .await

@@ -137,19 +137,32 @@ async fn submit(jobs: &mut JobServiceClient<Authed>, gpus: &str) -> Job {
     Job::try_from(response.job.unwrap()).unwrap()
 }
 
+async fn watch_stream(
+    jobs: &mut JobServiceClient<Authed>,
+    job: &Job,
+) -> tonic::Streaming<pb::JobEvent> {
+    jobs.watch_job(pb::WatchJobRequest {
+        job_id: job.id.to_string(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
 /// Follows the job until `until` holds for it; returns every event seen.
 async fn watch_until(
     jobs: &mut JobServiceClient<Authed>,
     job: &Job,
     until: impl Fn(&Job) -> bool,
 ) -> (Job, Vec<JobEvent>) {
-    let mut stream = jobs
-        .watch_job(pb::WatchJobRequest {
-            job_id: job.id.to_string(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let stream = watch_stream(jobs, job).await;
+    follow_until(stream, until).await
+}
+
+async fn follow_until(
+    mut stream: tonic::Streaming<pb::JobEvent>,
+    until: impl Fn(&Job) -> bool,
+) -> (Job, Vec<JobEvent>) {
     let mut events = Vec::new();
     let found = tokio::time::timeout(WAIT, async {
         while let Some(event) = stream.next().await {
@@ -215,10 +228,12 @@ echo '@loractl {"artifact":{"path":"step2.ckpt","kind":"checkpoint"}}'
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_runs_on_the_worker_and_its_artifacts_are_uploaded() {
     let cluster = Cluster::start().await;
-    let (stop, worker) = cluster.worker("box", TRAIN);
     let mut jobs = cluster.jobs().await;
     let job = submit(&mut jobs, "all").await;
-    let (done, events) = watch_until(&mut jobs, &job, |j| j.state.is_terminal()).await;
+    // The watch is open before any worker exists, so it sees every event of the run.
+    let watch = watch_stream(&mut jobs, &job).await;
+    let (stop, worker) = cluster.worker("box", TRAIN);
+    let (done, events) = follow_until(watch, |j| j.state.is_terminal()).await;
     assert_eq!(done.state, JobState::Succeeded, "{:?}", done.last_failure);
     assert!(events
         .iter()
