@@ -67,6 +67,14 @@ pub enum Error {
     UnknownWorker(loractl_proto::domain::WorkerId),
     #[error("cannot serve gRPC: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("leader election: {0}")]
+    Election(String),
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the coordinator is shutting down")]
     ShuttingDown,
 }

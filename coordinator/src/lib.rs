@@ -8,12 +8,14 @@
 //!   against starvation);
 //! - [`artifacts`]: the content-addressed artifact store on local disk (quota, resumable
 //!   verified uploads, keep-latest-N checkpoints);
+//! - [`leader`]: leader election among coordinators sharing one etcd;
 //! - [`server`]: the event loop that owns all mutable state, worker liveness, and the gRPC
 //!   services in front of it.
 
 pub mod artifacts;
 pub mod error;
 pub mod job;
+pub mod leader;
 pub mod placement;
 pub mod server;
 pub mod state;

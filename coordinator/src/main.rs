@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Parser;
 use loractl_coordinator::artifacts::ArtifactConfig;
 use loractl_coordinator::placement::Policy;
@@ -43,6 +42,9 @@ struct Args {
     /// Seconds of silence after which a worker is lost and its jobs are retried.
     #[arg(long, default_value_t = 30)]
     heartbeat_timeout_secs: u64,
+    /// With etcd: seconds a dead leader keeps leadership before a standby takes over.
+    #[arg(long, default_value_t = 10)]
+    leader_ttl_secs: u64,
     /// Placement rounds a job may be passed over before it reserves workers.
     #[arg(long, default_value_t = 3)]
     reserve_after_rounds: u32,
@@ -65,9 +67,6 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let store = AnyStore::open(&args.store).await?;
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
     const GIB: u64 = 1 << 30;
     let config = ServerConfig {
         coordinator: CoordinatorConfig {
@@ -85,11 +84,12 @@ async fn main() -> anyhow::Result<()> {
             keep_checkpoints: args.keep_checkpoints.max(1),
         },
         token: args.token,
+        leader_ttl: Duration::from_secs(args.leader_ttl_secs),
     };
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
         tracing::info!("shutting down");
     };
-    server::serve(store, config, listener, shutdown).await?;
+    server::run(store, config, &args.listen, shutdown, None).await?;
     Ok(())
 }

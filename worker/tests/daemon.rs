@@ -63,6 +63,7 @@ impl Cluster {
                 keep_checkpoints: 2,
             },
             token: Some(TOKEN.to_owned()),
+            leader_ttl: Duration::from_secs(10),
         };
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(server::serve(store, config, listener, async {

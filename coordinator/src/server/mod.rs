@@ -16,8 +16,8 @@ use tokio_stream::wrappers::TcpListenerStream;
 pub use self::actor::{CoordinatorConfig, Handle};
 use self::auth::BearerAuth;
 use crate::artifacts::{ArtifactConfig, ArtifactStore};
-use crate::error::Result;
-use crate::store::Store;
+use crate::error::{Error, Result};
+use crate::store::{AnyStore, Store};
 
 /// Largest gRPC message accepted (upload chunks are 1 MiB; specs are small).
 pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
@@ -28,6 +28,8 @@ pub struct ServerConfig {
     pub artifacts: ArtifactConfig,
     /// Bearer token every call must carry; `None` accepts all (development on loopback).
     pub token: Option<String>,
+    /// With etcd: how long a dead leader keeps its leadership before a standby takes over.
+    pub leader_ttl: std::time::Duration,
 }
 
 /// Serves on `listener` until `shutdown` resolves, then stops accepting calls and ends the
@@ -80,5 +82,67 @@ where
         .await?;
     // The services held the last handles; the loop ends once they are dropped.
     let _ = event_loop.await;
+    Ok(())
+}
+
+/// Runs a coordinator on `listen` until `shutdown` resolves. With an etcd store it first wins
+/// the leader election (standbys wait without listening), stops serving if it loses the
+/// leadership, and resigns on shutdown. `ready` learns the address once it serves.
+pub async fn run<F>(
+    store: AnyStore,
+    config: ServerConfig,
+    listen: &str,
+    shutdown: F,
+    ready: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
+) -> Result<()>
+where
+    F: Future<Output = ()> + Send,
+{
+    let bind = || async {
+        TcpListener::bind(listen)
+            .await
+            .map_err(|source| Error::Listen {
+                address: listen.to_owned(),
+                source,
+            })
+    };
+    let announce = |listener: &TcpListener, ready: Option<tokio::sync::oneshot::Sender<_>>| {
+        if let (Some(ready), Ok(addr)) = (ready, listener.local_addr()) {
+            let _ = ready.send(addr);
+        }
+    };
+    tokio::pin!(shutdown);
+    let etcd = match &store {
+        AnyStore::Etcd(etcd) => Some((etcd.client().clone(), format!("{}leader", etcd.prefix()))),
+        AnyStore::Redb(_) => None,
+    };
+    let Some((client, election)) = etcd else {
+        let listener = bind().await?;
+        announce(&listener, ready);
+        return serve(store, config, listener, shutdown).await;
+    };
+    let campaign = crate::leader::campaign(&client, &election, listen, config.leader_ttl);
+    let mut leadership = tokio::select! {
+        leadership = campaign => leadership?,
+        _ = &mut shutdown => return Ok(()),
+    };
+    let listener = bind().await?;
+    announce(&listener, ready);
+    let mut lost = false;
+    let stop = async {
+        tokio::select! {
+            _ = &mut shutdown => {}
+            _ = leadership.lost() => lost = true,
+        }
+    };
+    let served = serve(store, config, listener, stop).await;
+    leadership.resign().await;
+    served?;
+    if lost {
+        return Err(Error::Election(
+            "leadership lost (lease not renewed): stopped serving; restart to campaign again"
+                .into(),
+        ));
+    }
     Ok(())
 }

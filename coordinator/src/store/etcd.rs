@@ -36,6 +36,15 @@ impl EtcdStore {
         })
     }
 
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The prefix every key of this store lives under.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     fn full(&self, key: &str) -> String {
         format!("{}{key}", self.prefix)
     }
