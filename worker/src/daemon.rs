@@ -364,6 +364,21 @@ impl Daemon {
         if self.draining || self.ranks.contains_key(&id) {
             return;
         }
+        // The job id names folders under work_dir: nothing but a plain name may pass.
+        let plain = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+        if id.job_id.as_str().is_empty() || !id.job_id.as_str().chars().all(plain) {
+            let failure = Failure {
+                kind: FailureKind::BadConfig,
+                message: format!("job id `{}` is not a plain name", id.job_id),
+                rank: Some(id.rank),
+            };
+            self.send(WorkerMessage::Result {
+                rank: id,
+                outcome: RankOutcome::Failed(failure),
+            })
+            .await;
+            return;
+        }
         let pinned: Vec<u32> = self.gpus.iter().map(|g| g.index).collect();
         if let Some(bad) = assignment.gpu_indices.iter().find(|g| !pinned.contains(g)) {
             // Never run on a GPU this worker was not given.

@@ -33,6 +33,8 @@ pub struct CoordinatorConfig {
     pub policy: Policy,
     /// Log lines kept per job for `GetLogs`.
     pub log_lines_per_job: usize,
+    /// Ended jobs whose log lines stay in memory (older ones are dropped).
+    pub ended_jobs_with_logs: usize,
 }
 
 impl Default for CoordinatorConfig {
@@ -43,6 +45,7 @@ impl Default for CoordinatorConfig {
             cpu_slots: 1,
             policy: Policy::default(),
             log_lines_per_job: 10_000,
+            ended_jobs_with_logs: 100,
         }
     }
 }
@@ -243,6 +246,8 @@ struct Actor<S: Store> {
     succeeded: HashMap<(JobId, u32), BTreeSet<u32>>,
     watchers: HashMap<JobId, broadcast::Sender<JobEvent>>,
     logs: HashMap<JobId, JobLog>,
+    /// Ended jobs whose logs are still held, oldest first.
+    ended_logs: VecDeque<JobId>,
 }
 
 /// Starts the loop on `store`: loads jobs and workers, then serves events until every
@@ -285,6 +290,7 @@ pub async fn start<S: Store + Clone>(
         succeeded: HashMap::new(),
         watchers: HashMap::new(),
         logs: HashMap::new(),
+        ended_logs: VecDeque::new(),
         config,
     };
     let (tx, rx) = mpsc::channel(1024);
@@ -419,6 +425,12 @@ impl<S: Store> Actor<S> {
             }
             if let Some(log) = self.logs.get_mut(&job.id) {
                 log.tx = None;
+                self.ended_logs.push_back(job.id.clone());
+                while self.ended_logs.len() > self.config.ended_jobs_with_logs {
+                    if let Some(old) = self.ended_logs.pop_front() {
+                        self.logs.remove(&old);
+                    }
+                }
             }
         } else {
             self.active.insert(job.id.clone(), job.clone());
@@ -467,6 +479,13 @@ impl<S: Store> Actor<S> {
 
     async fn logs(&mut self, id: &JobId, follow: bool) -> Result<Logs> {
         let job = self.state.job(id).await?;
+        if job.state.is_terminal() && !self.logs.contains_key(id) {
+            // Never logged, or dropped with older ended jobs.
+            return Ok(Logs {
+                lines: Vec::new(),
+                follow: None,
+            });
+        }
         let log = self.logs.entry(id.clone()).or_insert_with(|| JobLog {
             lines: VecDeque::new(),
             tx: (!job.state.is_terminal()).then(|| broadcast::channel(4096).0),
