@@ -20,7 +20,7 @@ if [ -z "${PROTOC:-}" ] && ! command -v protoc >/dev/null 2>&1; then
     cargo fetch $locked --quiet
     manifest=$(cargo metadata $locked --format-version 1 2>/dev/null |
       grep -o "\"manifest_path\":\"[^\"]*/${protoc_crate}-[^\"]*/Cargo.toml\"" | head -n 1 |
-      sed 's/^"manifest_path":"//; s/"$//')
+      sed 's/^"manifest_path":"//; s/"$//' || true)
     if [ -n "$manifest" ] && [ -x "$(dirname "$manifest")/bin/protoc" ]; then
       export PROTOC="$(dirname "$manifest")/bin/protoc"
     fi
@@ -30,7 +30,8 @@ if [ -z "${PROTOC:-}" ] && ! command -v protoc >/dev/null 2>&1; then
   fi
 fi
 
-if [ "${LORACTL_SKIP_ETCD:-0}" != "1" ] && ! command -v "${LORACTL_ETCD:-etcd}" >/dev/null 2>&1; then
+# LORACTL_ETCD names another etcd binary; then nothing is installed.
+if [ "${LORACTL_SKIP_ETCD:-0}" != "1" ] && [ -z "${LORACTL_ETCD:-}" ] && ! command -v etcd >/dev/null 2>&1; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing etcd-server for the etcd store tests" >&2
     export DEBIAN_FRONTEND=noninteractive
