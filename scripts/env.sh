@@ -35,8 +35,12 @@ if [ "${LORACTL_SKIP_ETCD:-0}" != "1" ] && [ -z "${LORACTL_ETCD:-}" ] && ! comma
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing etcd-server for the etcd store tests" >&2
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >/dev/null
-    apt-get install -y -qq --no-install-recommends etcd-server >/dev/null
+    apt_log=$(mktemp)
+    if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends etcd-server; } >"$apt_log" 2>&1; then
+      cat "$apt_log" >&2
+      echo "installing etcd-server failed; set LORACTL_SKIP_ETCD=1 to run without the etcd tests" >&2
+    fi
+    rm -f "$apt_log"
   else
     echo "etcd is missing: install it (\`apt-get install -y etcd-server\`) or set LORACTL_SKIP_ETCD=1" >&2
   fi
