@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Parser;
 use loractl_coordinator::artifacts::ArtifactConfig;
 use loractl_coordinator::placement::Policy;
-use loractl_coordinator::server::{self, CoordinatorConfig, ServerConfig};
+use loractl_coordinator::server::{self, CoordinatorConfig, ServerConfig, TlsFiles};
 use loractl_coordinator::store::AnyStore;
 
 #[derive(Parser, Debug)]
@@ -42,6 +42,15 @@ struct Args {
     /// Seconds of silence after which a worker is lost and its jobs are retried.
     #[arg(long, default_value_t = 30)]
     heartbeat_timeout_secs: u64,
+    /// TLS certificate (PEM); with --tls-key, the coordinator serves TLS only.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) that signs worker certificates: workers must then present one (mutual TLS).
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// With etcd: seconds a dead leader keeps leadership before a standby takes over.
     #[arg(long, default_value_t = 10)]
     leader_ttl_secs: u64,
@@ -85,6 +94,14 @@ async fn main() -> anyhow::Result<()> {
         },
         token: args.token,
         leader_ttl: Duration::from_secs(args.leader_ttl_secs),
+        tls: match (args.tls_cert, args.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert,
+                key,
+                client_ca: args.tls_client_ca,
+            }),
+            _ => None,
+        },
     };
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;

@@ -50,6 +50,7 @@ async fn start(
             keep_checkpoints: 1,
         },
         token: None,
+        tls: None,
         leader_ttl: Duration::from_secs(2),
     };
     let (stop, stopped) = oneshot::channel::<()>();

@@ -64,6 +64,7 @@ impl Server {
                 keep_checkpoints: 2,
             },
             token: Some(TOKEN.to_owned()),
+            tls: None,
             leader_ttl: Duration::from_secs(10),
         };
         let (stop, stopped) = oneshot::channel::<()>();

@@ -1,6 +1,6 @@
-//! The worker's gRPC clients: a channel to the coordinator with the bearer token on every
-//! call, and artifact transfer: resumable uploads of what ranks produce, verified downloads
-//! (resume checkpoints) into a cache keyed by sha256.
+//! The worker's gRPC clients: a [`Link`] to the coordinator (TLS when configured, the bearer
+//! token on every call), and artifact transfer: resumable uploads of what ranks produce,
+//! verified downloads (resume checkpoints) into a cache keyed by sha256.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -8,11 +8,13 @@ use std::time::Duration;
 use loractl_proto::domain::{ArtifactInfo, ArtifactKind, Digest, JobId};
 use loractl_proto::pb;
 use loractl_proto::pb::artifact_service_client::ArtifactServiceClient;
+use loractl_proto::pb::job_service_client::JobServiceClient;
+use loractl_proto::pb::worker_service_client::WorkerServiceClient;
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Request, Status};
 
 use crate::error::{io_error, Error, Result};
@@ -55,13 +57,83 @@ impl Interceptor for Auth {
 
 pub type Authed = InterceptedService<Channel, Auth>;
 
-pub async fn connect(address: &str) -> Result<Channel> {
+/// TLS towards the coordinator: the CA that signed its certificate, and this worker's own
+/// certificate for mutual TLS.
+#[derive(Clone)]
+pub struct ClientTls {
+    pub ca_pem: Vec<u8>,
+    /// Certificate and key (PEM).
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// Name in the coordinator's certificate, when not the address's host.
+    pub domain: Option<String>,
+}
+
+impl ClientTls {
+    fn config(&self) -> ClientTlsConfig {
+        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca_pem));
+        if let Some((cert, key)) = &self.identity {
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        if let Some(domain) = &self.domain {
+            config = config.domain_name(domain.clone());
+        }
+        config
+    }
+}
+
+/// Everything needed to call the coordinator.
+#[derive(Clone)]
+pub struct Link {
+    address: String,
+    auth: Auth,
+    tls: Option<ClientTls>,
+}
+
+impl Link {
+    pub fn new(address: &str, token: Option<&str>, tls: Option<ClientTls>) -> Result<Self> {
+        Ok(Self {
+            address: address.to_owned(),
+            auth: Auth::new(token)?,
+            tls,
+        })
+    }
+
+    pub async fn channel(&self) -> Result<Channel> {
+        connect(&self.address, self.tls.as_ref()).await
+    }
+
+    pub async fn jobs(&self) -> Result<JobServiceClient<Authed>> {
+        Ok(JobServiceClient::with_interceptor(
+            self.channel().await?,
+            self.auth.clone(),
+        ))
+    }
+
+    pub async fn workers(&self) -> Result<WorkerServiceClient<Authed>> {
+        Ok(WorkerServiceClient::with_interceptor(
+            self.channel().await?,
+            self.auth.clone(),
+        ))
+    }
+
+    pub async fn artifacts(&self) -> Result<ArtifactServiceClient<Authed>> {
+        Ok(
+            ArtifactServiceClient::with_interceptor(self.channel().await?, self.auth.clone())
+                .max_decoding_message_size(8 << 20),
+        )
+    }
+}
+
+pub async fn connect(address: &str, tls: Option<&ClientTls>) -> Result<Channel> {
     let connect_error = |source| Error::Connect {
         address: address.to_owned(),
         source,
     };
-    Endpoint::from_shared(address.to_owned())
-        .map_err(connect_error)?
+    let mut endpoint = Endpoint::from_shared(address.to_owned()).map_err(connect_error)?;
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.config()).map_err(connect_error)?;
+    }
+    endpoint
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10))

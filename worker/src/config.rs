@@ -54,6 +54,13 @@ pub struct WorkerConfig {
     pub model_dirs: Vec<PathBuf>,
     /// Program and arguments that run one rank; see [`crate::rank`] for its environment.
     pub rank_command: Vec<String>,
+    /// CA (PEM) that signed the coordinator's certificate; needed for an https:// coordinator.
+    pub tls_ca: Option<PathBuf>,
+    /// This worker's certificate and key (PEM), when the coordinator requires mutual TLS.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Name in the coordinator's certificate, when it differs from the address's host.
+    pub tls_domain: Option<String>,
     /// Seconds a rank gets to exit after SIGTERM before its process group is killed.
     pub stop_grace_secs: u64,
     pub labels: BTreeMap<String, String>,
@@ -70,6 +77,10 @@ impl Default for WorkerConfig {
             work_dir: PathBuf::from(defaults::WORK_DIR),
             cache_dir: PathBuf::from(defaults::CACHE_DIR),
             model_dirs: Vec::new(),
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_domain: None,
             rank_command: defaults::RANK_COMMAND
                 .iter()
                 .map(|s| s.to_string())
@@ -126,6 +137,25 @@ impl WorkerConfig {
                 "empty: give the program that runs one rank, e.g. [\"loractl\", \"rank\"]".into(),
             );
         }
+        let https = self.coordinator.starts_with("https://");
+        if https && self.tls_ca.is_none() {
+            problem(
+                "tls_ca",
+                "missing: an https:// coordinator needs the CA that signed its certificate".into(),
+            );
+        }
+        if !https && (self.tls_ca.is_some() || self.tls_cert.is_some()) {
+            problem(
+                "coordinator",
+                "TLS files are set but the address is http://: write https://".into(),
+            );
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            problem(
+                "tls_cert",
+                "tls_cert and tls_key go together: set both or neither".into(),
+            );
+        }
         if let Some(name) = &self.name {
             if name.trim().is_empty() || name.contains(char::is_whitespace) {
                 problem("name", format!("`{name}` must be non-empty without spaces"));
@@ -158,6 +188,23 @@ impl WorkerConfig {
             }
             None => Ok(None),
         }
+    }
+
+    /// The TLS settings read from their files; `None` for a plain http:// coordinator.
+    pub fn client_tls(&self) -> Result<Option<crate::client::ClientTls>> {
+        let Some(ca) = &self.tls_ca else {
+            return Ok(None);
+        };
+        let read = |path: &PathBuf| std::fs::read(path).map_err(io_error(path));
+        let identity = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+            _ => None,
+        };
+        Ok(Some(crate::client::ClientTls {
+            ca_pem: read(ca)?,
+            identity,
+            domain: self.tls_domain.clone(),
+        }))
     }
 
     /// The registered name: `name`, else the host name, else `worker`.

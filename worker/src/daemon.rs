@@ -16,12 +16,11 @@ use loractl_proto::domain::{
     Progress, RankOutcome, Registration, RunningRank, WorkerId, WorkerMessage,
 };
 use loractl_proto::pb;
-use loractl_proto::pb::artifact_service_client::ArtifactServiceClient;
 use loractl_proto::pb::worker_service_client::WorkerServiceClient;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::client::{self, Auth, Authed};
+use crate::client::{self, Authed, Link};
 use crate::config::WorkerConfig;
 use crate::error::{io_error, Error, Result};
 use crate::protocol::{ArtifactKindName, ChildMessage};
@@ -69,7 +68,7 @@ struct Connection {
 pub struct Daemon {
     config: WorkerConfig,
     gpus: Vec<GpuInfo>,
-    auth: Auth,
+    link: Link,
     worker_id: Option<WorkerId>,
     connection: Option<Connection>,
     ranks: BTreeMap<RunningRank, Rank>,
@@ -106,11 +105,17 @@ async fn next_connection_event(connection: &mut Option<Connection>) -> Connectio
 }
 
 impl Daemon {
-    pub fn new(config: WorkerConfig, gpus: Vec<GpuInfo>, token: Option<String>) -> Result<Self> {
+    /// `token` and `tls` come from [`WorkerConfig::token`] and [`WorkerConfig::client_tls`].
+    pub fn new(
+        config: WorkerConfig,
+        gpus: Vec<GpuInfo>,
+        token: Option<String>,
+        tls: Option<client::ClientTls>,
+    ) -> Result<Self> {
         let (rank_tx, rank_rx) = mpsc::channel(4096);
         let (internal_tx, internal_rx) = mpsc::channel(256);
         Ok(Self {
-            auth: Auth::new(token.as_deref())?,
+            link: Link::new(&config.coordinator, token.as_deref(), tls)?,
             config,
             gpus,
             worker_id: None,
@@ -203,8 +208,7 @@ impl Daemon {
     }
 
     async fn connect(&mut self) -> Result<()> {
-        let channel = client::connect(&self.config.coordinator).await?;
-        let mut workers = WorkerServiceClient::with_interceptor(channel, self.auth.clone());
+        let mut workers = self.link.workers().await?;
         // Reuse the registration after a network blip; register anew if the coordinator
         // forgot it (declared lost, or restarted without it).
         for _ in 0..2 {
@@ -405,10 +409,10 @@ impl Daemon {
             },
         );
         let config = self.config.clone();
-        let auth = self.auth.clone();
+        let link = self.link.clone();
         let internal = self.internal_tx.clone();
         tokio::spawn(async move {
-            let result = prepare(&config, auth, &id, assignment).await.map(Box::new);
+            let result = prepare(&config, &link, &id, assignment).await.map(Box::new);
             let _ = internal.send(Internal::Prepared { rank: id, result }).await;
         });
     }
@@ -570,14 +574,11 @@ impl Daemon {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default()
         });
-        let address = self.config.coordinator.clone();
-        let auth = self.auth.clone();
+        let link = self.link.clone();
         let internal = self.internal_tx.clone();
         tokio::spawn(async move {
             let result = async {
-                let channel = client::connect(&address).await?;
-                let mut artifacts = ArtifactServiceClient::with_interceptor(channel, auth)
-                    .max_decoding_message_size(8 << 20);
+                let mut artifacts = link.artifacts().await?;
                 let info = client::upload_file(
                     &mut artifacts,
                     &path,
@@ -659,7 +660,7 @@ impl Daemon {
 /// Writes the rank's folder and spec, and fetches its resume checkpoint.
 async fn prepare(
     config: &WorkerConfig,
-    auth: Auth,
+    link: &Link,
     rank: &RunningRank,
     assignment: Assignment,
 ) -> Result<Launch> {
@@ -674,9 +675,7 @@ async fn prepare(
         .map_err(io_error(&spec_path))?;
     let resume = match &assignment.resume_checkpoint {
         Some(digest) => {
-            let channel = client::connect(&config.coordinator).await?;
-            let mut artifacts = ArtifactServiceClient::with_interceptor(channel, auth)
-                .max_decoding_message_size(8 << 20);
+            let mut artifacts = link.artifacts().await?;
             Some(client::download_to_cache(&mut artifacts, &config.cache_dir, digest).await?)
         }
         None => None,

@@ -84,7 +84,8 @@ async fn main() -> anyhow::Result<()> {
     config.validate()?;
     let gpus = gpu::discover(&config.gpu_selection(), config.simulated_gpus)?;
     let token = config.token().context("reading the coordinator token")?;
-    Daemon::new(config, gpus, token)?
+    let tls = config.client_tls()?;
+    Daemon::new(config, gpus, token, tls)?
         .run(shutdown_signal())
         .await?;
     Ok(())

@@ -14,7 +14,7 @@ use loractl_proto::domain::{ArtifactKind, FailureKind, Job, JobEvent, JobState};
 use loractl_proto::pb;
 use loractl_proto::pb::artifact_service_client::ArtifactServiceClient;
 use loractl_proto::pb::job_service_client::JobServiceClient;
-use loractl_worker::client::{self, Auth, Authed};
+use loractl_worker::client::{self, Authed, Link};
 use loractl_worker::config::WorkerConfig;
 use loractl_worker::daemon::Daemon;
 use loractl_worker::gpu;
@@ -63,6 +63,7 @@ impl Cluster {
                 keep_checkpoints: 2,
             },
             token: Some(TOKEN.to_owned()),
+            tls: None,
             leader_ttl: Duration::from_secs(10),
         };
         let (stop, stopped) = oneshot::channel::<()>();
@@ -99,7 +100,7 @@ impl Cluster {
         };
         config.validate().unwrap();
         let gpus = gpu::discover(&config.gpu_selection(), config.simulated_gpus).unwrap();
-        let daemon = Daemon::new(config, gpus, Some(TOKEN.to_owned())).unwrap();
+        let daemon = Daemon::new(config, gpus, Some(TOKEN.to_owned()), None).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(daemon.run(async {
             let _ = stopped.await;
@@ -108,13 +109,13 @@ impl Cluster {
     }
 
     async fn jobs(&self) -> JobServiceClient<Authed> {
-        let channel = client::connect(&self.address).await.unwrap();
-        JobServiceClient::with_interceptor(channel, Auth::new(Some(TOKEN)).unwrap())
+        let link = Link::new(&self.address, Some(TOKEN), None).unwrap();
+        link.jobs().await.unwrap()
     }
 
     async fn artifacts(&self) -> ArtifactServiceClient<Authed> {
-        let channel = client::connect(&self.address).await.unwrap();
-        ArtifactServiceClient::with_interceptor(channel, Auth::new(Some(TOKEN)).unwrap())
+        let link = Link::new(&self.address, Some(TOKEN), None).unwrap();
+        link.artifacts().await.unwrap()
     }
 }
 

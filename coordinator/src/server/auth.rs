@@ -1,5 +1,7 @@
-//! Bearer-token check for every call when the coordinator has a token: a call without
-//! `authorization: Bearer <token>` or with another token is refused before any handler runs.
+//! Call admission, before any handler runs: the bearer token when the coordinator has one (a
+//! call without `authorization: Bearer <token>` or with another token is refused), and for
+//! the worker service with mutual TLS, a client certificate the TLS layer verified against the
+//! client CA.
 
 use std::sync::Arc;
 
@@ -8,6 +10,7 @@ use tonic::{Request, Status};
 #[derive(Clone)]
 pub struct BearerAuth {
     token: Option<Arc<[u8]>>,
+    require_client_cert: bool,
 }
 
 impl BearerAuth {
@@ -15,10 +18,22 @@ impl BearerAuth {
     pub fn new(token: Option<&str>) -> Self {
         Self {
             token: token.map(|t| Arc::from(t.as_bytes())),
+            require_client_cert: false,
         }
     }
 
+    /// Also requires a verified TLS client certificate (mutual TLS for workers).
+    pub fn with_client_cert(mut self) -> Self {
+        self.require_client_cert = true;
+        self
+    }
+
     pub fn check<T>(&self, request: Request<T>) -> Result<Request<T>, Status> {
+        if self.require_client_cert && request.peer_certs().is_none_or(|certs| certs.is_empty()) {
+            return Err(Status::unauthenticated(
+                "workers must present a client certificate signed by the coordinator's client CA (tls_cert and tls_key in the worker config)",
+            ));
+        }
         let Some(expected) = &self.token else {
             return Ok(request);
         };

@@ -22,6 +22,15 @@ use crate::store::{AnyStore, Store};
 /// Largest gRPC message accepted (upload chunks are 1 MiB; specs are small).
 pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
 
+/// PEM files of the coordinator's TLS identity. With `client_ca`, workers must present a
+/// certificate signed by it (mutual TLS); clients such as the CLI need only the token.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub client_ca: Option<std::path::PathBuf>,
+}
+
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub coordinator: CoordinatorConfig,
@@ -30,6 +39,29 @@ pub struct ServerConfig {
     pub token: Option<String>,
     /// With etcd: how long a dead leader keeps its leadership before a standby takes over.
     pub leader_ttl: std::time::Duration,
+    /// Serve TLS only; `None` serves plain HTTP/2 (loopback development).
+    pub tls: Option<TlsFiles>,
+}
+
+fn read_pem(path: &std::path::Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn tls_config(files: &TlsFiles) -> Result<tonic::transport::ServerTlsConfig> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let identity = Identity::from_pem(read_pem(&files.cert)?, read_pem(&files.key)?);
+    let mut config = ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &files.client_ca {
+        // Optional at the TLS layer so that token-only clients connect; the worker service
+        // refuses calls without a verified certificate.
+        config = config
+            .client_ca_root(Certificate::from_pem(read_pem(ca)?))
+            .client_auth_optional(true);
+    }
+    Ok(config)
 }
 
 /// Serves on `listener` until `shutdown` resolves, then stops accepting calls and ends the
@@ -44,9 +76,21 @@ where
     S: Store + Clone,
     F: Future<Output = ()> + Send,
 {
+    // Certificates first: a wrong path fails before anything starts.
+    let tls = config.tls.as_ref().map(tls_config).transpose()?;
     let (handle, event_loop) = actor::start(store, config.coordinator).await?;
     let artifacts = ArtifactStore::open(config.artifacts).await?;
     let auth = BearerAuth::new(config.token.as_deref());
+    let mutual_tls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+    let worker_auth = if mutual_tls {
+        auth.clone().with_client_cert()
+    } else {
+        auth.clone()
+    };
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
 
     let jobs = pb::job_service_server::JobServiceServer::new(grpc::JobApi {
         handle: handle.clone(),
@@ -65,14 +109,14 @@ where
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "coordinator serving");
     }
-    tonic::transport::Server::builder()
+    builder
         .add_service(tonic::service::interceptor::InterceptedService::new(
             jobs,
             auth.clone(),
         ))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             workers,
-            auth.clone(),
+            worker_auth,
         ))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             artifact_api,
