@@ -67,6 +67,8 @@ pub enum Error {
     UnknownWorker(loractl_proto::domain::WorkerId),
     #[error("cannot serve gRPC: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("this coordinator is no longer the leader; another one took over")]
+    NotLeader,
     #[error("leader election: {0}")]
     Election(String),
     #[error("cannot listen on {address}: {source}")]
@@ -118,7 +120,7 @@ impl From<Error> for tonic::Status {
             Error::Conflict { .. } | Error::TooManyConflicts { .. } => {
                 tonic::Status::aborted(message)
             }
-            Error::ShuttingDown => tonic::Status::unavailable(message),
+            Error::ShuttingDown | Error::NotLeader => tonic::Status::unavailable(message),
             Error::ProtocolMismatch { .. } => tonic::Status::failed_precondition(message),
             Error::UnknownWorker(_) => tonic::Status::not_found(message),
             _ => tonic::Status::internal(message),

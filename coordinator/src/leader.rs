@@ -72,6 +72,12 @@ pub async fn campaign(
 }
 
 impl Leadership {
+    /// The election key and its create revision: writes conditional on them fail once this
+    /// leadership is gone ([`crate::store::EtcdStore::fenced`]).
+    pub fn fence(&self) -> Option<(Vec<u8>, i64)> {
+        self.leader.as_ref().map(|l| (l.key().to_vec(), l.rev()))
+    }
+
     /// Resolves when the lease could not be renewed: stop serving.
     pub async fn lost(&mut self) {
         let _ = self.lost.wait_for(|lost| *lost).await;

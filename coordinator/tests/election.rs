@@ -153,3 +153,44 @@ async fn a_standby_takes_over_when_the_leader_shuts_down() {
 async fn a_standby_takes_over_when_the_leader_dies() {
     submit_and_check_takeover(true).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leader_cannot_write() {
+    use loractl_coordinator::store::{Expect, Store};
+    let Some(etcd) = common::Etcd::start() else {
+        return;
+    };
+    let store = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), "/fence/")
+        .await
+        .unwrap();
+    let leadership = loractl_coordinator::leader::campaign(
+        store.client(),
+        "/fence/leader",
+        "127.0.0.1:1",
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let (key, revision) = leadership.fence().unwrap();
+    let fenced = store.fenced(key, revision);
+    let version = fenced
+        .put("jobs/j1", b"a".to_vec(), Expect::Absent)
+        .await
+        .unwrap();
+    // A conflict while leading is still a conflict.
+    let conflict = fenced
+        .put("jobs/j1", b"b".to_vec(), Expect::Absent)
+        .await
+        .unwrap_err();
+    assert!(conflict.is_conflict(), "{conflict}");
+    leadership.resign().await;
+    let err = fenced
+        .put("jobs/j1", b"c".to_vec(), Expect::Version(version))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, loractl_coordinator::Error::NotLeader),
+        "{err}"
+    );
+    assert_eq!(store.get("jobs/j1").await.unwrap().unwrap().value, b"a");
+}

@@ -287,3 +287,35 @@ async fn etcd_connection_errors_name_the_endpoint() {
     assert!(text.contains("etcd at http://127.0.0.1:1"), "{text}");
     assert!(text.contains("is etcd running there?"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fenced_etcd_backend_conforms() {
+    let Some(etcd) = common::Etcd::start() else {
+        return;
+    };
+    let endpoint = etcd.endpoint.clone();
+    let store = EtcdStore::connect(std::slice::from_ref(&endpoint), "/fenced/")
+        .await
+        .unwrap();
+    let leadership = loractl_coordinator::leader::campaign(
+        store.client(),
+        "/fenced/leader",
+        "test",
+        std::time::Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let (key, revision) = leadership.fence().unwrap();
+    run_suite(|case| {
+        let endpoints = vec![endpoint.clone()];
+        let key = key.clone();
+        async move {
+            EtcdStore::connect(&endpoints, &format!("/fenced/{case}/"))
+                .await
+                .unwrap()
+                .fenced(key, revision)
+        }
+    })
+    .await;
+    leadership.resign().await;
+}

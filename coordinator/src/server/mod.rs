@@ -170,6 +170,12 @@ where
         leadership = campaign => leadership?,
         _ = &mut shutdown => return Ok(()),
     };
+    let store = match (store, leadership.fence()) {
+        (AnyStore::Etcd(etcd), Some((key, revision))) => {
+            AnyStore::Etcd(Box::new(etcd.fenced(key, revision)))
+        }
+        (store, _) => store,
+    };
     let listener = bind().await?;
     announce(&listener, ready);
     let mut lost = false;

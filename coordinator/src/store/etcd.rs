@@ -1,6 +1,8 @@
 //! The cluster store: etcd v3. Versions are etcd mod revisions; conditional writes are etcd
 //! transactions comparing the key's create or mod revision. Every key lives under a prefix so
-//! several deployments (or test runs) can share one etcd.
+//! several deployments (or test runs) can share one etcd. A leader's store is fenced: each of
+//! its writes also requires its election key to be unchanged, so a deposed leader that still
+//! runs (paused, partitioned) cannot overwrite its successor's state.
 
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, TxnOpResponse};
 
@@ -11,6 +13,8 @@ use crate::error::{Error, Result};
 pub struct EtcdStore {
     client: Client,
     prefix: String,
+    /// Election key and its create revision that every write requires.
+    fence: Option<(Vec<u8>, i64)>,
 }
 
 impl EtcdStore {
@@ -33,7 +37,17 @@ impl EtcdStore {
         Ok(Self {
             client,
             prefix: prefix.to_owned(),
+            fence: None,
         })
+    }
+
+    /// This store with every write conditional on the election key `key` still existing at
+    /// create revision `revision` (see [`crate::leader::Leadership::fence`]).
+    pub fn fenced(&self, key: Vec<u8>, revision: i64) -> Self {
+        Self {
+            fence: Some((key, revision)),
+            ..self.clone()
+        }
     }
 
     pub fn client(&self) -> &Client {
@@ -62,7 +76,7 @@ impl EtcdStore {
     /// version for the error.
     async fn conditional(&self, key: &str, expect: Expect, op: TxnOp) -> Result<u64> {
         let full = self.full(key);
-        let compare = match expect {
+        let mut compare = match expect {
             Expect::Absent => vec![Compare::create_revision(full.clone(), CompareOp::Equal, 0)],
             Expect::Version(v) => vec![Compare::mod_revision(
                 full.clone(),
@@ -71,18 +85,46 @@ impl EtcdStore {
             )],
             Expect::Any => Vec::new(),
         };
-        let txn = Txn::new()
-            .when(compare)
-            .and_then(vec![op])
-            .or_else(vec![TxnOp::get(full, None)]);
+        let mut reads = vec![TxnOp::get(full, None)];
+        if let Some((key, revision)) = &self.fence {
+            compare.push(Compare::create_revision(
+                key.clone(),
+                CompareOp::Equal,
+                *revision,
+            ));
+            reads.push(TxnOp::get(key.clone(), None));
+        }
+        let txn = Txn::new().when(compare).and_then(vec![op]).or_else(reads);
         let response = self.client.kv_client().txn(txn).await?;
         if response.succeeded() {
             return Self::revision(response.header());
         }
-        let current = response.op_responses().into_iter().find_map(|r| match r {
-            TxnOpResponse::Get(get) => Some(get.kvs().first().map(|kv| kv.mod_revision() as u64)),
-            _ => None,
-        });
+        let reads: Vec<Option<(i64, i64)>> = response
+            .op_responses()
+            .into_iter()
+            .filter_map(|r| match r {
+                TxnOpResponse::Get(get) => Some(
+                    get.kvs()
+                        .first()
+                        .map(|kv| (kv.mod_revision(), kv.create_revision())),
+                ),
+                _ => None,
+            })
+            .collect();
+        if let Some((_, revision)) = &self.fence {
+            let held = reads
+                .get(1)
+                .copied()
+                .flatten()
+                .is_some_and(|(_, created)| created == *revision);
+            if !held {
+                return Err(Error::NotLeader);
+            }
+        }
+        let current = reads
+            .first()
+            .copied()
+            .map(|found| found.map(|(modified, _)| modified as u64));
         Err(Error::Conflict {
             key: key.to_owned(),
             expected: expect.describe(),
