@@ -11,4 +11,5 @@ export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 # buffer over 128 KiB to the kernel makes each step page-fault them back in (half the test time).
 export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-4294967296}"
 export MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-8589934592}"
+source scripts/env.sh
 cargo test --workspace --locked "$@"

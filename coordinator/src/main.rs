@@ -1,0 +1,112 @@
+//! `loractl-coordinator`: serves the loractl gRPC API on one address.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use loractl_coordinator::artifacts::ArtifactConfig;
+use loractl_coordinator::placement::Policy;
+use loractl_coordinator::server::{self, CoordinatorConfig, ServerConfig, TlsFiles};
+use loractl_coordinator::store::AnyStore;
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "loractl coordinator: job queue, placement, worker sessions, artifacts"
+)]
+struct Args {
+    /// Address to serve gRPC on.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: String,
+    /// State store: `redb:PATH` (one local file) or `etcd:URL[,URL...]`.
+    #[arg(long, default_value = "redb:loractl.redb")]
+    store: String,
+    /// Folder of the artifact store (datasets, models, LoRA files, checkpoints).
+    #[arg(long, default_value = "artifacts")]
+    artifacts: PathBuf,
+    /// Total size the artifact store may hold, in GiB.
+    #[arg(long, default_value_t = 100)]
+    artifact_quota_gib: u64,
+    /// Largest single artifact, in GiB.
+    #[arg(long, default_value_t = 20)]
+    max_artifact_gib: u64,
+    /// Checkpoints kept per job; older ones are deleted.
+    #[arg(long, default_value_t = 2)]
+    keep_checkpoints: usize,
+    /// Bearer token every client and worker must present (also read from LORACTL_TOKEN).
+    #[arg(long, env = "LORACTL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Seconds between worker heartbeats.
+    #[arg(long, default_value_t = 5)]
+    heartbeat_interval_secs: u64,
+    /// Seconds of silence after which a worker is lost and its jobs are retried.
+    #[arg(long, default_value_t = 30)]
+    heartbeat_timeout_secs: u64,
+    /// TLS certificate (PEM); with --tls-key, the coordinator serves TLS only.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) that signs worker certificates: workers must then present one (mutual TLS).
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// With etcd: seconds a dead leader keeps leadership before a standby takes over.
+    #[arg(long, default_value_t = 10)]
+    leader_ttl_secs: u64,
+    /// Placement rounds a job may be passed over before it reserves workers.
+    #[arg(long, default_value_t = 3)]
+    reserve_after_rounds: u32,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    if args.heartbeat_timeout_secs <= args.heartbeat_interval_secs {
+        anyhow::bail!(
+            "--heartbeat-timeout-secs ({}) must be longer than --heartbeat-interval-secs ({})",
+            args.heartbeat_timeout_secs,
+            args.heartbeat_interval_secs
+        );
+    }
+    let store = AnyStore::open(&args.store).await?;
+    const GIB: u64 = 1 << 30;
+    let config = ServerConfig {
+        coordinator: CoordinatorConfig {
+            heartbeat_interval: Duration::from_secs(args.heartbeat_interval_secs),
+            heartbeat_timeout: Duration::from_secs(args.heartbeat_timeout_secs),
+            policy: Policy {
+                reserve_after_rounds: args.reserve_after_rounds,
+            },
+            ..CoordinatorConfig::default()
+        },
+        artifacts: ArtifactConfig {
+            root: args.artifacts,
+            quota_bytes: args.artifact_quota_gib.saturating_mul(GIB),
+            max_artifact_bytes: args.max_artifact_gib.saturating_mul(GIB),
+            keep_checkpoints: args.keep_checkpoints.max(1),
+        },
+        token: args.token,
+        leader_ttl: Duration::from_secs(args.leader_ttl_secs),
+        tls: match (args.tls_cert, args.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert,
+                key,
+                client_ca: args.tls_client_ca,
+            }),
+            _ => None,
+        },
+    };
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down");
+    };
+    server::run(store, config, &args.listen, shutdown, None).await?;
+    Ok(())
+}

@@ -1,0 +1,843 @@
+//! The coordinator's event loop: the one owner of mutable state. gRPC handlers post an
+//! [`Event`] through a [`Handle`] and await the reply; the loop applies events one at a time
+//! (store writes included), runs a placement round after every change that can free or need
+//! resources, and on a timer declares silent workers lost.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::time::Duration;
+
+use loractl_proto::domain::{
+    Assignment, CoordinatorMessage, Digest, Failure, FailureKind, Job, JobEvent, JobId, JobState,
+    LogLine, RankOutcome, Registration, RunningRank, Worker, WorkerId, WorkerMessage,
+};
+use loractl_spec::JobSpec;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::time::{Instant, MissedTickBehavior};
+
+use super::registry::Registry;
+use crate::error::{Error, Result};
+use crate::job::{self, Transition};
+use crate::placement::{self, JobRequest, Placement, Policy, WorkerSlots};
+use crate::state::{NewJob, State};
+use crate::store::Store;
+
+/// Behaviour of the coordinator loop.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// Workers are asked to send a heartbeat this often.
+    pub heartbeat_interval: Duration,
+    /// A worker silent for longer is declared lost and its jobs are retried elsewhere.
+    pub heartbeat_timeout: Duration,
+    /// CPU ranks one worker runs at once.
+    pub cpu_slots: u32,
+    pub policy: Policy,
+    /// Log lines kept per job for `GetLogs`.
+    pub log_lines_per_job: usize,
+    /// Ended jobs whose log lines stay in memory (older ones are dropped).
+    pub ended_jobs_with_logs: usize,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(5),
+            heartbeat_timeout: Duration::from_secs(30),
+            cpu_slots: 1,
+            policy: Policy::default(),
+            log_lines_per_job: 10_000,
+            ended_jobs_with_logs: 100,
+        }
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T>>;
+
+/// What a registered worker is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    pub worker_id: WorkerId,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+}
+
+/// An open session: messages for the worker arrive on `messages`; `id` tells this session
+/// apart from an earlier or later one of the same worker.
+pub struct Session {
+    pub id: u64,
+    pub messages: mpsc::Receiver<CoordinatorMessage>,
+}
+
+/// A watcher's starting point and its feed.
+pub struct Watch {
+    pub job: Job,
+    /// `None` when the job has already ended.
+    pub events: Option<broadcast::Receiver<JobEvent>>,
+}
+
+pub struct Logs {
+    pub lines: Vec<LogLine>,
+    pub follow: Option<broadcast::Receiver<LogLine>>,
+}
+
+pub enum Event {
+    Submit {
+        spec_toml: String,
+        priority: i32,
+        reply: Reply<(Job, Vec<String>)>,
+    },
+    Get {
+        id: JobId,
+        reply: Reply<Job>,
+    },
+    List {
+        states: Vec<JobState>,
+        reply: Reply<Vec<Job>>,
+    },
+    Cancel {
+        id: JobId,
+        reply: Reply<Job>,
+    },
+    Watch {
+        id: JobId,
+        reply: Reply<Watch>,
+    },
+    Logs {
+        id: JobId,
+        follow: bool,
+        reply: Reply<Logs>,
+    },
+    ListWorkers {
+        reply: Reply<Vec<Worker>>,
+    },
+    Register {
+        registration: Registration,
+        reply: Reply<Registered>,
+    },
+    OpenSession {
+        worker_id: WorkerId,
+        reply: Reply<Session>,
+    },
+    FromWorker {
+        worker_id: WorkerId,
+        session: u64,
+        message: WorkerMessage,
+    },
+    SessionClosed {
+        worker_id: WorkerId,
+        session: u64,
+    },
+    CheckpointStored {
+        job: JobId,
+        digest: Digest,
+    },
+}
+
+/// Posts events to the loop. Cheap to clone; the loop ends when every handle is dropped.
+#[derive(Clone)]
+pub struct Handle {
+    tx: mpsc::Sender<Event>,
+}
+
+impl Handle {
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Event) -> Result<T> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    async fn post(&self, event: Event) -> Result<()> {
+        self.tx.send(event).await.map_err(|_| Error::ShuttingDown)
+    }
+
+    pub async fn submit(&self, spec_toml: String, priority: i32) -> Result<(Job, Vec<String>)> {
+        self.call(|reply| Event::Submit {
+            spec_toml,
+            priority,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn get(&self, id: JobId) -> Result<Job> {
+        self.call(|reply| Event::Get { id, reply }).await
+    }
+
+    pub async fn list(&self, states: Vec<JobState>) -> Result<Vec<Job>> {
+        self.call(|reply| Event::List { states, reply }).await
+    }
+
+    pub async fn cancel(&self, id: JobId) -> Result<Job> {
+        self.call(|reply| Event::Cancel { id, reply }).await
+    }
+
+    pub async fn watch(&self, id: JobId) -> Result<Watch> {
+        self.call(|reply| Event::Watch { id, reply }).await
+    }
+
+    pub async fn logs(&self, id: JobId, follow: bool) -> Result<Logs> {
+        self.call(|reply| Event::Logs { id, follow, reply }).await
+    }
+
+    pub async fn workers(&self) -> Result<Vec<Worker>> {
+        self.call(|reply| Event::ListWorkers { reply }).await
+    }
+
+    pub async fn register(&self, registration: Registration) -> Result<Registered> {
+        self.call(|reply| Event::Register {
+            registration,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn open_session(&self, worker_id: WorkerId) -> Result<Session> {
+        self.call(|reply| Event::OpenSession { worker_id, reply })
+            .await
+    }
+
+    pub async fn worker_message(
+        &self,
+        worker_id: WorkerId,
+        session: u64,
+        message: WorkerMessage,
+    ) -> Result<()> {
+        self.post(Event::FromWorker {
+            worker_id,
+            session,
+            message,
+        })
+        .await
+    }
+
+    pub async fn session_closed(&self, worker_id: WorkerId, session: u64) -> Result<()> {
+        self.post(Event::SessionClosed { worker_id, session }).await
+    }
+
+    pub async fn checkpoint_stored(&self, job: JobId, digest: Digest) -> Result<()> {
+        self.post(Event::CheckpointStored { job, digest }).await
+    }
+}
+
+struct SessionTx {
+    id: u64,
+    tx: mpsc::Sender<CoordinatorMessage>,
+}
+
+struct JobLog {
+    lines: VecDeque<LogLine>,
+    tx: Option<broadcast::Sender<LogLine>>,
+}
+
+struct Actor<S: Store> {
+    state: State<S>,
+    config: CoordinatorConfig,
+    registry: Registry,
+    sessions: HashMap<WorkerId, SessionTx>,
+    next_session: u64,
+    /// Workers shutting down: no new work, and their jobs move as soon as they leave.
+    draining: BTreeSet<WorkerId>,
+    /// Non-terminal jobs, kept in step with the store.
+    active: BTreeMap<JobId, Job>,
+    placement: Placement,
+    /// Ranks of the current attempt that reported success.
+    succeeded: HashMap<(JobId, u32), BTreeSet<u32>>,
+    watchers: HashMap<JobId, broadcast::Sender<JobEvent>>,
+    logs: HashMap<JobId, JobLog>,
+    /// Ended jobs whose logs are still held, oldest first.
+    ended_logs: VecDeque<JobId>,
+}
+
+/// Starts the loop on `store`: loads jobs and workers, then serves events until every
+/// [`Handle`] is dropped. Known workers get one heartbeat timeout to reconnect.
+pub async fn start<S: Store + Clone>(
+    store: S,
+    config: CoordinatorConfig,
+) -> Result<(Handle, tokio::task::JoinHandle<()>)> {
+    let state = State::new(store);
+    let mut registry = Registry::new(config.heartbeat_timeout);
+    let now = Instant::now();
+    for worker in state.workers().await? {
+        if worker.alive {
+            registry.insert(worker, now);
+        }
+    }
+    let active: BTreeMap<JobId, Job> = state
+        .jobs()
+        .await?
+        .into_iter()
+        .filter(|j| !j.state.is_terminal())
+        .map(|j| (j.id.clone(), j))
+        .collect();
+    let placement = Placement {
+        jobs: active
+            .values()
+            .filter(|j| j.state.is_active())
+            .map(|j| (j.id.clone(), j.placement.clone()))
+            .collect(),
+        ..Placement::default()
+    };
+    let actor = Actor {
+        state,
+        registry,
+        sessions: HashMap::new(),
+        next_session: 0,
+        draining: BTreeSet::new(),
+        active,
+        placement,
+        succeeded: HashMap::new(),
+        watchers: HashMap::new(),
+        logs: HashMap::new(),
+        ended_logs: VecDeque::new(),
+        config,
+    };
+    let (tx, rx) = mpsc::channel(1024);
+    let task = tokio::spawn(actor.run(rx));
+    Ok((Handle { tx }, task))
+}
+
+fn now_ms() -> i64 {
+    crate::now_ms()
+}
+
+impl<S: Store> Actor<S> {
+    async fn run(mut self, mut rx: mpsc::Receiver<Event>) {
+        let period = (self.config.heartbeat_timeout / 4).max(Duration::from_millis(10));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            // Liveness first: a flood of events must not postpone declaring workers lost.
+            tokio::select! {
+                biased;
+                _ = tick.tick() => {
+                    if let Err(e) = self.expire_workers().await {
+                        tracing::warn!(error = %e, "checking worker heartbeats failed");
+                    }
+                }
+                event = rx.recv() => match event {
+                    Some(event) => self.handle(event).await,
+                    None => break,
+                },
+            }
+        }
+        tracing::info!("coordinator loop stopped");
+    }
+
+    async fn handle(&mut self, event: Event) {
+        match event {
+            Event::Submit {
+                spec_toml,
+                priority,
+                reply,
+            } => {
+                let _ = reply.send(self.submit(spec_toml, priority).await);
+            }
+            Event::Get { id, reply } => {
+                let _ = reply.send(self.state.job(&id).await);
+            }
+            Event::List { states, reply } => {
+                let jobs = self.state.jobs().await.map(|jobs| {
+                    jobs.into_iter()
+                        .filter(|j| states.is_empty() || states.contains(&j.state))
+                        .collect()
+                });
+                let _ = reply.send(jobs);
+            }
+            Event::Cancel { id, reply } => {
+                let result = self.cancel(&id).await;
+                let _ = reply.send(result);
+            }
+            Event::Watch { id, reply } => {
+                let _ = reply.send(self.watch(&id).await);
+            }
+            Event::Logs { id, follow, reply } => {
+                let _ = reply.send(self.logs(&id, follow).await);
+            }
+            Event::ListWorkers { reply } => {
+                let _ = reply.send(Ok(self.registry.all().cloned().collect()));
+            }
+            Event::Register {
+                registration,
+                reply,
+            } => {
+                let _ = reply.send(self.register(registration).await);
+            }
+            Event::OpenSession { worker_id, reply } => {
+                let _ = reply.send(self.open_session(worker_id).await);
+            }
+            Event::FromWorker {
+                worker_id,
+                session,
+                message,
+            } => {
+                if let Err(e) = self.on_worker_message(&worker_id, session, message).await {
+                    tracing::warn!(worker = %worker_id, error = %e, "worker message not applied");
+                }
+            }
+            Event::SessionClosed { worker_id, session } => {
+                if self
+                    .sessions
+                    .get(&worker_id)
+                    .is_some_and(|s| s.id == session)
+                {
+                    self.sessions.remove(&worker_id);
+                    tracing::info!(worker = %worker_id, "worker session closed");
+                    if self.draining.remove(&worker_id) {
+                        // A clean shutdown: no reason to wait for the heartbeat timeout.
+                        if let Err(e) = self.worker_lost(&worker_id, "the worker shut down").await {
+                            tracing::warn!(worker = %worker_id, error = %e, "worker departure not applied");
+                        }
+                        self.schedule().await;
+                    }
+                }
+            }
+            Event::CheckpointStored { job, digest } => {
+                if self
+                    .active
+                    .get(&job)
+                    .is_some_and(|j| j.state == JobState::Running)
+                {
+                    if let Err(e) = self.transition(&job, Transition::Checkpoint(digest)).await {
+                        tracing::warn!(job = %job, error = %e, "checkpoint not recorded");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes a transition, refreshes the cache and tells watchers.
+    async fn transition(&mut self, id: &JobId, transition: Transition) -> Result<Job> {
+        let job = self.state.transition(id, transition, now_ms()).await?;
+        self.publish(&job);
+        Ok(job)
+    }
+
+    fn publish(&mut self, job: &Job) {
+        if job.state.is_terminal() {
+            self.active.remove(&job.id);
+            self.placement.jobs.remove(&job.id);
+            self.placement.waited.remove(&job.id);
+            self.succeeded.retain(|(id, _), _| id != &job.id);
+            if let Some(tx) = self.watchers.remove(&job.id) {
+                let _ = tx.send(JobEvent::State(job.clone()));
+            }
+            if let Some(log) = self.logs.get_mut(&job.id) {
+                log.tx = None;
+                self.ended_logs.push_back(job.id.clone());
+                while self.ended_logs.len() > self.config.ended_jobs_with_logs {
+                    if let Some(old) = self.ended_logs.pop_front() {
+                        self.logs.remove(&old);
+                    }
+                }
+            }
+        } else {
+            self.active.insert(job.id.clone(), job.clone());
+            if let Some(tx) = self.watchers.get(&job.id) {
+                let _ = tx.send(JobEvent::State(job.clone()));
+            }
+        }
+    }
+
+    async fn submit(&mut self, spec_toml: String, priority: i32) -> Result<(Job, Vec<String>)> {
+        let spec = JobSpec::from_toml_str(&spec_toml, "<request>")?;
+        let resolved = spec.resolved()?;
+        let warnings = resolved.warnings.iter().map(ToString::to_string).collect();
+        let new = NewJob {
+            name: spec.name.clone(),
+            spec_toml,
+            priority,
+            resources: job::resources(&resolved),
+        };
+        let job = self.state.create_job(new, now_ms()).await?;
+        tracing::info!(job = %job.id, name = %job.name, "job submitted");
+        self.publish(&job);
+        self.schedule().await;
+        let job = self.active.get(&job.id).cloned().unwrap_or(job);
+        Ok((job, warnings))
+    }
+
+    async fn cancel(&mut self, id: &JobId) -> Result<Job> {
+        let before = self.state.job(id).await?;
+        let job = self.transition(id, Transition::Cancel).await?;
+        self.stop_ranks(&before, "job cancelled", None);
+        self.schedule().await;
+        Ok(job)
+    }
+
+    async fn watch(&mut self, id: &JobId) -> Result<Watch> {
+        let job = self.state.job(id).await?;
+        let events = (!job.state.is_terminal()).then(|| {
+            self.watchers
+                .entry(id.clone())
+                .or_insert_with(|| broadcast::channel(1024).0)
+                .subscribe()
+        });
+        Ok(Watch { job, events })
+    }
+
+    async fn logs(&mut self, id: &JobId, follow: bool) -> Result<Logs> {
+        let job = self.state.job(id).await?;
+        if job.state.is_terminal() && !self.logs.contains_key(id) {
+            // Never logged, or dropped with older ended jobs.
+            return Ok(Logs {
+                lines: Vec::new(),
+                follow: None,
+            });
+        }
+        let log = self.logs.entry(id.clone()).or_insert_with(|| JobLog {
+            lines: VecDeque::new(),
+            tx: (!job.state.is_terminal()).then(|| broadcast::channel(4096).0),
+        });
+        let follow = if follow {
+            log.tx.as_ref().map(|tx| tx.subscribe())
+        } else {
+            None
+        };
+        Ok(Logs {
+            lines: log.lines.iter().cloned().collect(),
+            follow,
+        })
+    }
+
+    async fn register(&mut self, registration: Registration) -> Result<Registered> {
+        if registration.protocol_version != loractl_proto::WORKER_PROTOCOL_VERSION {
+            return Err(Error::ProtocolMismatch {
+                worker: registration.protocol_version,
+                coordinator: loractl_proto::WORKER_PROTOCOL_VERSION,
+            });
+        }
+        // A restarted daemon lost its children: whatever ran under its old registration is
+        // gone.
+        for old in self.registry.named(&registration.name) {
+            if self.registry.is_alive(&old) {
+                self.worker_lost(&old, "the worker registered again (daemon restarted)")
+                    .await?;
+            }
+            self.registry.remove(&old);
+            self.state.delete_worker(&old).await?;
+        }
+        let worker = Worker {
+            id: self.state.new_worker_id(&registration.name).await?,
+            name: registration.name,
+            gpus: registration.gpus,
+            labels: registration.labels,
+            registered_at: now_ms(),
+            last_seen: None,
+            alive: true,
+        };
+        self.state.put_worker(&worker).await?;
+        tracing::info!(worker = %worker.id, gpus = worker.gpus.len(), "worker registered");
+        let worker_id = worker.id.clone();
+        self.registry.insert(worker, Instant::now());
+        Ok(Registered {
+            worker_id,
+            heartbeat_interval: self.config.heartbeat_interval,
+            heartbeat_timeout: self.config.heartbeat_timeout,
+        })
+    }
+
+    async fn open_session(&mut self, worker_id: WorkerId) -> Result<Session> {
+        if !self.registry.seen(&worker_id, Instant::now(), now_ms()) {
+            return Err(Error::UnknownWorker(worker_id));
+        }
+        self.next_session += 1;
+        let id = self.next_session;
+        let (tx, messages) = mpsc::channel(256);
+        // A new session replaces an older one of the same worker (a reconnect).
+        self.sessions
+            .insert(worker_id.clone(), SessionTx { id, tx });
+        tracing::info!(worker = %worker_id, session = id, "worker session opened");
+        // Ranks assigned while the worker was disconnected are sent again.
+        let pending: Vec<Job> = self
+            .active
+            .values()
+            .filter(|j| j.state == JobState::Placed)
+            .filter(|j| j.placement.iter().any(|p| p.worker_id == worker_id))
+            .cloned()
+            .collect();
+        for job in pending {
+            self.send_assignments(&job, Some(&worker_id));
+        }
+        self.schedule().await;
+        Ok(Session { id, messages })
+    }
+
+    fn send(&mut self, worker: &WorkerId, message: CoordinatorMessage) {
+        if let Some(session) = self.sessions.get(worker) {
+            if session.tx.try_send(message).is_err() {
+                // Full or closed: the worker is not keeping up; it gets its assignments again
+                // when it reconnects, and is declared lost if it stays silent.
+                tracing::warn!(worker = %worker, "worker session not accepting messages; closing it");
+                self.sessions.remove(worker);
+            }
+        }
+    }
+
+    fn send_assignments(&mut self, job: &Job, only: Option<&WorkerId>) {
+        let world_size = job.placement.len() as u32;
+        let rendezvous = match (world_size, job.placement.first()) {
+            (2.., Some(rank0)) => rank0.worker_id.to_string(),
+            _ => String::new(),
+        };
+        for rank in job.placement.clone() {
+            if only.is_some_and(|w| w != &rank.worker_id) {
+                continue;
+            }
+            let assignment = Assignment {
+                job_id: job.id.clone(),
+                attempt: job.attempt,
+                rank: rank.rank,
+                world_size,
+                gpu_indices: rank.gpu_indices.clone(),
+                spec_toml: job.spec_toml.clone(),
+                resume_checkpoint: job.latest_checkpoint,
+                rendezvous: rendezvous.clone(),
+            };
+            self.send(&rank.worker_id, CoordinatorMessage::Assign(assignment));
+        }
+    }
+
+    /// Tells every worker of `job`'s current placement to stop its rank, except `skip` (a
+    /// rank that already ended).
+    fn stop_ranks(&mut self, job: &Job, reason: &str, skip: Option<u32>) {
+        for rank in job.placement.clone() {
+            if skip == Some(rank.rank) {
+                continue;
+            }
+            let running = RunningRank {
+                job_id: job.id.clone(),
+                attempt: job.attempt,
+                rank: rank.rank,
+            };
+            self.send(
+                &rank.worker_id,
+                CoordinatorMessage::Stop {
+                    rank: running,
+                    reason: reason.to_owned(),
+                },
+            );
+        }
+    }
+
+    /// Ends the current attempt of `id` with `failure`: stops its other ranks (all but
+    /// `ended`, the rank that reported it); the state machine decides between a retry and the
+    /// end.
+    async fn fail(&mut self, id: &JobId, failure: Failure, ended: Option<u32>) -> Result<Job> {
+        let before = self.state.job(id).await?;
+        let reason = format!("attempt {} failed: {failure}", before.attempt);
+        let job = self.transition(id, Transition::Fail(failure)).await?;
+        self.succeeded.remove(&(id.clone(), before.attempt));
+        self.stop_ranks(&before, &reason, ended);
+        tracing::info!(job = %id, state = %job.state, %reason, "attempt ended");
+        Ok(job)
+    }
+
+    async fn worker_lost(&mut self, worker: &WorkerId, why: &str) -> Result<()> {
+        if let Some(mut record) = self.registry.mark_lost(worker) {
+            record.alive = false;
+            self.state.put_worker(&record).await?;
+        }
+        self.sessions.remove(worker);
+        tracing::warn!(worker = %worker, why, "worker lost");
+        let affected: Vec<JobId> = self
+            .active
+            .values()
+            .filter(|j| j.state.is_active())
+            .filter(|j| j.placement.iter().any(|p| &p.worker_id == worker))
+            .map(|j| j.id.clone())
+            .collect();
+        for id in affected {
+            let failure = Failure {
+                kind: FailureKind::WorkerLost,
+                message: format!("worker {worker}: {why}"),
+                rank: None,
+            };
+            self.fail(&id, failure, None).await?;
+        }
+        Ok(())
+    }
+
+    async fn expire_workers(&mut self) -> Result<()> {
+        let lost = self.registry.expire(Instant::now());
+        if lost.is_empty() {
+            return Ok(());
+        }
+        let why = format!("no message for {} s", self.registry.timeout().as_secs_f64());
+        for worker in lost {
+            self.worker_lost(&worker.id, &why).await?;
+        }
+        self.schedule().await;
+        Ok(())
+    }
+
+    /// Runs a placement round and applies it: newly placed jobs are written and their
+    /// workers get assignments.
+    async fn schedule(&mut self) {
+        let jobs: Vec<JobRequest> = self
+            .active
+            .values()
+            .map(|j| JobRequest {
+                id: j.id.clone(),
+                priority: j.priority,
+                sequence: j.sequence,
+                resources: j.resources.clone(),
+            })
+            .collect();
+        // Workers within their reconnect grace keep their jobs but get no new ones.
+        let workers: Vec<WorkerSlots> = self
+            .registry
+            .all()
+            .filter(|w| w.alive)
+            .map(|w| WorkerSlots {
+                id: w.id.clone(),
+                gpus: w.gpus.iter().map(|g| g.index).collect(),
+                cpu_slots: self.config.cpu_slots,
+                accepts_new_work: self.sessions.contains_key(&w.id)
+                    && !self.draining.contains(&w.id),
+            })
+            .collect();
+        let mut previous = self.placement.clone();
+        previous.jobs = self
+            .active
+            .values()
+            .filter(|j| j.state.is_active())
+            .map(|j| (j.id.clone(), j.placement.clone()))
+            .collect();
+        let next = placement::place(&jobs, &workers, &previous, &self.config.policy);
+        let newly: Vec<(JobId, Vec<loractl_proto::domain::RankPlacement>)> = next
+            .jobs
+            .iter()
+            .filter(|(id, _)| !previous.jobs.contains_key(*id))
+            .map(|(id, ranks)| (id.clone(), ranks.clone()))
+            .collect();
+        self.placement = next;
+        for (id, ranks) in newly {
+            match self.transition(&id, Transition::Place(ranks)).await {
+                Ok(job) => {
+                    tracing::info!(job = %id, attempt = job.attempt, "job placed");
+                    self.send_assignments(&job, None);
+                }
+                Err(e) => {
+                    self.placement.jobs.remove(&id);
+                    tracing::warn!(job = %id, error = %e, "placement not applied");
+                }
+            }
+        }
+    }
+
+    /// Whether `rank` is the current attempt of an active job placed on `worker`.
+    fn expected(&self, worker: &WorkerId, rank: &RunningRank) -> Option<&Job> {
+        let job = self.active.get(&rank.job_id)?;
+        let placed_here = job
+            .placement
+            .iter()
+            .any(|p| p.rank == rank.rank && &p.worker_id == worker);
+        (job.state.is_active() && job.attempt == rank.attempt && placed_here).then_some(job)
+    }
+
+    async fn on_worker_message(
+        &mut self,
+        worker: &WorkerId,
+        session: u64,
+        message: WorkerMessage,
+    ) -> Result<()> {
+        if self.sessions.get(worker).is_none_or(|s| s.id != session) {
+            return Ok(()); // a replaced or closed session
+        }
+        if !self.registry.seen(worker, Instant::now(), now_ms()) {
+            return Ok(());
+        }
+        match message {
+            WorkerMessage::Open { .. } => {}
+            WorkerMessage::Heartbeat { running, draining } => {
+                if draining && self.draining.insert(worker.clone()) {
+                    tracing::info!(worker = %worker, "worker is shutting down");
+                }
+                // A worker that was out of touch may still run ranks whose jobs moved on.
+                for rank in running {
+                    if self.expected(worker, &rank).is_none() {
+                        self.send(
+                            worker,
+                            CoordinatorMessage::Stop {
+                                rank,
+                                reason: "this rank is no longer assigned to this worker".into(),
+                            },
+                        );
+                    }
+                }
+            }
+            WorkerMessage::Started(rank) => {
+                if self
+                    .expected(worker, &rank)
+                    .is_some_and(|j| j.state == JobState::Placed)
+                {
+                    self.transition(&rank.job_id, Transition::Start).await?;
+                }
+            }
+            WorkerMessage::Progress(progress) => {
+                let current = self
+                    .active
+                    .get(&progress.job_id)
+                    .is_some_and(|j| j.attempt == progress.attempt);
+                if current {
+                    if let Some(tx) = self.watchers.get(&progress.job_id) {
+                        let _ = tx.send(JobEvent::Progress(progress));
+                    }
+                }
+            }
+            WorkerMessage::Log(line) => self.append_log(line),
+            WorkerMessage::Result { rank, outcome } => {
+                let Some(job) = self.expected(worker, &rank).cloned() else {
+                    return Ok(());
+                };
+                match outcome {
+                    RankOutcome::Succeeded { .. } => {
+                        let done = self
+                            .succeeded
+                            .entry((job.id.clone(), job.attempt))
+                            .or_default();
+                        done.insert(rank.rank);
+                        if done.len() == job.placement.len() {
+                            if job.state == JobState::Placed {
+                                self.transition(&job.id, Transition::Start).await?;
+                            }
+                            self.transition(&job.id, Transition::Succeed).await?;
+                            tracing::info!(job = %job.id, "job succeeded");
+                        }
+                    }
+                    RankOutcome::Failed(failure) => {
+                        self.fail(&job.id, failure, Some(rank.rank)).await?;
+                    }
+                }
+                self.schedule().await;
+            }
+        }
+        Ok(())
+    }
+
+    fn append_log(&mut self, line: LogLine) {
+        let Some(job) = self.active.get(&line.job_id) else {
+            return;
+        };
+        if job.attempt != line.attempt {
+            return;
+        }
+        let cap = self.config.log_lines_per_job;
+        let log = self
+            .logs
+            .entry(line.job_id.clone())
+            .or_insert_with(|| JobLog {
+                lines: VecDeque::new(),
+                tx: Some(broadcast::channel(4096).0),
+            });
+        if log.lines.len() >= cap {
+            log.lines.pop_front();
+        }
+        if let Some(tx) = &log.tx {
+            let _ = tx.send(line.clone());
+        }
+        log.lines.push_back(line);
+    }
+}

@@ -1,0 +1,602 @@
+//! The coordinator in process on 127.0.0.1:0 with a redb store, driven through the generated
+//! gRPC clients: a job is submitted, a worker session registers and receives the assignment,
+//! and the job runs, retries from its checkpoint and succeeds.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use loractl_coordinator::artifacts::{sha256, ArtifactConfig};
+use loractl_coordinator::server::{self, CoordinatorConfig, ServerConfig};
+use loractl_coordinator::store::RedbStore;
+use loractl_proto::domain::{
+    ArtifactInfo, ArtifactKind, CoordinatorMessage, Failure, FailureKind, JobEvent, JobState,
+    Progress, RankOutcome, RunningRank, WorkerId, WorkerMessage,
+};
+use loractl_proto::pb;
+use loractl_proto::pb::artifact_service_client::ArtifactServiceClient;
+use loractl_proto::pb::job_service_client::JobServiceClient;
+use loractl_proto::pb::worker_service_client::WorkerServiceClient;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+const TOKEN: &str = "test-token";
+/// Bound on any single wait, so a broken server fails the test instead of hanging it.
+const WAIT: Duration = Duration::from_secs(20);
+
+const SPEC: &str = r#"
+name = "sks-dog"
+[model]
+pretrained_model_name_or_path = "/models/v1-5-pruned-emaonly.safetensors"
+[dataset]
+train_data_dir = "train"
+resolution = "512"
+[training]
+max_train_epochs = 1
+[resources]
+gpus = "all"
+max_restarts = 1
+"#;
+
+struct Server {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<loractl_coordinator::Result<()>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    async fn start() -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path().join("state.redb")).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = ServerConfig {
+            coordinator: CoordinatorConfig::default(),
+            artifacts: ArtifactConfig {
+                root: dir.path().join("artifacts"),
+                quota_bytes: 1 << 30,
+                max_artifact_bytes: 1 << 28,
+                keep_checkpoints: 2,
+            },
+            token: Some(TOKEN.to_owned()),
+            tls: None,
+            leader_ttl: Duration::from_secs(10),
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::serve(store, config, listener, async {
+            let _ = stopped.await;
+        }));
+        Server {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+            _dir: dir,
+        }
+    }
+
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let result = tokio::time::timeout(WAIT, task).await;
+            assert!(matches!(result, Ok(Ok(Ok(())))), "server stops cleanly");
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Token(Option<&'static str>);
+
+impl Interceptor for Token {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(token) = self.0 {
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| Status::internal("token is not ascii"))?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
+}
+
+type Jobs = JobServiceClient<InterceptedService<Channel, Token>>;
+type Workers = WorkerServiceClient<InterceptedService<Channel, Token>>;
+type Artifacts = ArtifactServiceClient<InterceptedService<Channel, Token>>;
+
+async fn clients(server: &Server, token: Option<&'static str>) -> (Jobs, Workers, Artifacts) {
+    let channel = server.channel().await;
+    (
+        JobServiceClient::with_interceptor(channel.clone(), Token(token)),
+        WorkerServiceClient::with_interceptor(channel.clone(), Token(token)),
+        ArtifactServiceClient::with_interceptor(channel, Token(token)),
+    )
+}
+
+async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// A worker session as a worker daemon would hold it.
+struct WorkerSession {
+    id: WorkerId,
+    tx: mpsc::Sender<pb::WorkerMessage>,
+    rx: tonic::Streaming<pb::CoordinatorMessage>,
+}
+
+impl WorkerSession {
+    async fn open(workers: &mut Workers, name: &str, gpus: &[u32]) -> WorkerSession {
+        let registered = workers
+            .register(pb::RegisterRequest {
+                protocol_version: loractl_proto::WORKER_PROTOCOL_VERSION,
+                name: name.to_owned(),
+                gpus: gpus
+                    .iter()
+                    .map(|&index| pb::GpuInfo {
+                        index,
+                        uuid: format!("GPU-{name}-{index}"),
+                        name: "Test GPU".into(),
+                        memory_bytes: 24 << 30,
+                    })
+                    .collect(),
+                labels: Default::default(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(registered.heartbeat_timeout_ms > registered.heartbeat_interval_ms);
+        let id = WorkerId::new(registered.worker_id);
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(
+            WorkerMessage::Open {
+                worker_id: id.clone(),
+            }
+            .into(),
+        )
+        .await
+        .unwrap();
+        let rx = workers
+            .session(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        WorkerSession { id, tx, rx }
+    }
+
+    async fn send(&self, message: WorkerMessage) {
+        self.tx.send(message.into()).await.unwrap();
+    }
+
+    async fn next(&mut self) -> CoordinatorMessage {
+        let message = within("a coordinator message", self.rx.next())
+            .await
+            .expect("session open")
+            .expect("no error");
+        CoordinatorMessage::try_from(message).unwrap()
+    }
+}
+
+fn job_from(response: Option<pb::Job>) -> loractl_proto::domain::Job {
+    loractl_proto::domain::Job::try_from(response.expect("job in response")).unwrap()
+}
+
+async fn upload(artifacts: &mut Artifacts, info: ArtifactInfo, data: &[u8]) -> ArtifactInfo {
+    let mut messages = vec![pb::UploadMessage {
+        message: Some(pb::upload_message::Message::Header(pb::UploadHeader {
+            info: Some(info.into()),
+            offset: 0,
+        })),
+    }];
+    for chunk in data.chunks(7) {
+        messages.push(pb::UploadMessage {
+            message: Some(pb::upload_message::Message::Chunk(chunk.to_vec())),
+        });
+    }
+    let response = artifacts
+        .upload(tokio_stream::iter(messages))
+        .await
+        .unwrap()
+        .into_inner();
+    ArtifactInfo::try_from(response.info.unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_runs_retries_from_its_checkpoint_and_succeeds() {
+    let server = Server::start().await;
+    let (mut jobs, mut workers, mut artifacts) = clients(&server, Some(TOKEN)).await;
+    let mut worker = WorkerSession::open(&mut workers, "box", &[0, 1]).await;
+
+    let submitted = jobs
+        .submit_job(pb::SubmitJobRequest {
+            spec_toml: SPEC.to_owned(),
+            priority: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let job = job_from(submitted.job);
+    assert_eq!(job.name, "sks-dog");
+    let mut watch = jobs
+        .watch_job(pb::WatchJobRequest {
+            job_id: job.id.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Attempt 0: assigned to the only worker with all its GPUs.
+    let CoordinatorMessage::Assign(first) = worker.next().await else {
+        panic!("expected an assignment");
+    };
+    assert_eq!(
+        (&first.job_id, first.attempt, first.rank, first.world_size),
+        (&job.id, 0, 0, 1)
+    );
+    assert_eq!(first.gpu_indices, [0, 1]);
+    assert_eq!(first.resume_checkpoint, None);
+    assert!(first.spec_toml.contains("sks-dog"));
+    let rank = RunningRank {
+        job_id: job.id.clone(),
+        attempt: 0,
+        rank: 0,
+    };
+    worker.send(WorkerMessage::Started(rank.clone())).await;
+    worker
+        .send(WorkerMessage::Progress(Progress {
+            job_id: job.id.clone(),
+            attempt: 0,
+            rank: 0,
+            step: 10,
+            total_steps: 100,
+            epoch: 0,
+            loss: 0.125,
+            lr: 1e-4,
+            d_lr: None,
+            steps_per_second: 2.5,
+            samples_per_second: 2.5,
+            gpu_memory_bytes: 1 << 30,
+            at: 0,
+        }))
+        .await;
+
+    // The watcher sees the job placed, running, and the progress sample.
+    let mut saw_running = false;
+    let mut saw_progress = false;
+    while !(saw_running && saw_progress) {
+        let event = within("a watch event", watch.next())
+            .await
+            .unwrap()
+            .unwrap();
+        match JobEvent::try_from(event).unwrap() {
+            JobEvent::State(j) => saw_running |= j.state == JobState::Running,
+            JobEvent::Progress(p) => {
+                assert_eq!((p.step, p.loss), (10, 0.125));
+                saw_progress = true;
+            }
+        }
+    }
+
+    // A checkpoint uploaded for the job becomes the point a retry resumes from.
+    let data = b"optimizer state and lora weights at step 10".to_vec();
+    let checkpoint = upload(
+        &mut artifacts,
+        ArtifactInfo {
+            digest: sha256(&data),
+            size: data.len() as u64,
+            kind: ArtifactKind::Checkpoint,
+            job_id: Some(job.id.clone()),
+            name: "sks-dog-step00000010".into(),
+            created_at: 0,
+        },
+        &data,
+    )
+    .await;
+    // The upload call posts the checkpoint to the coordinator's loop before it returns, so a
+    // later call is ordered behind it.
+    let recorded = job_from(
+        jobs.get_job(pb::GetJobRequest {
+            job_id: job.id.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job,
+    )
+    .latest_checkpoint;
+    assert_eq!(recorded, Some(checkpoint.digest));
+
+    // The rank is killed: retried without counting, resuming from the checkpoint.
+    worker
+        .send(WorkerMessage::Result {
+            rank,
+            outcome: RankOutcome::Failed(Failure {
+                kind: FailureKind::Killed,
+                message: "SIGKILL".into(),
+                rank: Some(0),
+            }),
+        })
+        .await;
+    let CoordinatorMessage::Assign(second) = worker.next().await else {
+        panic!("expected the retry's assignment");
+    };
+    assert_eq!(second.attempt, 1);
+    assert_eq!(second.resume_checkpoint, Some(checkpoint.digest));
+
+    let rank = RunningRank {
+        job_id: job.id.clone(),
+        attempt: 1,
+        rank: 0,
+    };
+    worker.send(WorkerMessage::Started(rank.clone())).await;
+    worker
+        .send(WorkerMessage::Result {
+            rank,
+            outcome: RankOutcome::Succeeded { artifacts: vec![] },
+        })
+        .await;
+
+    // The watch ends with the final state.
+    let mut last = None;
+    while let Some(event) = within("the watch to end", watch.next()).await {
+        if let JobEvent::State(j) = JobEvent::try_from(event.unwrap()).unwrap() {
+            last = Some(j);
+        }
+    }
+    let last = last.expect("a final state");
+    assert_eq!(last.state, JobState::Succeeded);
+    assert_eq!((last.attempt, last.counted_restarts), (1, 0));
+    assert_eq!(last.last_failure.map(|f| f.kind), Some(FailureKind::Killed));
+
+    let listed = jobs
+        .list_workers(pb::ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, worker.id.to_string());
+    assert!(listed[0].alive);
+    drop(worker);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_without_the_right_token_are_refused_and_change_nothing() {
+    let server = Server::start().await;
+    for token in [None, Some("wrong")] {
+        let (mut jobs, mut workers, mut artifacts) = clients(&server, token).await;
+        let err = jobs
+            .submit_job(pb::SubmitJobRequest {
+                spec_toml: SPEC.to_owned(),
+                priority: 0,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{token:?}");
+        let err = workers
+            .register(pb::RegisterRequest {
+                protocol_version: loractl_proto::WORKER_PROTOCOL_VERSION,
+                name: "intruder".into(),
+                gpus: vec![],
+                labels: Default::default(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+        let err = artifacts
+            .list_artifacts(pb::ListArtifactsRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+    }
+    let (mut jobs, _, _) = clients(&server, Some(TOKEN)).await;
+    let listed = jobs
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .unwrap();
+    assert!(listed.into_inner().jobs.is_empty());
+    let workers = jobs.list_workers(pb::ListWorkersRequest {}).await.unwrap();
+    assert!(workers.into_inner().workers.is_empty());
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_name_the_field_at_fault() {
+    let server = Server::start().await;
+    let (mut jobs, mut workers, _) = clients(&server, Some(TOKEN)).await;
+
+    let typo = SPEC.replace("max_train_epochs", "max_train_epoch");
+    let err = jobs
+        .submit_job(pb::SubmitJobRequest {
+            spec_toml: typo,
+            priority: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("training.max_train_epoch"),
+        "{}",
+        err.message()
+    );
+
+    let invalid = SPEC.replace("resolution = \"512\"", "resolution = \"500\"");
+    let err = jobs
+        .submit_job(pb::SubmitJobRequest {
+            spec_toml: invalid,
+            priority: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("dataset.resolution"),
+        "{}",
+        err.message()
+    );
+
+    let err = jobs
+        .get_job(pb::GetJobRequest {
+            job_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("job_id"));
+    let err = jobs
+        .get_job(pb::GetJobRequest {
+            job_id: "j404".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = jobs
+        .list_jobs(pb::ListJobsRequest { states: vec![42] })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("states[0]"), "{}", err.message());
+
+    let err = workers
+        .register(pb::RegisterRequest {
+            protocol_version: loractl_proto::WORKER_PROTOCOL_VERSION + 1,
+            name: "future".into(),
+            gpus: vec![],
+            labels: Default::default(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("protocol version"));
+
+    // A session for a worker that never registered is refused.
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(
+        WorkerMessage::Open {
+            worker_id: WorkerId::new("ghost.1"),
+        }
+        .into(),
+    )
+    .await
+    .unwrap();
+    let err = workers.session(ReceiverStream::new(rx)).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("register again"));
+
+    let listed = jobs
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .unwrap();
+    assert!(listed.into_inner().jobs.is_empty(), "nothing was created");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn artifacts_upload_resume_and_download_verified() {
+    let server = Server::start().await;
+    let (_, _, mut artifacts) = clients(&server, Some(TOKEN)).await;
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    let info = ArtifactInfo {
+        digest: sha256(&data),
+        size: data.len() as u64,
+        kind: ArtifactKind::Dataset,
+        job_id: None,
+        name: "train.tar".into(),
+        created_at: 0,
+    };
+    let header = |offset| pb::UploadMessage {
+        message: Some(pb::upload_message::Message::Header(pb::UploadHeader {
+            info: Some(info.clone().into()),
+            offset,
+        })),
+    };
+    let chunk = |bytes: &[u8]| pb::UploadMessage {
+        message: Some(pb::upload_message::Message::Chunk(bytes.to_vec())),
+    };
+    // An interrupted upload: the stream ends early; the server keeps what it got.
+    let err = artifacts
+        .upload(tokio_stream::iter(vec![
+            header(0),
+            chunk(&data[..1_000_000]),
+        ]))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("resume it at 1000000"),
+        "{}",
+        err.message()
+    );
+    let status = artifacts
+        .upload_status(pb::UploadStatusRequest {
+            digest: Some(info.digest.into()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((status.complete, status.received), (false, 1_000_000));
+    let rest: Vec<pb::UploadMessage> = std::iter::once(header(1_000_000))
+        .chain(data[1_000_000..].chunks(1 << 20).map(chunk))
+        .collect();
+    artifacts.upload(tokio_stream::iter(rest)).await.unwrap();
+
+    let mut download = artifacts
+        .download(pb::DownloadRequest {
+            digest: Some(info.digest.into()),
+            offset: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut received = Vec::new();
+    let mut first = true;
+    while let Some(piece) = within("a download chunk", download.next()).await {
+        let piece = piece.unwrap();
+        assert_eq!(
+            piece.info.is_some(),
+            first,
+            "info comes with the first chunk only"
+        );
+        assert_eq!(piece.offset, received.len() as u64);
+        first = false;
+        received.extend_from_slice(&piece.data);
+    }
+    assert_eq!(sha256(&received), info.digest);
+
+    // Data that does not match its digest is refused.
+    let mut lie = info.clone();
+    lie.digest = sha256(b"something else");
+    lie.size = 5;
+    let err = artifacts
+        .upload(tokio_stream::iter(vec![
+            pb::UploadMessage {
+                message: Some(pb::upload_message::Message::Header(pb::UploadHeader {
+                    info: Some(lie.into()),
+                    offset: 0,
+                })),
+            },
+            chunk(b"hello"),
+        ]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("upload it again"),
+        "{}",
+        err.message()
+    );
+    server.shutdown().await;
+}

@@ -1,0 +1,451 @@
+//! The control plane's own types: jobs, their states and failures, workers and their GPUs,
+//! artifacts, and the messages of a worker session. The coordinator, the worker and the CLI
+//! work with these; only [`crate::convert`] knows the wire form.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::Error;
+
+/// Milliseconds since the Unix epoch.
+pub type UnixMs = i64;
+
+macro_rules! string_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn new(id: impl Into<String>) -> Self {
+                Self(id.into())
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+string_id!(
+    /// A job's id, e.g. `j42`.
+    JobId
+);
+string_id!(
+    /// A worker registration's id.
+    WorkerId
+);
+
+/// A sha256 digest; shown and parsed as 64 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Digest({})", self.to_hex())
+    }
+}
+
+impl FromStr for Digest {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Self, Error> {
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(text, &mut bytes).map_err(|_| Error::BadDigest {
+            text: text.to_owned(),
+        })?;
+        Ok(Self(bytes))
+    }
+}
+
+/// Where a job is in its life. `Restarting` sits between attempts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobState {
+    Queued,
+    Placed,
+    Running,
+    Restarting,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 7] = [
+        Self::Queued,
+        Self::Placed,
+        Self::Running,
+        Self::Restarting,
+        Self::Succeeded,
+        Self::Failed,
+        Self::Cancelled,
+    ];
+
+    /// No transition leaves a terminal state.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+
+    /// Waiting for placement (first attempt or a retry).
+    pub fn is_pending(self) -> bool {
+        matches!(self, Self::Queued | Self::Restarting)
+    }
+
+    /// Holding GPUs on workers.
+    pub fn is_active(self) -> bool {
+        matches!(self, Self::Placed | Self::Running)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Placed => "placed",
+            Self::Running => "running",
+            Self::Restarting => "restarting",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Exit code of a rank process whose job cannot run as written (sysexits' `EX_CONFIG`): the
+/// coordinator fails the job without retrying.
+pub const EXIT_BAD_CONFIG: i32 = 78;
+
+/// Why an attempt failed; decides retry and restart budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureKind {
+    /// The worker stopped heartbeating or its session ended.
+    WorkerLost,
+    /// The rank was killed from outside (signal, OOM killer, preemption).
+    Killed,
+    /// The job cannot run as written.
+    BadConfig,
+    /// Training failed (non-finite loss, collective timeout, crash).
+    TrainingError,
+}
+
+impl FailureKind {
+    /// Whether another attempt may fix it.
+    pub fn retryable(self) -> bool {
+        !matches!(self, Self::BadConfig)
+    }
+
+    /// Whether a retry uses up one of the job's `max_restarts`. Infrastructure failures do
+    /// not: a job must not fail because its workers were preempted.
+    pub fn counts_against_restarts(self) -> bool {
+        matches!(self, Self::TrainingError)
+    }
+
+    /// Classifies how a rank process ended: `None` for success; a signal is `Killed` (the
+    /// worker, the OOM killer or a preemption stopped it); [`EXIT_BAD_CONFIG`] is `BadConfig`;
+    /// any other non-zero code is `TrainingError`.
+    pub fn from_exit(code: Option<i32>, signal: Option<i32>) -> Option<Self> {
+        match (code, signal) {
+            (Some(0), _) => None,
+            (_, Some(_)) => Some(Self::Killed),
+            (Some(EXIT_BAD_CONFIG), None) => Some(Self::BadConfig),
+            _ => Some(Self::TrainingError),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::WorkerLost => "worker lost",
+            Self::Killed => "killed",
+            Self::BadConfig => "bad config",
+            Self::TrainingError => "training error",
+        }
+    }
+}
+
+impl fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub message: String,
+    pub rank: Option<u32>,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.rank {
+            Some(rank) => write!(f, "{} on rank {rank}: {}", self.kind, self.message),
+            None => write!(f, "{}: {}", self.kind, self.message),
+        }
+    }
+}
+
+/// The devices a job needs on each worker it spans.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum GpuRequest {
+    Cpu,
+    /// Every pinned GPU of the worker; at least one.
+    All,
+    /// Exactly these GPU indices of the worker, distinct and non-empty.
+    Ids(Vec<u32>),
+}
+
+impl fmt::Display for GpuRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Cpu => f.write_str("cpu"),
+            Self::All => f.write_str("all"),
+            Self::Ids(ids) => {
+                let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
+                f.write_str(&ids.join(","))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Resources {
+    /// Workers the job spans, one rank on each; at least 1.
+    pub workers: u32,
+    pub gpus: GpuRequest,
+    pub max_restarts: u32,
+}
+
+/// Where one rank of an attempt runs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RankPlacement {
+    pub rank: u32,
+    pub worker_id: WorkerId,
+    /// Empty for CPU ranks.
+    pub gpu_indices: Vec<u32>,
+}
+
+/// A job as the coordinator stores it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    pub id: JobId,
+    pub name: String,
+    /// The job spec as submitted (TOML).
+    pub spec_toml: String,
+    pub priority: i32,
+    /// Submission order.
+    pub sequence: u64,
+    pub submitted_at: UnixMs,
+    pub state: JobState,
+    pub resources: Resources,
+    pub attempt: u32,
+    pub counted_restarts: u32,
+    /// Non-empty exactly while the job is placed or running.
+    pub placement: Vec<RankPlacement>,
+    pub last_failure: Option<Failure>,
+    pub latest_checkpoint: Option<Digest>,
+    pub updated_at: UnixMs,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    pub job_id: JobId,
+    pub attempt: u32,
+    pub rank: u32,
+    pub step: u64,
+    pub total_steps: u64,
+    pub epoch: u32,
+    pub loss: f64,
+    pub lr: f64,
+    pub d_lr: Option<f64>,
+    pub steps_per_second: f64,
+    pub samples_per_second: f64,
+    pub gpu_memory_bytes: u64,
+    pub at: UnixMs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    pub job_id: JobId,
+    pub attempt: u32,
+    pub rank: u32,
+    pub stream: LogStream,
+    pub text: String,
+    pub at: UnixMs,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuInfo {
+    /// The index put in `CUDA_VISIBLE_DEVICES`.
+    pub index: u32,
+    pub uuid: String,
+    pub name: String,
+    pub memory_bytes: u64,
+}
+
+/// What a worker says about itself when it registers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    pub protocol_version: u32,
+    pub name: String,
+    /// Only the GPUs pinned to this worker.
+    pub gpus: Vec<GpuInfo>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A registered worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Worker {
+    pub id: WorkerId,
+    pub name: String,
+    pub gpus: Vec<GpuInfo>,
+    pub labels: BTreeMap<String, String>,
+    pub registered_at: UnixMs,
+    pub last_seen: Option<UnixMs>,
+    pub alive: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ArtifactKind {
+    Dataset,
+    BaseModel,
+    Lora,
+    SampleImage,
+    Checkpoint,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArtifactInfo {
+    pub digest: Digest,
+    pub size: u64,
+    pub kind: ArtifactKind,
+    pub job_id: Option<JobId>,
+    pub name: String,
+    pub created_at: UnixMs,
+}
+
+/// One rank of one attempt of a job.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RunningRank {
+    pub job_id: JobId,
+    pub attempt: u32,
+    pub rank: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RankOutcome {
+    Succeeded { artifacts: Vec<Digest> },
+    Failed(Failure),
+}
+
+/// What a worker sends on its session stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WorkerMessage {
+    /// First message of every session.
+    Open {
+        worker_id: WorkerId,
+    },
+    Heartbeat {
+        running: Vec<RunningRank>,
+        /// Shutting down: send no new work.
+        draining: bool,
+    },
+    Progress(Progress),
+    Log(LogLine),
+    Started(RunningRank),
+    Result {
+        rank: RunningRank,
+        outcome: RankOutcome,
+    },
+}
+
+/// Work handed to one rank.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    pub job_id: JobId,
+    pub attempt: u32,
+    pub rank: u32,
+    pub world_size: u32,
+    pub gpu_indices: Vec<u32>,
+    pub spec_toml: String,
+    pub resume_checkpoint: Option<Digest>,
+    /// Empty when `world_size` is 1.
+    pub rendezvous: String,
+}
+
+/// What the coordinator sends on a worker's session stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CoordinatorMessage {
+    Assign(Assignment),
+    Stop { rank: RunningRank, reason: String },
+}
+
+/// What a job watcher receives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobEvent {
+    State(Job),
+    Progress(Progress),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_round_trips_through_hex() {
+        let digest = Digest([0xab; 32]);
+        let text = digest.to_string();
+        assert_eq!(text.len(), 64);
+        assert_eq!(text.parse::<Digest>().ok(), Some(digest));
+        assert!(matches!(
+            "abc".parse::<Digest>(),
+            Err(Error::BadDigest { .. })
+        ));
+    }
+
+    #[test]
+    fn failure_kinds_are_classified() {
+        use FailureKind::*;
+        assert!(WorkerLost.retryable() && !WorkerLost.counts_against_restarts());
+        assert!(Killed.retryable() && !Killed.counts_against_restarts());
+        assert!(!BadConfig.retryable());
+        assert!(TrainingError.retryable() && TrainingError.counts_against_restarts());
+
+        assert_eq!(FailureKind::from_exit(Some(0), None), None);
+        assert_eq!(FailureKind::from_exit(None, Some(9)), Some(Killed));
+        assert_eq!(
+            FailureKind::from_exit(Some(EXIT_BAD_CONFIG), None),
+            Some(BadConfig)
+        );
+        assert_eq!(FailureKind::from_exit(Some(1), None), Some(TrainingError));
+    }
+}

@@ -1,0 +1,275 @@
+//! The worker's config file (TOML): where the coordinator is, which GPUs this worker may use,
+//! where it works and caches, and the command that runs one rank. Unknown keys are refused;
+//! [`WorkerConfig::validate`] reports every problem with its key.
+//!
+//! ```toml
+//! coordinator = "http://10.0.0.5:7070"
+//! token_file = "/etc/loractl/token"
+//! gpus = "0,2"
+//! work_dir = "/var/lib/loractl/work"
+//! cache_dir = "/var/lib/loractl/cache"
+//! model_dirs = ["/models"]
+//! [labels]
+//! zone = "rack-3"
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use loractl_spec::Gpus;
+use serde::Deserialize;
+
+use crate::error::{io_error, ConfigProblem, Error, Result};
+
+pub mod defaults {
+    pub const COORDINATOR: &str = "http://127.0.0.1:7070";
+    pub const GPUS: &str = "all";
+    pub const WORK_DIR: &str = "work";
+    pub const CACHE_DIR: &str = "cache";
+    /// The `loractl` CLI runs one rank of a job (`loractl rank`, reading `LORACTL_*`).
+    pub const RANK_COMMAND: &[&str] = &["loractl", "rank"];
+    pub const STOP_GRACE_SECS: u64 = 30;
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// gRPC address of the coordinator, `http://host:port`.
+    pub coordinator: String,
+    /// File holding the coordinator's bearer token (LORACTL_TOKEN wins when set).
+    pub token_file: Option<PathBuf>,
+    /// Name this worker registers under; the host name when absent.
+    pub name: Option<String>,
+    /// `"all"`, `"cpu"` or GPU indices such as `"0,2"`: the only GPUs this worker uses.
+    pub gpus: String,
+    /// Report this many fake GPUs instead of discovering real ones (placement tests only:
+    /// nothing can train on them).
+    pub simulated_gpus: u32,
+    /// Per-job working folders (spec, resume checkpoint, outputs).
+    pub work_dir: PathBuf,
+    /// Downloaded artifacts, by sha256.
+    pub cache_dir: PathBuf,
+    /// Folders where base checkpoints are found by file name.
+    pub model_dirs: Vec<PathBuf>,
+    /// Program and arguments that run one rank; see [`crate::rank`] for its environment.
+    pub rank_command: Vec<String>,
+    /// CA (PEM) that signed the coordinator's certificate; needed for an https:// coordinator.
+    pub tls_ca: Option<PathBuf>,
+    /// This worker's certificate and key (PEM), when the coordinator requires mutual TLS.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Name in the coordinator's certificate, when it differs from the address's host.
+    pub tls_domain: Option<String>,
+    /// Seconds a rank gets to exit after SIGTERM before its process group is killed.
+    pub stop_grace_secs: u64,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            coordinator: defaults::COORDINATOR.to_owned(),
+            token_file: None,
+            name: None,
+            gpus: defaults::GPUS.to_owned(),
+            simulated_gpus: 0,
+            work_dir: PathBuf::from(defaults::WORK_DIR),
+            cache_dir: PathBuf::from(defaults::CACHE_DIR),
+            model_dirs: Vec::new(),
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_domain: None,
+            rank_command: defaults::RANK_COMMAND
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            stop_grace_secs: defaults::STOP_GRACE_SECS,
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
+impl WorkerConfig {
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| Error::ParseConfig {
+            origin: origin.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ReadConfig {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml_str(&text, &path.display().to_string())
+    }
+
+    /// Every problem, each with its key.
+    pub fn validate(&self) -> Result<()> {
+        let mut problems = Vec::new();
+        let mut problem = |key: &str, text: String| {
+            problems.push(ConfigProblem {
+                key: key.to_owned(),
+                problem: text,
+            })
+        };
+        if !(self.coordinator.starts_with("http://") || self.coordinator.starts_with("https://")) {
+            problem(
+                "coordinator",
+                format!(
+                    "`{}` is not an address: write it as http://host:port",
+                    self.coordinator
+                ),
+            );
+        }
+        if let Err(e) = Gpus::parse(&self.gpus) {
+            problem(
+                "gpus",
+                format!("{e}; use \"all\", \"cpu\" or indices like \"0,2\""),
+            );
+        }
+        if self.rank_command.is_empty() || self.rank_command[0].trim().is_empty() {
+            problem(
+                "rank_command",
+                "empty: give the program that runs one rank, e.g. [\"loractl\", \"rank\"]".into(),
+            );
+        }
+        let https = self.coordinator.starts_with("https://");
+        if https && self.tls_ca.is_none() {
+            problem(
+                "tls_ca",
+                "missing: an https:// coordinator needs the CA that signed its certificate".into(),
+            );
+        }
+        if !https && (self.tls_ca.is_some() || self.tls_cert.is_some()) {
+            problem(
+                "coordinator",
+                "TLS files are set but the address is http://: write https://".into(),
+            );
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            problem(
+                "tls_cert",
+                "tls_cert and tls_key go together: set both or neither".into(),
+            );
+        }
+        if let Some(name) = &self.name {
+            if name.trim().is_empty() || name.contains(char::is_whitespace) {
+                problem("name", format!("`{name}` must be non-empty without spaces"));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::InvalidConfig(problems))
+        }
+    }
+
+    pub fn gpu_selection(&self) -> Gpus {
+        Gpus::parse(&self.gpus).unwrap_or(Gpus::All)
+    }
+
+    pub fn stop_grace(&self) -> Duration {
+        Duration::from_secs(self.stop_grace_secs)
+    }
+
+    /// The token: `LORACTL_TOKEN` if set, else the first line of `token_file`.
+    pub fn token(&self) -> Result<Option<String>> {
+        if let Ok(token) = std::env::var("LORACTL_TOKEN") {
+            return Ok(Some(token));
+        }
+        match &self.token_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(io_error(path))?;
+                Ok(text.lines().next().map(|l| l.trim().to_owned()))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The TLS settings read from their files; `None` for a plain http:// coordinator.
+    pub fn client_tls(&self) -> Result<Option<crate::client::ClientTls>> {
+        let Some(ca) = &self.tls_ca else {
+            return Ok(None);
+        };
+        let read = |path: &PathBuf| std::fs::read(path).map_err(io_error(path));
+        let identity = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+            _ => None,
+        };
+        Ok(Some(crate::client::ClientTls {
+            ca_pem: read(ca)?,
+            identity,
+            domain: self.tls_domain.clone(),
+        }))
+    }
+
+    /// The registered name: `name`, else the host name, else `worker`.
+    pub fn worker_name(&self) -> String {
+        if let Some(name) = &self.name {
+            return name.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "worker".to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_a_full_file() {
+        let config = WorkerConfig::from_toml_str("", "<test>").unwrap();
+        assert_eq!(config, WorkerConfig::default());
+        config.validate().unwrap();
+
+        let text = r#"
+            coordinator = "http://10.0.0.5:7070"
+            name = "box-1"
+            gpus = "0,2"
+            model_dirs = ["/models"]
+            rank_command = ["/usr/bin/loractl", "rank"]
+            [labels]
+            zone = "a"
+        "#;
+        let config = WorkerConfig::from_toml_str(text, "<test>").unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.gpu_selection(), Gpus::Ids(vec![0, 2]));
+        assert_eq!(config.worker_name(), "box-1");
+        assert_eq!(config.labels["zone"], "a");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = WorkerConfig::from_toml_str("gpu = \"0\"", "w.toml").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("w.toml") && text.contains("unknown field `gpu`"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let config = WorkerConfig {
+            coordinator: "10.0.0.5:7070".into(),
+            gpus: "0,0".into(),
+            rank_command: vec![],
+            name: Some("my box".into()),
+            ..WorkerConfig::default()
+        };
+        let Err(Error::InvalidConfig(problems)) = config.validate() else {
+            panic!("invalid config accepted");
+        };
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["coordinator", "gpus", "rank_command", "name"]);
+        assert!(problems[1].problem.contains("listed twice"));
+    }
+}

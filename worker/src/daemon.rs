@@ -1,0 +1,691 @@
+//! The worker daemon's loop: register, hold one session stream to the coordinator, start a
+//! rank process for every assignment and stop it when told, forward progress and logs, upload
+//! announced artifacts, report each rank's result once its uploads are done, heartbeat with
+//! the ranks it runs. On a lost connection it reconnects with backoff while ranks keep
+//! running; if the coordinator no longer knows it, its ranks are stale: they are killed and it
+//! registers again. On shutdown it stops every rank (SIGTERM, then SIGKILL after the grace),
+//! reports them and exits.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use loractl_proto::domain::{
+    ArtifactKind, Assignment, CoordinatorMessage, Digest, Failure, FailureKind, GpuInfo, LogLine,
+    Progress, RankOutcome, Registration, RunningRank, WorkerId, WorkerMessage,
+};
+use loractl_proto::pb;
+use loractl_proto::pb::worker_service_client::WorkerServiceClient;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::client::{self, Authed, Link};
+use crate::config::WorkerConfig;
+use crate::error::{io_error, Error, Result};
+use crate::protocol::{ArtifactKindName, ChildMessage};
+use crate::rank::{self, Exit, Launch, RankEvent, RankProcess};
+
+/// Messages kept for the coordinator while disconnected (results first of all).
+const OUTBOX_LIMIT: usize = 10_000;
+const BACKOFF_START: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+enum RankState {
+    /// Downloading its resume checkpoint.
+    Preparing { cancelled: bool },
+    Running {
+        process: RankProcess,
+        exit: Option<Exit>,
+    },
+}
+
+struct Rank {
+    state: RankState,
+    uploads_in_flight: usize,
+    artifacts: Vec<Digest>,
+    upload_error: Option<String>,
+}
+
+enum Internal {
+    Prepared {
+        rank: RunningRank,
+        result: Result<Box<Launch>>,
+    },
+    Uploaded {
+        rank: RunningRank,
+        result: Result<Digest>,
+    },
+}
+
+struct Connection {
+    worker_id: WorkerId,
+    outbound: mpsc::Sender<pb::WorkerMessage>,
+    inbound: tonic::Streaming<pb::CoordinatorMessage>,
+    heartbeat: tokio::time::Interval,
+}
+
+pub struct Daemon {
+    config: WorkerConfig,
+    gpus: Vec<GpuInfo>,
+    link: Link,
+    worker_id: Option<WorkerId>,
+    connection: Option<Connection>,
+    ranks: BTreeMap<RunningRank, Rank>,
+    outbox: VecDeque<WorkerMessage>,
+    rank_tx: mpsc::Sender<(RunningRank, RankEvent)>,
+    rank_rx: mpsc::Receiver<(RunningRank, RankEvent)>,
+    internal_tx: mpsc::Sender<Internal>,
+    internal_rx: mpsc::Receiver<Internal>,
+    draining: bool,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+enum ConnectionEvent {
+    Message(std::result::Result<Option<pb::CoordinatorMessage>, tonic::Status>),
+    Heartbeat,
+}
+
+/// The next message or heartbeat tick of the session; never resolves while disconnected.
+async fn next_connection_event(connection: &mut Option<Connection>) -> ConnectionEvent {
+    match connection {
+        // Both are cancel safe: a message half-received stays buffered in the stream.
+        Some(c) => tokio::select! {
+            message = c.inbound.message() => ConnectionEvent::Message(message),
+            _ = c.heartbeat.tick() => ConnectionEvent::Heartbeat,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+impl Daemon {
+    /// `token` and `tls` come from [`WorkerConfig::token`] and [`WorkerConfig::client_tls`].
+    pub fn new(
+        config: WorkerConfig,
+        gpus: Vec<GpuInfo>,
+        token: Option<String>,
+        tls: Option<client::ClientTls>,
+    ) -> Result<Self> {
+        let (rank_tx, rank_rx) = mpsc::channel(4096);
+        let (internal_tx, internal_rx) = mpsc::channel(256);
+        Ok(Self {
+            link: Link::new(&config.coordinator, token.as_deref(), tls)?,
+            config,
+            gpus,
+            worker_id: None,
+            connection: None,
+            ranks: BTreeMap::new(),
+            outbox: VecDeque::new(),
+            rank_tx,
+            rank_rx,
+            internal_tx,
+            internal_rx,
+            draining: false,
+        })
+    }
+
+    /// Runs until `shutdown` resolves and every rank has been stopped and reported.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        for dir in [&self.config.work_dir, &self.config.cache_dir] {
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(io_error(dir))?;
+        }
+        tokio::pin!(shutdown);
+        let mut backoff = BACKOFF_START;
+        let mut retry_at = Instant::now();
+        loop {
+            if self.draining && self.ranks.is_empty() && self.outbox.is_empty() {
+                break;
+            }
+            if self.connection.is_none() && Instant::now() >= retry_at {
+                match self.connect().await {
+                    Ok(()) => {
+                        backoff = BACKOFF_START;
+                        self.flush_outbox().await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "cannot reach the coordinator");
+                        retry_at = Instant::now() + backoff;
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        if self.draining && self.ranks.is_empty() {
+                            // Nothing left to report that anyone could receive.
+                            break;
+                        }
+                    }
+                }
+            }
+            let disconnected = self.connection.is_none();
+            let reconnect = async move {
+                if disconnected {
+                    tokio::time::sleep_until(retry_at).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                _ = &mut shutdown, if !self.draining => {
+                    self.drain();
+                    // Tell the coordinator at once, so it sends no new work.
+                    self.heartbeat().await;
+                }
+                event = next_connection_event(&mut self.connection) => match event {
+                    ConnectionEvent::Message(Ok(Some(message))) => self.on_coordinator_message(message).await,
+                    ConnectionEvent::Message(Ok(None)) => self.disconnected("the coordinator closed the session"),
+                    ConnectionEvent::Message(Err(status)) => self.disconnected(&status.to_string()),
+                    ConnectionEvent::Heartbeat => self.heartbeat().await,
+                },
+                Some((rank, event)) = self.rank_rx.recv() => self.on_rank_event(rank, event).await,
+                Some(internal) = self.internal_rx.recv() => self.on_internal(internal).await,
+                _ = reconnect => {}
+            }
+        }
+        if let Some(Connection {
+            outbound,
+            mut inbound,
+            ..
+        }) = self.connection.take()
+        {
+            // Close our side and wait for the coordinator to close its: everything sent,
+            // final results included, has then been received.
+            drop(outbound);
+            let closed = tokio::time::timeout(Duration::from_secs(10), async {
+                while let Ok(Some(_)) = inbound.message().await {}
+            })
+            .await;
+            if closed.is_err() {
+                tracing::warn!("the coordinator did not close the session in time");
+            }
+        }
+        tracing::info!("worker stopped");
+        Ok(())
+    }
+
+    async fn connect(&mut self) -> Result<()> {
+        let mut workers = self.link.workers().await?;
+        // Reuse the registration after a network blip; register anew if the coordinator
+        // forgot it (declared lost, or restarted without it).
+        for _ in 0..2 {
+            let (worker_id, interval) = match &self.worker_id {
+                Some(id) => (id.clone(), None),
+                None => {
+                    let (id, interval) = self.register(&mut workers).await?;
+                    (id, Some(interval))
+                }
+            };
+            let (outbound, rx) = mpsc::channel(1024);
+            let _ = outbound
+                .send(
+                    WorkerMessage::Open {
+                        worker_id: worker_id.clone(),
+                    }
+                    .into(),
+                )
+                .await;
+            match workers
+                .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+            {
+                Ok(response) => {
+                    let period = interval.unwrap_or(Duration::from_secs(5));
+                    let mut heartbeat = tokio::time::interval(period);
+                    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    tracing::info!(worker = %worker_id, "session open");
+                    self.connection = Some(Connection {
+                        worker_id,
+                        outbound,
+                        inbound: response.into_inner(),
+                        heartbeat,
+                    });
+                    return Ok(());
+                }
+                Err(status) if status.code() == tonic::Code::NotFound => {
+                    tracing::warn!(worker = %worker_id, "the coordinator no longer knows this worker: stopping its ranks and registering again");
+                    self.kill_all("the worker's registration was lost");
+                    self.worker_id = None;
+                }
+                Err(status) => {
+                    return Err(Error::Rpc {
+                        call: "Session",
+                        status,
+                    })
+                }
+            }
+        }
+        Err(Error::Rpc {
+            call: "Session",
+            status: tonic::Status::not_found("registration refused twice"),
+        })
+    }
+
+    async fn register(
+        &mut self,
+        workers: &mut WorkerServiceClient<Authed>,
+    ) -> Result<(WorkerId, Duration)> {
+        let registration = Registration {
+            protocol_version: loractl_proto::WORKER_PROTOCOL_VERSION,
+            name: self.config.worker_name(),
+            gpus: self.gpus.clone(),
+            labels: self.config.labels.clone(),
+        };
+        let response = workers
+            .register(pb::RegisterRequest::from(registration))
+            .await
+            .map_err(|status| Error::Rpc {
+                call: "Register",
+                status,
+            })?
+            .into_inner();
+        let id = WorkerId::new(response.worker_id);
+        tracing::info!(worker = %id, gpus = self.gpus.len(), "registered");
+        self.worker_id = Some(id.clone());
+        Ok((
+            id,
+            Duration::from_millis(response.heartbeat_interval_ms.max(100)),
+        ))
+    }
+
+    fn disconnected(&mut self, why: &str) {
+        if let Some(c) = self.connection.take() {
+            tracing::warn!(worker = %c.worker_id, why, "session lost; reconnecting");
+        }
+    }
+
+    /// Sends now, or keeps the message for the next session. Progress and logs are only
+    /// worth sending live; results are kept.
+    async fn send(&mut self, message: WorkerMessage) {
+        let keep = matches!(message, WorkerMessage::Result { .. });
+        if let Some(c) = &self.connection {
+            if c.outbound.send(message.clone().into()).await.is_ok() {
+                return;
+            }
+            self.disconnected("session stream closed");
+        }
+        if keep {
+            if self.outbox.len() >= OUTBOX_LIMIT {
+                self.outbox.pop_front();
+            }
+            self.outbox.push_back(message);
+        }
+    }
+
+    async fn flush_outbox(&mut self) {
+        while let Some(message) = self.outbox.pop_front() {
+            let Some(c) = &self.connection else {
+                self.outbox.push_front(message);
+                return;
+            };
+            if c.outbound.send(message.clone().into()).await.is_err() {
+                self.outbox.push_front(message);
+                self.disconnected("session stream closed");
+                return;
+            }
+        }
+    }
+
+    async fn heartbeat(&mut self) {
+        let running = self.ranks.keys().cloned().collect();
+        let draining = self.draining;
+        self.send(WorkerMessage::Heartbeat { running, draining })
+            .await;
+    }
+
+    async fn on_coordinator_message(&mut self, message: pb::CoordinatorMessage) {
+        let message = match CoordinatorMessage::try_from(message) {
+            Ok(message) => message,
+            Err(e) => {
+                tracing::warn!(error = %e, "coordinator message not understood");
+                return;
+            }
+        };
+        match message {
+            CoordinatorMessage::Assign(assignment) => self.assign(assignment).await,
+            CoordinatorMessage::Stop { rank, reason } => {
+                tracing::info!(job = %rank.job_id, rank = rank.rank, attempt = rank.attempt, %reason, "stopping rank");
+                match self.ranks.get_mut(&rank).map(|r| &mut r.state) {
+                    Some(RankState::Preparing { cancelled }) => *cancelled = true,
+                    Some(RankState::Running { process, .. }) => {
+                        process.stop(self.config.stop_grace())
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+
+    async fn assign(&mut self, assignment: Assignment) {
+        let id = RunningRank {
+            job_id: assignment.job_id.clone(),
+            attempt: assignment.attempt,
+            rank: assignment.rank,
+        };
+        if self.draining || self.ranks.contains_key(&id) {
+            return;
+        }
+        // The job id names folders under work_dir: nothing but a plain name may pass.
+        let plain = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+        if id.job_id.as_str().is_empty() || !id.job_id.as_str().chars().all(plain) {
+            let failure = Failure {
+                kind: FailureKind::BadConfig,
+                message: format!("job id `{}` is not a plain name", id.job_id),
+                rank: Some(id.rank),
+            };
+            self.send(WorkerMessage::Result {
+                rank: id,
+                outcome: RankOutcome::Failed(failure),
+            })
+            .await;
+            return;
+        }
+        let pinned: Vec<u32> = self.gpus.iter().map(|g| g.index).collect();
+        if let Some(bad) = assignment.gpu_indices.iter().find(|g| !pinned.contains(g)) {
+            // Never run on a GPU this worker was not given.
+            let failure = Failure {
+                kind: FailureKind::Killed,
+                message: format!("GPU {bad} is not pinned to this worker"),
+                rank: Some(id.rank),
+            };
+            self.send(WorkerMessage::Result {
+                rank: id,
+                outcome: RankOutcome::Failed(failure),
+            })
+            .await;
+            return;
+        }
+        tracing::info!(job = %id.job_id, rank = id.rank, attempt = id.attempt, gpus = ?assignment.gpu_indices, "assigned");
+        self.ranks.insert(
+            id.clone(),
+            Rank {
+                state: RankState::Preparing { cancelled: false },
+                uploads_in_flight: 0,
+                artifacts: Vec::new(),
+                upload_error: None,
+            },
+        );
+        let config = self.config.clone();
+        let link = self.link.clone();
+        let internal = self.internal_tx.clone();
+        tokio::spawn(async move {
+            let result = prepare(&config, &link, &id, assignment).await.map(Box::new);
+            let _ = internal.send(Internal::Prepared { rank: id, result }).await;
+        });
+    }
+
+    async fn on_internal(&mut self, internal: Internal) {
+        match internal {
+            Internal::Prepared { rank, result } => {
+                let cancelled = match self.ranks.get(&rank).map(|r| &r.state) {
+                    Some(RankState::Preparing { cancelled }) => *cancelled,
+                    _ => return,
+                };
+                let outcome = match result {
+                    Ok(_) if cancelled || self.draining => Err(Failure {
+                        kind: FailureKind::Killed,
+                        message: "stopped before it started".into(),
+                        rank: Some(rank.rank),
+                    }),
+                    Ok(launch) => match RankProcess::spawn(&launch, self.rank_tx.clone()) {
+                        Ok(process) => Ok(process),
+                        Err(e) => Err(Failure {
+                            kind: FailureKind::BadConfig,
+                            message: e.to_string(),
+                            rank: Some(rank.rank),
+                        }),
+                    },
+                    Err(e) => Err(Failure {
+                        kind: FailureKind::TrainingError,
+                        message: format!("preparing the rank failed: {e}"),
+                        rank: Some(rank.rank),
+                    }),
+                };
+                match outcome {
+                    Ok(process) => {
+                        if let Some(r) = self.ranks.get_mut(&rank) {
+                            r.state = RankState::Running {
+                                process,
+                                exit: None,
+                            };
+                        }
+                        self.send(WorkerMessage::Started(rank)).await;
+                    }
+                    Err(failure) => {
+                        self.ranks.remove(&rank);
+                        self.send(WorkerMessage::Result {
+                            rank,
+                            outcome: RankOutcome::Failed(failure),
+                        })
+                        .await;
+                    }
+                }
+            }
+            Internal::Uploaded { rank, result } => {
+                if let Some(r) = self.ranks.get_mut(&rank) {
+                    r.uploads_in_flight -= 1;
+                    match result {
+                        Ok(digest) => r.artifacts.push(digest),
+                        Err(e) => r.upload_error = Some(e.to_string()),
+                    }
+                }
+                self.finish_if_done(&rank).await;
+            }
+        }
+    }
+
+    async fn on_rank_event(&mut self, rank: RunningRank, event: RankEvent) {
+        match event {
+            RankEvent::Log { stream, text } => {
+                self.send(WorkerMessage::Log(LogLine {
+                    job_id: rank.job_id.clone(),
+                    attempt: rank.attempt,
+                    rank: rank.rank,
+                    stream,
+                    text,
+                    at: now_ms(),
+                }))
+                .await;
+            }
+            RankEvent::Message(ChildMessage::Progress {
+                step,
+                total_steps,
+                epoch,
+                loss,
+                lr,
+                d_lr,
+                steps_per_second,
+                samples_per_second,
+                gpu_memory_bytes,
+            }) => {
+                self.send(WorkerMessage::Progress(Progress {
+                    job_id: rank.job_id.clone(),
+                    attempt: rank.attempt,
+                    rank: rank.rank,
+                    step,
+                    total_steps,
+                    epoch,
+                    loss,
+                    lr,
+                    d_lr,
+                    steps_per_second,
+                    samples_per_second,
+                    gpu_memory_bytes,
+                    at: now_ms(),
+                }))
+                .await;
+            }
+            RankEvent::Message(ChildMessage::Artifact { path, kind, name }) => {
+                self.upload(rank, path, kind, name);
+            }
+            RankEvent::Exited(exit) => {
+                if let Some(Rank {
+                    state: RankState::Running { exit: slot, .. },
+                    ..
+                }) = self.ranks.get_mut(&rank)
+                {
+                    *slot = Some(exit);
+                }
+                self.finish_if_done(&rank).await;
+            }
+        }
+    }
+
+    fn upload(
+        &mut self,
+        rank: RunningRank,
+        path: PathBuf,
+        kind: ArtifactKindName,
+        name: Option<String>,
+    ) {
+        let Some(r) = self.ranks.get_mut(&rank) else {
+            return;
+        };
+        let output_dir = rank::attempt_dir(&self.config.work_dir, &rank).join("output");
+        let path = if path.is_absolute() {
+            path
+        } else {
+            output_dir.join(path)
+        };
+        // A rank may only publish its own outputs.
+        let inside = path
+            .canonicalize()
+            .ok()
+            .zip(output_dir.canonicalize().ok())
+            .is_some_and(|(p, root)| p.starts_with(root));
+        if !inside {
+            r.upload_error = Some(format!(
+                "artifact `{}` is outside the rank's output folder",
+                path.display()
+            ));
+            return;
+        }
+        r.uploads_in_flight += 1;
+        let kind = match kind {
+            ArtifactKindName::Lora => ArtifactKind::Lora,
+            ArtifactKindName::SampleImage => ArtifactKind::SampleImage,
+            ArtifactKindName::Checkpoint => ArtifactKind::Checkpoint,
+        };
+        let name = name.unwrap_or_else(|| {
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        });
+        let link = self.link.clone();
+        let internal = self.internal_tx.clone();
+        tokio::spawn(async move {
+            let result = async {
+                let mut artifacts = link.artifacts().await?;
+                let info = client::upload_file(
+                    &mut artifacts,
+                    &path,
+                    kind,
+                    Some(rank.job_id.clone()),
+                    name,
+                )
+                .await?;
+                Ok(info.digest)
+            }
+            .await;
+            if let Err(e) = &result {
+                tracing::warn!(job = %rank.job_id, error = %e, "artifact upload failed");
+            }
+            let _ = internal.send(Internal::Uploaded { rank, result }).await;
+        });
+    }
+
+    /// Reports a rank once its process exited and its uploads are done.
+    async fn finish_if_done(&mut self, rank: &RunningRank) {
+        let Some(r) = self.ranks.get(rank) else {
+            return;
+        };
+        let RankState::Running {
+            exit: Some(exit), ..
+        } = &r.state
+        else {
+            return;
+        };
+        if r.uploads_in_flight > 0 {
+            return;
+        }
+        let exit = *exit;
+        let Some(r) = self.ranks.remove(rank) else {
+            return;
+        };
+        let outcome = match (exit.failure_kind(), r.upload_error) {
+            (None, None) => RankOutcome::Succeeded {
+                artifacts: r.artifacts,
+            },
+            (None, Some(problem)) => RankOutcome::Failed(Failure {
+                kind: FailureKind::TrainingError,
+                message: problem,
+                rank: Some(rank.rank),
+            }),
+            (Some(kind), _) => RankOutcome::Failed(Failure {
+                kind,
+                message: format!("rank process {}", exit.describe()),
+                rank: Some(rank.rank),
+            }),
+        };
+        tracing::info!(job = %rank.job_id, rank = rank.rank, attempt = rank.attempt, outcome = ?outcome, "rank finished");
+        self.send(WorkerMessage::Result {
+            rank: rank.clone(),
+            outcome,
+        })
+        .await;
+    }
+
+    fn drain(&mut self) {
+        tracing::info!(ranks = self.ranks.len(), "shutting down: stopping ranks");
+        self.draining = true;
+        let grace = self.config.stop_grace();
+        for r in self.ranks.values_mut() {
+            match &mut r.state {
+                RankState::Preparing { cancelled } => *cancelled = true,
+                RankState::Running { process, .. } => process.stop(grace),
+            }
+        }
+    }
+
+    fn kill_all(&mut self, why: &str) {
+        tracing::warn!(why, ranks = self.ranks.len(), "killing every rank");
+        // Dropping a process kills its group; preparing ranks are dropped when prepared.
+        self.ranks.clear();
+    }
+}
+
+/// Writes the rank's folder and spec, and fetches its resume checkpoint.
+async fn prepare(
+    config: &WorkerConfig,
+    link: &Link,
+    rank: &RunningRank,
+    assignment: Assignment,
+) -> Result<Launch> {
+    let dir = rank::attempt_dir(&config.work_dir, rank);
+    let output_dir = dir.join("output");
+    tokio::fs::create_dir_all(&output_dir)
+        .await
+        .map_err(io_error(&output_dir))?;
+    let spec_path = dir.join("job.toml");
+    tokio::fs::write(&spec_path, &assignment.spec_toml)
+        .await
+        .map_err(io_error(&spec_path))?;
+    let resume = match &assignment.resume_checkpoint {
+        Some(digest) => {
+            let mut artifacts = link.artifacts().await?;
+            Some(client::download_to_cache(&mut artifacts, &config.cache_dir, digest).await?)
+        }
+        None => None,
+    };
+    Ok(Launch {
+        command: config.rank_command.clone(),
+        assignment,
+        spec_path,
+        output_dir,
+        resume,
+        model_dirs: config.model_dirs.clone(),
+    })
+}

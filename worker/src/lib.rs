@@ -1,0 +1,18 @@
+//! loractl's worker daemon. Components:
+//!
+//! - [`config`]: the worker's TOML config (coordinator, pinned GPUs, folders, rank command);
+//! - [`gpu`]: GPU discovery through NVML loaded at run time, CPU-only without it;
+//! - [`rank`]: one child process per rank, in its own process group, with exactly its GPUs;
+//! - [`protocol`]: what a rank prints for progress and artifacts;
+//! - [`client`]: the coordinator connection with its token, artifact upload and download;
+//! - [`daemon`]: the session loop tying them together.
+
+pub mod client;
+pub mod config;
+pub mod daemon;
+mod error;
+pub mod gpu;
+pub mod protocol;
+pub mod rank;
+
+pub use error::{ConfigProblem, Error, Result};

@@ -1,0 +1,445 @@
+//! The worker daemon against a real coordinator in process on 127.0.0.1:0, with a shell script
+//! as the rank command (the training program plugs in at the same place): jobs run, report
+//! progress and artifacts, resume from their checkpoint after a kill, fail without retry on a
+//! bad config, and a cancel or a worker shutdown takes down the rank's whole process group.
+
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::time::Duration;
+
+use loractl_coordinator::artifacts::ArtifactConfig;
+use loractl_coordinator::server::{self, CoordinatorConfig, ServerConfig};
+use loractl_coordinator::store::RedbStore;
+use loractl_proto::domain::{ArtifactKind, FailureKind, Job, JobEvent, JobState};
+use loractl_proto::pb;
+use loractl_proto::pb::artifact_service_client::ArtifactServiceClient;
+use loractl_proto::pb::job_service_client::JobServiceClient;
+use loractl_worker::client::{self, Authed, Link};
+use loractl_worker::config::WorkerConfig;
+use loractl_worker::daemon::Daemon;
+use loractl_worker::gpu;
+use tokio::sync::oneshot;
+use tokio_stream::StreamExt;
+
+const TOKEN: &str = "worker-test-token";
+const WAIT: Duration = Duration::from_secs(30);
+
+fn spec(gpus: &str) -> String {
+    format!(
+        r#"
+name = "sks-dog"
+[model]
+pretrained_model_name_or_path = "/models/v1-5-pruned-emaonly.safetensors"
+[dataset]
+train_data_dir = "train"
+resolution = "512"
+[training]
+max_train_epochs = 1
+[resources]
+gpus = "{gpus}"
+max_restarts = 0
+"#
+    )
+}
+
+struct Cluster {
+    address: String,
+    dir: tempfile::TempDir,
+    stop_server: Option<oneshot::Sender<()>>,
+}
+
+impl Cluster {
+    async fn start() -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path().join("state.redb")).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        let config = ServerConfig {
+            coordinator: CoordinatorConfig::default(),
+            artifacts: ArtifactConfig {
+                root: dir.path().join("artifacts"),
+                quota_bytes: 1 << 30,
+                max_artifact_bytes: 1 << 28,
+                keep_checkpoints: 2,
+            },
+            token: Some(TOKEN.to_owned()),
+            tls: None,
+            leader_ttl: Duration::from_secs(10),
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(server::serve(store, config, listener, async {
+            let _ = stopped.await;
+        }));
+        Cluster {
+            address: format!("http://{addr}"),
+            dir,
+            stop_server: Some(stop),
+        }
+    }
+
+    /// Starts a worker with two simulated GPUs running `script` for every rank; returns the
+    /// trigger of its shutdown and its task.
+    fn worker(
+        &self,
+        name: &str,
+        script: &str,
+    ) -> (
+        oneshot::Sender<()>,
+        tokio::task::JoinHandle<loractl_worker::Result<()>>,
+    ) {
+        let root = self.dir.path().join(name);
+        let config = WorkerConfig {
+            coordinator: self.address.clone(),
+            name: Some(name.to_owned()),
+            simulated_gpus: 2,
+            work_dir: root.join("work"),
+            cache_dir: root.join("cache"),
+            rank_command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            stop_grace_secs: 1,
+            ..WorkerConfig::default()
+        };
+        config.validate().unwrap();
+        let gpus = gpu::discover(&config.gpu_selection(), config.simulated_gpus).unwrap();
+        let daemon = Daemon::new(config, gpus, Some(TOKEN.to_owned()), None).unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(daemon.run(async {
+            let _ = stopped.await;
+        }));
+        (stop, task)
+    }
+
+    async fn jobs(&self) -> JobServiceClient<Authed> {
+        let link = Link::new(&self.address, Some(TOKEN), None).unwrap();
+        link.jobs().await.unwrap()
+    }
+
+    async fn artifacts(&self) -> ArtifactServiceClient<Authed> {
+        let link = Link::new(&self.address, Some(TOKEN), None).unwrap();
+        link.artifacts().await.unwrap()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop_server.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+async fn submit(jobs: &mut JobServiceClient<Authed>, gpus: &str) -> Job {
+    let response = jobs
+        .submit_job(pb::SubmitJobRequest {
+            spec_toml: spec(gpus),
+            priority: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    Job::try_from(response.job.unwrap()).unwrap()
+}
+
+async fn watch_stream(
+    jobs: &mut JobServiceClient<Authed>,
+    job: &Job,
+) -> tonic::Streaming<pb::JobEvent> {
+    jobs.watch_job(pb::WatchJobRequest {
+        job_id: job.id.to_string(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// Follows the job until `until` holds for it; returns every event seen.
+async fn watch_until(
+    jobs: &mut JobServiceClient<Authed>,
+    job: &Job,
+    until: impl Fn(&Job) -> bool,
+) -> (Job, Vec<JobEvent>) {
+    let stream = watch_stream(jobs, job).await;
+    follow_until(stream, until).await
+}
+
+async fn follow_until(
+    mut stream: tonic::Streaming<pb::JobEvent>,
+    until: impl Fn(&Job) -> bool,
+) -> (Job, Vec<JobEvent>) {
+    let mut events = Vec::new();
+    let found = tokio::time::timeout(WAIT, async {
+        while let Some(event) = stream.next().await {
+            let event = JobEvent::try_from(event.unwrap()).unwrap();
+            events.push(event.clone());
+            if let JobEvent::State(j) = event {
+                if until(&j) {
+                    return Some(j);
+                }
+            }
+        }
+        None
+    })
+    .await
+    .expect("timed out watching the job");
+    (
+        found.expect("the watch ended before the condition held"),
+        events,
+    )
+}
+
+async fn log_lines(jobs: &mut JobServiceClient<Authed>, job: &Job) -> Vec<String> {
+    let mut stream = jobs
+        .get_logs(pb::GetLogsRequest {
+            job_id: job.id.to_string(),
+            follow: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut lines = Vec::new();
+    while let Some(line) = stream.next().await {
+        lines.push(line.unwrap().text);
+    }
+    lines
+}
+
+/// Resolves when process `pid` has ended (pidfd becomes readable), without polling.
+async fn process_ended(pid: i32) {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return; // already gone
+    }
+    // SAFETY: the syscall returned a fresh fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it open and unchanged.
+    let fd = unsafe { tokio::io::unix::AsyncFd::register(fd) }
+        .map_err(|e| e.to_string())
+        .unwrap();
+    let _ = fd.readable().await.unwrap();
+}
+
+const TRAIN: &str = r#"
+echo "training $LORACTL_JOB_ID attempt $LORACTL_ATTEMPT on GPUs $CUDA_VISIBLE_DEVICES"
+echo '@loractl {"progress":{"step":1,"total_steps":2,"loss":0.5,"lr":0.0001}}'
+printf 'lora weights' > sks-dog.safetensors
+echo '@loractl {"artifact":{"path":"sks-dog.safetensors","kind":"lora"}}'
+printf 'state at step 2' > step2.ckpt
+echo '@loractl {"artifact":{"path":"step2.ckpt","kind":"checkpoint"}}'
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_runs_on_the_worker_and_its_artifacts_are_uploaded() {
+    let cluster = Cluster::start().await;
+    let mut jobs = cluster.jobs().await;
+    let job = submit(&mut jobs, "all").await;
+    // The watch is open before any worker exists, so it sees every event of the run.
+    let watch = watch_stream(&mut jobs, &job).await;
+    let (stop, worker) = cluster.worker("box", TRAIN);
+    let (done, events) = follow_until(watch, |j| j.state.is_terminal()).await;
+    assert_eq!(done.state, JobState::Succeeded, "{:?}", done.last_failure);
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, JobEvent::Progress(p) if p.step == 1 && p.loss == 0.5)));
+    let logs = log_lines(&mut jobs, &job).await;
+    assert!(
+        logs.contains(&format!("training {} attempt 0 on GPUs 0,1", job.id)),
+        "{logs:?}"
+    );
+
+    let listed = cluster
+        .artifacts()
+        .await
+        .list_artifacts(pb::ListArtifactsRequest {
+            job_id: job.id.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .artifacts;
+    let kinds: Vec<(i32, String)> = listed.iter().map(|a| (a.kind, a.name.clone())).collect();
+    assert!(kinds.contains(&(
+        pb::ArtifactKind::Lora as i32,
+        "sks-dog.safetensors".to_owned()
+    )));
+    let checkpoint = listed
+        .iter()
+        .find(|a| a.kind == pb::ArtifactKind::Checkpoint as i32)
+        .expect("checkpoint uploaded");
+    assert_eq!(
+        done.latest_checkpoint.map(pb::Digest::from),
+        checkpoint.digest.clone()
+    );
+    let _ = stop.send(());
+    tokio::time::timeout(WAIT, worker)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_rank_is_retried_and_resumes_from_its_checkpoint() {
+    let cluster = Cluster::start().await;
+    let script = r#"
+if [ "$LORACTL_ATTEMPT" = 0 ]; then
+  printf 'state at step 7' > step7.ckpt
+  echo '@loractl {"artifact":{"path":"step7.ckpt","kind":"checkpoint"}}'
+  # Die the way the OOM killer does; what was printed before still reaches the worker.
+  kill -9 $$
+fi
+echo "resumed from: $(cat "$LORACTL_RESUME")"
+"#;
+    let (_stop, _worker) = cluster.worker("box", script);
+    let mut jobs = cluster.jobs().await;
+    let job = submit(&mut jobs, "0").await;
+    let (done, _) = watch_until(&mut jobs, &job, |j| j.state.is_terminal()).await;
+    assert_eq!(done.state, JobState::Succeeded, "{:?}", done.last_failure);
+    assert_eq!((done.attempt, done.counted_restarts), (1, 0));
+    assert_eq!(done.last_failure.map(|f| f.kind), Some(FailureKind::Killed));
+    let logs = log_lines(&mut jobs, &job).await;
+    assert!(
+        logs.contains(&"resumed from: state at step 7".to_owned()),
+        "{logs:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_config_fails_the_job_without_retry() {
+    let cluster = Cluster::start().await;
+    let (_stop, _worker) = cluster.worker(
+        "box",
+        "echo 'train_data_dir `train` does not exist' >&2; exit 78",
+    );
+    let mut jobs = cluster.jobs().await;
+    let job = submit(&mut jobs, "all").await;
+    let (done, _) = watch_until(&mut jobs, &job, |j| j.state.is_terminal()).await;
+    assert_eq!((done.state, done.attempt), (JobState::Failed, 0));
+    let failure = done.last_failure.expect("failure recorded");
+    assert_eq!(failure.kind, FailureKind::BadConfig);
+    assert!(failure.message.contains("code 78"), "{}", failure.message);
+}
+
+const LONG: &str = "sleep 1000 & echo \"child $!\"; wait";
+
+async fn child_pid(jobs: &mut JobServiceClient<Authed>, job: &Job) -> i32 {
+    let mut stream = jobs
+        .get_logs(pb::GetLogsRequest {
+            job_id: job.id.to_string(),
+            follow: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::timeout(WAIT, async {
+        while let Some(line) = stream.next().await {
+            if let Some(pid) = line.unwrap().text.strip_prefix("child ") {
+                return pid.parse().unwrap();
+            }
+        }
+        panic!("log ended without the child's pid");
+    })
+    .await
+    .expect("timed out waiting for the rank's output")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_kills_the_ranks_process_group() {
+    let cluster = Cluster::start().await;
+    let (_stop, _worker) = cluster.worker("box", LONG);
+    let mut jobs = cluster.jobs().await;
+    let job = submit(&mut jobs, "1").await;
+    let grandchild = child_pid(&mut jobs, &job).await;
+    let cancelled = jobs
+        .cancel_job(pb::CancelJobRequest {
+            job_id: job.id.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        Job::try_from(cancelled.job.unwrap()).unwrap().state,
+        JobState::Cancelled
+    );
+    tokio::time::timeout(WAIT, process_ended(grandchild))
+        .await
+        .expect("the rank's child outlived the cancel");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_shutdown_stops_its_ranks_and_the_job_is_retried_uncounted() {
+    let cluster = Cluster::start().await;
+    let (stop, worker) = cluster.worker("box", LONG);
+    let mut jobs = cluster.jobs().await;
+    let job = submit(&mut jobs, "all").await;
+    let grandchild = child_pid(&mut jobs, &job).await;
+    let _ = stop.send(());
+    tokio::time::timeout(WAIT, worker)
+        .await
+        .expect("the worker drains within its grace")
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(WAIT, process_ended(grandchild))
+        .await
+        .expect("the rank's child outlived the worker");
+    let (after, _) = watch_until(&mut jobs, &job, |j| j.attempt == 1).await;
+    assert_eq!(after.state, JobState::Restarting);
+    assert_eq!(after.counted_restarts, 0);
+    assert_eq!(
+        after.last_failure.map(|f| f.kind),
+        Some(FailureKind::Killed)
+    );
+}
+
+#[tokio::test]
+async fn artifacts_download_into_the_cache_verified() {
+    let cluster = Cluster::start().await;
+    let mut artifacts = cluster.artifacts().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("model.safetensors");
+    let data: Vec<u8> = (0..2_500_000u32).map(|i| (i % 241) as u8).collect();
+    std::fs::write(&file, &data).unwrap();
+    let info = client::upload_file(
+        &mut artifacts,
+        &file,
+        ArtifactKind::BaseModel,
+        None,
+        "model.safetensors".into(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(info.size, data.len() as u64);
+    // Uploading the same content again sends nothing new and returns the same artifact.
+    let again = client::upload_file(
+        &mut artifacts,
+        &file,
+        ArtifactKind::BaseModel,
+        None,
+        "x".into(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.digest, info.digest);
+
+    let cache = dir.path().join("cache");
+    // A partial download left by an earlier attempt is resumed.
+    let partial = client::cached_path(&cache, &info.digest).with_extension("part");
+    std::fs::create_dir_all(partial.parent().unwrap()).unwrap();
+    std::fs::write(&partial, &data[..1_000_000]).unwrap();
+    let path = client::download_to_cache(&mut artifacts, &cache, &info.digest)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), data);
+    assert!(!partial.exists());
+    // A corrupt partial download is detected and discarded.
+    std::fs::remove_file(&path).unwrap();
+    std::fs::write(&partial, b"garbage!").unwrap();
+    let err = client::download_to_cache(&mut artifacts, &cache, &info.digest)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("discarded"), "{err}");
+    assert!(!partial.exists());
+    let path = client::download_to_cache(&mut artifacts, &cache, &info.digest)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(path).unwrap(), data);
+}
