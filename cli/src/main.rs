@@ -3,6 +3,7 @@
 
 mod local;
 mod progress;
+mod rank;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,6 +47,10 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// One rank of a cluster job (started by loractl-worker, configured by `LORACTL_*`
+    /// variables).
+    #[command(hide = true)]
+    Rank,
     /// Train a small LoRA right away: writes a job spec (and, without `--data`, a generated
     /// dataset) into `--dir`, shows the plan, and trains with a progress bar.
     Quickstart {
@@ -104,6 +109,7 @@ fn main() -> ExitCode {
             json,
             device,
         } => local::train(&job, resume, json, &device),
+        Command::Rank => rank::rank(),
         Command::Quickstart {
             dir,
             model,
