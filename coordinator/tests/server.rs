@@ -600,3 +600,55 @@ async fn artifacts_upload_resume_and_download_verified() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_open_sessions_watches_and_log_follows() {
+    let server = Server::start().await;
+    let (mut jobs, mut workers, _) = clients(&server, Some(TOKEN)).await;
+    let mut worker = WorkerSession::open(&mut workers, "box", &[]).await;
+    // A GPU job stays queued on a CPU-only worker: its watch and log follow stay open.
+    let job = job_from(
+        jobs.submit_job(pb::SubmitJobRequest {
+            spec_toml: SPEC.to_owned(),
+            priority: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job,
+    );
+    let mut watch = jobs
+        .watch_job(pb::WatchJobRequest {
+            job_id: job.id.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = within("the first watch event", watch.next()).await;
+    assert!(first.is_some());
+    let mut follow = jobs
+        .get_logs(pb::GetLogsRequest {
+            job_id: job.id.to_string(),
+            follow: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    server.shutdown().await;
+    let watch_end = within("the watch to end", watch.next()).await;
+    assert!(
+        watch_end.as_ref().is_none_or(|r| r.is_err()),
+        "{watch_end:?}"
+    );
+    let follow_end = within("the log follow to end", follow.next()).await;
+    assert!(
+        follow_end.as_ref().is_none_or(|r| r.is_err()),
+        "{follow_end:?}"
+    );
+    let session_end = within("the session to end", worker.rx.next()).await;
+    assert!(
+        session_end.as_ref().is_none_or(|r| r.is_err()),
+        "{session_end:?}"
+    );
+}

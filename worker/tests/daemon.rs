@@ -443,3 +443,108 @@ async fn artifacts_download_into_the_cache_verified() {
         .unwrap();
     assert_eq!(std::fs::read(path).unwrap(), data);
 }
+
+async fn serve_on(
+    listener: tokio::net::TcpListener,
+    db: &std::path::Path,
+    artifacts: &std::path::Path,
+) -> (
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<loractl_coordinator::Result<()>>,
+) {
+    let store = RedbStore::open(db).unwrap();
+    let config = ServerConfig {
+        coordinator: CoordinatorConfig::default(),
+        artifacts: ArtifactConfig {
+            root: artifacts.to_owned(),
+            quota_bytes: 1 << 20,
+            max_artifact_bytes: 1 << 20,
+            keep_checkpoints: 1,
+        },
+        token: Some(TOKEN.to_owned()),
+        tls: None,
+        leader_ttl: Duration::from_secs(10),
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(server::serve(store, config, listener, async {
+        let _ = stopped.await;
+    }));
+    (stop, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_reconnects_to_a_restarted_coordinator_and_its_job_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.redb");
+    let store_dir = dir.path().join("artifacts");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let address = format!("http://{addr}");
+    let (stop, first) = serve_on(listener, &db, &store_dir).await;
+
+    // The rank runs until the test writes to this pipe.
+    let go = dir.path().join("go");
+    let c_path = std::ffi::CString::new(go.display().to_string()).unwrap();
+    // SAFETY: a valid NUL-terminated path and a mode.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let script = format!("echo started; read x < '{}'; echo finishing", go.display());
+    let config = WorkerConfig {
+        coordinator: address.clone(),
+        name: Some("box".into()),
+        gpus: "cpu".into(),
+        work_dir: dir.path().join("work"),
+        cache_dir: dir.path().join("cache"),
+        rank_command: vec!["/bin/sh".into(), "-c".into(), script],
+        ..WorkerConfig::default()
+    };
+    let daemon = Daemon::new(config, Vec::new(), Some(TOKEN.to_owned()), None).unwrap();
+    let (_stop_worker, worker_stopped) = oneshot::channel::<()>();
+    tokio::spawn(daemon.run(async {
+        let _ = worker_stopped.await;
+    }));
+
+    let link = Link::new(&address, Some(TOKEN), None).unwrap();
+    let mut jobs = link.jobs().await.unwrap();
+    let job = submit(&mut jobs, "cpu").await;
+    let mut follow = jobs
+        .get_logs(pb::GetLogsRequest {
+            job_id: job.id.to_string(),
+            follow: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::timeout(WAIT, async {
+        while let Some(line) = follow.next().await {
+            if line.unwrap().text == "started" {
+                return;
+            }
+        }
+        panic!("log ended before the rank started");
+    })
+    .await
+    .expect("the rank starts");
+
+    // Restart the coordinator on the same address and state file.
+    let _ = stop.send(());
+    tokio::time::timeout(WAIT, first)
+        .await
+        .expect("the coordinator stops with a worker connected")
+        .unwrap()
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let (_stop, _second) = serve_on(listener, &db, &store_dir).await;
+
+    // Let the rank finish; its result reaches the new coordinator through the reconnect.
+    tokio::task::spawn_blocking(move || std::fs::write(go, "go\n"))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut jobs = link.jobs().await.unwrap();
+    let (done, _) = watch_until(&mut jobs, &job, |j| j.state.is_terminal()).await;
+    assert_eq!(done.state, JobState::Succeeded, "{:?}", done.last_failure);
+    assert_eq!(
+        done.attempt, 0,
+        "the running rank was kept across the restart"
+    );
+}

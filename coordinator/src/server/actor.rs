@@ -130,6 +130,9 @@ pub enum Event {
         job: JobId,
         digest: Digest,
     },
+    /// Ends every open stream (worker sessions, watches, followed logs) so that a graceful
+    /// server shutdown does not wait on them.
+    CloseStreams,
 }
 
 /// Posts events to the loop. Cheap to clone; the loop ends when every handle is dropped.
@@ -214,6 +217,10 @@ impl Handle {
 
     pub async fn session_closed(&self, worker_id: WorkerId, session: u64) -> Result<()> {
         self.post(Event::SessionClosed { worker_id, session }).await
+    }
+
+    pub async fn close_streams(&self) -> Result<()> {
+        self.post(Event::CloseStreams).await
     }
 
     pub async fn checkpoint_stored(&self, job: JobId, digest: Digest) -> Result<()> {
@@ -391,6 +398,14 @@ impl<S: Store> Actor<S> {
                         }
                         self.schedule().await;
                     }
+                }
+            }
+            Event::CloseStreams => {
+                tracing::info!(sessions = self.sessions.len(), "closing every stream");
+                self.sessions.clear();
+                self.watchers.clear();
+                for log in self.logs.values_mut() {
+                    log.tx = None;
                 }
             }
             Event::CheckpointStored { job, digest } => {
