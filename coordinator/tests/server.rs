@@ -320,6 +320,15 @@ async fn job_runs_retries_from_its_checkpoint_and_succeeds() {
     .latest_checkpoint;
     assert_eq!(recorded, Some(checkpoint.digest));
 
+    let busy = jobs
+        .list_workers(pb::ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    assert_eq!(busy[0].busy_gpu_indices, [0, 1]);
+    assert_eq!(busy[0].job_ids, [job.id.to_string()]);
+
     // The rank is killed: retried without counting, resuming from the checkpoint.
     worker
         .send(WorkerMessage::Result {
@@ -371,6 +380,7 @@ async fn job_runs_retries_from_its_checkpoint_and_succeeds() {
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].id, worker.id.to_string());
     assert!(listed[0].alive);
+    assert!(listed[0].busy_gpu_indices.is_empty(), "the job ended");
     drop(worker);
     server.shutdown().await;
 }

@@ -428,6 +428,14 @@ impl TryFrom<pb::Worker> for Worker {
             registered_at: value.registered_at_unix_ms,
             last_seen: value.last_seen_unix_ms,
             alive: value.alive,
+            busy_gpus: value.busy_gpu_indices,
+            jobs: value
+                .job_ids
+                .into_iter()
+                .enumerate()
+                .map(|(i, id)| job_id(id, &format!("job_ids[{i}]")))
+                .collect::<Result<_>>()?,
+            draining: value.draining,
         })
     }
 }
@@ -442,6 +450,9 @@ impl From<Worker> for pb::Worker {
             registered_at_unix_ms: value.registered_at,
             last_seen_unix_ms: value.last_seen,
             alive: value.alive,
+            busy_gpu_indices: value.busy_gpus,
+            job_ids: value.jobs.into_iter().map(|id| id.to_string()).collect(),
+            draining: value.draining,
         }
     }
 }

@@ -332,6 +332,12 @@ pub struct Worker {
     pub registered_at: UnixMs,
     pub last_seen: Option<UnixMs>,
     pub alive: bool,
+    /// Live view (ListWorkers only): GPUs held by placed or running jobs.
+    pub busy_gpus: Vec<u32>,
+    /// Live view: jobs with a rank here.
+    pub jobs: Vec<JobId>,
+    /// Live view: shutting down, no new work.
+    pub draining: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

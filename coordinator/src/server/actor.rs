@@ -363,7 +363,7 @@ impl<S: Store> Actor<S> {
                 let _ = reply.send(self.logs(&id, follow).await);
             }
             Event::ListWorkers { reply } => {
-                let _ = reply.send(Ok(self.registry.all().cloned().collect()));
+                let _ = reply.send(Ok(self.worker_views()));
             }
             Event::Register {
                 registration,
@@ -420,6 +420,27 @@ impl<S: Store> Actor<S> {
                 }
             }
         }
+    }
+
+    /// Registered workers with what runs on them now.
+    fn worker_views(&self) -> Vec<Worker> {
+        self.registry
+            .all()
+            .map(|w| {
+                let mut view = w.clone();
+                for job in self.active.values().filter(|j| j.state.is_active()) {
+                    for rank in job.placement.iter().filter(|p| p.worker_id == w.id) {
+                        view.busy_gpus.extend(&rank.gpu_indices);
+                        if !view.jobs.contains(&job.id) {
+                            view.jobs.push(job.id.clone());
+                        }
+                    }
+                }
+                view.busy_gpus.sort_unstable();
+                view.draining = self.draining.contains(&w.id);
+                view
+            })
+            .collect()
     }
 
     /// Writes a transition, refreshes the cache and tells watchers.
@@ -541,6 +562,9 @@ impl<S: Store> Actor<S> {
             registered_at: now_ms(),
             last_seen: None,
             alive: true,
+            busy_gpus: Vec::new(),
+            jobs: Vec::new(),
+            draining: false,
         };
         self.state.put_worker(&worker).await?;
         tracing::info!(worker = %worker.id, gpus = worker.gpus.len(), "worker registered");
