@@ -538,6 +538,10 @@ impl TryFrom<pb::WorkerMessage> for WorkerMessage {
                 };
                 Self::Result { rank, outcome }
             }
+            Message::Join(join) => Self::RendezvousJoin {
+                rank: nested(join.rank, "join.rank")?,
+                address: non_empty(join.address, "join.address")?,
+            },
         })
     }
 }
@@ -571,6 +575,10 @@ impl From<WorkerMessage> for pb::WorkerMessage {
                     outcome: Some(outcome),
                 })
             }
+            WorkerMessage::RendezvousJoin { rank, address } => Message::Join(pb::RendezvousJoin {
+                rank: Some(rank.into()),
+                address,
+            }),
         };
         Self {
             message: Some(message),
@@ -599,7 +607,6 @@ impl TryFrom<pb::Assignment> for Assignment {
             gpu_indices: value.gpu_indices,
             spec_toml: non_empty(value.spec_toml, "spec_toml")?,
             resume_checkpoint: nested_opt(value.resume_checkpoint, "resume_checkpoint")?,
-            rendezvous: value.rendezvous,
         })
     }
 }
@@ -614,7 +621,6 @@ impl From<Assignment> for pb::Assignment {
             gpu_indices: value.gpu_indices,
             spec_toml: value.spec_toml,
             resume_checkpoint: value.resume_checkpoint.map(Into::into),
-            rendezvous: value.rendezvous,
         }
     }
 }
@@ -632,6 +638,11 @@ impl TryFrom<pb::CoordinatorMessage> for CoordinatorMessage {
                 rank: nested(stop.rank, "stop.rank")?,
                 reason: stop.reason,
             },
+            Message::Rendezvous(r) => Self::Rendezvous {
+                job_id: job_id(r.job_id, "rendezvous.job_id")?,
+                attempt: r.attempt,
+                addresses: r.addresses,
+            },
         })
     }
 }
@@ -644,6 +655,15 @@ impl From<CoordinatorMessage> for pb::CoordinatorMessage {
             CoordinatorMessage::Stop { rank, reason } => Message::Stop(pb::StopRank {
                 rank: Some(rank.into()),
                 reason,
+            }),
+            CoordinatorMessage::Rendezvous {
+                job_id,
+                attempt,
+                addresses,
+            } => Message::Rendezvous(pb::Rendezvous {
+                job_id: job_id.to_string(),
+                attempt,
+                addresses,
             }),
         };
         Self {
@@ -788,6 +808,10 @@ mod tests {
                 draining: true,
             },
             WorkerMessage::Started(rank.clone()),
+            WorkerMessage::RendezvousJoin {
+                rank: rank.clone(),
+                address: "10.0.0.2:41000".into(),
+            },
             WorkerMessage::Result {
                 rank: rank.clone(),
                 outcome: RankOutcome::Failed(Failure {
@@ -829,12 +853,20 @@ mod tests {
             gpu_indices: vec![3],
             spec_toml: "name = \"x\"".into(),
             resume_checkpoint: None,
-            rendezvous: "10.0.0.1:29500".into(),
         };
         let message = CoordinatorMessage::Assign(assignment.clone());
         assert_eq!(
             CoordinatorMessage::try_from(pb::CoordinatorMessage::from(message.clone())),
             Ok(message)
+        );
+        let meet = CoordinatorMessage::Rendezvous {
+            job_id: JobId::new("j1"),
+            attempt: 0,
+            addresses: vec!["10.0.0.1:4000".into(), "10.0.0.2:4000".into()],
+        };
+        assert_eq!(
+            CoordinatorMessage::try_from(pb::CoordinatorMessage::from(meet.clone())),
+            Ok(meet)
         );
         let mut wire = pb::Assignment::from(assignment);
         wire.rank = 2;

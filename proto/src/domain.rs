@@ -392,6 +392,11 @@ pub enum WorkerMessage {
         rank: RunningRank,
         outcome: RankOutcome,
     },
+    /// A rank's collective-backend address, for the rendezvous of a multi-worker job.
+    RendezvousJoin {
+        rank: RunningRank,
+        address: String,
+    },
 }
 
 /// Work handed to one rank.
@@ -404,15 +409,22 @@ pub struct Assignment {
     pub gpu_indices: Vec<u32>,
     pub spec_toml: String,
     pub resume_checkpoint: Option<Digest>,
-    /// Empty when `world_size` is 1.
-    pub rendezvous: String,
 }
 
 /// What the coordinator sends on a worker's session stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CoordinatorMessage {
     Assign(Assignment),
-    Stop { rank: RunningRank, reason: String },
+    Stop {
+        rank: RunningRank,
+        reason: String,
+    },
+    /// Every rank's address (by rank) once all ranks of the attempt joined.
+    Rendezvous {
+        job_id: JobId,
+        attempt: u32,
+        addresses: Vec<String>,
+    },
 }
 
 /// What a job watcher receives.

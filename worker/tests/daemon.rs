@@ -548,3 +548,37 @@ async fn the_worker_reconnects_to_a_restarted_coordinator_and_its_job_continues(
         "the running rank was kept across the restart"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranks_of_a_multi_worker_job_meet_through_the_rendezvous() {
+    let cluster = Cluster::start().await;
+    let script = r#"
+echo '@loractl {"rendezvous":{"address":"rank'"$LORACTL_RANK"'.test:1234"}}'
+read line
+echo "rank $LORACTL_RANK peers: $line"
+"#;
+    let (_stop_a, _a) = cluster.worker("a", script);
+    let (_stop_b, _b) = cluster.worker("b", script);
+    let mut jobs = cluster.jobs().await;
+    let spec = spec("cpu").replace("[resources]", "[resources]\nworkers = 2");
+    let job = Job::try_from(
+        jobs.submit_job(pb::SubmitJobRequest {
+            spec_toml: spec,
+            priority: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap(),
+    )
+    .unwrap();
+    let (done, _) = watch_until(&mut jobs, &job, |j| j.state.is_terminal()).await;
+    assert_eq!(done.state, JobState::Succeeded, "{:?}", done.last_failure);
+    let logs = log_lines(&mut jobs, &job).await;
+    let peers = r#"@loractl {"peers":{"addresses":["rank0.test:1234","rank1.test:1234"]}}"#;
+    for rank in 0..2 {
+        let expected = format!("rank {rank} peers: {peers}");
+        assert!(logs.contains(&expected), "{expected} not in {logs:?}");
+    }
+}

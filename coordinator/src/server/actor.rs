@@ -35,6 +35,9 @@ pub struct CoordinatorConfig {
     pub log_lines_per_job: usize,
     /// Ended jobs whose log lines stay in memory (older ones are dropped).
     pub ended_jobs_with_logs: usize,
+    /// How long the ranks of a multi-worker attempt may take to all join the rendezvous
+    /// before the attempt fails.
+    pub rendezvous_timeout: Duration,
 }
 
 impl Default for CoordinatorConfig {
@@ -46,6 +49,7 @@ impl Default for CoordinatorConfig {
             policy: Policy::default(),
             log_lines_per_job: 10_000,
             ended_jobs_with_logs: 100,
+            rendezvous_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -233,6 +237,13 @@ struct SessionTx {
     tx: mpsc::Sender<CoordinatorMessage>,
 }
 
+/// The rendezvous of one attempt: who joined with which address.
+struct Meeting {
+    opened: Instant,
+    addresses: BTreeMap<u32, String>,
+    complete: bool,
+}
+
 struct JobLog {
     lines: VecDeque<LogLine>,
     tx: Option<broadcast::Sender<LogLine>>,
@@ -255,6 +266,7 @@ struct Actor<S: Store> {
     logs: HashMap<JobId, JobLog>,
     /// Ended jobs whose logs are still held, oldest first.
     ended_logs: VecDeque<JobId>,
+    meetings: HashMap<(JobId, u32), Meeting>,
 }
 
 /// Starts the loop on `store`: loads jobs and workers, then serves events until every
@@ -298,6 +310,7 @@ pub async fn start<S: Store + Clone>(
         watchers: HashMap::new(),
         logs: HashMap::new(),
         ended_logs: VecDeque::new(),
+        meetings: HashMap::new(),
         config,
     };
     let (tx, rx) = mpsc::channel(1024);
@@ -321,6 +334,9 @@ impl<S: Store> Actor<S> {
                 _ = tick.tick() => {
                     if let Err(e) = self.expire_workers().await {
                         tracing::warn!(error = %e, "checking worker heartbeats failed");
+                    }
+                    if let Err(e) = self.expire_meetings().await {
+                        tracing::warn!(error = %e, "checking rendezvous deadlines failed");
                     }
                 }
                 event = rx.recv() => match event {
@@ -456,6 +472,7 @@ impl<S: Store> Actor<S> {
             self.placement.jobs.remove(&job.id);
             self.placement.waited.remove(&job.id);
             self.succeeded.retain(|(id, _), _| id != &job.id);
+            self.meetings.retain(|(id, _), _| id != &job.id);
             if let Some(tx) = self.watchers.remove(&job.id) {
                 let _ = tx.send(JobEvent::State(job.clone()));
             }
@@ -616,10 +633,6 @@ impl<S: Store> Actor<S> {
 
     fn send_assignments(&mut self, job: &Job, only: Option<&WorkerId>) {
         let world_size = job.placement.len() as u32;
-        let rendezvous = match (world_size, job.placement.first()) {
-            (2.., Some(rank0)) => rank0.worker_id.to_string(),
-            _ => String::new(),
-        };
         for rank in job.placement.clone() {
             if only.is_some_and(|w| w != &rank.worker_id) {
                 continue;
@@ -632,7 +645,6 @@ impl<S: Store> Actor<S> {
                 gpu_indices: rank.gpu_indices.clone(),
                 spec_toml: job.spec_toml.clone(),
                 resume_checkpoint: job.latest_checkpoint,
-                rendezvous: rendezvous.clone(),
             };
             self.send(&rank.worker_id, CoordinatorMessage::Assign(assignment));
         }
@@ -668,6 +680,7 @@ impl<S: Store> Actor<S> {
         let reason = format!("attempt {} failed: {failure}", before.attempt);
         let job = self.transition(id, Transition::Fail(failure)).await?;
         self.succeeded.remove(&(id.clone(), before.attempt));
+        self.meetings.remove(&(id.clone(), before.attempt));
         self.stop_ranks(&before, &reason, ended);
         tracing::info!(job = %id, state = %job.state, %reason, "attempt ended");
         Ok(job)
@@ -827,6 +840,11 @@ impl<S: Store> Actor<S> {
                 }
             }
             WorkerMessage::Log(line) => self.append_log(line),
+            WorkerMessage::RendezvousJoin { rank, address } => {
+                if let Some(job) = self.expected(worker, &rank).cloned() {
+                    self.join(&job, rank.rank, address);
+                }
+            }
             WorkerMessage::Result { rank, outcome } => {
                 let Some(job) = self.expected(worker, &rank).cloned() else {
                     return Ok(());
@@ -853,6 +871,81 @@ impl<S: Store> Actor<S> {
                 self.schedule().await;
             }
         }
+        Ok(())
+    }
+
+    /// Records a rank's address; once every rank of the attempt joined, each worker of the
+    /// job gets all addresses. A rank joining again (a restarted rank process) gets them too.
+    fn join(&mut self, job: &Job, rank: u32, address: String) {
+        let key = (job.id.clone(), job.attempt);
+        let meeting = self.meetings.entry(key.clone()).or_insert_with(|| Meeting {
+            opened: Instant::now(),
+            addresses: BTreeMap::new(),
+            complete: false,
+        });
+        meeting.addresses.insert(rank, address);
+        let was_complete = meeting.complete;
+        if meeting.addresses.len() < job.placement.len() {
+            return;
+        }
+        meeting.complete = true;
+        let addresses: Vec<String> = meeting.addresses.values().cloned().collect();
+        let mut workers: Vec<WorkerId> = job
+            .placement
+            .iter()
+            .filter(|p| !was_complete || p.rank == rank)
+            .map(|p| p.worker_id.clone())
+            .collect();
+        workers.dedup();
+        tracing::info!(job = %job.id, attempt = job.attempt, ranks = addresses.len(), "rendezvous complete");
+        for worker in workers {
+            self.send(
+                &worker,
+                CoordinatorMessage::Rendezvous {
+                    job_id: job.id.clone(),
+                    attempt: job.attempt,
+                    addresses: addresses.clone(),
+                },
+            );
+        }
+    }
+
+    /// Fails attempts whose ranks did not all join the rendezvous in time.
+    async fn expire_meetings(&mut self) -> Result<()> {
+        let timeout = self.config.rendezvous_timeout;
+        let late: Vec<((JobId, u32), Vec<u32>)> = self
+            .meetings
+            .iter()
+            .filter(|(_, m)| !m.complete && m.opened.elapsed() > timeout)
+            .map(|(key, m)| (key.clone(), m.addresses.keys().copied().collect()))
+            .collect();
+        if late.is_empty() {
+            return Ok(());
+        }
+        for ((id, attempt), joined) in late {
+            self.meetings.remove(&(id.clone(), attempt));
+            let Some(job) = self.active.get(&id).filter(|j| j.attempt == attempt) else {
+                continue;
+            };
+            let missing: Vec<String> = job
+                .placement
+                .iter()
+                .map(|p| p.rank)
+                .filter(|r| !joined.contains(r))
+                .map(|r| r.to_string())
+                .collect();
+            let failure = Failure {
+                kind: FailureKind::TrainingError,
+                message: format!(
+                    "rendezvous timed out after {} s: rank(s) {} never joined",
+                    timeout.as_secs(),
+                    missing.join(", ")
+                ),
+                rank: None,
+            };
+            self.fail(&id, failure, None).await?;
+        }
+        self.schedule().await;
         Ok(())
     }
 
