@@ -453,7 +453,11 @@ impl Daemon {
                         }),
                     },
                     Err(e) => Err(Failure {
-                        kind: FailureKind::TrainingError,
+                        kind: if e.is_bad_config() {
+                            FailureKind::BadConfig
+                        } else {
+                            FailureKind::TrainingError
+                        },
                         message: format!("preparing the rank failed: {e}"),
                         rank: Some(rank.rank),
                     }),
@@ -687,8 +691,20 @@ async fn prepare(
     tokio::fs::create_dir_all(&output_dir)
         .await
         .map_err(io_error(&output_dir))?;
+    // The rank reads a spec whose paths are already resolved inside the allowed folders.
+    let mut spec = loractl_spec::JobSpec::from_toml_str(&assignment.spec_toml, "<assignment>")
+        .map_err(|e| Error::BadSpec(e.to_string()))?;
+    crate::paths::confine(
+        &mut spec,
+        &config.model_dirs,
+        &config.data_dirs,
+        &output_dir,
+    )?;
+    let text = spec
+        .to_toml_string()
+        .map_err(|e| Error::BadSpec(e.to_string()))?;
     let spec_path = dir.join("job.toml");
-    tokio::fs::write(&spec_path, &assignment.spec_toml)
+    tokio::fs::write(&spec_path, text)
         .await
         .map_err(io_error(&spec_path))?;
     let resume = match &assignment.resume_checkpoint {

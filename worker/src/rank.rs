@@ -404,6 +404,23 @@ echo '@loractl {"progress":{"step":4,"total_steps":8,"loss":0.5,"lr":0.001}}'"#;
         }
     }
 
+    /// Resolves when process `pid` has ended (its pidfd becomes readable), without polling.
+    async fn process_ended(pid: i32) {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            return; // already reaped
+        }
+        // SAFETY: the syscall returned a fresh fd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it open and unchanged.
+        let fd = unsafe { tokio::io::unix::AsyncFd::register(fd) }
+            .map_err(|e| e.to_string())
+            .unwrap();
+        let _ = fd.readable().await.unwrap();
+    }
+
     fn alive(pid: i32) -> bool {
         // SAFETY: signal 0 only checks that the process exists.
         unsafe { libc::kill(pid, 0) == 0 }
@@ -433,13 +450,10 @@ echo '@loractl {"progress":{"step":4,"total_steps":8,"loss":0.5,"lr":0.001}}'"#;
         rank.stop(Duration::from_millis(200));
         let (_, exit) = collect(rx).await;
         assert_eq!(exit.failure_kind(), Some(FailureKind::Killed));
-        // The group was killed when the leader ended; reap-independent check: the grandchild
-        // is gone or a zombie about to be reaped by init.
-        let gone = !alive(grandchild)
-            || std::fs::read_to_string(format!("/proc/{grandchild}/stat"))
-                .map(|s| s.contains(") Z "))
-                .unwrap_or(true);
-        assert!(gone, "grandchild {grandchild} survived");
+        // The group was killed when the leader ended; wait for the grandchild's end itself.
+        tokio::time::timeout(Duration::from_secs(10), process_ended(grandchild))
+            .await
+            .unwrap_or_else(|_| panic!("grandchild {grandchild} survived"));
     }
 
     #[tokio::test]

@@ -22,6 +22,16 @@ use tokio::sync::oneshot;
 use tokio_stream::StreamExt;
 
 const TOKEN: &str = "worker-test-token";
+
+/// The folders a worker allows, holding the model file and dataset folder the specs name.
+fn allowed_dirs(root: &std::path::Path) -> (Vec<std::path::PathBuf>, Vec<std::path::PathBuf>) {
+    let models = root.join("models");
+    let data = root.join("data");
+    std::fs::create_dir_all(&models).unwrap();
+    std::fs::create_dir_all(data.join("train/10_dog")).unwrap();
+    std::fs::write(models.join("v1-5-pruned-emaonly.safetensors"), b"weights").unwrap();
+    (vec![models], vec![data])
+}
 const WAIT: Duration = Duration::from_secs(30);
 
 fn spec(gpus: &str) -> String {
@@ -29,7 +39,7 @@ fn spec(gpus: &str) -> String {
         r#"
 name = "sks-dog"
 [model]
-pretrained_model_name_or_path = "/models/v1-5-pruned-emaonly.safetensors"
+pretrained_model_name_or_path = "v1-5-pruned-emaonly.safetensors"
 [dataset]
 train_data_dir = "train"
 resolution = "512"
@@ -88,7 +98,10 @@ impl Cluster {
         tokio::task::JoinHandle<loractl_worker::Result<()>>,
     ) {
         let root = self.dir.path().join(name);
+        let (model_dirs, data_dirs) = allowed_dirs(&root);
         let config = WorkerConfig {
+            model_dirs,
+            data_dirs,
             coordinator: self.address.clone(),
             name: Some(name.to_owned()),
             simulated_gpus: 2,
@@ -488,7 +501,10 @@ async fn the_worker_reconnects_to_a_restarted_coordinator_and_its_job_continues(
     // SAFETY: a valid NUL-terminated path and a mode.
     assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
     let script = format!("echo started; read x < '{}'; echo finishing", go.display());
+    let (model_dirs, data_dirs) = allowed_dirs(dir.path());
     let config = WorkerConfig {
+        model_dirs,
+        data_dirs,
         coordinator: address.clone(),
         name: Some("box".into()),
         gpus: "cpu".into(),
@@ -581,4 +597,40 @@ echo "rank $LORACTL_RANK peers: $line"
         let expected = format!("rank {rank} peers: {peers}");
         assert!(logs.contains(&expected), "{expected} not in {logs:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_outside_the_allowed_folders_fails_the_job_without_running_it() {
+    let cluster = Cluster::start().await;
+    let (_stop, _worker) = cluster.worker("box", "echo 'must not run'");
+    let mut jobs = cluster.jobs().await;
+    let escape = spec("all").replace(
+        "train_data_dir = \"train\"",
+        "train_data_dir = \"../../etc\"",
+    );
+    let job = Job::try_from(
+        jobs.submit_job(pb::SubmitJobRequest {
+            spec_toml: escape,
+            priority: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap(),
+    )
+    .unwrap();
+    let (done, _) = watch_until(&mut jobs, &job, |j| j.state.is_terminal()).await;
+    assert_eq!((done.state, done.attempt), (JobState::Failed, 0));
+    let failure = done.last_failure.expect("failure recorded");
+    assert_eq!(failure.kind, FailureKind::BadConfig);
+    assert!(
+        failure.message.contains("dataset.train_data_dir") && failure.message.contains("data_dirs"),
+        "{}",
+        failure.message
+    );
+    assert!(
+        log_lines(&mut jobs, &job).await.is_empty(),
+        "the rank never started"
+    );
 }
