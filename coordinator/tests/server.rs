@@ -636,6 +636,20 @@ async fn shutdown_ends_open_sessions_watches_and_log_follows() {
         .into_inner();
     let first = within("the first watch event", watch.next()).await;
     assert!(first.is_some());
+    let queued = job_from(
+        jobs.get_job(pb::GetJobRequest {
+            job_id: job.id.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job,
+    );
+    assert_eq!(queued.state, JobState::Queued);
+    assert_eq!(
+        queued.waiting_reason,
+        "needs a worker with all its pinned GPUs free; 0 connected worker(s) could ever hold it"
+    );
     let mut follow = jobs
         .get_logs(pb::GetLogsRequest {
             job_id: job.id.to_string(),

@@ -267,6 +267,7 @@ impl TryFrom<pb::Job> for Job {
             last_failure: nested_opt(value.last_failure, "last_failure")?,
             latest_checkpoint: nested_opt(value.latest_checkpoint, "latest_checkpoint")?,
             updated_at: value.updated_at_unix_ms,
+            waiting_reason: value.waiting_reason,
         })
     }
 }
@@ -288,6 +289,7 @@ impl From<Job> for pb::Job {
             last_failure: value.last_failure.map(Into::into),
             latest_checkpoint: value.latest_checkpoint.map(Into::into),
             updated_at_unix_ms: value.updated_at,
+            waiting_reason: value.waiting_reason,
         }
     }
 }
@@ -730,6 +732,7 @@ mod tests {
             }),
             latest_checkpoint: Some(Digest([7; 32])),
             updated_at: 1_700_000_000_500,
+            waiting_reason: String::new(),
         }
     }
 

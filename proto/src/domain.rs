@@ -268,6 +268,8 @@ pub struct Job {
     pub last_failure: Option<Failure>,
     pub latest_checkpoint: Option<Digest>,
     pub updated_at: UnixMs,
+    /// Live view (not stored): why a pending job is not placed yet; empty otherwise.
+    pub waiting_reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -358,12 +358,13 @@ impl<S: Store> Actor<S> {
                 let _ = reply.send(self.submit(spec_toml, priority).await);
             }
             Event::Get { id, reply } => {
-                let _ = reply.send(self.state.job(&id).await);
+                let _ = reply.send(self.state.job(&id).await.map(|j| self.live(j)));
             }
             Event::List { states, reply } => {
                 let jobs = self.state.jobs().await.map(|jobs| {
                     jobs.into_iter()
                         .filter(|j| states.is_empty() || states.contains(&j.state))
+                        .map(|j| self.live(j))
                         .collect()
                 });
                 let _ = reply.send(jobs);
@@ -438,6 +439,20 @@ impl<S: Store> Actor<S> {
         }
     }
 
+    /// `job` with its live-only fields filled in.
+    fn live(&self, mut job: Job) -> Job {
+        job.waiting_reason = if job.state.is_pending() {
+            self.placement
+                .reasons
+                .get(&job.id)
+                .cloned()
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        job
+    }
+
     /// Registered workers with what runs on them now.
     fn worker_views(&self) -> Vec<Worker> {
         self.registry
@@ -508,7 +523,7 @@ impl<S: Store> Actor<S> {
         self.publish(&job);
         self.schedule().await;
         let job = self.active.get(&job.id).cloned().unwrap_or(job);
-        Ok((job, warnings))
+        Ok((self.live(job), warnings))
     }
 
     async fn cancel(&mut self, id: &JobId) -> Result<Job> {
@@ -520,7 +535,7 @@ impl<S: Store> Actor<S> {
     }
 
     async fn watch(&mut self, id: &JobId) -> Result<Watch> {
-        let job = self.state.job(id).await?;
+        let job = self.live(self.state.job(id).await?);
         let events = (!job.state.is_terminal()).then(|| {
             self.watchers
                 .entry(id.clone())
