@@ -50,8 +50,12 @@ pub struct WorkerConfig {
     pub work_dir: PathBuf,
     /// Downloaded artifacts, by sha256.
     pub cache_dir: PathBuf,
-    /// Folders where base checkpoints are found by file name.
+    /// Folders where base checkpoints, VAEs and network weights are found (a job's relative
+    /// path is looked up in each; an absolute one must lie inside one).
     pub model_dirs: Vec<PathBuf>,
+    /// Folders where datasets and prompt files are found, the same way. A job can read
+    /// nothing outside `model_dirs` and `data_dirs`.
+    pub data_dirs: Vec<PathBuf>,
     /// Program and arguments that run one rank; see [`crate::rank`] for its environment.
     pub rank_command: Vec<String>,
     /// CA (PEM) that signed the coordinator's certificate; needed for an https:// coordinator.
@@ -77,6 +81,7 @@ impl Default for WorkerConfig {
             work_dir: PathBuf::from(defaults::WORK_DIR),
             cache_dir: PathBuf::from(defaults::CACHE_DIR),
             model_dirs: Vec::new(),
+            data_dirs: Vec::new(),
             tls_ca: None,
             tls_cert: None,
             tls_key: None,

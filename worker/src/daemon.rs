@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use crate::client::{self, Authed, Link};
 use crate::config::WorkerConfig;
 use crate::error::{io_error, Error, Result};
-use crate::protocol::{ArtifactKindName, ChildMessage};
+use crate::protocol::{ArtifactKindName, ChildMessage, ParentMessage};
 use crate::rank::{self, Exit, Launch, RankEvent, RankProcess};
 
 /// Messages kept for the coordinator while disconnected (results first of all).
@@ -346,6 +346,20 @@ impl Daemon {
         };
         match message {
             CoordinatorMessage::Assign(assignment) => self.assign(assignment).await,
+            CoordinatorMessage::Rendezvous {
+                job_id,
+                attempt,
+                addresses,
+            } => {
+                let line = ParentMessage::Peers { addresses }.to_line();
+                for (id, r) in &self.ranks {
+                    if id.job_id == job_id && id.attempt == attempt {
+                        if let RankState::Running { process, .. } = &r.state {
+                            process.tell(line.clone());
+                        }
+                    }
+                }
+            }
             CoordinatorMessage::Stop { rank, reason } => {
                 tracing::info!(job = %rank.job_id, rank = rank.rank, attempt = rank.attempt, %reason, "stopping rank");
                 match self.ranks.get_mut(&rank).map(|r| &mut r.state) {
@@ -439,7 +453,11 @@ impl Daemon {
                         }),
                     },
                     Err(e) => Err(Failure {
-                        kind: FailureKind::TrainingError,
+                        kind: if e.is_bad_config() {
+                            FailureKind::BadConfig
+                        } else {
+                            FailureKind::TrainingError
+                        },
                         message: format!("preparing the rank failed: {e}"),
                         rank: Some(rank.rank),
                     }),
@@ -520,6 +538,10 @@ impl Daemon {
             }
             RankEvent::Message(ChildMessage::Artifact { path, kind, name }) => {
                 self.upload(rank, path, kind, name);
+            }
+            RankEvent::Message(ChildMessage::Rendezvous { address }) => {
+                self.send(WorkerMessage::RendezvousJoin { rank, address })
+                    .await;
             }
             RankEvent::Exited(exit) => {
                 if let Some(Rank {
@@ -669,8 +691,20 @@ async fn prepare(
     tokio::fs::create_dir_all(&output_dir)
         .await
         .map_err(io_error(&output_dir))?;
+    // The rank reads a spec whose paths are already resolved inside the allowed folders.
+    let mut spec = loractl_spec::JobSpec::from_toml_str(&assignment.spec_toml, "<assignment>")
+        .map_err(|e| Error::BadSpec(e.to_string()))?;
+    crate::paths::confine(
+        &mut spec,
+        &config.model_dirs,
+        &config.data_dirs,
+        &output_dir,
+    )?;
+    let text = spec
+        .to_toml_string()
+        .map_err(|e| Error::BadSpec(e.to_string()))?;
     let spec_path = dir.join("job.toml");
-    tokio::fs::write(&spec_path, &assignment.spec_toml)
+    tokio::fs::write(&spec_path, text)
         .await
         .map_err(io_error(&spec_path))?;
     let resume = match &assignment.resume_checkpoint {
