@@ -270,3 +270,72 @@ fn the_check_refuses_what_the_coordinator_refuses() {
     let err = ok(&["--heartbeat-timeout-secs", "soon"]).unwrap_err();
     assert!(err.contains("soon"), "{err}");
 }
+
+/// systemd and Kubernetes stop a service with SIGTERM (the coordinator unit sends SIGINT):
+/// both must end in a graceful shutdown, exit status 0, not death by the signal.
+#[test]
+fn sigterm_and_sigint_shut_the_coordinator_down_gracefully() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    for signal in ["TERM", "INT"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_loractl-coordinator"))
+            .arg("--listen=127.0.0.1:0")
+            .arg(format!("--store=redb:{}", dir.path().join("s.redb").display()))
+            .arg(format!("--artifacts={}", dir.path().join("a").display()))
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env_remove("LORACTL_TOKEN")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start loractl-coordinator");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut seen = Vec::new();
+        while !seen.iter().any(|l: &String| l.contains("coordinator serving")) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => seen.push(line),
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("the coordinator did not start serving: {seen:#?}");
+                }
+            }
+        }
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("SIG{signal}: the coordinator did not exit within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        seen.extend(rx.try_iter());
+        assert!(
+            status.success(),
+            "SIG{signal}: exit {status:?}, expected a graceful exit 0; output: {seen:#?}"
+        );
+        assert!(
+            seen.iter().any(|l| l.contains("shutting down")),
+            "SIG{signal}: {seen:#?}"
+        );
+    }
+}
