@@ -294,7 +294,7 @@ fn sigterm_and_sigint_shut_the_coordinator_down_gracefully() {
             .expect("start loractl-coordinator");
         let (tx, rx) = std::sync::mpsc::channel();
         let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 let _ = tx.send(line);
             }
@@ -328,6 +328,8 @@ fn sigterm_and_sigint_shut_the_coordinator_down_gracefully() {
             }
             std::thread::sleep(Duration::from_millis(50));
         };
+        // The reader ends at end of file, once the process is gone.
+        reader.join().unwrap();
         seen.extend(rx.try_iter());
         assert!(
             status.success(),
