@@ -263,7 +263,8 @@ fn kubernetes_coordinator_args_are_accepted() {
 
 #[test]
 fn the_check_refuses_what_the_coordinator_refuses() {
-    let ok = |args: &[&str]| parse_with_binary(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    let ok =
+        |args: &[&str]| parse_with_binary(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>());
     assert!(ok(&["--listen", "0.0.0.0:7070"]).is_ok());
     let err = ok(&["--listen", "0.0.0.0:7070", "--no-such-flag", "1"]).unwrap_err();
     assert!(err.contains("--no-such-flag"), "{err}");
@@ -283,7 +284,10 @@ fn sigterm_and_sigint_shut_the_coordinator_down_gracefully() {
         let dir = tempfile::tempdir().unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_loractl-coordinator"))
             .arg("--listen=127.0.0.1:0")
-            .arg(format!("--store=redb:{}", dir.path().join("s.redb").display()))
+            .arg(format!(
+                "--store=redb:{}",
+                dir.path().join("s.redb").display()
+            ))
             .arg(format!("--artifacts={}", dir.path().join("a").display()))
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
@@ -301,7 +305,10 @@ fn sigterm_and_sigint_shut_the_coordinator_down_gracefully() {
         });
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut seen = Vec::new();
-        while !seen.iter().any(|l: &String| l.contains("coordinator serving")) {
+        while !seen
+            .iter()
+            .any(|l: &String| l.contains("coordinator serving"))
+        {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => seen.push(line),

@@ -103,8 +103,9 @@ fn systemd_worker_toml_parses_validates_and_matches_the_unit() {
     // Folders the unit creates for its user, with ProtectSystem=strict everything else is
     // read-only.
     let state = unit_value(&unit, "StateDirectory");
-    assert!(state.split_whitespace().any(|d| config.work_dir
-        == Path::new("/var/lib").join(d)));
+    assert!(state
+        .split_whitespace()
+        .any(|d| config.work_dir == Path::new("/var/lib").join(d)));
     let cache = unit_value(&unit, "CacheDirectory");
     assert_eq!(config.cache_dir, Path::new("/var/cache").join(cache));
     assert_eq!(unit_value(&unit, "ProtectSystem"), "strict");
@@ -187,7 +188,11 @@ fn kubernetes_configmap_worker_toml_parses_validates_and_matches_the_daemonset()
     let mounts = yaml_values(&daemonset, "mountPath");
     let mounted = |path: &Path| mounts.iter().any(|m| path.starts_with(m));
     let token = config.token_file.clone().expect("token_file");
-    assert!(mounted(&token), "token_file {} not mounted", token.display());
+    assert!(
+        mounted(&token),
+        "token_file {} not mounted",
+        token.display()
+    );
     assert!(mounted(&config.work_dir) && mounted(&config.cache_dir));
     for dir in config.model_dirs.iter().chain(&config.data_dirs) {
         assert!(mounted(dir), "{} not mounted", dir.display());
