@@ -9,6 +9,7 @@
 //! work_dir = "/var/lib/loractl/work"
 //! cache_dir = "/var/lib/loractl/cache"
 //! model_dirs = ["/models"]
+//! data_dirs = ["/datasets"]
 //! [labels]
 //! zone = "rack-3"
 //! ```
@@ -52,6 +53,10 @@ pub struct WorkerConfig {
     pub cache_dir: PathBuf,
     /// Folders where base checkpoints are found by file name.
     pub model_dirs: Vec<PathBuf>,
+    /// Folders jobs may read datasets (and other inputs) from by path, besides datasets
+    /// uploaded with `loractl submit`; a job path anywhere else is refused (see
+    /// [`crate::inputs`]).
+    pub data_dirs: Vec<PathBuf>,
     /// Program and arguments that run one rank; see [`crate::rank`] for its environment.
     pub rank_command: Vec<String>,
     /// CA (PEM) that signed the coordinator's certificate; needed for an https:// coordinator.
@@ -77,6 +82,7 @@ impl Default for WorkerConfig {
             work_dir: PathBuf::from(defaults::WORK_DIR),
             cache_dir: PathBuf::from(defaults::CACHE_DIR),
             model_dirs: Vec::new(),
+            data_dirs: Vec::new(),
             tls_ca: None,
             tls_cert: None,
             tls_key: None,

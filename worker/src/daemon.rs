@@ -438,6 +438,11 @@ impl Daemon {
                             rank: Some(rank.rank),
                         }),
                     },
+                    Err(Error::BadJob(problem)) => Err(Failure {
+                        kind: FailureKind::BadConfig,
+                        message: problem,
+                        rank: Some(rank.rank),
+                    }),
                     Err(e) => Err(Failure {
                         kind: FailureKind::TrainingError,
                         message: format!("preparing the rank failed: {e}"),
@@ -657,7 +662,8 @@ impl Daemon {
     }
 }
 
-/// Writes the rank's folder and spec, and fetches its resume checkpoint.
+/// Writes the rank's folder and spec (uploaded datasets fetched, paths checked, see
+/// [`crate::inputs`]), and fetches its resume checkpoint.
 async fn prepare(
     config: &WorkerConfig,
     link: &Link,
@@ -670,7 +676,8 @@ async fn prepare(
         .await
         .map_err(io_error(&output_dir))?;
     let spec_path = dir.join("job.toml");
-    tokio::fs::write(&spec_path, &assignment.spec_toml)
+    let spec_toml = crate::inputs::prepare_spec(config, link, &dir, &assignment.spec_toml).await?;
+    tokio::fs::write(&spec_path, &spec_toml)
         .await
         .map_err(io_error(&spec_path))?;
     let resume = match &assignment.resume_checkpoint {

@@ -46,6 +46,10 @@ pub enum Error {
     Artifact { digest: String, problem: String },
     #[error("{0}")]
     Convert(#[from] loractl_proto::ConvertError),
+    /// The job cannot run on this worker as written (a path outside the allowed folders, a bad
+    /// dataset manifest): reported as a bad config, not retried.
+    #[error("{0}")]
+    BadJob(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
