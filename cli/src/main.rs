@@ -1,14 +1,18 @@
 //! `loractl`: plans and runs kohya-style LoRA trainings. `plan` and `train` work on this
-//! machine alone; the cluster commands talk to a coordinator.
+//! machine alone; the cluster commands ([`remote`]) talk to a coordinator; `up` ([`up`]) runs a
+//! coordinator and a worker in this process.
 
 mod local;
 mod progress;
 mod rank;
+mod remote;
+mod up;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use loractl_proto::domain::JobState;
 
 #[derive(Parser)]
 #[command(
@@ -17,8 +21,51 @@ use clap::{Parser, Subcommand};
     about = "Train Stable Diffusion LoRA adapters the kohya way"
 )]
 struct Cli {
+    #[command(flatten)]
+    connection: Connection,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Where the cluster commands find the coordinator.
+#[derive(Args)]
+struct Connection {
+    /// Coordinator address: http://host:port, or https://host:port with --ca.
+    #[arg(long, global = true, env = "LORACTL_COORDINATOR", default_value = loractl_worker::config::defaults::COORDINATOR)]
+    coordinator: String,
+    /// The coordinator's bearer token.
+    #[arg(long, global = true, env = "LORACTL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// CA certificate (PEM) that signed the coordinator's TLS certificate.
+    #[arg(long, global = true, env = "LORACTL_CA")]
+    ca: Option<PathBuf>,
+    /// Name in the coordinator's certificate, when it is not the address's host.
+    #[arg(long, global = true)]
+    tls_domain: Option<String>,
+}
+
+impl Connection {
+    fn target(&self) -> remote::Target {
+        remote::Target {
+            address: self.coordinator.clone(),
+            token: self.token.clone(),
+            ca: self.ca.clone(),
+            tls_domain: self.tls_domain.clone(),
+        }
+    }
+}
+
+fn parse_state(text: &str) -> Result<JobState, String> {
+    JobState::ALL
+        .into_iter()
+        .find(|s| s.as_str().eq_ignore_ascii_case(text))
+        .ok_or_else(|| {
+            let names: Vec<&str> = JobState::ALL.iter().map(|s| s.as_str()).collect();
+            format!(
+                "`{text}` is not a job state: use one of {}",
+                names.join(", ")
+            )
+        })
 }
 
 #[derive(Subcommand)]
@@ -51,6 +98,97 @@ enum Command {
     /// variables).
     #[command(hide = true)]
     Rank,
+    /// Submit a job spec to the coordinator. The spec is checked here first; a local dataset
+    /// folder is uploaded (content-addressed: unchanged files are not sent again).
+    Submit {
+        job: PathBuf,
+        /// Follow the job to its end (as `loractl watch`).
+        #[arg(long)]
+        watch: bool,
+        /// Higher runs first; equal priorities run in submission order.
+        #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+        priority: i32,
+        /// The dataset paths are folders on the workers (absolute): upload nothing.
+        #[arg(long)]
+        remote_data: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one job: state, attempt, placement, last failure, checkpoint, artifacts.
+    Status {
+        job: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List jobs.
+    List {
+        /// Only jobs in this state (repeatable): queued, placed, running, restarting,
+        /// succeeded, failed, cancelled.
+        #[arg(long = "state", value_parser = parse_state)]
+        states: Vec<JobState>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow a job until it ends: progress bar with step/total, it/s, loss, ETA, worker and
+    /// GPUs. Exits 0 when it succeeded, 1 when it failed or was cancelled.
+    Watch {
+        job: String,
+        /// One JSON object per event on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a job's log lines (what its ranks wrote).
+    Logs {
+        job: String,
+        /// Keep printing until the job ends.
+        #[arg(long, short)]
+        follow: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a job; its ranks are stopped.
+    Cancel {
+        job: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download a job's LoRA files and sample images, each checked against its sha256.
+    Fetch {
+        job: String,
+        /// Folder to write into (default: the job id).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Also download the training checkpoints.
+        #[arg(long)]
+        checkpoints: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List workers: GPUs, free and busy ones, jobs, last heartbeat.
+    Workers {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a coordinator (embedded redb store) and one worker in this process, on this
+    /// machine, until Ctrl-C; then submit, watch and fetch against it.
+    Up {
+        /// Address to serve on.
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: String,
+        /// State folder: job store, artifacts, the worker's work and cache.
+        #[arg(long, default_value = "loractl-cluster")]
+        dir: PathBuf,
+        /// GPUs the worker uses: "all", "cpu" or indices like "0,2".
+        #[arg(long, default_value = "all")]
+        gpus: String,
+        /// Folder of base models jobs may name (repeatable).
+        #[arg(long = "model-dir")]
+        model_dirs: Vec<PathBuf>,
+        /// Folder jobs may read datasets from in place, with `submit --remote-data`
+        /// (repeatable).
+        #[arg(long = "data-dir")]
+        data_dirs: Vec<PathBuf>,
+    },
     /// Train a small LoRA right away: writes a job spec (and, without `--data`, a generated
     /// dataset) into `--dir`, shows the plan, and trains with a progress bar.
     Quickstart {
@@ -71,6 +209,10 @@ enum Command {
         steps: usize,
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Go through a cluster: start a coordinator and a worker in this process, submit
+        /// the job, watch it and fetch the LoRA into `DIR/fetched`.
+        #[arg(long)]
+        cluster: bool,
     },
 }
 
@@ -90,13 +232,24 @@ fn tune_allocator() {
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
+    // `up` is a server: say what it does.
+    let level = match &cli.command {
+        Command::Up { .. } => "info",
+        // The cluster is an implementation detail there: a worker leaving at the end is not
+        // worth a warning.
+        Command::Quickstart { cluster: true, .. } => {
+            "warn,loractl_coordinator=error,loractl_worker=error"
+        }
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LORACTL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
         )
         .with_writer(std::io::stderr)
         .init();
+    let target = cli.connection.target();
     let result = match cli.command {
         Command::Plan {
             job,
@@ -116,8 +269,61 @@ fn main() -> ExitCode {
             data,
             resolution,
             steps,
+            cluster: true,
+            ..
+        } => remote::block_on(up::quickstart(&dir, model, data, resolution, steps)),
+        Command::Quickstart {
+            dir,
+            model,
+            data,
+            resolution,
+            steps,
             device,
+            cluster: false,
         } => local::quickstart(&dir, model, data, resolution, steps, &device),
+        Command::Submit {
+            job,
+            watch,
+            priority,
+            remote_data,
+            json,
+        } => {
+            let opts = remote::SubmitOptions {
+                priority,
+                remote_data,
+                watch,
+                json,
+            };
+            remote::block_on(remote::submit(&target, &job, &opts))
+        }
+        Command::Status { job, json } => remote::block_on(remote::status(&target, &job, json)),
+        Command::List { states, json } => remote::block_on(remote::list(&target, &states, json)),
+        Command::Watch { job, json } => remote::block_on(remote::watch(&target, &job, json)),
+        Command::Logs { job, follow, json } => {
+            remote::block_on(remote::logs(&target, &job, follow, json))
+        }
+        Command::Cancel { job, json } => remote::block_on(remote::cancel(&target, &job, json)),
+        Command::Fetch {
+            job,
+            out,
+            checkpoints,
+            json,
+        } => remote::block_on(remote::fetch(&target, &job, out, checkpoints, json)),
+        Command::Workers { json } => remote::block_on(remote::workers(&target, json)),
+        Command::Up {
+            listen,
+            dir,
+            gpus,
+            model_dirs,
+            data_dirs,
+        } => remote::block_on(up::up(up::UpOptions {
+            listen,
+            dir,
+            gpus,
+            model_dirs,
+            data_dirs,
+            token: target.token.clone(),
+        })),
     };
     match result {
         Ok(code) => code,

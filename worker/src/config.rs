@@ -9,6 +9,7 @@
 //! work_dir = "/var/lib/loractl/work"
 //! cache_dir = "/var/lib/loractl/cache"
 //! model_dirs = ["/models"]
+//! data_dirs = ["/datasets"]
 //! [labels]
 //! zone = "rack-3"
 //! ```
@@ -53,8 +54,9 @@ pub struct WorkerConfig {
     /// Folders where base checkpoints, VAEs and network weights are found (a job's relative
     /// path is looked up in each; an absolute one must lie inside one).
     pub model_dirs: Vec<PathBuf>,
-    /// Folders where datasets and prompt files are found, the same way. A job can read
-    /// nothing outside `model_dirs` and `data_dirs`.
+    /// Folders jobs may read datasets (and other inputs) from by path, besides datasets
+    /// uploaded with `loractl submit`; a job path anywhere else is refused (see
+    /// [`crate::inputs`]).
     pub data_dirs: Vec<PathBuf>,
     /// Program and arguments that run one rank; see [`crate::rank`] for its environment.
     pub rank_command: Vec<String>,

@@ -452,6 +452,11 @@ impl Daemon {
                             rank: Some(rank.rank),
                         }),
                     },
+                    Err(Error::BadJob(problem)) => Err(Failure {
+                        kind: FailureKind::BadConfig,
+                        message: problem,
+                        rank: Some(rank.rank),
+                    }),
                     Err(e) => Err(Failure {
                         kind: if e.is_bad_config() {
                             FailureKind::BadConfig
@@ -679,7 +684,8 @@ impl Daemon {
     }
 }
 
-/// Writes the rank's folder and spec, and fetches its resume checkpoint.
+/// Writes the rank's folder and spec (uploaded datasets fetched, paths checked, see
+/// [`crate::inputs`]), and fetches its resume checkpoint.
 async fn prepare(
     config: &WorkerConfig,
     link: &Link,
@@ -691,20 +697,9 @@ async fn prepare(
     tokio::fs::create_dir_all(&output_dir)
         .await
         .map_err(io_error(&output_dir))?;
-    // The rank reads a spec whose paths are already resolved inside the allowed folders.
-    let mut spec = loractl_spec::JobSpec::from_toml_str(&assignment.spec_toml, "<assignment>")
-        .map_err(|e| Error::BadSpec(e.to_string()))?;
-    crate::paths::confine(
-        &mut spec,
-        &config.model_dirs,
-        &config.data_dirs,
-        &output_dir,
-    )?;
-    let text = spec
-        .to_toml_string()
-        .map_err(|e| Error::BadSpec(e.to_string()))?;
     let spec_path = dir.join("job.toml");
-    tokio::fs::write(&spec_path, text)
+    let spec_toml = crate::inputs::prepare_spec(config, link, &dir, &assignment.spec_toml).await?;
+    tokio::fs::write(&spec_path, &spec_toml)
         .await
         .map_err(io_error(&spec_path))?;
     let resume = match &assignment.resume_checkpoint {

@@ -54,6 +54,10 @@ pub enum Error {
     },
     #[error("the assigned job spec is not valid here: {0}")]
     BadSpec(String),
+    /// The job cannot run on this worker as written (a path outside the allowed folders, a bad
+    /// dataset manifest): reported as a bad config, not retried.
+    #[error("{0}")]
+    BadJob(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -61,7 +65,10 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// The job cannot run as written (retrying elsewhere would not help).
     pub fn is_bad_config(&self) -> bool {
-        matches!(self, Error::PathNotAllowed { .. } | Error::BadSpec(_))
+        matches!(
+            self,
+            Error::PathNotAllowed { .. } | Error::BadSpec(_) | Error::BadJob(_)
+        )
     }
 }
 

@@ -6,13 +6,19 @@
 //! - [`paths`]: a job's input paths confined to the worker's model and data folders;
 //! - [`protocol`]: what a rank prints for progress and artifacts;
 //! - [`client`]: the coordinator connection with its token, artifact upload and download;
+//! - [`dataset`]: datasets uploaded by `loractl submit` (a manifest of files by sha256),
+//!   built into folders in the cache;
+//! - [`inputs`]: a job's paths on this worker: uploaded datasets resolved, every path kept
+//!   inside the folders the worker allows;
 //! - [`daemon`]: the session loop tying them together.
 
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod dataset;
 mod error;
 pub mod gpu;
+pub mod inputs;
 pub mod paths;
 pub mod protocol;
 pub mod rank;

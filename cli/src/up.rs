@@ -1,0 +1,305 @@
+//! `loractl up`: a whole cluster in one process — the coordinator on the embedded redb store
+//! and one worker whose ranks are this binary's `loractl rank` — serving on 127.0.0.1, so that
+//! `submit`, `watch` and `fetch` work on one machine with nothing else installed.
+//! `loractl quickstart --cluster` runs the quickstart job through such a cluster, started on a
+//! free port for the occasion.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use loractl_coordinator::artifacts::ArtifactConfig;
+use loractl_coordinator::server::{self, CoordinatorConfig, ServerConfig};
+use loractl_coordinator::store::{AnyStore, RedbStore};
+use loractl_worker::config::WorkerConfig;
+use loractl_worker::daemon::Daemon;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::remote::{self, SubmitOptions, Target};
+
+const GIB: u64 = 1 << 30;
+/// How long a stop waits for the coordinator to close after the worker left.
+const STOP_WAIT: Duration = Duration::from_secs(10);
+
+pub struct UpOptions {
+    /// `host:port` to serve on; port 0 picks a free one.
+    pub listen: String,
+    /// State: `state.redb`, `artifacts/`, `worker/`.
+    pub dir: PathBuf,
+    /// The worker's GPUs: "all", "cpu" or indices.
+    pub gpus: String,
+    pub model_dirs: Vec<PathBuf>,
+    pub data_dirs: Vec<PathBuf>,
+    pub token: Option<String>,
+}
+
+/// A running all-in-one cluster.
+pub struct Cluster {
+    pub address: String,
+    pub worker_gpus: usize,
+    stop_worker: oneshot::Sender<()>,
+    worker: JoinHandle<loractl_worker::Result<()>>,
+    stop_coordinator: oneshot::Sender<()>,
+    coordinator: JoinHandle<loractl_coordinator::Result<()>>,
+}
+
+pub async fn start(opts: &UpOptions) -> anyhow::Result<Cluster> {
+    std::fs::create_dir_all(&opts.dir)
+        .with_context(|| format!("creating {}", opts.dir.display()))?;
+    let dir = opts.dir.canonicalize()?;
+    let state = dir.join("state.redb");
+    let store = RedbStore::open(&state).with_context(|| {
+        format!(
+            "is another `loractl up` using {}? Stop it or pick another --dir",
+            dir.display()
+        )
+    })?;
+    let config = ServerConfig {
+        coordinator: CoordinatorConfig::default(),
+        artifacts: ArtifactConfig {
+            root: dir.join("artifacts"),
+            quota_bytes: 100 * GIB,
+            max_artifact_bytes: 20 * GIB,
+            keep_checkpoints: 2,
+        },
+        token: opts.token.clone(),
+        leader_ttl: Duration::from_secs(10),
+        tls: None,
+    };
+    let (ready_tx, ready) = oneshot::channel::<SocketAddr>();
+    let (stop_coordinator, stopped) = oneshot::channel::<()>();
+    let listen = opts.listen.clone();
+    let coordinator = tokio::spawn(async move {
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        server::run(
+            AnyStore::Redb(store),
+            config,
+            &listen,
+            shutdown,
+            Some(ready_tx),
+        )
+        .await
+    });
+    let addr = match ready.await {
+        Ok(addr) => addr,
+        Err(_) => {
+            // The server ended before it listened: its error says why.
+            return Err(match coordinator.await {
+                Ok(Err(e)) => anyhow::anyhow!("starting the coordinator: {e}"),
+                Ok(Ok(())) => anyhow::anyhow!("the coordinator stopped before it listened"),
+                Err(e) => anyhow::anyhow!("the coordinator task failed: {e}"),
+            });
+        }
+    };
+    let host = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_owned()
+    } else {
+        addr.ip().to_string()
+    };
+    let address = format!("http://{host}:{}", addr.port());
+
+    let mut model_dirs = opts.model_dirs.clone();
+    // The tiny model of `quickstart` (a folder of the source tree this binary was built from).
+    if let Some(bundled) = loractl_trainer::demo::bundled_tiny_model().parent() {
+        if bundled.is_dir() {
+            model_dirs.push(bundled.to_path_buf());
+        }
+    }
+    let rank = std::env::current_exe().context("finding this loractl binary for `rank`")?;
+    let worker_config = WorkerConfig {
+        coordinator: address.clone(),
+        name: Some("local".into()),
+        gpus: opts.gpus.clone(),
+        work_dir: dir.join("worker/work"),
+        cache_dir: dir.join("worker/cache"),
+        model_dirs,
+        data_dirs: opts.data_dirs.clone(),
+        rank_command: vec![rank.display().to_string(), "rank".into()],
+        stop_grace_secs: 20,
+        ..WorkerConfig::default()
+    };
+    worker_config.validate()?;
+    let gpus = loractl_worker::gpu::discover(&worker_config.gpu_selection(), 0)?;
+    let worker_gpus = gpus.len();
+    let daemon = Daemon::new(worker_config, gpus, opts.token.clone(), None)?;
+    let (stop_worker, worker_stopped) = oneshot::channel::<()>();
+    let worker = tokio::spawn(daemon.run(async {
+        let _ = worker_stopped.await;
+    }));
+    Ok(Cluster {
+        address,
+        worker_gpus,
+        stop_worker,
+        worker,
+        stop_coordinator,
+        coordinator,
+    })
+}
+
+impl Cluster {
+    /// Stops the worker (its ranks save a checkpoint and stop; their jobs resume at the next
+    /// `up`), then the coordinator.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop_worker.send(());
+        let worker = self.worker.await;
+        let _ = self.stop_coordinator.send(());
+        let coordinator = tokio::time::timeout(STOP_WAIT, self.coordinator).await;
+        match worker {
+            Ok(Err(e)) => return Err(anyhow::anyhow!("worker: {e}")),
+            Err(e) => return Err(anyhow::anyhow!("worker task: {e}")),
+            Ok(Ok(())) => {}
+        }
+        match coordinator {
+            Ok(Ok(Err(e))) => Err(anyhow::anyhow!("coordinator: {e}")),
+            Ok(Err(e)) => Err(anyhow::anyhow!("coordinator task: {e}")),
+            // Watchers still attached keep it open; the process ends anyway.
+            Err(_) | Ok(Ok(Ok(()))) => Ok(()),
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+pub async fn up(opts: UpOptions) -> anyhow::Result<ExitCode> {
+    let cluster = start(&opts).await?;
+    let devices = if cluster.worker_gpus == 0 {
+        "on CPU".to_owned()
+    } else {
+        format!("with {} GPU(s)", cluster.worker_gpus)
+    };
+    eprintln!(
+        "loractl up: coordinator on {} (state in {}), worker `local` {devices}\n\
+         submit a job:  loractl submit job.toml --watch{}\n\
+         stop with Ctrl-C (running jobs save a checkpoint and resume at the next `loractl up`)",
+        cluster.address,
+        opts.dir.display(),
+        if cluster.address == default_address() {
+            String::new()
+        } else {
+            format!(" --coordinator {}", cluster.address)
+        }
+    );
+    shutdown_signal().await;
+    eprintln!("stopping: running jobs save a checkpoint first");
+    cluster.stop().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn default_address() -> String {
+    loractl_worker::config::defaults::COORDINATOR.to_owned()
+}
+
+/// `quickstart --cluster`: writes the quickstart job (and, without `data`, its generated
+/// dataset) into `dir` like `quickstart` does, submits it to an all-in-one cluster started on
+/// a free port, watches it to its end and fetches its LoRA into `dir/fetched`.
+pub async fn quickstart(
+    dir: &Path,
+    model: Option<PathBuf>,
+    data: Option<PathBuf>,
+    resolution: u32,
+    steps: usize,
+) -> anyhow::Result<ExitCode> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    let abs = |p: PathBuf| -> anyhow::Result<PathBuf> {
+        p.canonicalize()
+            .with_context(|| format!("{}: no such file or folder", p.display()))
+    };
+    let model = match model {
+        Some(m) => abs(m)?,
+        None => loractl_trainer::demo::bundled_tiny_model(),
+    };
+    let data = match data {
+        Some(d) => abs(d)?,
+        None => {
+            eprintln!(
+                "writing a generated dataset to {}",
+                dir.join("train").display()
+            );
+            loractl_trainer::demo::write_dataset(&dir, resolution, 8)?
+        }
+    };
+    let job = dir.join("job.toml");
+    // Cluster ranks train on CPU for now: ask for a CPU slot, which every worker has.
+    let text = loractl_trainer::demo::job_toml(&model, &data, resolution, steps)
+        + "\n[resources]\ngpus = \"cpu\"\n";
+    std::fs::write(&job, text).with_context(|| format!("writing {}", job.display()))?;
+    eprintln!("job spec: {}", job.display());
+    let job = job.as_path();
+    let dir = dir.as_path();
+    let mut model_dirs = Vec::new();
+    if let Some(parent) = model.parent() {
+        model_dirs.push(parent.to_path_buf());
+    }
+    let opts = UpOptions {
+        listen: "127.0.0.1:0".into(),
+        dir: dir.join("cluster"),
+        gpus: "all".into(),
+        model_dirs,
+        data_dirs: Vec::new(),
+        token: None,
+    };
+    let cluster = start(&opts).await?;
+    eprintln!(
+        "cluster: coordinator on {} with worker `local` (state in {})",
+        cluster.address,
+        opts.dir.display()
+    );
+    let target = Target {
+        address: cluster.address.clone(),
+        token: None,
+        ca: None,
+        tls_domain: None,
+    };
+    let outcome = async {
+        let opts = SubmitOptions {
+            priority: 0,
+            remote_data: false,
+            watch: false,
+            json: false,
+        };
+        let job = remote::submit_job(&target, job, &opts).await?;
+        let code = remote::watch(&target, job.id.as_str(), false).await?;
+        if code != ExitCode::SUCCESS {
+            return Ok(code);
+        }
+        remote::fetch(
+            &target,
+            job.id.as_str(),
+            Some(dir.join("fetched")),
+            false,
+            false,
+        )
+        .await
+    }
+    .await;
+    cluster.stop().await?;
+    if outcome? == ExitCode::SUCCESS {
+        eprintln!(
+            "\nthe same on a long-lived cluster: `loractl up` in one terminal, then\n  loractl \
+             submit {} --watch\n  loractl fetch JOB",
+            job.display()
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Ok(ExitCode::from(1))
+    }
+}
