@@ -139,10 +139,10 @@ pub fn check_paths(spec: &JobSpec, config: &WorkerConfig, rank_dir: &Path) -> Re
     let mut problems = Vec::new();
     for (key, path) in spec_paths(spec) {
         let full = real(&absolute(&rank_dir.join(path)));
-        // Nothing can be read where nothing is (the rank looks a missing model up by name in
-        // model_dirs, and reports a missing dataset); a folder written to must be inside.
-        let written = key == "logging.logging_dir";
-        if (!written && !full.exists()) || roots.iter().any(|root| full.starts_with(root)) {
+        // A missing model file is looked up by name in model_dirs by the rank; every other
+        // path must lie inside, existing or not, so a job cannot even probe other folders.
+        let looked_up = key.starts_with("model.") && !full.exists();
+        if looked_up || roots.iter().any(|root| full.starts_with(root)) {
             continue;
         }
         problems.push(format!("{key} `{}`", path.display()));
@@ -215,7 +215,10 @@ mod tests {
         ok(m, data.join("train").to_str().unwrap()).unwrap();
         ok("sd15.safetensors", "train").unwrap();
         ok(m, root.join("cache/datasets/ab").to_str().unwrap()).unwrap();
-        ok("/models/not-here.safetensors", "/nowhere/train").unwrap();
+        // A missing model is looked up by name; a dataset path outside is refused even when
+        // nothing is there (a job cannot probe other folders).
+        ok("/models/not-here.safetensors", "train").unwrap();
+        assert!(ok(m, "/nowhere/train").is_err());
         let mut logs = spec(m, "train");
         logs.logging.logging_dir = Some(root.join("logs"));
         let err = check_paths(&logs, &config, &rank).unwrap_err().to_string();
