@@ -107,7 +107,11 @@ fn a_job_submitted_from_a_local_dataset_trains_and_its_lora_is_fetched() {
         .iter()
         .filter_map(|f| f["kind"].as_str())
         .collect();
-    assert_eq!(kinds, BTreeSet::from(["LoRA", "sample image"]), "{files}");
+    assert_eq!(
+        kinds,
+        BTreeSet::from(["LoRA file", "sample image"]),
+        "{files}"
+    );
     assert_kohya_lora(&fetched.join("e2e.safetensors"));
     let png = std::fs::read_dir(&fetched)
         .unwrap()

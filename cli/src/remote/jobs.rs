@@ -105,8 +105,13 @@ pub(super) fn describe(job: &Job, artifacts: &[ArtifactInfo]) -> String {
     }
     if let Some(checkpoint) = &job.latest_checkpoint {
         lines.push(format!(
-            "  latest checkpoint: sha256 {} (a retry resumes from it)",
-            &checkpoint.to_hex()[..16]
+            "  latest checkpoint: sha256 {}{}",
+            &checkpoint.to_hex()[..16],
+            if job.state.is_terminal() {
+                ""
+            } else {
+                " (a retry resumes from it)"
+            }
         ));
     }
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
@@ -114,7 +119,10 @@ pub(super) fn describe(job: &Job, artifacts: &[ArtifactInfo]) -> String {
         *counts.entry(show::kind_name(a.kind)).or_default() += 1;
     }
     if !counts.is_empty() {
-        let parts: Vec<String> = counts.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        let parts: Vec<String> = counts
+            .iter()
+            .map(|(k, n)| format!("{n} {k}{}", if *n == 1 { "" } else { "s" }))
+            .collect();
         let fetchable = artifacts
             .iter()
             .any(|a| matches!(a.kind, ArtifactKind::Lora | ArtifactKind::SampleImage));

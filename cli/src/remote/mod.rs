@@ -124,6 +124,9 @@ impl Remote {
 pub fn refused(call: &str, status: &Status) -> anyhow::Error {
     let message = status.message().trim();
     match status.code() {
+        Code::Unauthenticated | Code::PermissionDenied if message.contains("--token") => {
+            anyhow::anyhow!("the coordinator refused the call: {message}")
+        }
         Code::Unauthenticated | Code::PermissionDenied => anyhow::anyhow!(
             "the coordinator refused the call: {message}. Give its token with --token or \
              LORACTL_TOKEN"

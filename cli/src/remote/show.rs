@@ -115,7 +115,7 @@ pub fn kind_name(kind: ArtifactKind) -> &'static str {
     match kind {
         ArtifactKind::Dataset => "dataset",
         ArtifactKind::BaseModel => "base model",
-        ArtifactKind::Lora => "LoRA",
+        ArtifactKind::Lora => "LoRA file",
         ArtifactKind::SampleImage => "sample image",
         ArtifactKind::Checkpoint => "checkpoint",
     }
