@@ -2,14 +2,16 @@
 //! `loractl-worker`s, jobs submitted, watched and fetched with `loractl` — through the
 //! scenarios the control plane exists for: a job from a local dataset to a kohya LoRA file;
 //! two jobs on two workers and a 2-GPU job waiting for a big enough worker; a worker and then
-//! the coordinator killed with SIGKILL mid-run; and requests that must be refused without
-//! changing anything.
+//! the coordinator killed with SIGKILL mid-run (on redb, and the leader of two on etcd); and
+//! requests that must be refused without changing anything.
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
 use loractl_proto::pb;
-use loractl_tests::{events, submitted_id, tiny_job, Background, Cluster, WorkerSetup};
+use loractl_tests::{
+    events, submitted_id, tiny_job, Background, Cluster, Etcd, Store, WorkerSetup,
+};
 use serde_json::Value;
 
 const TOKEN: &str = "e2e-token";
@@ -515,4 +517,48 @@ fn loractl_up_runs_a_coordinator_and_a_worker_in_one_process() {
         up.exited()
     });
     assert!(status.success(), "{status}\n{}", up.log_tail());
+}
+
+#[test]
+fn on_etcd_the_leader_killed_mid_run_hands_over_to_the_standby_and_the_job_succeeds() {
+    let Some(etcd) = Etcd::start() else {
+        return;
+    };
+    let mut cluster = Cluster::start_on(Some(TOKEN), Store::Etcd(etcd.endpoint.clone())).unwrap();
+    // The standby campaigns for the same address; it serves once it leads.
+    cluster.start_coordinator().unwrap();
+    cluster.add_worker(WorkerSetup::cpu("etcd-worker")).unwrap();
+    let job = tiny_job(&cluster.path("job"), "ha", 8, "").unwrap();
+    let id = submitted_id(&cluster.run(&["submit", job.to_str().unwrap()]));
+    let mut watch = cluster.loractl();
+    watch.args(["watch", &id, "--json"]);
+    let watch = Background::spawn(watch);
+    cluster.wait_job(&id, "a checkpoint stored", |j| {
+        state(j) == "running" && !j["latest_checkpoint"].is_null()
+    });
+
+    cluster.kill_coordinator();
+    let done = cluster.wait_job(&id, "the end under the new leader", |j| {
+        matches!(state(j), "succeeded" | "failed" | "cancelled")
+    });
+    assert_eq!(
+        state(&done),
+        "succeeded",
+        "{done}\n{}\n{}",
+        cluster.logs(),
+        etcd.log_tail()
+    );
+    let standby_log = std::fs::read_to_string(cluster.path("coordinator-1.log")).unwrap();
+    assert!(standby_log.contains("elected leader"), "{standby_log}");
+    let out = watch.finish();
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stderr, out.stdout);
+    let fetched = cluster.path("fetched");
+    cluster
+        .json(&["fetch", &id, "--out", fetched.to_str().unwrap()])
+        .unwrap();
+    assert_kohya_lora(&fetched.join("ha.safetensors"));
+    assert_eq!(
+        cluster.json(&["list"]).unwrap().as_array().map(Vec::len),
+        Some(1)
+    );
 }
