@@ -254,6 +254,8 @@ pub struct Cluster {
     /// Oldest first; on etcd the first one alive leads.
     pub coordinators: Vec<Proc>,
     pub workers: Vec<Proc>,
+    /// More flags for every coordinator (TLS files).
+    coordinator_args: Vec<String>,
     started: u32,
 }
 
@@ -265,6 +267,11 @@ impl Cluster {
     }
 
     pub fn start_on(token: Option<&str>, store: Store) -> anyhow::Result<Self> {
+        Self::start_with(token, store, &[])
+    }
+
+    /// With more coordinator flags, e.g. `--tls-cert`/`--tls-key`.
+    pub fn start_with(token: Option<&str>, store: Store, args: &[&str]) -> anyhow::Result<Self> {
         let mut cluster = Self {
             dir: tempfile::Builder::new().prefix("loractl-e2e-").tempdir()?,
             port: free_port(),
@@ -272,6 +279,7 @@ impl Cluster {
             store,
             coordinators: Vec::new(),
             workers: Vec::new(),
+            coordinator_args: args.iter().map(|a| a.to_string()).collect(),
             started: 0,
         };
         cluster.start_coordinator()?;
@@ -311,6 +319,7 @@ impl Cluster {
         if let Some(token) = &self.token {
             command.arg("--token").arg(token);
         }
+        command.args(&self.coordinator_args);
         let n = self.started;
         self.started += 1;
         let log = self.path(&format!("coordinator-{n}.log"));

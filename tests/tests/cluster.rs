@@ -562,3 +562,56 @@ fn on_etcd_the_leader_killed_mid_run_hands_over_to_the_standby_and_the_job_succe
         Some(1)
     );
 }
+
+#[test]
+fn the_cli_reaches_a_tls_coordinator_through_its_ca() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let certs = tempfile::tempdir().unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "loractl e2e CA");
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let write = |name: &str, text: &str| {
+        let path = certs.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let (ca_file, cert, key) = (
+        write("ca.pem", &ca_pem),
+        write("server.pem", &leaf.pem()),
+        write("server.key", &key.serialize_pem()),
+    );
+    let cluster = Cluster::start_with(
+        Some(TOKEN),
+        Store::Redb,
+        &["--tls-cert", &cert, "--tls-key", &key],
+    )
+    .unwrap();
+    let https = format!("https://127.0.0.1:{}", cluster.port);
+    let trusted = cluster.run(&[
+        "--coordinator",
+        &https,
+        "--ca",
+        &ca_file,
+        "--tls-domain",
+        "localhost",
+        "list",
+        "--json",
+    ]);
+    assert!(trusted.ok(), "{}", trusted.stderr);
+    assert_eq!(trusted.stdout.trim(), "[]");
+    let no_ca = cluster.run(&["--coordinator", &https, "list"]);
+    assert_eq!(no_ca.code, Some(1));
+    assert!(no_ca.stderr.contains("--ca"), "{}", no_ca.stderr);
+    let plain = cluster.run(&["list"]);
+    assert_eq!(plain.code, Some(1));
+    assert!(plain.stderr.contains("https://"), "{}", plain.stderr);
+}

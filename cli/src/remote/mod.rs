@@ -141,6 +141,15 @@ pub fn refused(call: &str, status: &Status) -> anyhow::Error {
             "the coordinator is unavailable ({call}): {message}. If it is restarting, try \
              again in a moment"
         ),
+        // What plain HTTP/2 gets from a TLS listener.
+        Code::Internal | Code::Unknown
+            if message.contains("h2 protocol error") || message.contains("transport error") =>
+        {
+            anyhow::anyhow!(
+            "{call}: the connection to the coordinator broke ({message}); if it serves TLS, use \
+             an https:// address and --ca"
+            )
+        }
         code => anyhow::anyhow!("{call} failed ({code:?}): {message}"),
     }
 }
