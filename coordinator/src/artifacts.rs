@@ -328,6 +328,9 @@ impl Upload {
             .as_mut()
             .ok_or_else(|| artifact_error(&self.info.digest, "upload already finished"))?;
         file.write_all(chunk).await.map_err(io_error(&path))?;
+        // tokio writes in the background: flush so that what is acknowledged is on file, and
+        // a resume offset read from the file's size is never overtaken by a late write.
+        file.flush().await.map_err(io_error(&path))?;
         self.written = end;
         Ok(())
     }

@@ -167,6 +167,7 @@ mod tests {
             last_failure: None,
             latest_checkpoint: None,
             updated_at: 0,
+            waiting_reason: String::new(),
         }
     }
 

@@ -103,8 +103,14 @@ async fn main() -> anyhow::Result<()> {
             _ => None,
         },
     };
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+    // SIGTERM (systemd, Kubernetes) and SIGINT (Ctrl-C) both shut down gracefully: worker
+    // sessions and watches end, a leader resigns. Registered now, before serving starts.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
         tracing::info!("shutting down");
     };
     server::run(store, config, &args.listen, shutdown, None).await?;

@@ -49,6 +49,8 @@ pub struct Placement {
     pub waited: BTreeMap<JobId, u32>,
     /// Workers held for a starving job this round.
     pub reserved: BTreeMap<WorkerId, JobId>,
+    /// Why each waiting job was not placed this round, in words for people.
+    pub reasons: BTreeMap<JobId, String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,6 +224,57 @@ fn reservation(
     )
 }
 
+fn describe(request: &GpuRequest) -> String {
+    match request {
+        GpuRequest::Cpu => "a free CPU slot".to_owned(),
+        GpuRequest::All => "all its pinned GPUs free".to_owned(),
+        GpuRequest::Ids(ids) if ids.len() == 1 => format!("GPU {} pinned and free", ids[0]),
+        GpuRequest::Ids(ids) => {
+            let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
+            format!("GPUs {} pinned and free", ids.join(","))
+        }
+    }
+}
+
+/// Why `job` could not be placed on what is left this round.
+fn why_waiting(
+    job: &JobRequest,
+    free: &BTreeMap<WorkerId, Free>,
+    reserved: &BTreeMap<WorkerId, JobId>,
+) -> String {
+    let needed = job.resources.workers as usize;
+    let request = &job.resources.gpus;
+    let workers = if needed == 1 {
+        "a worker".to_owned()
+    } else {
+        format!("{needed} workers")
+    };
+    let open: Vec<&Free> = free.values().filter(|f| f.accepts_new_work).collect();
+    let capable = open.iter().filter(|f| f.could_ever_take(request)).count();
+    if capable < needed {
+        return format!(
+            "needs {workers} with {}; {capable} connected worker(s) could ever hold it",
+            describe(request)
+        );
+    }
+    let ready = free
+        .iter()
+        .filter(|(id, f)| f.accepts_new_work && !reserved.contains_key(*id))
+        .filter(|(_, f)| f.take(request).is_some())
+        .count();
+    let mut reason = format!(
+        "waiting for {workers} with {} ({ready} now)",
+        describe(request)
+    );
+    if free
+        .iter()
+        .any(|(id, f)| reserved.contains_key(id) && f.take(request).is_some())
+    {
+        reason.push_str("; some are held for a job that waited longer");
+    }
+    reason
+}
+
 /// One placement round. `jobs` are the jobs that hold or want resources (placed, running and
 /// waiting ones); those with an entry in `previous.jobs` keep it while it still fits, the
 /// others are placed in queue order.
@@ -263,6 +316,8 @@ pub fn place(
         }
         let waited = previous.waited.get(&job.id).copied().unwrap_or(0) + 1;
         next.waited.insert(job.id.clone(), waited);
+        next.reasons
+            .insert(job.id.clone(), why_waiting(job, &free, &next.reserved));
         if waited > policy.reserve_after_rounds {
             if let Some(workers) = reservation(job, &free, &next.reserved) {
                 for worker in workers {
@@ -444,6 +499,32 @@ mod tests {
         };
         assert_eq!(simulate(never, 2, 1, 2, 50), None);
         assert!(simulate(Policy::default(), 2, 1, 2, 50).is_some());
+    }
+
+    #[test]
+    fn waiting_jobs_say_why() {
+        let workers = [worker("a", &[0], 0), worker("b", &[0, 1], 0)];
+        let jobs = [
+            job("busy", 0, 1, 1, ids(&[0, 1])),
+            job("pair", 0, 2, 1, ids(&[0, 1])),
+            job("huge", 0, 3, 1, ids(&[0, 1, 2])),
+            job("wide", 0, 4, 3, GpuRequest::All),
+        ];
+        let p = place(&jobs, &workers, &Placement::default(), &Policy::default());
+        assert!(p.jobs.contains_key(&JobId::new("busy")));
+        assert_eq!(
+            p.reasons[&JobId::new("pair")],
+            "waiting for a worker with GPUs 0,1 pinned and free (0 now)"
+        );
+        assert_eq!(
+            p.reasons[&JobId::new("huge")],
+            "needs a worker with GPUs 0,1,2 pinned and free; 0 connected worker(s) could ever hold it"
+        );
+        assert_eq!(
+            p.reasons[&JobId::new("wide")],
+            "needs 3 workers with all its pinned GPUs free; 2 connected worker(s) could ever hold it"
+        );
+        assert!(!p.reasons.contains_key(&JobId::new("busy")));
     }
 
     #[test]

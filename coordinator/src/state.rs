@@ -42,6 +42,13 @@ where
     })
 }
 
+/// The stored form of a job; live-only fields are left out.
+fn encode_job(job: &Job) -> Vec<u8> {
+    let mut stored = job.clone();
+    stored.waiting_reason.clear();
+    pb::Job::from(stored).encode_to_vec()
+}
+
 fn job_key(id: &JobId) -> String {
     format!("{JOBS}{id}")
 }
@@ -114,8 +121,9 @@ impl<S: Store> State<S> {
             last_failure: None,
             latest_checkpoint: None,
             updated_at: now,
+            waiting_reason: String::new(),
         };
-        let bytes = pb::Job::from(job.clone()).encode_to_vec();
+        let bytes = encode_job(&job);
         self.store
             .put(&job_key(&job.id), bytes, Expect::Absent)
             .await?;
@@ -156,7 +164,7 @@ impl<S: Store> State<S> {
             if next == job {
                 return Ok(job);
             }
-            let bytes = pb::Job::from(next.clone()).encode_to_vec();
+            let bytes = encode_job(&next);
             match self.store.put(&key, bytes, Expect::Version(version)).await {
                 Ok(_) => return Ok(next),
                 Err(e) if e.is_conflict() => continue,

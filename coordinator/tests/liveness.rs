@@ -279,3 +279,63 @@ async fn a_restarted_coordinator_keeps_jobs_and_gives_workers_time_to_reconnect(
         "a known worker that never reconnected is lost after the timeout"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_incomplete_rendezvous_fails_the_attempt() {
+    let config = CoordinatorConfig {
+        rendezvous_timeout: Duration::from_secs(5),
+        ..config()
+    };
+    let (handle, _loop) = actor::start(MemoryStore::new(), config).await.unwrap();
+    let (a, mut a_session) = register(&handle, "a").await;
+    let (b, mut b_session) = register(&handle, "b").await;
+    let spec = SPEC.replace("[resources]", "[resources]\nworkers = 2");
+    let (job, _) = handle.submit(spec, 0).await.unwrap();
+    let to_a = assignment(a_session.messages.recv().await);
+    let to_b = assignment(b_session.messages.recv().await);
+    assert_eq!(to_a.world_size, 2);
+    let (rank0_worker, rank0_session) = if to_a.rank == 0 {
+        (&a, &a_session)
+    } else {
+        (&b, &b_session)
+    };
+    let rank0 = RunningRank {
+        job_id: job.id.clone(),
+        attempt: 0,
+        rank: 0,
+    };
+    handle
+        .worker_message(
+            rank0_worker.clone(),
+            rank0_session.id,
+            WorkerMessage::RendezvousJoin {
+                rank: rank0,
+                address: "10.0.0.1:4000".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(to_b.attempt, 0);
+    // Replies are ordered after the join posted before them.
+    assert_eq!(handle.get(job.id.clone()).await.unwrap().attempt, 0);
+    for _ in 0..3 {
+        tokio::time::advance(Duration::from_secs(2)).await;
+        heartbeat(&handle, &a, &a_session, vec![]).await;
+        heartbeat(&handle, &b, &b_session, vec![]).await;
+    }
+    let after = handle.get(job.id.clone()).await.unwrap();
+    // A training error spends the budget, and this job has max_restarts = 0.
+    assert_eq!(
+        (after.state, after.attempt),
+        (JobState::Failed, 0),
+        "{:?}",
+        after.last_failure
+    );
+    let failure = after.last_failure.expect("failure recorded");
+    assert_eq!(failure.kind, FailureKind::TrainingError);
+    assert!(
+        failure.message.contains("rank(s) 1 never joined"),
+        "{}",
+        failure.message
+    );
+}

@@ -320,6 +320,15 @@ async fn job_runs_retries_from_its_checkpoint_and_succeeds() {
     .latest_checkpoint;
     assert_eq!(recorded, Some(checkpoint.digest));
 
+    let busy = jobs
+        .list_workers(pb::ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    assert_eq!(busy[0].busy_gpu_indices, [0, 1]);
+    assert_eq!(busy[0].job_ids, [job.id.to_string()]);
+
     // The rank is killed: retried without counting, resuming from the checkpoint.
     worker
         .send(WorkerMessage::Result {
@@ -371,6 +380,7 @@ async fn job_runs_retries_from_its_checkpoint_and_succeeds() {
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].id, worker.id.to_string());
     assert!(listed[0].alive);
+    assert!(listed[0].busy_gpu_indices.is_empty(), "the job ended");
     drop(worker);
     server.shutdown().await;
 }
@@ -599,4 +609,70 @@ async fn artifacts_upload_resume_and_download_verified() {
         err.message()
     );
     server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_open_sessions_watches_and_log_follows() {
+    let server = Server::start().await;
+    let (mut jobs, mut workers, _) = clients(&server, Some(TOKEN)).await;
+    let mut worker = WorkerSession::open(&mut workers, "box", &[]).await;
+    // A GPU job stays queued on a CPU-only worker: its watch and log follow stay open.
+    let job = job_from(
+        jobs.submit_job(pb::SubmitJobRequest {
+            spec_toml: SPEC.to_owned(),
+            priority: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job,
+    );
+    let mut watch = jobs
+        .watch_job(pb::WatchJobRequest {
+            job_id: job.id.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = within("the first watch event", watch.next()).await;
+    assert!(first.is_some());
+    let queued = job_from(
+        jobs.get_job(pb::GetJobRequest {
+            job_id: job.id.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job,
+    );
+    assert_eq!(queued.state, JobState::Queued);
+    assert_eq!(
+        queued.waiting_reason,
+        "needs a worker with all its pinned GPUs free; 0 connected worker(s) could ever hold it"
+    );
+    let mut follow = jobs
+        .get_logs(pb::GetLogsRequest {
+            job_id: job.id.to_string(),
+            follow: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    server.shutdown().await;
+    let watch_end = within("the watch to end", watch.next()).await;
+    assert!(
+        watch_end.as_ref().is_none_or(|r| r.is_err()),
+        "{watch_end:?}"
+    );
+    let follow_end = within("the log follow to end", follow.next()).await;
+    assert!(
+        follow_end.as_ref().is_none_or(|r| r.is_err()),
+        "{follow_end:?}"
+    );
+    let session_end = within("the session to end", worker.rx.next()).await;
+    assert!(
+        session_end.as_ref().is_none_or(|r| r.is_err()),
+        "{session_end:?}"
+    );
 }

@@ -267,6 +267,7 @@ impl TryFrom<pb::Job> for Job {
             last_failure: nested_opt(value.last_failure, "last_failure")?,
             latest_checkpoint: nested_opt(value.latest_checkpoint, "latest_checkpoint")?,
             updated_at: value.updated_at_unix_ms,
+            waiting_reason: value.waiting_reason,
         })
     }
 }
@@ -288,6 +289,7 @@ impl From<Job> for pb::Job {
             last_failure: value.last_failure.map(Into::into),
             latest_checkpoint: value.latest_checkpoint.map(Into::into),
             updated_at_unix_ms: value.updated_at,
+            waiting_reason: value.waiting_reason,
         }
     }
 }
@@ -428,6 +430,14 @@ impl TryFrom<pb::Worker> for Worker {
             registered_at: value.registered_at_unix_ms,
             last_seen: value.last_seen_unix_ms,
             alive: value.alive,
+            busy_gpus: value.busy_gpu_indices,
+            jobs: value
+                .job_ids
+                .into_iter()
+                .enumerate()
+                .map(|(i, id)| job_id(id, &format!("job_ids[{i}]")))
+                .collect::<Result<_>>()?,
+            draining: value.draining,
         })
     }
 }
@@ -442,6 +452,9 @@ impl From<Worker> for pb::Worker {
             registered_at_unix_ms: value.registered_at,
             last_seen_unix_ms: value.last_seen,
             alive: value.alive,
+            busy_gpu_indices: value.busy_gpus,
+            job_ids: value.jobs.into_iter().map(|id| id.to_string()).collect(),
+            draining: value.draining,
         }
     }
 }
@@ -527,6 +540,10 @@ impl TryFrom<pb::WorkerMessage> for WorkerMessage {
                 };
                 Self::Result { rank, outcome }
             }
+            Message::Join(join) => Self::RendezvousJoin {
+                rank: nested(join.rank, "join.rank")?,
+                address: non_empty(join.address, "join.address")?,
+            },
         })
     }
 }
@@ -560,6 +577,10 @@ impl From<WorkerMessage> for pb::WorkerMessage {
                     outcome: Some(outcome),
                 })
             }
+            WorkerMessage::RendezvousJoin { rank, address } => Message::Join(pb::RendezvousJoin {
+                rank: Some(rank.into()),
+                address,
+            }),
         };
         Self {
             message: Some(message),
@@ -588,7 +609,6 @@ impl TryFrom<pb::Assignment> for Assignment {
             gpu_indices: value.gpu_indices,
             spec_toml: non_empty(value.spec_toml, "spec_toml")?,
             resume_checkpoint: nested_opt(value.resume_checkpoint, "resume_checkpoint")?,
-            rendezvous: value.rendezvous,
         })
     }
 }
@@ -603,7 +623,6 @@ impl From<Assignment> for pb::Assignment {
             gpu_indices: value.gpu_indices,
             spec_toml: value.spec_toml,
             resume_checkpoint: value.resume_checkpoint.map(Into::into),
-            rendezvous: value.rendezvous,
         }
     }
 }
@@ -621,6 +640,11 @@ impl TryFrom<pb::CoordinatorMessage> for CoordinatorMessage {
                 rank: nested(stop.rank, "stop.rank")?,
                 reason: stop.reason,
             },
+            Message::Rendezvous(r) => Self::Rendezvous {
+                job_id: job_id(r.job_id, "rendezvous.job_id")?,
+                attempt: r.attempt,
+                addresses: r.addresses,
+            },
         })
     }
 }
@@ -633,6 +657,15 @@ impl From<CoordinatorMessage> for pb::CoordinatorMessage {
             CoordinatorMessage::Stop { rank, reason } => Message::Stop(pb::StopRank {
                 rank: Some(rank.into()),
                 reason,
+            }),
+            CoordinatorMessage::Rendezvous {
+                job_id,
+                attempt,
+                addresses,
+            } => Message::Rendezvous(pb::Rendezvous {
+                job_id: job_id.to_string(),
+                attempt,
+                addresses,
             }),
         };
         Self {
@@ -699,6 +732,7 @@ mod tests {
             }),
             latest_checkpoint: Some(Digest([7; 32])),
             updated_at: 1_700_000_000_500,
+            waiting_reason: String::new(),
         }
     }
 
@@ -777,6 +811,10 @@ mod tests {
                 draining: true,
             },
             WorkerMessage::Started(rank.clone()),
+            WorkerMessage::RendezvousJoin {
+                rank: rank.clone(),
+                address: "10.0.0.2:41000".into(),
+            },
             WorkerMessage::Result {
                 rank: rank.clone(),
                 outcome: RankOutcome::Failed(Failure {
@@ -818,12 +856,20 @@ mod tests {
             gpu_indices: vec![3],
             spec_toml: "name = \"x\"".into(),
             resume_checkpoint: None,
-            rendezvous: "10.0.0.1:29500".into(),
         };
         let message = CoordinatorMessage::Assign(assignment.clone());
         assert_eq!(
             CoordinatorMessage::try_from(pb::CoordinatorMessage::from(message.clone())),
             Ok(message)
+        );
+        let meet = CoordinatorMessage::Rendezvous {
+            job_id: JobId::new("j1"),
+            attempt: 0,
+            addresses: vec!["10.0.0.1:4000".into(), "10.0.0.2:4000".into()],
+        };
+        assert_eq!(
+            CoordinatorMessage::try_from(pb::CoordinatorMessage::from(meet.clone())),
+            Ok(meet)
         );
         let mut wire = pb::Assignment::from(assignment);
         wire.rank = 2;

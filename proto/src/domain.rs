@@ -268,6 +268,8 @@ pub struct Job {
     pub last_failure: Option<Failure>,
     pub latest_checkpoint: Option<Digest>,
     pub updated_at: UnixMs,
+    /// Live view (not stored): why a pending job is not placed yet; empty otherwise.
+    pub waiting_reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -332,6 +334,12 @@ pub struct Worker {
     pub registered_at: UnixMs,
     pub last_seen: Option<UnixMs>,
     pub alive: bool,
+    /// Live view (ListWorkers only): GPUs held by placed or running jobs.
+    pub busy_gpus: Vec<u32>,
+    /// Live view: jobs with a rank here.
+    pub jobs: Vec<JobId>,
+    /// Live view: shutting down, no new work.
+    pub draining: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -386,6 +394,11 @@ pub enum WorkerMessage {
         rank: RunningRank,
         outcome: RankOutcome,
     },
+    /// A rank's collective-backend address, for the rendezvous of a multi-worker job.
+    RendezvousJoin {
+        rank: RunningRank,
+        address: String,
+    },
 }
 
 /// Work handed to one rank.
@@ -398,15 +411,22 @@ pub struct Assignment {
     pub gpu_indices: Vec<u32>,
     pub spec_toml: String,
     pub resume_checkpoint: Option<Digest>,
-    /// Empty when `world_size` is 1.
-    pub rendezvous: String,
 }
 
 /// What the coordinator sends on a worker's session stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CoordinatorMessage {
     Assign(Assignment),
-    Stop { rank: RunningRank, reason: String },
+    Stop {
+        rank: RunningRank,
+        reason: String,
+    },
+    /// Every rank's address (by rank) once all ranks of the attempt joined.
+    Rendezvous {
+        job_id: JobId,
+        attempt: u32,
+        addresses: Vec<String>,
+    },
 }
 
 /// What a job watcher receives.

@@ -470,9 +470,25 @@ pub fn serialize_safetensors(
                 );
                 "BF16"
             }
+            DType::F64 => {
+                data.extend(t.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()));
+                "F64"
+            }
+            DType::U8 => {
+                data.extend(t.to_vec1::<u8>()?);
+                "U8"
+            }
+            DType::U32 => {
+                data.extend(t.to_vec1::<u32>()?.iter().flat_map(|v| v.to_le_bytes()));
+                "U32"
+            }
+            DType::I64 => {
+                data.extend(t.to_vec1::<i64>()?.iter().flat_map(|v| v.to_le_bytes()));
+                "I64"
+            }
             other => {
                 return Err(Error::Lora(format!(
-                    "tensor `{name}` has dtype {other:?}; LoRA files hold F32, F16 or BF16"
+                    "tensor `{name}` has dtype {other:?}, which loractl does not write"
                 )))
             }
         };
@@ -533,4 +549,50 @@ pub fn write_safetensors_atomic(
     metadata: HashMap<String, String>,
 ) -> Result<()> {
     write_file_atomic(path, &serialize_safetensors(tensors, &metadata)?)
+}
+
+#[cfg(test)]
+mod serialize_tests {
+    use super::*;
+
+    #[test]
+    fn safetensors_layout_is_deterministic_and_readable() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut tensors = BTreeMap::new();
+        tensors.insert(
+            "b.f16".to_string(),
+            Tensor::new(&[1.5f32, -2.0], &dev)?.to_dtype(DType::F16)?,
+        );
+        tensors.insert("a.u8".to_string(), Tensor::new(&[7u8, 9, 11], &dev)?);
+        tensors.insert("c.f32".to_string(), Tensor::new(3.25f32, &dev)?);
+        let mut meta = HashMap::new();
+        for i in 0..20 {
+            meta.insert(format!("k{i}"), format!("v{i}"));
+        }
+        let one = serialize_safetensors(&tensors, &meta)?;
+        // A map with the same entries inserted in another order gives the same bytes.
+        let mut pairs: Vec<(String, String)> = meta.clone().into_iter().collect();
+        pairs.sort();
+        pairs.reverse();
+        let reversed: HashMap<String, String> = pairs.into_iter().collect();
+        assert_eq!(one, serialize_safetensors(&tensors, &reversed)?);
+        let st =
+            safetensors::SafeTensors::deserialize(&one).map_err(|e| Error::Lora(e.to_string()))?;
+        assert_eq!(
+            st.tensor("a.u8")
+                .map_err(|e| Error::Lora(e.to_string()))?
+                .data(),
+            &[7, 9, 11]
+        );
+        let back = candle_core::safetensors::load_buffer(&one, &dev)?;
+        assert_eq!(
+            back["b.f16"].to_dtype(DType::F32)?.to_vec1::<f32>()?,
+            [1.5, -2.0]
+        );
+        assert_eq!(back["c.f32"].to_scalar::<f32>()?, 3.25);
+        let (_, header) = safetensors::SafeTensors::read_metadata(&one)
+            .map_err(|e| Error::Lora(e.to_string()))?;
+        assert_eq!(header.metadata().as_ref().map(|m| m.len()), Some(20));
+        Ok(())
+    }
 }

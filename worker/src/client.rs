@@ -299,6 +299,9 @@ pub async fn download_to_cache(
         file.write_all(&chunk.data)
             .await
             .map_err(io_error(&partial))?;
+        // Flushed per chunk: a resume reads the file's size, which a late background write
+        // must not overtake.
+        file.flush().await.map_err(io_error(&partial))?;
         at += chunk.data.len() as u64;
     }
     file.flush().await.map_err(io_error(&partial))?;

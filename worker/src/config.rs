@@ -51,7 +51,8 @@ pub struct WorkerConfig {
     pub work_dir: PathBuf,
     /// Downloaded artifacts, by sha256.
     pub cache_dir: PathBuf,
-    /// Folders where base checkpoints are found by file name.
+    /// Folders where base checkpoints, VAEs and network weights are found (a job's relative
+    /// path is looked up in each; an absolute one must lie inside one).
     pub model_dirs: Vec<PathBuf>,
     /// Folders jobs may read datasets (and other inputs) from by path, besides datasets
     /// uploaded with `loractl submit`; a job path anywhere else is refused (see

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use crate::client::{self, Authed, Link};
 use crate::config::WorkerConfig;
 use crate::error::{io_error, Error, Result};
-use crate::protocol::{ArtifactKindName, ChildMessage};
+use crate::protocol::{ArtifactKindName, ChildMessage, ParentMessage};
 use crate::rank::{self, Exit, Launch, RankEvent, RankProcess};
 
 /// Messages kept for the coordinator while disconnected (results first of all).
@@ -346,6 +346,20 @@ impl Daemon {
         };
         match message {
             CoordinatorMessage::Assign(assignment) => self.assign(assignment).await,
+            CoordinatorMessage::Rendezvous {
+                job_id,
+                attempt,
+                addresses,
+            } => {
+                let line = ParentMessage::Peers { addresses }.to_line();
+                for (id, r) in &self.ranks {
+                    if id.job_id == job_id && id.attempt == attempt {
+                        if let RankState::Running { process, .. } = &r.state {
+                            process.tell(line.clone());
+                        }
+                    }
+                }
+            }
             CoordinatorMessage::Stop { rank, reason } => {
                 tracing::info!(job = %rank.job_id, rank = rank.rank, attempt = rank.attempt, %reason, "stopping rank");
                 match self.ranks.get_mut(&rank).map(|r| &mut r.state) {
@@ -444,7 +458,11 @@ impl Daemon {
                         rank: Some(rank.rank),
                     }),
                     Err(e) => Err(Failure {
-                        kind: FailureKind::TrainingError,
+                        kind: if e.is_bad_config() {
+                            FailureKind::BadConfig
+                        } else {
+                            FailureKind::TrainingError
+                        },
                         message: format!("preparing the rank failed: {e}"),
                         rank: Some(rank.rank),
                     }),
@@ -525,6 +543,10 @@ impl Daemon {
             }
             RankEvent::Message(ChildMessage::Artifact { path, kind, name }) => {
                 self.upload(rank, path, kind, name);
+            }
+            RankEvent::Message(ChildMessage::Rendezvous { address }) => {
+                self.send(WorkerMessage::RendezvousJoin { rank, address })
+                    .await;
             }
             RankEvent::Exited(exit) => {
                 if let Some(Rank {

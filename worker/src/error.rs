@@ -46,6 +46,14 @@ pub enum Error {
     Artifact { digest: String, problem: String },
     #[error("{0}")]
     Convert(#[from] loractl_proto::ConvertError),
+    #[error("`{key}` = `{}`: {problem}", path.display())]
+    PathNotAllowed {
+        key: String,
+        path: PathBuf,
+        problem: String,
+    },
+    #[error("the assigned job spec is not valid here: {0}")]
+    BadSpec(String),
     /// The job cannot run on this worker as written (a path outside the allowed folders, a bad
     /// dataset manifest): reported as a bad config, not retried.
     #[error("{0}")]
@@ -53,6 +61,16 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// The job cannot run as written (retrying elsewhere would not help).
+    pub fn is_bad_config(&self) -> bool {
+        matches!(
+            self,
+            Error::PathNotAllowed { .. } | Error::BadSpec(_) | Error::BadJob(_)
+        )
+    }
+}
 
 /// One problem of a worker config, with its key and the fix.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,7 +1,9 @@
 //! How a rank process talks to its worker: plain lines on stdout/stderr are log lines; a
-//! stdout line `@loractl {json}` is a message ([`ChildMessage`]): a progress sample or an
-//! artifact to upload. The rank program (the seam where training plugs in) prints these with
-//! [`ChildMessage::to_line`].
+//! stdout line `@loractl {json}` is a message ([`ChildMessage`]): a progress sample, an
+//! artifact to upload, or the rank's address for the rendezvous of a multi-worker job. The
+//! worker answers on the rank's stdin with `@loractl {json}` lines ([`ParentMessage`]): the
+//! addresses of every rank once all joined. The rank program (the seam where training plugs
+//! in) prints with [`ChildMessage::to_line`] and reads with [`ParentMessage::parse`].
 
 use std::path::PathBuf;
 
@@ -45,6 +47,31 @@ pub enum ChildMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         name: Option<String>,
     },
+    /// `host:port` where this rank's collective backend listens; the rank then waits for
+    /// [`ParentMessage::Peers`] on stdin.
+    Rendezvous { address: String },
+}
+
+/// What the worker writes to a rank's stdin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ParentMessage {
+    /// Every rank's address, by rank.
+    Peers { addresses: Vec<String> },
+}
+
+impl ParentMessage {
+    pub fn to_line(&self) -> String {
+        format!(
+            "{PREFIX}{}",
+            serde_json::to_string(self).unwrap_or_default()
+        )
+    }
+
+    /// `None` for a line that is not a parent message.
+    pub fn parse(line: &str) -> Option<Self> {
+        serde_json::from_str(line.trim_end().strip_prefix(PREFIX)?).ok()
+    }
 }
 
 impl ChildMessage {
@@ -110,6 +137,18 @@ mod tests {
             r#"@loractl {"artifact":{"path":"out/a.safetensors","kind":"lora"}}"#
         );
         assert_eq!(parse_line("epoch 1/2"), Line::Text("epoch 1/2".into()));
+        let peers = ParentMessage::Peers {
+            addresses: vec!["a:1".into(), "b:2".into()],
+        };
+        assert_eq!(
+            peers.to_line(),
+            r#"@loractl {"peers":{"addresses":["a:1","b:2"]}}"#
+        );
+        assert_eq!(
+            ParentMessage::parse(&format!("{}\n", peers.to_line())),
+            Some(peers)
+        );
+        assert_eq!(ParentMessage::parse("hello"), None);
         assert!(matches!(
             parse_line(r#"@loractl {"progress":{"step":1}}"#),
             Line::Malformed { .. }

@@ -5,13 +5,13 @@
 //! The rank command (config `rank_command`) runs with:
 //! - `CUDA_VISIBLE_DEVICES`: exactly the pinned GPU indices (empty for CPU ranks, hiding all
 //!   GPUs) and `CUDA_DEVICE_ORDER=PCI_BUS_ID`, so CUDA numbers GPUs as NVML does;
-//! - `LORACTL_JOB_ID`, `LORACTL_ATTEMPT`, `LORACTL_RANK`, `LORACTL_WORLD_SIZE`,
-//!   `LORACTL_RENDEZVOUS`;
+//! - `LORACTL_JOB_ID`, `LORACTL_ATTEMPT`, `LORACTL_RANK`, `LORACTL_WORLD_SIZE`;
 //! - `LORACTL_SPEC` (the job spec file), `LORACTL_OUTPUT_DIR` (where it writes),
 //!   `LORACTL_RESUME` (checkpoint file to resume from, when there is one),
 //!   `LORACTL_MODEL_DIRS` (`:`-separated).
 //!
-//! It reports on stdout as [`crate::protocol`] says and exits 0 on success,
+//! It reports on stdout and reads rendezvous answers on stdin as [`crate::protocol`] says,
+//! and exits 0 on success,
 //! [`loractl_proto::domain::EXIT_BAD_CONFIG`] when the job cannot run as written, anything
 //! else on a training error.
 
@@ -76,6 +76,8 @@ pub struct RankProcess {
     pub id: RunningRank,
     pgid: i32,
     exited: tokio::sync::watch::Receiver<bool>,
+    /// Lines for the rank's stdin.
+    input: mpsc::Sender<String>,
 }
 
 fn signal_group(pgid: i32, signal: i32) {
@@ -109,13 +111,12 @@ impl RankProcess {
             .env("LORACTL_ATTEMPT", a.attempt.to_string())
             .env("LORACTL_RANK", a.rank.to_string())
             .env("LORACTL_WORLD_SIZE", a.world_size.to_string())
-            .env("LORACTL_RENDEZVOUS", &a.rendezvous)
             .env("LORACTL_SPEC", &launch.spec_path)
             .env("LORACTL_OUTPUT_DIR", &launch.output_dir)
             .env("LORACTL_MODEL_DIRS", join_paths(&launch.model_dirs))
             .env_remove("LORACTL_RESUME")
             .env_remove("LORACTL_TOKEN")
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
@@ -136,6 +137,22 @@ impl RankProcess {
             source,
         })?;
         let pgid = child.id().map(|pid| pid as i32).unwrap_or(0);
+        let (input, mut lines_in) = mpsc::channel::<String>(16);
+        if let Some(mut stdin) = child.stdin.take() {
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                while let Some(line) = lines_in.recv().await {
+                    let written = async {
+                        stdin.write_all(line.as_bytes()).await?;
+                        stdin.write_all(b"\n").await?;
+                        stdin.flush().await
+                    };
+                    if written.await.is_err() {
+                        return; // the rank closed its stdin or exited
+                    }
+                }
+            });
+        }
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
         let (exited_tx, exited) = tokio::sync::watch::channel(false);
@@ -200,7 +217,19 @@ impl RankProcess {
             let _ = exited_tx.send(true);
             let _ = events.send((wait_id, RankEvent::Exited(exit))).await;
         });
-        Ok(RankProcess { id, pgid, exited })
+        Ok(RankProcess {
+            id,
+            pgid,
+            exited,
+            input,
+        })
+    }
+
+    /// Writes one line to the rank's stdin (dropped if the rank does not read).
+    pub fn tell(&self, line: String) {
+        if self.input.try_send(line).is_err() {
+            tracing::warn!(job = %self.id.job_id, rank = self.id.rank, "rank is not reading its stdin; message dropped");
+        }
     }
 
     pub fn has_exited(&self) -> bool {
@@ -277,7 +306,6 @@ mod tests {
                 gpu_indices: gpus,
                 spec_toml: "name = \"x\"".into(),
                 resume_checkpoint: None,
-                rendezvous: "box.1".into(),
             },
             spec_path: dir.join("spec.toml"),
             output_dir: dir.to_owned(),
@@ -311,7 +339,7 @@ mod tests {
     async fn the_rank_sees_only_its_gpus_and_its_job() {
         let dir = tempfile::tempdir().unwrap();
         let script = r#"echo "gpus=$CUDA_VISIBLE_DEVICES order=$CUDA_DEVICE_ORDER"
-echo "job=$LORACTL_JOB_ID attempt=$LORACTL_ATTEMPT rank=$LORACTL_RANK/$LORACTL_WORLD_SIZE rdzv=$LORACTL_RENDEZVOUS"
+echo "job=$LORACTL_JOB_ID attempt=$LORACTL_ATTEMPT rank=$LORACTL_RANK/$LORACTL_WORLD_SIZE"
 echo "models=$LORACTL_MODEL_DIRS resume=$(basename $LORACTL_RESUME) token=${LORACTL_TOKEN:-none}"
 echo oops >&2
 echo '@loractl {"progress":{"step":4,"total_steps":8,"loss":0.5,"lr":0.001}}'"#;
@@ -326,7 +354,7 @@ echo '@loractl {"progress":{"step":4,"total_steps":8,"loss":0.5,"lr":0.001}}'"#;
             "{lines:?}"
         );
         assert!(
-            lines.contains(&"job=j7 attempt=2 rank=1/2 rdzv=box.1".to_owned()),
+            lines.contains(&"job=j7 attempt=2 rank=1/2".to_owned()),
             "{lines:?}"
         );
         assert!(
@@ -376,6 +404,23 @@ echo '@loractl {"progress":{"step":4,"total_steps":8,"loss":0.5,"lr":0.001}}'"#;
         }
     }
 
+    /// Resolves when process `pid` has ended (its pidfd becomes readable), without polling.
+    async fn process_ended(pid: i32) {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            return; // already reaped
+        }
+        // SAFETY: the syscall returned a fresh fd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it open and unchanged.
+        let fd = unsafe { tokio::io::unix::AsyncFd::register(fd) }
+            .map_err(|e| e.to_string())
+            .unwrap();
+        let _ = fd.readable().await.unwrap();
+    }
+
     fn alive(pid: i32) -> bool {
         // SAFETY: signal 0 only checks that the process exists.
         unsafe { libc::kill(pid, 0) == 0 }
@@ -405,13 +450,10 @@ echo '@loractl {"progress":{"step":4,"total_steps":8,"loss":0.5,"lr":0.001}}'"#;
         rank.stop(Duration::from_millis(200));
         let (_, exit) = collect(rx).await;
         assert_eq!(exit.failure_kind(), Some(FailureKind::Killed));
-        // The group was killed when the leader ended; reap-independent check: the grandchild
-        // is gone or a zombie about to be reaped by init.
-        let gone = !alive(grandchild)
-            || std::fs::read_to_string(format!("/proc/{grandchild}/stat"))
-                .map(|s| s.contains(") Z "))
-                .unwrap_or(true);
-        assert!(gone, "grandchild {grandchild} survived");
+        // The group was killed when the leader ended; wait for the grandchild's end itself.
+        tokio::time::timeout(Duration::from_secs(10), process_ended(grandchild))
+            .await
+            .unwrap_or_else(|_| panic!("grandchild {grandchild} survived"));
     }
 
     #[tokio::test]

@@ -30,7 +30,7 @@ echo "resumed from: $(cat "$LORACTL_RESUME")"
 const SPEC: &str = r#"
 name = "survivor"
 [model]
-pretrained_model_name_or_path = "/models/sd15.safetensors"
+pretrained_model_name_or_path = "sd15.safetensors"
 [dataset]
 train_data_dir = "train"
 resolution = "512"
@@ -52,17 +52,23 @@ impl Drop for Worker {
 
 fn start_worker(dir: &std::path::Path, name: &str, address: &str) -> Worker {
     let root = dir.join(name);
-    std::fs::create_dir_all(&root).unwrap();
+    std::fs::create_dir_all(root.join("models")).unwrap();
+    std::fs::create_dir_all(root.join("data/train")).unwrap();
+    std::fs::write(root.join("models/sd15.safetensors"), b"weights").unwrap();
     let config = format!(
         r#"
 coordinator = "{address}"
 name = "{name}"
 simulated_gpus = 1
 work_dir = "{work}"
+model_dirs = ["{models}"]
+data_dirs = ["{data}"]
 cache_dir = "{cache}"
 rank_command = ["/bin/sh", "-c", '''{SCRIPT}''']
 "#,
         work = root.join("work").display(),
+        models = root.join("models").display(),
+        data = root.join("data").display(),
         cache = root.join("cache").display(),
     );
     let path = root.join("worker.toml");

@@ -22,6 +22,16 @@ use tokio::sync::oneshot;
 use tokio_stream::StreamExt;
 
 const TOKEN: &str = "worker-test-token";
+
+/// The folders a worker allows, holding the model file and dataset folder the specs name.
+fn allowed_dirs(root: &std::path::Path) -> (Vec<std::path::PathBuf>, Vec<std::path::PathBuf>) {
+    let models = root.join("models");
+    let data = root.join("data");
+    std::fs::create_dir_all(&models).unwrap();
+    std::fs::create_dir_all(data.join("train/10_dog")).unwrap();
+    std::fs::write(models.join("v1-5-pruned-emaonly.safetensors"), b"weights").unwrap();
+    (vec![models], vec![data])
+}
 const WAIT: Duration = Duration::from_secs(30);
 
 fn spec(gpus: &str) -> String {
@@ -29,7 +39,7 @@ fn spec(gpus: &str) -> String {
         r#"
 name = "sks-dog"
 [model]
-pretrained_model_name_or_path = "/models/v1-5-pruned-emaonly.safetensors"
+pretrained_model_name_or_path = "v1-5-pruned-emaonly.safetensors"
 [dataset]
 train_data_dir = "train"
 resolution = "512"
@@ -88,7 +98,10 @@ impl Cluster {
         tokio::task::JoinHandle<loractl_worker::Result<()>>,
     ) {
         let root = self.dir.path().join(name);
+        let (model_dirs, data_dirs) = allowed_dirs(&root);
         let config = WorkerConfig {
+            model_dirs,
+            data_dirs,
             coordinator: self.address.clone(),
             name: Some(name.to_owned()),
             simulated_gpus: 2,
@@ -442,4 +455,182 @@ async fn artifacts_download_into_the_cache_verified() {
         .await
         .unwrap();
     assert_eq!(std::fs::read(path).unwrap(), data);
+}
+
+async fn serve_on(
+    listener: tokio::net::TcpListener,
+    db: &std::path::Path,
+    artifacts: &std::path::Path,
+) -> (
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<loractl_coordinator::Result<()>>,
+) {
+    let store = RedbStore::open(db).unwrap();
+    let config = ServerConfig {
+        coordinator: CoordinatorConfig::default(),
+        artifacts: ArtifactConfig {
+            root: artifacts.to_owned(),
+            quota_bytes: 1 << 20,
+            max_artifact_bytes: 1 << 20,
+            keep_checkpoints: 1,
+        },
+        token: Some(TOKEN.to_owned()),
+        tls: None,
+        leader_ttl: Duration::from_secs(10),
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(server::serve(store, config, listener, async {
+        let _ = stopped.await;
+    }));
+    (stop, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_reconnects_to_a_restarted_coordinator_and_its_job_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.redb");
+    let store_dir = dir.path().join("artifacts");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let address = format!("http://{addr}");
+    let (stop, first) = serve_on(listener, &db, &store_dir).await;
+
+    // The rank runs until the test writes to this pipe.
+    let go = dir.path().join("go");
+    let c_path = std::ffi::CString::new(go.display().to_string()).unwrap();
+    // SAFETY: a valid NUL-terminated path and a mode.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let script = format!("echo started; read x < '{}'; echo finishing", go.display());
+    let (model_dirs, data_dirs) = allowed_dirs(dir.path());
+    let config = WorkerConfig {
+        model_dirs,
+        data_dirs,
+        coordinator: address.clone(),
+        name: Some("box".into()),
+        gpus: "cpu".into(),
+        work_dir: dir.path().join("work"),
+        cache_dir: dir.path().join("cache"),
+        rank_command: vec!["/bin/sh".into(), "-c".into(), script],
+        ..WorkerConfig::default()
+    };
+    let daemon = Daemon::new(config, Vec::new(), Some(TOKEN.to_owned()), None).unwrap();
+    let (_stop_worker, worker_stopped) = oneshot::channel::<()>();
+    tokio::spawn(daemon.run(async {
+        let _ = worker_stopped.await;
+    }));
+
+    let link = Link::new(&address, Some(TOKEN), None).unwrap();
+    let mut jobs = link.jobs().await.unwrap();
+    let job = submit(&mut jobs, "cpu").await;
+    let mut follow = jobs
+        .get_logs(pb::GetLogsRequest {
+            job_id: job.id.to_string(),
+            follow: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::timeout(WAIT, async {
+        while let Some(line) = follow.next().await {
+            if line.unwrap().text == "started" {
+                return;
+            }
+        }
+        panic!("log ended before the rank started");
+    })
+    .await
+    .expect("the rank starts");
+
+    // Restart the coordinator on the same address and state file.
+    let _ = stop.send(());
+    tokio::time::timeout(WAIT, first)
+        .await
+        .expect("the coordinator stops with a worker connected")
+        .unwrap()
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let (_stop, _second) = serve_on(listener, &db, &store_dir).await;
+
+    // Let the rank finish; its result reaches the new coordinator through the reconnect.
+    tokio::task::spawn_blocking(move || std::fs::write(go, "go\n"))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut jobs = link.jobs().await.unwrap();
+    let (done, _) = watch_until(&mut jobs, &job, |j| j.state.is_terminal()).await;
+    assert_eq!(done.state, JobState::Succeeded, "{:?}", done.last_failure);
+    assert_eq!(
+        done.attempt, 0,
+        "the running rank was kept across the restart"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranks_of_a_multi_worker_job_meet_through_the_rendezvous() {
+    let cluster = Cluster::start().await;
+    let script = r#"
+echo '@loractl {"rendezvous":{"address":"rank'"$LORACTL_RANK"'.test:1234"}}'
+read line
+echo "rank $LORACTL_RANK peers: $line"
+"#;
+    let (_stop_a, _a) = cluster.worker("a", script);
+    let (_stop_b, _b) = cluster.worker("b", script);
+    let mut jobs = cluster.jobs().await;
+    let spec = spec("cpu").replace("[resources]", "[resources]\nworkers = 2");
+    let job = Job::try_from(
+        jobs.submit_job(pb::SubmitJobRequest {
+            spec_toml: spec,
+            priority: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap(),
+    )
+    .unwrap();
+    let (done, _) = watch_until(&mut jobs, &job, |j| j.state.is_terminal()).await;
+    assert_eq!(done.state, JobState::Succeeded, "{:?}", done.last_failure);
+    let logs = log_lines(&mut jobs, &job).await;
+    let peers = r#"@loractl {"peers":{"addresses":["rank0.test:1234","rank1.test:1234"]}}"#;
+    for rank in 0..2 {
+        let expected = format!("rank {rank} peers: {peers}");
+        assert!(logs.contains(&expected), "{expected} not in {logs:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_outside_the_allowed_folders_fails_the_job_without_running_it() {
+    let cluster = Cluster::start().await;
+    let (_stop, _worker) = cluster.worker("box", "echo 'must not run'");
+    let mut jobs = cluster.jobs().await;
+    let escape = spec("all").replace(
+        "train_data_dir = \"train\"",
+        "train_data_dir = \"../../etc\"",
+    );
+    let job = Job::try_from(
+        jobs.submit_job(pb::SubmitJobRequest {
+            spec_toml: escape,
+            priority: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap(),
+    )
+    .unwrap();
+    let (done, _) = watch_until(&mut jobs, &job, |j| j.state.is_terminal()).await;
+    assert_eq!((done.state, done.attempt), (JobState::Failed, 0));
+    let failure = done.last_failure.expect("failure recorded");
+    assert_eq!(failure.kind, FailureKind::BadConfig);
+    assert!(
+        failure.message.contains("dataset.train_data_dir") && failure.message.contains("data_dirs"),
+        "{}",
+        failure.message
+    );
+    assert!(
+        log_lines(&mut jobs, &job).await.is_empty(),
+        "the rank never started"
+    );
 }

@@ -119,7 +119,7 @@ fn registration() -> pb::RegisterRequest {
 const SPEC: &str = r#"
 name = "tls"
 [model]
-pretrained_model_name_or_path = "/models/sd15.safetensors"
+pretrained_model_name_or_path = "sd15.safetensors"
 [dataset]
 train_data_dir = "train"
 resolution = "512"
@@ -133,7 +133,14 @@ gpus = "cpu"
 async fn a_worker_with_a_certificate_runs_a_job_submitted_by_a_token_client() {
     let setup = coordinator().await;
     let (cert, key) = leaf(&setup.worker_ca, "box");
+    let models = setup.dir.path().join("models");
+    let data = setup.dir.path().join("data");
+    std::fs::create_dir_all(data.join("train")).unwrap();
+    std::fs::create_dir_all(&models).unwrap();
+    std::fs::write(models.join("sd15.safetensors"), b"weights").unwrap();
     let config = WorkerConfig {
+        model_dirs: vec![models],
+        data_dirs: vec![data],
         coordinator: setup.address.clone(),
         name: Some("box".into()),
         gpus: "cpu".into(),

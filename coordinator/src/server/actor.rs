@@ -35,6 +35,9 @@ pub struct CoordinatorConfig {
     pub log_lines_per_job: usize,
     /// Ended jobs whose log lines stay in memory (older ones are dropped).
     pub ended_jobs_with_logs: usize,
+    /// How long the ranks of a multi-worker attempt may take to all join the rendezvous
+    /// before the attempt fails.
+    pub rendezvous_timeout: Duration,
 }
 
 impl Default for CoordinatorConfig {
@@ -46,6 +49,7 @@ impl Default for CoordinatorConfig {
             policy: Policy::default(),
             log_lines_per_job: 10_000,
             ended_jobs_with_logs: 100,
+            rendezvous_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -130,6 +134,9 @@ pub enum Event {
         job: JobId,
         digest: Digest,
     },
+    /// Ends every open stream (worker sessions, watches, followed logs) so that a graceful
+    /// server shutdown does not wait on them.
+    CloseStreams,
 }
 
 /// Posts events to the loop. Cheap to clone; the loop ends when every handle is dropped.
@@ -216,6 +223,10 @@ impl Handle {
         self.post(Event::SessionClosed { worker_id, session }).await
     }
 
+    pub async fn close_streams(&self) -> Result<()> {
+        self.post(Event::CloseStreams).await
+    }
+
     pub async fn checkpoint_stored(&self, job: JobId, digest: Digest) -> Result<()> {
         self.post(Event::CheckpointStored { job, digest }).await
     }
@@ -224,6 +235,13 @@ impl Handle {
 struct SessionTx {
     id: u64,
     tx: mpsc::Sender<CoordinatorMessage>,
+}
+
+/// The rendezvous of one attempt: who joined with which address.
+struct Meeting {
+    opened: Instant,
+    addresses: BTreeMap<u32, String>,
+    complete: bool,
 }
 
 struct JobLog {
@@ -248,6 +266,7 @@ struct Actor<S: Store> {
     logs: HashMap<JobId, JobLog>,
     /// Ended jobs whose logs are still held, oldest first.
     ended_logs: VecDeque<JobId>,
+    meetings: HashMap<(JobId, u32), Meeting>,
 }
 
 /// Starts the loop on `store`: loads jobs and workers, then serves events until every
@@ -291,6 +310,7 @@ pub async fn start<S: Store + Clone>(
         watchers: HashMap::new(),
         logs: HashMap::new(),
         ended_logs: VecDeque::new(),
+        meetings: HashMap::new(),
         config,
     };
     let (tx, rx) = mpsc::channel(1024);
@@ -315,6 +335,9 @@ impl<S: Store> Actor<S> {
                     if let Err(e) = self.expire_workers().await {
                         tracing::warn!(error = %e, "checking worker heartbeats failed");
                     }
+                    if let Err(e) = self.expire_meetings().await {
+                        tracing::warn!(error = %e, "checking rendezvous deadlines failed");
+                    }
                 }
                 event = rx.recv() => match event {
                     Some(event) => self.handle(event).await,
@@ -335,12 +358,13 @@ impl<S: Store> Actor<S> {
                 let _ = reply.send(self.submit(spec_toml, priority).await);
             }
             Event::Get { id, reply } => {
-                let _ = reply.send(self.state.job(&id).await);
+                let _ = reply.send(self.state.job(&id).await.map(|j| self.live(j)));
             }
             Event::List { states, reply } => {
                 let jobs = self.state.jobs().await.map(|jobs| {
                     jobs.into_iter()
                         .filter(|j| states.is_empty() || states.contains(&j.state))
+                        .map(|j| self.live(j))
                         .collect()
                 });
                 let _ = reply.send(jobs);
@@ -356,7 +380,7 @@ impl<S: Store> Actor<S> {
                 let _ = reply.send(self.logs(&id, follow).await);
             }
             Event::ListWorkers { reply } => {
-                let _ = reply.send(Ok(self.registry.all().cloned().collect()));
+                let _ = reply.send(Ok(self.worker_views()));
             }
             Event::Register {
                 registration,
@@ -393,6 +417,14 @@ impl<S: Store> Actor<S> {
                     }
                 }
             }
+            Event::CloseStreams => {
+                tracing::info!(sessions = self.sessions.len(), "closing every stream");
+                self.sessions.clear();
+                self.watchers.clear();
+                for log in self.logs.values_mut() {
+                    log.tx = None;
+                }
+            }
             Event::CheckpointStored { job, digest } => {
                 if self
                     .active
@@ -405,6 +437,41 @@ impl<S: Store> Actor<S> {
                 }
             }
         }
+    }
+
+    /// `job` with its live-only fields filled in.
+    fn live(&self, mut job: Job) -> Job {
+        job.waiting_reason = if job.state.is_pending() {
+            self.placement
+                .reasons
+                .get(&job.id)
+                .cloned()
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        job
+    }
+
+    /// Registered workers with what runs on them now.
+    fn worker_views(&self) -> Vec<Worker> {
+        self.registry
+            .all()
+            .map(|w| {
+                let mut view = w.clone();
+                for job in self.active.values().filter(|j| j.state.is_active()) {
+                    for rank in job.placement.iter().filter(|p| p.worker_id == w.id) {
+                        view.busy_gpus.extend(&rank.gpu_indices);
+                        if !view.jobs.contains(&job.id) {
+                            view.jobs.push(job.id.clone());
+                        }
+                    }
+                }
+                view.busy_gpus.sort_unstable();
+                view.draining = self.draining.contains(&w.id);
+                view
+            })
+            .collect()
     }
 
     /// Writes a transition, refreshes the cache and tells watchers.
@@ -420,6 +487,7 @@ impl<S: Store> Actor<S> {
             self.placement.jobs.remove(&job.id);
             self.placement.waited.remove(&job.id);
             self.succeeded.retain(|(id, _), _| id != &job.id);
+            self.meetings.retain(|(id, _), _| id != &job.id);
             if let Some(tx) = self.watchers.remove(&job.id) {
                 let _ = tx.send(JobEvent::State(job.clone()));
             }
@@ -455,7 +523,7 @@ impl<S: Store> Actor<S> {
         self.publish(&job);
         self.schedule().await;
         let job = self.active.get(&job.id).cloned().unwrap_or(job);
-        Ok((job, warnings))
+        Ok((self.live(job), warnings))
     }
 
     async fn cancel(&mut self, id: &JobId) -> Result<Job> {
@@ -467,7 +535,7 @@ impl<S: Store> Actor<S> {
     }
 
     async fn watch(&mut self, id: &JobId) -> Result<Watch> {
-        let job = self.state.job(id).await?;
+        let job = self.live(self.state.job(id).await?);
         let events = (!job.state.is_terminal()).then(|| {
             self.watchers
                 .entry(id.clone())
@@ -526,6 +594,9 @@ impl<S: Store> Actor<S> {
             registered_at: now_ms(),
             last_seen: None,
             alive: true,
+            busy_gpus: Vec::new(),
+            jobs: Vec::new(),
+            draining: false,
         };
         self.state.put_worker(&worker).await?;
         tracing::info!(worker = %worker.id, gpus = worker.gpus.len(), "worker registered");
@@ -577,10 +648,6 @@ impl<S: Store> Actor<S> {
 
     fn send_assignments(&mut self, job: &Job, only: Option<&WorkerId>) {
         let world_size = job.placement.len() as u32;
-        let rendezvous = match (world_size, job.placement.first()) {
-            (2.., Some(rank0)) => rank0.worker_id.to_string(),
-            _ => String::new(),
-        };
         for rank in job.placement.clone() {
             if only.is_some_and(|w| w != &rank.worker_id) {
                 continue;
@@ -593,7 +660,6 @@ impl<S: Store> Actor<S> {
                 gpu_indices: rank.gpu_indices.clone(),
                 spec_toml: job.spec_toml.clone(),
                 resume_checkpoint: job.latest_checkpoint,
-                rendezvous: rendezvous.clone(),
             };
             self.send(&rank.worker_id, CoordinatorMessage::Assign(assignment));
         }
@@ -629,6 +695,7 @@ impl<S: Store> Actor<S> {
         let reason = format!("attempt {} failed: {failure}", before.attempt);
         let job = self.transition(id, Transition::Fail(failure)).await?;
         self.succeeded.remove(&(id.clone(), before.attempt));
+        self.meetings.remove(&(id.clone(), before.attempt));
         self.stop_ranks(&before, &reason, ended);
         tracing::info!(job = %id, state = %job.state, %reason, "attempt ended");
         Ok(job)
@@ -788,6 +855,11 @@ impl<S: Store> Actor<S> {
                 }
             }
             WorkerMessage::Log(line) => self.append_log(line),
+            WorkerMessage::RendezvousJoin { rank, address } => {
+                if let Some(job) = self.expected(worker, &rank).cloned() {
+                    self.join(&job, rank.rank, address);
+                }
+            }
             WorkerMessage::Result { rank, outcome } => {
                 let Some(job) = self.expected(worker, &rank).cloned() else {
                     return Ok(());
@@ -814,6 +886,81 @@ impl<S: Store> Actor<S> {
                 self.schedule().await;
             }
         }
+        Ok(())
+    }
+
+    /// Records a rank's address; once every rank of the attempt joined, each worker of the
+    /// job gets all addresses. A rank joining again (a restarted rank process) gets them too.
+    fn join(&mut self, job: &Job, rank: u32, address: String) {
+        let key = (job.id.clone(), job.attempt);
+        let meeting = self.meetings.entry(key.clone()).or_insert_with(|| Meeting {
+            opened: Instant::now(),
+            addresses: BTreeMap::new(),
+            complete: false,
+        });
+        meeting.addresses.insert(rank, address);
+        let was_complete = meeting.complete;
+        if meeting.addresses.len() < job.placement.len() {
+            return;
+        }
+        meeting.complete = true;
+        let addresses: Vec<String> = meeting.addresses.values().cloned().collect();
+        let mut workers: Vec<WorkerId> = job
+            .placement
+            .iter()
+            .filter(|p| !was_complete || p.rank == rank)
+            .map(|p| p.worker_id.clone())
+            .collect();
+        workers.dedup();
+        tracing::info!(job = %job.id, attempt = job.attempt, ranks = addresses.len(), "rendezvous complete");
+        for worker in workers {
+            self.send(
+                &worker,
+                CoordinatorMessage::Rendezvous {
+                    job_id: job.id.clone(),
+                    attempt: job.attempt,
+                    addresses: addresses.clone(),
+                },
+            );
+        }
+    }
+
+    /// Fails attempts whose ranks did not all join the rendezvous in time.
+    async fn expire_meetings(&mut self) -> Result<()> {
+        let timeout = self.config.rendezvous_timeout;
+        let late: Vec<((JobId, u32), Vec<u32>)> = self
+            .meetings
+            .iter()
+            .filter(|(_, m)| !m.complete && m.opened.elapsed() > timeout)
+            .map(|(key, m)| (key.clone(), m.addresses.keys().copied().collect()))
+            .collect();
+        if late.is_empty() {
+            return Ok(());
+        }
+        for ((id, attempt), joined) in late {
+            self.meetings.remove(&(id.clone(), attempt));
+            let Some(job) = self.active.get(&id).filter(|j| j.attempt == attempt) else {
+                continue;
+            };
+            let missing: Vec<String> = job
+                .placement
+                .iter()
+                .map(|p| p.rank)
+                .filter(|r| !joined.contains(r))
+                .map(|r| r.to_string())
+                .collect();
+            let failure = Failure {
+                kind: FailureKind::TrainingError,
+                message: format!(
+                    "rendezvous timed out after {} s: rank(s) {} never joined",
+                    timeout.as_secs(),
+                    missing.join(", ")
+                ),
+                rank: None,
+            };
+            self.fail(&id, failure, None).await?;
+        }
+        self.schedule().await;
         Ok(())
     }
 

@@ -222,14 +222,29 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         let mut session = self.handle.open_session(worker_id.clone()).await?;
         let session_id = session.id;
         let (tx, rx) = mpsc::channel::<Result<pb::CoordinatorMessage, Status>>(256);
+        let (refuse, mut refused) = tokio::sync::oneshot::channel::<Status>();
+        let (ended, mut ended_rx) = tokio::sync::oneshot::channel::<()>();
 
-        // Coordinator -> worker.
-        let out = tx.clone();
+        // Coordinator -> worker. This task alone holds the response's sender, so the response
+        // ends as soon as the loop drops the session (replaced, worker lost, shutdown).
         tokio::spawn(async move {
-            while let Some(message) = session.messages.recv().await {
-                let message: CoordinatorMessage = message;
-                if out.send(Ok(message.into())).await.is_err() {
-                    return;
+            // Dropped when this task ends: tells the reader to let go of the request stream.
+            let _ended = ended;
+            loop {
+                tokio::select! {
+                    message = session.messages.recv() => {
+                        let Some(message) = message else { return };
+                        let message: CoordinatorMessage = message;
+                        if tx.send(Ok(message.into())).await.is_err() {
+                            return;
+                        }
+                    }
+                    status = &mut refused => {
+                        if let Ok(status) = status {
+                            let _ = tx.send(Err(status)).await;
+                        }
+                        return;
+                    }
                 }
             }
         });
@@ -238,7 +253,13 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         let handle = self.handle.clone();
         tokio::spawn(async move {
             loop {
-                let next = match inbound.next().await {
+                let next = tokio::select! {
+                    next = inbound.next() => next,
+                    // The response ended: drop the request stream too, or the HTTP/2 stream
+                    // (and a graceful shutdown) would wait for the worker to hang up.
+                    _ = &mut ended_rx => break,
+                };
+                let next = match next {
                     Some(Ok(message)) => message,
                     Some(Err(status)) => {
                         tracing::info!(worker = %worker_id, %status, "worker session ended with an error");
@@ -257,7 +278,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
                         }
                     }
                     Err(e) => {
-                        let _ = tx.send(Err(e.into())).await;
+                        let _ = refuse.send(e.into());
                         break;
                     }
                 }

@@ -100,6 +100,12 @@ where
         handle: handle.clone(),
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    // Long-lived streams would hold a graceful shutdown open: end them first.
+    let closer = handle.clone();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = closer.close_streams().await;
+    };
     let artifact_api = pb::artifact_service_server::ArtifactServiceServer::new(grpc::ArtifactApi {
         store: artifacts,
         handle,

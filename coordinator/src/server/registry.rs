@@ -114,6 +114,9 @@ mod tests {
             registered_at: 0,
             last_seen: None,
             alive: false,
+            busy_gpus: Vec::new(),
+            jobs: Vec::new(),
+            draining: false,
         }
     }
 
