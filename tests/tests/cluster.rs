@@ -213,6 +213,14 @@ fn two_workers_run_two_jobs_at_once_and_a_two_gpu_job_waits_for_a_big_enough_wor
     }
     let waiting = cluster.job(&big).unwrap();
     assert_eq!(state(&waiting), "queued", "{waiting}");
+    assert!(
+        waiting["waiting_reason"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
+        "{waiting}"
+    );
+    let status = cluster.run(&["status", &big]);
+    assert!(status.stdout.contains("waiting: "), "{}", status.stdout);
 
     cluster.add_worker(worker("wide", 2)).unwrap();
     let placed = cluster.wait_job(&big, "running", |j| state(j) == "running");
