@@ -154,27 +154,33 @@ fn two_workers_run_two_jobs_at_once_and_a_two_gpu_job_waits_for_a_big_enough_wor
     let mut cluster = Cluster::start(None).unwrap();
     let release = cluster.path("release");
     std::fs::create_dir_all(&release).unwrap();
+    // Datasets the workers see in place (`--remote-data`); the scripts never read them.
+    let datasets = cluster.path("datasets");
     let worker = |name: &'static str, gpus: u32| WorkerSetup {
         name,
         simulated_gpus: gpus,
         script: Some(HOLD),
-        data_dirs: Vec::new(),
+        data_dirs: vec![datasets.clone()],
         env: vec![("RELEASE", release.display().to_string())],
     };
     cluster.add_worker(worker("left", 1)).unwrap();
     cluster.add_worker(worker("right", 1)).unwrap();
 
-    // The ranks are scripts: the dataset path is the workers' and is never read.
+    let model = loractl_trainer::demo::bundled_tiny_model();
     let submit = |name: &str, gpus: &str| {
         let dir = cluster.path(name);
+        let data = datasets.join(name);
+        std::fs::create_dir_all(&data).unwrap();
         std::fs::create_dir_all(&dir).unwrap();
         let job = dir.join("job.toml");
         std::fs::write(
             &job,
             format!(
-                "name = \"{name}\"\n[model]\npretrained_model_name_or_path = \"sd15.safetensors\"\n\
-                 [dataset]\ntrain_data_dir = \"/srv/datasets/{name}\"\nresolution = \"64\"\n\
-                 [training]\nmax_train_steps = 2\n[resources]\ngpus = \"{gpus}\"\n"
+                "name = \"{name}\"\n[model]\npretrained_model_name_or_path = {}\n\
+                 [dataset]\ntrain_data_dir = {}\nresolution = \"64\"\n\
+                 [training]\nmax_train_steps = 2\n[resources]\ngpus = \"{gpus}\"\n",
+                serde_json::to_string(&model.display().to_string()).unwrap(),
+                serde_json::to_string(&data.display().to_string()).unwrap(),
             ),
         )
         .unwrap();
