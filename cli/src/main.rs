@@ -184,8 +184,8 @@ enum Command {
         /// Folder of base models jobs may name (repeatable).
         #[arg(long = "model-dir")]
         model_dirs: Vec<PathBuf>,
-        /// Folder jobs may read datasets from in place, with `submit --remote-data`
-        /// (repeatable).
+        /// Folder jobs may read datasets and prompt files from in place (`sample_prompts`,
+        /// `submit --remote-data`; repeatable).
         #[arg(long = "data-dir")]
         data_dirs: Vec<PathBuf>,
     },
@@ -248,6 +248,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let target = cli.connection.target();
     let result = match cli.command {

@@ -181,26 +181,106 @@ impl Out {
     }
 }
 
-/// A coordinator with its state folder, and the workers started for it.
+/// An etcd server on 127.0.0.1 with a data folder of its own; killed when dropped.
+pub struct Etcd {
+    proc: Proc,
+    _dir: tempfile::TempDir,
+    pub endpoint: String,
+}
+
+impl Etcd {
+    /// Starts `etcd` (or `LORACTL_ETCD`) and waits until it serves clients; `None` with
+    /// `LORACTL_SKIP_ETCD=1`. A missing binary fails with how to install it: an etcd test must
+    /// not pass without etcd.
+    pub fn start() -> Option<Self> {
+        if std::env::var("LORACTL_SKIP_ETCD").as_deref() == Ok("1") {
+            eprintln!("LORACTL_SKIP_ETCD=1: skipping the etcd cluster test");
+            return None;
+        }
+        let binary = std::env::var("LORACTL_ETCD").unwrap_or_else(|_| "etcd".to_owned());
+        let dir = tempfile::tempdir().expect("a folder for etcd");
+        let client = format!("http://127.0.0.1:{}", free_port());
+        let peer = format!("http://127.0.0.1:{}", free_port());
+        let mut command = Command::new(&binary);
+        command
+            .args(["--name", "e2e", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("e2e={peer}")]);
+        let log = dir.path().join("etcd.log");
+        let mut proc = match Proc::spawn("etcd", command, log.clone()) {
+            Ok(proc) => proc,
+            Err(e) => panic!(
+                "cannot start `{binary}` ({e:#}): install etcd (`apt-get install -y etcd-server`) \
+                 or point LORACTL_ETCD at it; LORACTL_SKIP_ETCD=1 skips the etcd tests"
+            ),
+        };
+        poll("etcd to serve clients", DEADLINE, || {
+            assert!(proc.exited().is_none(), "etcd exited:\n{}", proc.log_tail());
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|t| t.contains("ready to serve client requests"))
+        });
+        Some(Self {
+            proc,
+            _dir: dir,
+            endpoint: client,
+        })
+    }
+
+    pub fn log_tail(&self) -> String {
+        self.proc.log_tail()
+    }
+}
+
+/// Where the coordinators keep their state.
+#[derive(Clone)]
+pub enum Store {
+    /// One redb file in the cluster's folder.
+    Redb,
+    /// etcd at this client URL: several coordinators elect a leader.
+    Etcd(String),
+}
+
+/// Coordinators with their state folder, and the workers started for them.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub port: u16,
     pub token: Option<String>,
-    pub coordinator: Option<Proc>,
+    pub store: Store,
+    /// Oldest first; on etcd the first one alive leads.
+    pub coordinators: Vec<Proc>,
     pub workers: Vec<Proc>,
-    restarts: u32,
+    /// More flags for every coordinator (TLS files).
+    coordinator_args: Vec<String>,
+    started: u32,
 }
 
 impl Cluster {
-    /// Starts a coordinator (heartbeat every second, a worker lost after 3 s of silence).
+    /// Starts a coordinator on a redb file (heartbeat every second, a worker lost after 3 s of
+    /// silence).
     pub fn start(token: Option<&str>) -> anyhow::Result<Self> {
+        Self::start_on(token, Store::Redb)
+    }
+
+    pub fn start_on(token: Option<&str>, store: Store) -> anyhow::Result<Self> {
+        Self::start_with(token, store, &[])
+    }
+
+    /// With more coordinator flags, e.g. `--tls-cert`/`--tls-key`.
+    pub fn start_with(token: Option<&str>, store: Store, args: &[&str]) -> anyhow::Result<Self> {
         let mut cluster = Self {
             dir: tempfile::Builder::new().prefix("loractl-e2e-").tempdir()?,
             port: free_port(),
             token: token.map(str::to_owned),
-            coordinator: None,
+            store,
+            coordinators: Vec::new(),
             workers: Vec::new(),
-            restarts: 0,
+            coordinator_args: args.iter().map(|a| a.to_string()).collect(),
+            started: 0,
         };
         cluster.start_coordinator()?;
         Ok(cluster)
@@ -214,45 +294,63 @@ impl Cluster {
         self.dir.path().join(rel)
     }
 
-    /// Starts (or restarts, on the same store, artifacts and port) the coordinator and waits
-    /// until it accepts connections.
+    /// Starts a coordinator (again, after a kill: same store, artifacts and address) and waits
+    /// until it serves, or, on etcd with a leader alive, until it campaigns as a standby. All
+    /// coordinators share the artifact folder, as they would share a volume.
     pub fn start_coordinator(&mut self) -> anyhow::Result<()> {
+        let store = match &self.store {
+            Store::Redb => format!("redb:{}", self.path("state.redb").display()),
+            Store::Etcd(endpoint) => format!("etcd:{endpoint}"),
+        };
         let mut command = Command::new(bin("loractl-coordinator"));
         command
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--store")
-            .arg(format!("redb:{}", self.path("state.redb").display()))
+            .arg(store)
             .arg("--artifacts")
             .arg(self.path("artifacts"))
             .args(["--heartbeat-interval-secs", "1"])
             .args(["--heartbeat-timeout-secs", "3"])
+            .args(["--leader-ttl-secs", "2"])
             .env_remove("LORACTL_TOKEN")
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1");
         if let Some(token) = &self.token {
             command.arg("--token").arg(token);
         }
-        let log = self.path(&format!("coordinator-{}.log", self.restarts));
-        self.restarts += 1;
-        let mut proc = Proc::spawn("coordinator", command, log)?;
+        command.args(&self.coordinator_args);
+        let n = self.started;
+        self.started += 1;
+        let log = self.path(&format!("coordinator-{n}.log"));
+        let mut proc = Proc::spawn(&format!("coordinator {n}"), command, log.clone())?;
+        let standby = matches!(self.store, Store::Etcd(_)) && !self.coordinators.is_empty();
         let port = self.port;
         let start = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        loop {
+            let ready = if standby {
+                std::fs::read_to_string(&log).is_ok_and(|t| t.contains("campaigning"))
+            } else {
+                TcpStream::connect(("127.0.0.1", port)).is_ok()
+            };
+            if ready {
+                break;
+            }
             if let Some(status) = proc.exited() {
                 bail!("the coordinator exited ({status}):\n{}", proc.log_tail());
             }
             if start.elapsed() > DEADLINE {
-                bail!("the coordinator did not listen:\n{}", proc.log_tail());
+                bail!("the coordinator did not start:\n{}", proc.log_tail());
             }
             std::thread::sleep(POLL);
         }
-        self.coordinator = Some(proc);
+        self.coordinators.push(proc);
         Ok(())
     }
 
-    /// `kill -9` the coordinator.
+    /// `kill -9` the oldest coordinator still running (on etcd, the leader).
     pub fn kill_coordinator(&mut self) {
-        if let Some(mut proc) = self.coordinator.take() {
+        if let Some(proc) = self.coordinators.iter_mut().find(|p| p.pid().is_some()) {
             proc.kill();
         }
     }
@@ -299,6 +397,7 @@ impl Cluster {
             .arg(&config_path)
             .env_remove("LORACTL_TOKEN")
             .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
             // Ranks inherit these: frequent checkpoints, and glibc keeping freed training
             // buffers instead of faulting them back in every step.
             .env("LORACTL_CHECKPOINT_STEPS", "2")
@@ -404,7 +503,7 @@ impl Cluster {
 
     /// The tail of every process's log.
     pub fn logs(&self) -> String {
-        self.coordinator
+        self.coordinators
             .iter()
             .chain(&self.workers)
             .map(Proc::log_tail)

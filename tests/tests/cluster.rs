@@ -2,14 +2,16 @@
 //! `loractl-worker`s, jobs submitted, watched and fetched with `loractl` — through the
 //! scenarios the control plane exists for: a job from a local dataset to a kohya LoRA file;
 //! two jobs on two workers and a 2-GPU job waiting for a big enough worker; a worker and then
-//! the coordinator killed with SIGKILL mid-run; and requests that must be refused without
-//! changing anything.
+//! the coordinator killed with SIGKILL mid-run (on redb, and the leader of two on etcd); and
+//! requests that must be refused without changing anything.
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
 use loractl_proto::pb;
-use loractl_tests::{events, submitted_id, tiny_job, Background, Cluster, WorkerSetup};
+use loractl_tests::{
+    events, submitted_id, tiny_job, Background, Cluster, Etcd, Store, WorkerSetup,
+};
 use serde_json::Value;
 
 const TOKEN: &str = "e2e-token";
@@ -107,7 +109,11 @@ fn a_job_submitted_from_a_local_dataset_trains_and_its_lora_is_fetched() {
         .iter()
         .filter_map(|f| f["kind"].as_str())
         .collect();
-    assert_eq!(kinds, BTreeSet::from(["LoRA", "sample image"]), "{files}");
+    assert_eq!(
+        kinds,
+        BTreeSet::from(["LoRA file", "sample image"]),
+        "{files}"
+    );
     assert_kohya_lora(&fetched.join("e2e.safetensors"));
     let png = std::fs::read_dir(&fetched)
         .unwrap()
@@ -148,27 +154,33 @@ fn two_workers_run_two_jobs_at_once_and_a_two_gpu_job_waits_for_a_big_enough_wor
     let mut cluster = Cluster::start(None).unwrap();
     let release = cluster.path("release");
     std::fs::create_dir_all(&release).unwrap();
+    // Datasets the workers see in place (`--remote-data`); the scripts never read them.
+    let datasets = cluster.path("datasets");
     let worker = |name: &'static str, gpus: u32| WorkerSetup {
         name,
         simulated_gpus: gpus,
         script: Some(HOLD),
-        data_dirs: Vec::new(),
+        data_dirs: vec![datasets.clone()],
         env: vec![("RELEASE", release.display().to_string())],
     };
     cluster.add_worker(worker("left", 1)).unwrap();
     cluster.add_worker(worker("right", 1)).unwrap();
 
-    // The ranks are scripts: the dataset path is the workers' and is never read.
+    let model = loractl_trainer::demo::bundled_tiny_model();
     let submit = |name: &str, gpus: &str| {
         let dir = cluster.path(name);
+        let data = datasets.join(name);
+        std::fs::create_dir_all(&data).unwrap();
         std::fs::create_dir_all(&dir).unwrap();
         let job = dir.join("job.toml");
         std::fs::write(
             &job,
             format!(
-                "name = \"{name}\"\n[model]\npretrained_model_name_or_path = \"sd15.safetensors\"\n\
-                 [dataset]\ntrain_data_dir = \"/srv/datasets/{name}\"\nresolution = \"64\"\n\
-                 [training]\nmax_train_steps = 2\n[resources]\ngpus = \"{gpus}\"\n"
+                "name = \"{name}\"\n[model]\npretrained_model_name_or_path = {}\n\
+                 [dataset]\ntrain_data_dir = {}\nresolution = \"64\"\n\
+                 [training]\nmax_train_steps = 2\n[resources]\ngpus = \"{gpus}\"\n",
+                serde_json::to_string(&model.display().to_string()).unwrap(),
+                serde_json::to_string(&data.display().to_string()).unwrap(),
             ),
         )
         .unwrap();
@@ -207,6 +219,14 @@ fn two_workers_run_two_jobs_at_once_and_a_two_gpu_job_waits_for_a_big_enough_wor
     }
     let waiting = cluster.job(&big).unwrap();
     assert_eq!(state(&waiting), "queued", "{waiting}");
+    assert!(
+        waiting["waiting_reason"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
+        "{waiting}"
+    );
+    let status = cluster.run(&["status", &big]);
+    assert!(status.stdout.contains("waiting: "), "{}", status.stdout);
 
     cluster.add_worker(worker("wide", 2)).unwrap();
     let placed = cluster.wait_job(&big, "running", |j| state(j) == "running");
@@ -511,4 +531,101 @@ fn loractl_up_runs_a_coordinator_and_a_worker_in_one_process() {
         up.exited()
     });
     assert!(status.success(), "{status}\n{}", up.log_tail());
+}
+
+#[test]
+fn on_etcd_the_leader_killed_mid_run_hands_over_to_the_standby_and_the_job_succeeds() {
+    let Some(etcd) = Etcd::start() else {
+        return;
+    };
+    let mut cluster = Cluster::start_on(Some(TOKEN), Store::Etcd(etcd.endpoint.clone())).unwrap();
+    // The standby campaigns for the same address; it serves once it leads.
+    cluster.start_coordinator().unwrap();
+    cluster.add_worker(WorkerSetup::cpu("etcd-worker")).unwrap();
+    let job = tiny_job(&cluster.path("job"), "ha", 8, "").unwrap();
+    let id = submitted_id(&cluster.run(&["submit", job.to_str().unwrap()]));
+    let mut watch = cluster.loractl();
+    watch.args(["watch", &id, "--json"]);
+    let watch = Background::spawn(watch);
+    cluster.wait_job(&id, "a checkpoint stored", |j| {
+        state(j) == "running" && !j["latest_checkpoint"].is_null()
+    });
+
+    cluster.kill_coordinator();
+    let done = cluster.wait_job(&id, "the end under the new leader", |j| {
+        matches!(state(j), "succeeded" | "failed" | "cancelled")
+    });
+    assert_eq!(
+        state(&done),
+        "succeeded",
+        "{done}\n{}\n{}",
+        cluster.logs(),
+        etcd.log_tail()
+    );
+    let standby_log = std::fs::read_to_string(cluster.path("coordinator-1.log")).unwrap();
+    assert!(standby_log.contains("elected leader"), "{standby_log}");
+    let out = watch.finish();
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stderr, out.stdout);
+    let fetched = cluster.path("fetched");
+    cluster
+        .json(&["fetch", &id, "--out", fetched.to_str().unwrap()])
+        .unwrap();
+    assert_kohya_lora(&fetched.join("ha.safetensors"));
+    assert_eq!(
+        cluster.json(&["list"]).unwrap().as_array().map(Vec::len),
+        Some(1)
+    );
+}
+
+#[test]
+fn the_cli_reaches_a_tls_coordinator_through_its_ca() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let certs = tempfile::tempdir().unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "loractl e2e CA");
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let write = |name: &str, text: &str| {
+        let path = certs.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let (ca_file, cert, key) = (
+        write("ca.pem", &ca_pem),
+        write("server.pem", &leaf.pem()),
+        write("server.key", &key.serialize_pem()),
+    );
+    let cluster = Cluster::start_with(
+        Some(TOKEN),
+        Store::Redb,
+        &["--tls-cert", &cert, "--tls-key", &key],
+    )
+    .unwrap();
+    let https = format!("https://127.0.0.1:{}", cluster.port);
+    let trusted = cluster.run(&[
+        "--coordinator",
+        &https,
+        "--ca",
+        &ca_file,
+        "--tls-domain",
+        "localhost",
+        "list",
+        "--json",
+    ]);
+    assert!(trusted.ok(), "{}", trusted.stderr);
+    assert_eq!(trusted.stdout.trim(), "[]");
+    let no_ca = cluster.run(&["--coordinator", &https, "list"]);
+    assert_eq!(no_ca.code, Some(1));
+    assert!(no_ca.stderr.contains("--ca"), "{}", no_ca.stderr);
+    let plain = cluster.run(&["list"]);
+    assert_eq!(plain.code, Some(1));
+    assert!(plain.stderr.contains("https://"), "{}", plain.stderr);
 }

@@ -56,7 +56,7 @@ pub struct WorkerConfig {
     pub model_dirs: Vec<PathBuf>,
     /// Folders jobs may read datasets (and other inputs) from by path, besides datasets
     /// uploaded with `loractl submit`; a job path anywhere else is refused (see
-    /// [`crate::inputs`]).
+    /// [`crate::paths`]).
     pub data_dirs: Vec<PathBuf>,
     /// Program and arguments that run one rank; see [`crate::rank`] for its environment.
     pub rank_command: Vec<String>,

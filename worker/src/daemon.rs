@@ -698,7 +698,8 @@ async fn prepare(
         .await
         .map_err(io_error(&output_dir))?;
     let spec_path = dir.join("job.toml");
-    let spec_toml = crate::inputs::prepare_spec(config, link, &dir, &assignment.spec_toml).await?;
+    let spec_toml =
+        crate::inputs::prepare_spec(config, link, &output_dir, &assignment.spec_toml).await?;
     tokio::fs::write(&spec_path, &spec_toml)
         .await
         .map_err(io_error(&spec_path))?;

@@ -136,7 +136,7 @@ pub fn folder(cache_dir: &Path, manifest: &Digest) -> PathBuf {
 static BUILDING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Downloads the dataset of `manifest` (manifest, then each file, verified) into the cache and
-/// builds its folder; returns the folder. A folder built earlier is reused.
+/// builds its folder; returns the folder's absolute path. A folder built earlier is reused.
 pub async fn materialize(
     artifacts: &mut ArtifactServiceClient<Authed>,
     cache_dir: &Path,
@@ -144,8 +144,9 @@ pub async fn materialize(
 ) -> Result<PathBuf> {
     let target = folder(cache_dir, manifest);
     let _building = BUILDING.lock().await;
+    let absolute = |target: PathBuf| std::fs::canonicalize(&target).map_err(io_error(target));
     if tokio::fs::try_exists(&target).await.unwrap_or(false) {
-        return Ok(target);
+        return absolute(target);
     }
     let not_uploaded = |e: Error| match e {
         Error::Rpc { status, .. } if status.code() == tonic::Code::NotFound => bad_job(format!(
@@ -201,7 +202,7 @@ pub async fn materialize(
         .await
         .map_err(io_error(&target))?;
     tracing::info!(dataset = %reference(manifest), files = listing.files.len(), "dataset ready");
-    Ok(target)
+    absolute(target)
 }
 
 #[cfg(test)]

@@ -8,8 +8,7 @@
 //! - [`client`]: the coordinator connection with its token, artifact upload and download;
 //! - [`dataset`]: datasets uploaded by `loractl submit` (a manifest of files by sha256),
 //!   built into folders in the cache;
-//! - [`inputs`]: a job's paths on this worker: uploaded datasets resolved, every path kept
-//!   inside the folders the worker allows;
+//! - [`inputs`]: the spec a rank reads: uploaded datasets resolved, then [`paths`];
 //! - [`daemon`]: the session loop tying them together.
 
 pub mod client;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use loractl_proto::domain::{ArtifactInfo, ArtifactKind, Job, JobState, LogLine, Worker};
 use loractl_proto::pb;
 
-use super::show::{self, WorkerView};
+use super::show;
 use super::{refused, Remote, Target};
 
 fn job_from(job: Option<pb::Job>, call: &str) -> anyhow::Result<Job> {
@@ -100,13 +100,21 @@ pub(super) fn describe(job: &Job, artifacts: &[ArtifactInfo]) -> String {
     if !job.placement.is_empty() {
         lines.push(format!("  on {}", show::placement(&job.placement)));
     }
+    if !job.waiting_reason.is_empty() {
+        lines.push(format!("  waiting: {}", job.waiting_reason));
+    }
     if let Some(failure) = &job.last_failure {
         lines.push(format!("  last failure: {failure}"));
     }
     if let Some(checkpoint) = &job.latest_checkpoint {
         lines.push(format!(
-            "  latest checkpoint: sha256 {} (a retry resumes from it)",
-            &checkpoint.to_hex()[..16]
+            "  latest checkpoint: sha256 {}{}",
+            &checkpoint.to_hex()[..16],
+            if job.state.is_terminal() {
+                ""
+            } else {
+                " (a retry resumes from it)"
+            }
         ));
     }
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
@@ -114,7 +122,10 @@ pub(super) fn describe(job: &Job, artifacts: &[ArtifactInfo]) -> String {
         *counts.entry(show::kind_name(a.kind)).or_default() += 1;
     }
     if !counts.is_empty() {
-        let parts: Vec<String> = counts.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        let parts: Vec<String> = counts
+            .iter()
+            .map(|(k, n)| format!("{n} {k}{}", if *n == 1 { "" } else { "s" }))
+            .collect();
         let fetchable = artifacts
             .iter()
             .any(|a| matches!(a.kind, ArtifactKind::Lora | ArtifactKind::SampleImage));
@@ -234,8 +245,8 @@ pub async fn logs(target: &Target, id: &str, follow: bool, json: bool) -> anyhow
     Ok(ExitCode::SUCCESS)
 }
 
-/// Every registered worker with its busy GPUs and jobs, from the active jobs' placements.
-pub(super) async fn worker_views(remote: &Remote) -> anyhow::Result<(Vec<Worker>, Vec<Job>)> {
+/// Every registered worker, with the coordinator's live view (busy GPUs, jobs, draining).
+pub(super) async fn list_workers(remote: &Remote) -> anyhow::Result<Vec<Worker>> {
     let reply = remote
         .jobs()
         .await?
@@ -243,50 +254,33 @@ pub(super) async fn worker_views(remote: &Remote) -> anyhow::Result<(Vec<Worker>
         .await
         .map_err(|s| refused("ListWorkers", &s))?
         .into_inner();
-    let workers = reply
+    reply
         .workers
         .into_iter()
         .map(|w| Ok(Worker::try_from(w)?))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let active = list_jobs(remote, &[JobState::Placed, JobState::Running]).await?;
-    Ok((workers, active))
-}
-
-pub(super) fn view<'a>(worker: &'a Worker, active: &[Job]) -> WorkerView<'a> {
-    let mut busy = Vec::new();
-    let mut jobs = Vec::new();
-    for job in active {
-        for rank in job.placement.iter().filter(|r| r.worker_id == worker.id) {
-            busy.extend(rank.gpu_indices.iter().copied());
-            jobs.push(job.id.to_string());
-        }
-    }
-    busy.sort_unstable();
-    jobs.dedup();
-    WorkerView { worker, busy, jobs }
+        .collect()
 }
 
 pub async fn workers(target: &Target, json: bool) -> anyhow::Result<ExitCode> {
     let remote = Remote::connect(target).await?;
-    let (mut workers, active) = worker_views(&remote).await?;
+    let mut workers = list_workers(&remote).await?;
     workers.sort_by(|a, b| (!a.alive, &a.name).cmp(&(!b.alive, &b.name)));
-    let views: Vec<WorkerView> = workers.iter().map(|w| view(w, &active)).collect();
     if json {
-        let all: Vec<_> = views.iter().map(WorkerView::json).collect();
+        let all: Vec<_> = workers.iter().map(show::worker_json).collect();
         println!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(ExitCode::SUCCESS);
     }
-    if views.is_empty() {
+    if workers.is_empty() {
         println!(
             "no workers registered: start one with `loractl-worker --coordinator URL` (or \
              `loractl up` for an all-in-one)"
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let rows: Vec<Vec<String>> = views
+    let rows: Vec<Vec<String>> = workers
         .iter()
-        .map(|v| {
-            let w = v.worker;
+        .map(|w| {
+            let jobs: Vec<String> = w.jobs.iter().map(ToString::to_string).collect();
             let gpus = if w.gpus.is_empty() {
                 "cpu".to_owned()
             } else {
@@ -299,7 +293,7 @@ pub async fn workers(target: &Target, json: bool) -> anyhow::Result<ExitCode> {
                 format!("{}× {}", w.gpus.len(), names.join(" + "))
             };
             let (free, busy) = if w.gpus.is_empty() {
-                let idle = v.jobs.is_empty();
+                let idle = jobs.is_empty();
                 (
                     if idle { "cpu" } else { "-" }.to_owned(),
                     if idle { "-" } else { "cpu" }.to_owned(),
@@ -312,16 +306,16 @@ pub async fn workers(target: &Target, json: bool) -> anyhow::Result<ExitCode> {
                         show::gpu_list(&ids)
                     }
                 };
-                (list(v.free()), list(v.busy.clone()))
+                (list(show::free_gpus(w)), list(w.busy_gpus.clone()))
             };
             vec![
                 w.id.to_string(),
                 w.name.clone(),
-                if w.alive { "alive" } else { "lost" }.to_owned(),
+                show::worker_state(w).to_owned(),
                 gpus,
                 free,
                 busy,
-                show::or_dash(&v.jobs),
+                show::or_dash(&jobs),
                 w.last_seen.map(show::age).unwrap_or_else(|| "never".into()),
             ]
         })

@@ -124,6 +124,9 @@ impl Remote {
 pub fn refused(call: &str, status: &Status) -> anyhow::Error {
     let message = status.message().trim();
     match status.code() {
+        Code::Unauthenticated | Code::PermissionDenied if message.contains("--token") => {
+            anyhow::anyhow!("the coordinator refused the call: {message}")
+        }
         Code::Unauthenticated | Code::PermissionDenied => anyhow::anyhow!(
             "the coordinator refused the call: {message}. Give its token with --token or \
              LORACTL_TOKEN"
@@ -138,6 +141,15 @@ pub fn refused(call: &str, status: &Status) -> anyhow::Error {
             "the coordinator is unavailable ({call}): {message}. If it is restarting, try \
              again in a moment"
         ),
+        // What plain HTTP/2 gets from a TLS listener.
+        Code::Internal | Code::Unknown
+            if message.contains("h2 protocol error") || message.contains("transport error") =>
+        {
+            anyhow::anyhow!(
+            "{call}: the connection to the coordinator broke ({message}); if it serves TLS, use \
+             an https:// address and --ca"
+            )
+        }
         code => anyhow::anyhow!("{call} failed ({code:?}): {message}"),
     }
 }

@@ -115,7 +115,7 @@ pub fn kind_name(kind: ArtifactKind) -> &'static str {
     match kind {
         ArtifactKind::Dataset => "dataset",
         ArtifactKind::BaseModel => "base model",
-        ArtifactKind::Lora => "LoRA",
+        ArtifactKind::Lora => "LoRA file",
         ArtifactKind::SampleImage => "sample image",
         ArtifactKind::Checkpoint => "checkpoint",
     }
@@ -150,6 +150,7 @@ pub fn job_json(job: &Job) -> Value {
         "latest_checkpoint": job.latest_checkpoint.map(|d| d.to_hex()),
         "submitted_at_unix_ms": job.submitted_at,
         "updated_at_unix_ms": job.updated_at,
+        "waiting_reason": (!job.waiting_reason.is_empty()).then_some(&job.waiting_reason),
         "spec_toml": job.spec_toml,
     })
 }
@@ -194,43 +195,43 @@ pub fn artifact_json(a: &ArtifactInfo) -> Value {
     })
 }
 
-/// A worker with the GPUs its active jobs hold (`busy`) and those jobs.
-pub struct WorkerView<'a> {
-    pub worker: &'a Worker,
-    pub busy: Vec<u32>,
-    pub jobs: Vec<String>,
+/// The worker's GPUs that no placed or running job holds.
+pub fn free_gpus(w: &Worker) -> Vec<u32> {
+    w.gpus
+        .iter()
+        .map(|g| g.index)
+        .filter(|i| !w.busy_gpus.contains(i))
+        .collect()
 }
 
-impl WorkerView<'_> {
-    pub fn free(&self) -> Vec<u32> {
-        self.worker
-            .gpus
-            .iter()
-            .map(|g| g.index)
-            .filter(|i| !self.busy.contains(i))
-            .collect()
+/// `alive`, `draining` (shutting down, no new work) or `lost`.
+pub fn worker_state(w: &Worker) -> &'static str {
+    match (w.alive, w.draining) {
+        (false, _) => "lost",
+        (true, true) => "draining",
+        (true, false) => "alive",
     }
+}
 
-    pub fn json(&self) -> Value {
-        let w = self.worker;
-        json!({
-            "id": w.id.as_str(),
-            "name": w.name,
-            "alive": w.alive,
-            "gpus": w.gpus.iter().map(|g| json!({
-                "index": g.index,
-                "uuid": g.uuid,
-                "name": g.name,
-                "memory_bytes": g.memory_bytes,
-            })).collect::<Vec<_>>(),
-            "busy_gpus": self.busy,
-            "free_gpus": self.free(),
-            "jobs": self.jobs,
-            "labels": w.labels,
-            "registered_at_unix_ms": w.registered_at,
-            "last_seen_unix_ms": w.last_seen,
-        })
-    }
+pub fn worker_json(w: &Worker) -> Value {
+    json!({
+        "id": w.id.as_str(),
+        "name": w.name,
+        "alive": w.alive,
+        "draining": w.draining,
+        "gpus": w.gpus.iter().map(|g| json!({
+            "index": g.index,
+            "uuid": g.uuid,
+            "name": g.name,
+            "memory_bytes": g.memory_bytes,
+        })).collect::<Vec<_>>(),
+        "busy_gpus": w.busy_gpus,
+        "free_gpus": free_gpus(w),
+        "jobs": w.jobs.iter().map(|j| j.as_str()).collect::<Vec<_>>(),
+        "labels": w.labels,
+        "registered_at_unix_ms": w.registered_at,
+        "last_seen_unix_ms": w.last_seen,
+    })
 }
 
 /// `[j1]` style list, or `-`.

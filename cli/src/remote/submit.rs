@@ -103,9 +103,14 @@ pub async fn submit_job(target: &Target, job: &Path, opts: &SubmitOptions) -> an
             eprintln!("warning: {warning}");
         }
         println!("{}", job.id);
+        let state = if job.waiting_reason.is_empty() {
+            job.state.to_string()
+        } else {
+            format!("{} ({})", job.state, job.waiting_reason)
+        };
         eprintln!(
-            "submitted {} ({}): {}; follow it with `loractl watch {}`",
-            job.id, job.name, job.state, job.id
+            "submitted {} ({}): {state}; follow it with `loractl watch {}`",
+            job.id, job.name, job.id
         );
     }
     Ok(job)
@@ -370,7 +375,7 @@ async fn warn_if_unplaceable(remote: &Remote, spec: &JobSpec, json: bool) {
         loractl_spec::Gpus::Cpu => GpuRequest::Cpu,
         loractl_spec::Gpus::Ids(ids) => GpuRequest::Ids(ids),
     };
-    let Ok((workers, _)) = super::jobs::worker_views(remote).await else {
+    let Ok(workers) = super::jobs::list_workers(remote).await else {
         return;
     };
     if !fits(&workers, &request, spec.resources.workers) {

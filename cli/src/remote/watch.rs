@@ -174,9 +174,14 @@ impl Display {
         });
         let new_checkpoint = before.is_some_and(|b| b.latest_checkpoint != job.latest_checkpoint)
             && job.latest_checkpoint.is_some();
+        let new_reason = before.is_some_and(|b| b.waiting_reason != job.waiting_reason)
+            && !job.waiting_reason.is_empty();
         let id = &job.id;
         if changed {
             let text = match job.state {
+                JobState::Queued if !job.waiting_reason.is_empty() => {
+                    format!("{id} ({}): queued: {}", job.name, job.waiting_reason)
+                }
                 JobState::Queued => format!(
                     "{id} ({}): queued, waiting for {}",
                     job.name,
@@ -214,6 +219,8 @@ impl Display {
                 JobState::Cancelled => format!("{id}: cancelled"),
             };
             self.note(&text);
+        } else if new_reason {
+            self.note(&format!("{id}: waiting: {}", job.waiting_reason));
         } else if new_checkpoint && !self.tty {
             self.note(&format!("{id}: checkpoint stored"));
         }
