@@ -95,6 +95,7 @@ pub fn rank() -> anyhow::Result<ExitCode> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(DEFAULT_CHECKPOINT_STEPS);
     let ro = RunOptions {
+        device: rank_device(),
         state_as_file: true,
         checkpoint_every_n_steps: Some(every),
         ..RunOptions::default()
@@ -173,6 +174,25 @@ pub fn rank() -> anyhow::Result<ExitCode> {
                 _ => 1,
             };
             Ok(ExitCode::from(code))
+        }
+    }
+}
+
+/// The worker hides every GPU but the rank's own (`CUDA_VISIBLE_DEVICES`), so a rank with a
+/// GPU trains on CUDA device 0; without one, or in a build without the `cuda` feature, on the CPU
+/// (said in the job's log).
+fn rank_device() -> candle_core::Device {
+    let gpus = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default();
+    if gpus.trim().is_empty() {
+        return candle_core::Device::Cpu;
+    }
+    match candle_core::Device::new_cuda(0) {
+        Ok(d) => d,
+        Err(e) => {
+            println!(
+                "warning: GPU {gpus} was assigned but cannot be used ({e}); training on the CPU"
+            );
+            candle_core::Device::Cpu
         }
     }
 }
