@@ -293,7 +293,7 @@ fn save_dtype(spec: &ResolvedSpec) -> DType {
 /// shapes only (no weights are loaded) to count LoRA modules and parameters.
 pub fn plan(spec: &ResolvedSpec, base_dir: &Path, inspect_model: bool) -> Result<Plan> {
     let dataset = Dataset::open(dataset_config(spec, base_dir))?;
-    let world_size = world_size(spec);
+    let world_size = WORLD_SIZE;
     let (total_steps, num_epochs) = run_length(spec, &dataset, world_size);
     let summary = dataset.summary();
     let accum = spec.spec.training.gradient_accumulation_steps as usize;
@@ -403,11 +403,8 @@ fn optimizer_copies(spec: &ResolvedSpec) -> u64 {
     }
 }
 
-fn world_size(spec: &ResolvedSpec) -> usize {
-    // One process on one device; data-parallel runs set their own.
-    let _ = spec;
-    1
-}
+/// Ranks of a run: one process on one device (data-parallel ranks are not wired in yet).
+const WORLD_SIZE: usize = 1;
 
 fn human_bytes(n: u64) -> String {
     let (v, unit) = if n >= 1 << 30 {
@@ -968,7 +965,7 @@ pub fn run(
     for w in dataset.warnings() {
         events(&RunEvent::Warning { message: w.clone() });
     }
-    let (total_steps, num_epochs) = run_length(spec, &dataset, 1);
+    let (total_steps, num_epochs) = run_length(spec, &dataset, WORLD_SIZE);
     let opts = train_options(spec, total_steps)?;
     let model_path = resolve_path(base_dir, &spec.spec.model.pretrained_model_name_or_path);
     events(&RunEvent::Status {
