@@ -229,9 +229,28 @@ fn tune_allocator() {
     }
 }
 
+/// Rust ignores SIGPIPE, so printing to a closed pipe (`loractl list | head`) fails and
+/// `println!` panics. A command whose output is its purpose ends quietly instead, by the
+/// signal, as other command-line tools do. Not the servers (`up`, `quickstart --cluster`),
+/// whose workers write to ranks that may have exited, nor `rank`, whose stdout is its worker.
+fn die_quietly_on_closed_pipes(command: &Command) {
+    let serves = matches!(
+        command,
+        Command::Up { .. } | Command::Quickstart { cluster: true, .. } | Command::Rank
+    );
+    #[cfg(unix)]
+    if !serves {
+        // SAFETY: restores the default disposition of one signal before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
+}
+
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
+    die_quietly_on_closed_pipes(&cli.command);
     // `up` is a server: say what it does.
     let level = match &cli.command {
         Command::Up { .. } => "info",

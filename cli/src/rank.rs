@@ -1,8 +1,8 @@
 //! `loractl rank`: one rank of a cluster job, started by `loractl-worker` with the job in
 //! `LORACTL_*` variables (see `loractl_worker::rank`). It runs the trainer, prints progress and
 //! finished files as `@loractl` lines for the worker to forward and upload, writes a checkpoint
-//! every few steps, and on SIGTERM saves one more before dying by that signal (so the
-//! coordinator sees a killed rank, retried without spending the job's restarts).
+//! every few steps, and on SIGTERM saves one more before dying by that signal (the worker sent
+//! it, so the coordinator sees a stopped rank, retried without spending the job's restarts).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -132,7 +132,16 @@ pub fn rank() -> anyhow::Result<ExitCode> {
                 })
             }
             RunEvent::Saved { path, .. } => Some(artifact(path, ArtifactKindName::Lora)),
-            RunEvent::StateSaved { path, .. } => Some(artifact(path, ArtifactKindName::Checkpoint)),
+            RunEvent::StateSaved { path, step } => match checkpoint_of_step(path, *step) {
+                Ok(own) => Some(artifact(&own, ArtifactKindName::Checkpoint)),
+                Err(e) => {
+                    println!(
+                        "warning: checkpoint of step {step} not published ({}: {e})",
+                        path.display()
+                    );
+                    None
+                }
+            },
             RunEvent::Sampled { paths, .. } => {
                 for p in paths {
                     println!("{}", artifact(p, ArtifactKindName::SampleImage).to_line());
@@ -205,6 +214,32 @@ fn artifact(path: &Path, kind: ArtifactKindName) -> ChildMessage {
     }
 }
 
+/// A file of its own for the checkpoint of `step`. The trainer rewrites
+/// `<name>-state.safetensors` at every checkpoint, while the worker may still be hashing and
+/// uploading the previous one: a hard link (a copy where links fail) keeps this step's bytes
+/// under a name nothing rewrites. The worker deletes it once uploaded.
+fn checkpoint_of_step(state: &Path, step: usize) -> std::io::Result<PathBuf> {
+    let stem = state
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "state".into());
+    let name = match state.extension() {
+        Some(ext) => format!("{stem}-step{step:08}.{}", ext.to_string_lossy()),
+        None => format!("{stem}-step{step:08}"),
+    };
+    let own = state.with_file_name(name);
+    // A leftover of an earlier run of this step: replaced by this one.
+    match std::fs::remove_file(&own) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    if std::fs::hard_link(state, &own).is_err() {
+        std::fs::copy(state, &own)?;
+    }
+    Ok(own)
+}
+
 /// Ends the process by SIGTERM, the way it was asked to stop, so the worker reports a killed
 /// rank (retried without spending restarts) rather than a training error.
 fn die_by_sigterm() {
@@ -215,5 +250,37 @@ fn die_by_sigterm() {
     unsafe {
         libc::signal(libc::SIGTERM, libc::SIG_DFL);
         libc::raise(libc::SIGTERM);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The trainer replaces its state file at every checkpoint (write aside, rename over); the
+    /// file announced for an earlier step keeps that step's bytes.
+    #[test]
+    fn each_checkpoint_keeps_its_own_file() -> std::io::Result<()> {
+        let dir = std::env::temp_dir().join(format!("loractl-rank-ckpt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let state = dir.join("zenny-state.safetensors");
+        let save = |bytes: &[u8]| -> std::io::Result<()> {
+            let tmp = dir.join(".zenny-state.tmp");
+            std::fs::write(&tmp, bytes)?;
+            std::fs::rename(&tmp, &state)
+        };
+        save(b"step 10")?;
+        let first = checkpoint_of_step(&state, 10)?;
+        save(b"step 20")?;
+        let second = checkpoint_of_step(&state, 20)?;
+        assert_ne!(first, second);
+        assert_eq!(
+            first.file_name().and_then(|n| n.to_str()),
+            Some("zenny-state-step00000010.safetensors")
+        );
+        assert_eq!(std::fs::read(&first)?, b"step 10");
+        assert_eq!(std::fs::read(&second)?, b"step 20");
+        std::fs::remove_dir_all(&dir)
     }
 }

@@ -47,6 +47,14 @@ pub struct Cluster {
 }
 
 pub async fn start(opts: &UpOptions) -> anyhow::Result<Cluster> {
+    if server::check_exposure(&opts.listen, opts.token.as_deref(), false).is_err() {
+        anyhow::bail!(
+            "--listen {} is reachable from other machines but no token is set: anyone who can \
+             connect could run jobs; set --token or LORACTL_TOKEN (e.g. `openssl rand -hex 32`), \
+             or listen on 127.0.0.1",
+            opts.listen
+        );
+    }
     std::fs::create_dir_all(&opts.dir)
         .with_context(|| format!("creating {}", opts.dir.display()))?;
     let dir = opts.dir.canonicalize()?;

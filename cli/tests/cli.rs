@@ -167,3 +167,23 @@ fn file_has_lora(path: &Path) -> anyhow::Result<bool> {
     let st = safetensors::SafeTensors::deserialize(&bytes)?;
     Ok(st.names().iter().any(|n| n.ends_with(".lora_up.weight")))
 }
+
+/// `loractl plan job.toml | head -0`: the reader is gone before anything is printed. The
+/// command ends quietly (by SIGPIPE, as other tools do) instead of panicking with exit 101.
+#[test]
+fn a_closed_stdout_pipe_ends_the_command_quietly() -> anyhow::Result<()> {
+    use std::os::unix::process::ExitStatusExt;
+    let (_dir, job) = job_dir("pipe", 10)?;
+    let (reader, writer) = std::io::pipe()?;
+    drop(reader);
+    let out = loractl()
+        .args(["plan", "--no-model"])
+        .arg(&job)
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{stderr}");
+    Ok(())
+}

@@ -1,13 +1,15 @@
 //! Content-addressed artifact store on local disk: datasets, base models, LoRA files, sample
 //! images and checkpoints, each stored once under its sha256. Uploads land in `partial/` and
 //! can resume at the byte the coordinator already holds; only data whose size and sha256 match
-//! the announced ones moves to `blobs/`. A quota bounds the total size, a limit bounds each
+//! the announced ones moves to `blobs/`. Concurrent uploads of one blob (fifty submits of the
+//! same new dataset) all succeed: one writes, the others wait for it and then find the blob
+//! stored, or carry on from the bytes it left. A quota bounds the total size, a limit bounds each
 //! artifact, and a job keeps only its latest N checkpoints.
 //!
 //! Layout: `blobs/<hex>` (data), `meta/<hex>` (`loractl.v1.ArtifactInfo`, prost),
 //! `partial/<hex>` (incomplete uploads).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -46,7 +48,9 @@ pub struct ArtifactStore {
 struct Inner {
     /// Bytes of stored artifacts plus the announced size of uploads in flight.
     used: u64,
-    uploading: HashSet<Digest>,
+    /// Uploads in flight; the sender is dropped when one ends, waking uploads of the same
+    /// blob that wait for it.
+    uploading: HashMap<Digest, tokio::sync::watch::Sender<()>>,
     last_created: UnixMs,
 }
 
@@ -82,7 +86,7 @@ impl ArtifactStore {
             config,
             inner: Mutex::new(Inner {
                 used: 0,
-                uploading: HashSet::new(),
+                uploading: HashMap::new(),
                 last_created: 0,
             }),
         };
@@ -140,12 +144,12 @@ impl ArtifactStore {
         })
     }
 
-    /// Starts or resumes an upload at `offset`, which must equal the bytes already held.
+    /// Starts or resumes an upload whose data begins at byte `offset`. While another upload
+    /// of the same blob is in flight this waits for it to end. Bytes the store already holds
+    /// are skipped from the incoming data (verified at the end with the rest), so any offset
+    /// up to the bytes held is accepted; a gap is refused.
     pub async fn begin_upload(self: &Arc<Self>, info: ArtifactInfo, offset: u64) -> Result<Begin> {
         let digest = info.digest;
-        if let Some(stored) = self.info(&digest).await? {
-            return Ok(Begin::Complete(stored));
-        }
         if info.size > self.config.max_artifact_bytes {
             return Err(artifact_error(
                 &digest,
@@ -155,42 +159,66 @@ impl ArtifactStore {
                 ),
             ));
         }
-        let status = self.status(&digest).await?;
-        if offset != status.received {
-            return Err(artifact_error(
-                &digest,
-                format!(
-                    "upload starts at byte {offset} but the coordinator holds {}; resume at {}",
-                    status.received, status.received
-                ),
-            ));
-        }
-        {
-            let mut inner = self.lock();
-            if inner.uploading.contains(&digest) {
-                return Err(artifact_error(
-                    &digest,
-                    "another upload of it is in progress",
-                ));
+        loop {
+            if let Some(stored) = self.info(&digest).await? {
+                return Ok(Begin::Complete(stored));
             }
-            let needed = inner.used + info.size;
-            if needed > self.config.quota_bytes {
-                return Err(Error::QuotaExceeded {
-                    needed: info.size,
-                    quota: self.config.quota_bytes,
-                });
-            }
-            inner.used = needed;
-            inner.uploading.insert(digest);
+            let mut in_flight = {
+                let mut inner = self.lock();
+                match inner.uploading.get(&digest) {
+                    Some(writer) => writer.subscribe(),
+                    None => {
+                        let needed = inner.used + info.size;
+                        if needed > self.config.quota_bytes {
+                            return Err(Error::QuotaExceeded {
+                                needed: info.size,
+                                quota: self.config.quota_bytes,
+                            });
+                        }
+                        inner.used = needed;
+                        inner
+                            .uploading
+                            .insert(digest, tokio::sync::watch::channel(()).0);
+                        break;
+                    }
+                }
+            };
+            // Resolves (with an error) once the other upload's sender is dropped.
+            let _ = in_flight.changed().await;
         }
+        // From here the reservation is ours; dropping `upload` releases it.
         let mut upload = Upload {
             store: Arc::clone(self),
             info,
             file: None,
-            written: offset,
+            written: 0,
+            skip: 0,
             finished: false,
         };
+        // The upload we may have waited for finished it meanwhile.
+        if let Some(stored) = self.info(&digest).await? {
+            return Ok(Begin::Complete(stored));
+        }
         let path = self.partial_path(&digest);
+        let mut held = self.status(&digest).await?.received;
+        if held > upload.info.size {
+            // Not this blob's bytes (a different announced size): start over.
+            tokio::fs::remove_file(&path)
+                .await
+                .map_err(io_error(&path))?;
+            held = 0;
+        }
+        if offset > held {
+            return Err(artifact_error(
+                &digest,
+                format!(
+                    "upload starts at byte {offset} but the coordinator holds {held}; resume at \
+                     {held} or earlier"
+                ),
+            ));
+        }
+        upload.written = held;
+        upload.skip = held - offset;
         let file = tokio::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -306,6 +334,8 @@ pub struct Upload {
     info: ArtifactInfo,
     file: Option<tokio::fs::File>,
     written: u64,
+    /// Incoming bytes still to drop: the sender started before the bytes already held.
+    skip: u64,
     finished: bool,
 }
 
@@ -315,6 +345,14 @@ impl Upload {
     }
 
     pub async fn write(&mut self, chunk: &[u8]) -> Result<()> {
+        let held = usize::try_from(self.skip)
+            .unwrap_or(usize::MAX)
+            .min(chunk.len());
+        self.skip -= held as u64;
+        let chunk = &chunk[held..];
+        if chunk.is_empty() {
+            return Ok(());
+        }
         let end = self.written + chunk.len() as u64;
         if end > self.info.size {
             return Err(artifact_error(
@@ -344,7 +382,7 @@ impl Upload {
             file.flush().await.map_err(io_error(&partial))?;
             file.sync_all().await.map_err(io_error(&partial))?;
         }
-        if self.written != self.info.size {
+        if self.written != self.info.size || self.skip > 0 {
             return Err(artifact_error(
                 &digest,
                 format!(
@@ -507,9 +545,9 @@ mod tests {
                 received: 200
             }
         );
-        let err = match store.begin_upload(meta.clone(), 0).await {
+        let err = match store.begin_upload(meta.clone(), 300).await {
             Err(e) => e,
-            Ok(_) => panic!("offset 0 must be refused when 200 bytes are held"),
+            Ok(_) => panic!("offset 300 must be refused when 200 bytes are held"),
         };
         assert!(err.to_string().contains("resume at 200"), "{err}");
         let Begin::Upload(mut up) = store.begin_upload(meta.clone(), 200).await.unwrap() else {
@@ -518,6 +556,68 @@ mod tests {
         up.write(&data[200..]).await.unwrap();
         up.finish().await.unwrap();
         assert!(store.status(&meta.digest).await.unwrap().complete);
+    }
+
+    /// A sender that starts before the bytes held (it asked for the status before another
+    /// upload wrote them) has what is held skipped.
+    #[tokio::test]
+    async fn an_upload_from_an_earlier_offset_skips_what_is_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(config(dir.path())).await.unwrap();
+        let data: Vec<u8> = (0..500u32).map(|i| (i % 251) as u8).collect();
+        let meta = info(&data, ArtifactKind::Dataset, None, "train.tar");
+        let Begin::Upload(mut up) = store.begin_upload(meta.clone(), 0).await.unwrap() else {
+            panic!("nothing stored yet");
+        };
+        up.write(&data[..178]).await.unwrap();
+        drop(up);
+        let Begin::Upload(mut up) = store.begin_upload(meta.clone(), 100).await.unwrap() else {
+            panic!("still incomplete");
+        };
+        for piece in data[100..].chunks(7) {
+            up.write(piece).await.unwrap();
+        }
+        let stored = up.finish().await.unwrap();
+        assert_eq!(stored.digest, meta.digest);
+        assert_eq!(store.used_bytes(), 500);
+    }
+
+    /// Fifty first submits of one new dataset at once (26 to 49 of 50 failed with "another
+    /// upload of it is in progress" or "upload starts at byte 0 but the coordinator holds
+    /// 178"): every one succeeds, and the blob is stored once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_uploads_of_one_blob_all_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(dir.path());
+        config.quota_bytes = 1 << 20;
+        config.max_artifact_bytes = 1 << 20;
+        let store = ArtifactStore::open(config).await.unwrap();
+        let data: Vec<u8> = (0..4000u32).map(|i| (i % 253) as u8).collect();
+        let meta = info(&data, ArtifactKind::Dataset, None, "image.png");
+        let uploads = (0..50).map(|_| {
+            let (store, meta, data) = (Arc::clone(&store), meta.clone(), data.clone());
+            tokio::spawn(async move {
+                // As a client does: ask what is held, then send from there in pieces.
+                let offset = store.status(&meta.digest).await?.received;
+                match store.begin_upload(meta, offset).await? {
+                    Begin::Complete(info) => Ok(info),
+                    Begin::Upload(mut up) => {
+                        for piece in data[offset as usize..].chunks(178) {
+                            up.write(piece).await?;
+                            tokio::task::yield_now().await;
+                        }
+                        up.finish().await
+                    }
+                }
+            })
+        });
+        let mut stored = Vec::new();
+        for upload in uploads.collect::<Vec<_>>() {
+            stored.push(upload.await.unwrap().unwrap_or_else(|e| panic!("{e}")));
+        }
+        assert!(stored.iter().all(|s| s == &stored[0]));
+        assert_eq!(store.list(None).await.unwrap().len(), 1);
+        assert_eq!(store.used_bytes(), data.len() as u64);
     }
 
     #[tokio::test]

@@ -79,6 +79,13 @@ pub enum Error {
     },
     #[error("the coordinator is shutting down")]
     ShuttingDown,
+    #[error("{0} (--token or LORACTL_TOKEN)")]
+    BadToken(String),
+    #[error("--listen {0} is reachable from other machines, but no token is set: anyone who can connect could submit jobs and read artifacts. Set LORACTL_TOKEN (e.g. `openssl rand -hex 32`; TLS with --tls-cert/--tls-key as well off a trusted network), listen on 127.0.0.1, or pass --insecure to serve without a token anyway")]
+    Exposed(String),
+    /// An upload of a job's output from anyone but the worker running its current attempt.
+    #[error("{0}")]
+    OutputRefused(String),
 }
 
 macro_rules! redb_errors {
@@ -123,6 +130,7 @@ impl From<Error> for tonic::Status {
             Error::ShuttingDown | Error::NotLeader => tonic::Status::unavailable(message),
             Error::ProtocolMismatch { .. } => tonic::Status::failed_precondition(message),
             Error::UnknownWorker(_) => tonic::Status::not_found(message),
+            Error::OutputRefused(_) => tonic::Status::permission_denied(message),
             _ => tonic::Status::internal(message),
         }
     }

@@ -10,6 +10,10 @@ use loractl_spec::{Gpus, ResolvedSpec};
 
 use crate::error::{Error, Result};
 
+/// Attempts in a row ending with the same counted failure that make a job's final error a
+/// crash loop.
+pub const CRASH_LOOP_ATTEMPTS: u32 = 3;
+
 /// A change requested of a job.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Transition {
@@ -71,14 +75,32 @@ pub fn apply(job: &Job, transition: Transition, now: UnixMs) -> Result<Job> {
             next.latest_checkpoint = Some(digest);
             return Ok(next);
         }
-        Transition::Fail(failure) => {
+        Transition::Fail(mut failure) => {
             next.placement.clear();
             let to = after_failure(job, &failure);
+            let same = job
+                .last_failure
+                .as_ref()
+                .is_some_and(|last| last.kind == failure.kind && last.message == failure.message);
+            next.failure_streak = if same {
+                job.failure_streak.saturating_add(1)
+            } else {
+                1
+            };
             if to == JobState::Restarting {
                 next.attempt += 1;
                 if failure.kind.counts_against_restarts() {
                     next.counted_restarts += 1;
                 }
+            } else if next.failure_streak >= CRASH_LOOP_ATTEMPTS
+                && failure.kind.counts_against_restarts()
+            {
+                failure.message = format!(
+                    "crash loop: the last {} attempts all ended the same way ({}: {}); \
+                     retrying will not help, fix the job (its spec, data or model) or the \
+                     worker it runs on",
+                    next.failure_streak, failure.kind, failure.message
+                );
             }
             next.last_failure = Some(failure);
             to
@@ -163,6 +185,7 @@ mod tests {
             },
             attempt: 0,
             counted_restarts: 0,
+            failure_streak: 0,
             placement: Vec::new(),
             last_failure: None,
             latest_checkpoint: None,
@@ -288,6 +311,55 @@ mod tests {
         assert_eq!(j.counted_restarts, 2);
     }
 
+    /// A rank that dies by a signal nobody sent (the 147-attempt loop of an absurd spec that
+    /// aborted on allocation) spends the budget, and the job says it was a crash loop.
+    #[test]
+    fn crashes_spend_the_budget_and_a_loop_says_so() {
+        let crash = || {
+            Transition::Fail(Failure {
+                kind: FailureKind::Crashed,
+                message: "rank process killed by signal 6".into(),
+                rank: Some(0),
+            })
+        };
+        let mut j = job(3);
+        for expected in 1..=3 {
+            j = run(j, vec![place(), Transition::Start, crash()]).unwrap();
+            assert_eq!(j.state, JobState::Restarting);
+            assert_eq!((j.counted_restarts, j.failure_streak), (expected, expected));
+        }
+        j = run(j, vec![place(), Transition::Start, crash()]).unwrap();
+        assert_eq!(j.state, JobState::Failed);
+        assert_eq!(j.failure_streak, 4);
+        let failure = j.last_failure.unwrap();
+        assert_eq!(failure.kind, FailureKind::Crashed);
+        assert!(
+            failure
+                .message
+                .starts_with("crash loop: the last 4 attempts")
+                && failure.message.contains("signal 6"),
+            "{}",
+            failure.message
+        );
+    }
+
+    #[test]
+    fn different_failures_are_no_loop() {
+        let mut j = job(1);
+        j = run(
+            j,
+            vec![place(), Transition::Start, fail(FailureKind::Crashed)],
+        )
+        .unwrap();
+        j = run(
+            j,
+            vec![place(), Transition::Start, fail(FailureKind::TrainingError)],
+        )
+        .unwrap();
+        assert_eq!((j.state, j.failure_streak), (JobState::Failed, 1));
+        assert_eq!(j.last_failure.unwrap().message, "x");
+    }
+
     #[test]
     fn checkpoints_are_recorded_while_running_and_survive_restarts() {
         let digest = Digest([3; 32]);
@@ -317,6 +389,7 @@ mod tests {
                 Just(FailureKind::Killed),
                 Just(FailureKind::BadConfig),
                 Just(FailureKind::TrainingError),
+                Just(FailureKind::Crashed),
             ]
             .prop_map(fail),
         ]

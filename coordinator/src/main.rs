@@ -57,6 +57,9 @@ struct Args {
     /// Placement rounds a job may be passed over before it reserves workers.
     #[arg(long, default_value_t = 3)]
     reserve_after_rounds: u32,
+    /// Serve on a non-loopback address without a token (trusted, isolated networks only).
+    #[arg(long)]
+    insecure: bool,
 }
 
 #[tokio::main]
@@ -74,6 +77,14 @@ async fn main() -> anyhow::Result<()> {
             args.heartbeat_timeout_secs,
             args.heartbeat_interval_secs
         );
+    }
+    server::check_exposure(&args.listen, args.token.as_deref(), args.insecure)?;
+    if args.tls_cert.is_none() && args.token.is_some() {
+        let exposed = std::net::ToSocketAddrs::to_socket_addrs(args.listen.as_str())
+            .is_ok_and(|mut addrs| addrs.any(|a| !a.ip().is_loopback()));
+        if exposed {
+            tracing::warn!(listen = %args.listen, "serving without TLS: the token crosses the network in clear; use --tls-cert/--tls-key off a trusted network");
+        }
     }
     let store = AnyStore::open(&args.store).await?;
     const GIB: u64 = 1 << 30;

@@ -117,6 +117,7 @@ impl<S: Store> State<S> {
             resources: new.resources,
             attempt: 0,
             counted_restarts: 0,
+            failure_streak: 0,
             placement: Vec::new(),
             last_failure: None,
             latest_checkpoint: None,

@@ -195,11 +195,19 @@ fn job_from(response: Option<pb::Job>) -> loractl_proto::domain::Job {
     loractl_proto::domain::Job::try_from(response.expect("job in response")).unwrap()
 }
 
-async fn upload(artifacts: &mut Artifacts, info: ArtifactInfo, data: &[u8]) -> ArtifactInfo {
+/// Uploads `data`; a job's output names the worker and attempt it comes from (`producer`).
+async fn try_upload(
+    artifacts: &mut Artifacts,
+    info: ArtifactInfo,
+    data: &[u8],
+    producer: Option<(&WorkerId, u32)>,
+) -> Result<ArtifactInfo, Status> {
     let mut messages = vec![pb::UploadMessage {
         message: Some(pb::upload_message::Message::Header(pb::UploadHeader {
             info: Some(info.into()),
             offset: 0,
+            worker_id: producer.map(|(w, _)| w.to_string()).unwrap_or_default(),
+            attempt: producer.map_or(0, |(_, a)| a),
         })),
     }];
     for chunk in data.chunks(7) {
@@ -209,10 +217,18 @@ async fn upload(artifacts: &mut Artifacts, info: ArtifactInfo, data: &[u8]) -> A
     }
     let response = artifacts
         .upload(tokio_stream::iter(messages))
-        .await
-        .unwrap()
+        .await?
         .into_inner();
-    ArtifactInfo::try_from(response.info.unwrap()).unwrap()
+    Ok(ArtifactInfo::try_from(response.info.unwrap()).unwrap())
+}
+
+async fn upload(
+    artifacts: &mut Artifacts,
+    info: ArtifactInfo,
+    data: &[u8],
+    producer: Option<(&WorkerId, u32)>,
+) -> ArtifactInfo {
+    try_upload(artifacts, info, data, producer).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -304,6 +320,7 @@ async fn job_runs_retries_from_its_checkpoint_and_succeeds() {
             created_at: 0,
         },
         &data,
+        Some((&worker.id, 0)),
     )
     .await;
     // The upload call posts the checkpoint to the coordinator's loop before it returns, so a
@@ -532,6 +549,7 @@ async fn artifacts_upload_resume_and_download_verified() {
         message: Some(pb::upload_message::Message::Header(pb::UploadHeader {
             info: Some(info.clone().into()),
             offset,
+            ..Default::default()
         })),
     };
     let chunk = |bytes: &[u8]| pb::UploadMessage {
@@ -596,6 +614,7 @@ async fn artifacts_upload_resume_and_download_verified() {
                 message: Some(pb::upload_message::Message::Header(pb::UploadHeader {
                     info: Some(lie.into()),
                     offset: 0,
+                    ..Default::default()
                 })),
             },
             chunk(b"hello"),
@@ -675,4 +694,122 @@ async fn shutdown_ends_open_sessions_watches_and_log_follows() {
         session_end.as_ref().is_none_or(|r| r.is_err()),
         "{session_end:?}"
     );
+}
+
+async fn latest_checkpoint(jobs: &mut Jobs, id: &str) -> Option<loractl_proto::domain::Digest> {
+    job_from(
+        jobs.get_job(pb::GetJobRequest {
+            job_id: id.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job,
+    )
+    .latest_checkpoint
+}
+
+/// With only the token, a client uploading a "checkpoint" for a running job could make it the
+/// job's resume point and have the real ones deleted. A job's outputs come only from the
+/// worker running its current attempt: anything else is refused and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_worker_running_the_attempt_uploads_its_outputs() {
+    let server = Server::start().await;
+    let (mut jobs, mut workers, mut artifacts) = clients(&server, Some(TOKEN)).await;
+    let mut worker = WorkerSession::open(&mut workers, "box", &[0]).await;
+    let other = WorkerSession::open(&mut workers, "other", &[]).await;
+    let job = job_from(
+        jobs.submit_job(pb::SubmitJobRequest {
+            spec_toml: SPEC.to_owned(),
+            priority: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job,
+    );
+    let CoordinatorMessage::Assign(assignment) = worker.next().await else {
+        panic!("expected an assignment");
+    };
+    worker
+        .send(WorkerMessage::Started(RunningRank {
+            job_id: job.id.clone(),
+            attempt: assignment.attempt,
+            rank: 0,
+        }))
+        .await;
+    let checkpoint = |data: &[u8]| ArtifactInfo {
+        digest: sha256(data),
+        size: data.len() as u64,
+        kind: ArtifactKind::Checkpoint,
+        job_id: Some(job.id.clone()),
+        name: "state".into(),
+        created_at: 0,
+    };
+    let real = b"the rank's real state".to_vec();
+    let stored = upload(
+        &mut artifacts,
+        checkpoint(&real),
+        &real,
+        Some((&worker.id, 0)),
+    )
+    .await;
+    assert_eq!(
+        latest_checkpoint(&mut jobs, &job.id.to_string()).await,
+        Some(stored.digest)
+    );
+
+    let forged = b"a forged state".to_vec();
+    for (producer, code) in [
+        (None, Code::PermissionDenied),
+        (Some((&other.id, 0)), Code::PermissionDenied),
+        (Some((&worker.id, 1)), Code::PermissionDenied),
+    ] {
+        let err = try_upload(&mut artifacts, checkpoint(&forged), &forged, producer)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), code, "{producer:?}: {}", err.message());
+    }
+    let lora = ArtifactInfo {
+        kind: ArtifactKind::Lora,
+        ..checkpoint(&forged)
+    };
+    let err = try_upload(&mut artifacts, lora, &forged, None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
+    assert!(
+        err.message().contains("worker running it"),
+        "{}",
+        err.message()
+    );
+
+    // Nothing changed: the resume point and the stored checkpoints are the worker's.
+    assert_eq!(
+        latest_checkpoint(&mut jobs, &job.id.to_string()).await,
+        Some(stored.digest)
+    );
+    let listed = artifacts
+        .list_artifacts(pb::ListArtifactsRequest {
+            job_id: job.id.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .artifacts;
+    let digests: Vec<_> = listed
+        .into_iter()
+        .map(|a| ArtifactInfo::try_from(a).unwrap().digest)
+        .collect();
+    assert_eq!(digests, [stored.digest]);
+
+    // Datasets stay client uploads.
+    let data = b"an image".to_vec();
+    let dataset = ArtifactInfo {
+        kind: ArtifactKind::Dataset,
+        job_id: None,
+        ..checkpoint(&data)
+    };
+    upload(&mut artifacts, dataset, &data, None).await;
+    server.shutdown().await;
 }

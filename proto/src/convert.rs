@@ -124,6 +124,7 @@ enum_conversions!(FailureKind, FailureKind, failure_kind, [
     Killed <=> Killed,
     BadConfig <=> BadConfig,
     TrainingError <=> TrainingError,
+    Crashed <=> Crashed,
 ]);
 
 enum_conversions!(LogStream, LogStream, log_stream, [
@@ -263,6 +264,7 @@ impl TryFrom<pb::Job> for Job {
             resources: nested(value.resources, "resources")?,
             attempt: value.attempt,
             counted_restarts: value.counted_restarts,
+            failure_streak: value.failure_streak,
             placement: nested_list(value.placement, "placement")?,
             last_failure: nested_opt(value.last_failure, "last_failure")?,
             latest_checkpoint: nested_opt(value.latest_checkpoint, "latest_checkpoint")?,
@@ -285,6 +287,7 @@ impl From<Job> for pb::Job {
             resources: Some(value.resources.into()),
             attempt: value.attempt,
             counted_restarts: value.counted_restarts,
+            failure_streak: value.failure_streak,
             placement: value.placement.into_iter().map(Into::into).collect(),
             last_failure: value.last_failure.map(Into::into),
             latest_checkpoint: value.latest_checkpoint.map(Into::into),
@@ -720,6 +723,7 @@ mod tests {
             },
             attempt: 1,
             counted_restarts: 0,
+            failure_streak: 0,
             placement: vec![RankPlacement {
                 rank: 0,
                 worker_id: WorkerId::new("w1"),

@@ -144,12 +144,16 @@ pub const EXIT_BAD_CONFIG: i32 = 78;
 pub enum FailureKind {
     /// The worker stopped heartbeating or its session ended.
     WorkerLost,
-    /// The rank was killed from outside (signal, OOM killer, preemption).
+    /// The rank was stopped because the coordinator or its worker asked it to (cancel, drain,
+    /// stop order); how it then ended does not matter.
     Killed,
     /// The job cannot run as written.
     BadConfig,
-    /// Training failed (non-finite loss, collective timeout, crash).
+    /// Training failed (non-finite loss, collective timeout, error exit).
     TrainingError,
+    /// The rank died by a signal nobody in loractl sent: SIGSEGV, SIGABRT (a failed
+    /// allocation), the OOM killer. It would most likely happen again, so it is counted.
+    Crashed,
 }
 
 impl FailureKind {
@@ -158,19 +162,22 @@ impl FailureKind {
         !matches!(self, Self::BadConfig)
     }
 
-    /// Whether a retry uses up one of the job's `max_restarts`. Infrastructure failures do
-    /// not: a job must not fail because its workers were preempted.
+    /// Whether a retry uses up one of the job's `max_restarts`. Only a stop loractl asked
+    /// for and a lost worker do not: a job must not fail because it was drained or its worker
+    /// was preempted, but a rank that dies on its own must not be retried for ever.
     pub fn counts_against_restarts(self) -> bool {
-        matches!(self, Self::TrainingError)
+        matches!(self, Self::TrainingError | Self::Crashed)
     }
 
-    /// Classifies how a rank process ended: `None` for success; a signal is `Killed` (the
-    /// worker, the OOM killer or a preemption stopped it); [`EXIT_BAD_CONFIG`] is `BadConfig`;
-    /// any other non-zero code is `TrainingError`.
-    pub fn from_exit(code: Option<i32>, signal: Option<i32>) -> Option<Self> {
+    /// Classifies how a rank process ended: `None` for success; after a stop the worker asked
+    /// for (`stop_requested`), `Killed` whatever the code or signal; otherwise a signal is
+    /// `Crashed`, [`EXIT_BAD_CONFIG`] is `BadConfig` and any other non-zero code is
+    /// `TrainingError`.
+    pub fn from_exit(code: Option<i32>, signal: Option<i32>, stop_requested: bool) -> Option<Self> {
         match (code, signal) {
             (Some(0), _) => None,
-            (_, Some(_)) => Some(Self::Killed),
+            _ if stop_requested => Some(Self::Killed),
+            (_, Some(_)) => Some(Self::Crashed),
             (Some(EXIT_BAD_CONFIG), None) => Some(Self::BadConfig),
             _ => Some(Self::TrainingError),
         }
@@ -182,6 +189,7 @@ impl FailureKind {
             Self::Killed => "killed",
             Self::BadConfig => "bad config",
             Self::TrainingError => "training error",
+            Self::Crashed => "crashed",
         }
     }
 }
@@ -263,6 +271,8 @@ pub struct Job {
     pub resources: Resources,
     pub attempt: u32,
     pub counted_restarts: u32,
+    /// Attempts in a row that ended with the same failure (kind and message); 0 before any.
+    pub failure_streak: u32,
     /// Non-empty exactly while the job is placed or running.
     pub placement: Vec<RankPlacement>,
     pub last_failure: Option<Failure>,
@@ -459,13 +469,27 @@ mod tests {
         assert!(Killed.retryable() && !Killed.counts_against_restarts());
         assert!(!BadConfig.retryable());
         assert!(TrainingError.retryable() && TrainingError.counts_against_restarts());
+        assert!(Crashed.retryable() && Crashed.counts_against_restarts());
 
-        assert_eq!(FailureKind::from_exit(Some(0), None), None);
-        assert_eq!(FailureKind::from_exit(None, Some(9)), Some(Killed));
+        assert_eq!(FailureKind::from_exit(Some(0), None, false), None);
+        assert_eq!(FailureKind::from_exit(Some(0), None, true), None);
+        // A signal nobody here sent (SIGABRT, SIGSEGV, SIGKILL of the OOM killer) is a crash.
+        for signal in [6, 9, 11] {
+            assert_eq!(
+                FailureKind::from_exit(None, Some(signal), false),
+                Some(Crashed)
+            );
+        }
+        // After a stop the worker asked for, any ending is free.
+        assert_eq!(FailureKind::from_exit(None, Some(15), true), Some(Killed));
+        assert_eq!(FailureKind::from_exit(Some(1), None, true), Some(Killed));
         assert_eq!(
-            FailureKind::from_exit(Some(EXIT_BAD_CONFIG), None),
+            FailureKind::from_exit(Some(EXIT_BAD_CONFIG), None, false),
             Some(BadConfig)
         );
-        assert_eq!(FailureKind::from_exit(Some(1), None), Some(TrainingError));
+        assert_eq!(
+            FailureKind::from_exit(Some(1), None, false),
+            Some(TrainingError)
+        );
     }
 }

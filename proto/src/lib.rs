@@ -4,12 +4,14 @@
 //!   ArtifactService and their messages);
 //! - [`domain`]: the types the rest of loractl works with, free of prost's optional fields and
 //!   raw enum integers;
+//! - [`token`]: what a bearer token may be (not empty, not the shipped placeholder);
 //! - [`convert`]: the one place where wire messages become domain types (`TryFrom`, rejecting a
 //!   missing or invalid field with `InvalidArgument` naming it) and back (`From`).
 
 pub mod convert;
 pub mod domain;
 mod error;
+pub mod token;
 
 pub use error::{ConvertError, Error, Result};
 

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use loractl_proto::domain::{ArtifactInfo, ArtifactKind, Digest, JobId};
+use loractl_proto::domain::{ArtifactInfo, ArtifactKind, Digest, JobId, WorkerId};
 use loractl_proto::pb;
 use loractl_proto::pb::artifact_service_client::ArtifactServiceClient;
 use loractl_proto::pb::job_service_client::JobServiceClient;
@@ -157,6 +157,11 @@ fn rpc(call: &'static str) -> impl FnOnce(Status) -> Error {
 /// sha256 and size of a file.
 pub async fn hash_file(path: &Path) -> Result<(Digest, u64)> {
     let mut file = tokio::fs::File::open(path).await.map_err(io_error(path))?;
+    hash_open_file(&mut file, path).await
+}
+
+/// sha256 and size of what is left to read of an open file.
+async fn hash_open_file(file: &mut tokio::fs::File, path: &Path) -> Result<(Digest, u64)> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; CHUNK_BYTES];
     let mut size = 0u64;
@@ -171,16 +176,42 @@ pub async fn hash_file(path: &Path) -> Result<(Digest, u64)> {
     Ok((Digest(hasher.finalize().into()), size))
 }
 
+/// The worker running the attempt a job's output belongs to: the coordinator takes a job's
+/// LoRA files, samples and checkpoints only from there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Producer {
+    pub worker_id: WorkerId,
+    pub attempt: u32,
+}
+
 /// Uploads `path`, resuming where an earlier attempt stopped; nothing is sent when the
-/// coordinator already holds the content.
+/// coordinator already holds the content. The file is opened once: hashed, then streamed from
+/// the same handle, so a file replaced meanwhile (a rank writing its next checkpoint under
+/// the same name) cannot make the data disagree with its digest. `producer` is required for a
+/// job's outputs, absent for datasets and base models.
 pub async fn upload_file(
     client: &mut ArtifactServiceClient<Authed>,
     path: &Path,
     kind: ArtifactKind,
     job_id: Option<JobId>,
     name: String,
+    producer: Option<&Producer>,
 ) -> Result<ArtifactInfo> {
-    let (digest, size) = hash_file(path).await?;
+    let file = tokio::fs::File::open(path).await.map_err(io_error(path))?;
+    upload_open_file(client, file, path, kind, job_id, name, producer).await
+}
+
+/// [`upload_file`] of a file already open at its start (`path` names it in errors).
+pub async fn upload_open_file(
+    client: &mut ArtifactServiceClient<Authed>,
+    mut file: tokio::fs::File,
+    path: &Path,
+    kind: ArtifactKind,
+    job_id: Option<JobId>,
+    name: String,
+    producer: Option<&Producer>,
+) -> Result<ArtifactInfo> {
+    let (digest, size) = hash_open_file(&mut file, path).await?;
     let info = ArtifactInfo {
         digest,
         size,
@@ -206,6 +237,10 @@ pub async fn upload_file(
         message: Some(pb::upload_message::Message::Header(pb::UploadHeader {
             info: Some(info.clone().into()),
             offset,
+            worker_id: producer
+                .map(|p| p.worker_id.to_string())
+                .unwrap_or_default(),
+            attempt: producer.map_or(0, |p| p.attempt),
         })),
     };
     let reader_path = path.to_owned();
@@ -214,18 +249,24 @@ pub async fn upload_file(
         if tx.send(header).await.is_err() || complete {
             return Ok::<(), Error>(());
         }
-        let mut file = tokio::fs::File::open(&reader_path)
-            .await
-            .map_err(io_error(&reader_path))?;
         file.seek(std::io::SeekFrom::Start(offset))
             .await
             .map_err(io_error(&reader_path))?;
+        // Exactly the bytes hashed, even if the file grew since.
+        let mut left = size - offset;
         let mut buf = vec![0u8; CHUNK_BYTES];
-        loop {
-            let n = file.read(&mut buf).await.map_err(io_error(&reader_path))?;
+        while left > 0 {
+            let want = usize::try_from(left)
+                .unwrap_or(CHUNK_BYTES)
+                .min(CHUNK_BYTES);
+            let n = file
+                .read(&mut buf[..want])
+                .await
+                .map_err(io_error(&reader_path))?;
             if n == 0 {
                 return Ok(());
             }
+            left -= n as u64;
             let chunk = pb::UploadMessage {
                 message: Some(pb::upload_message::Message::Chunk(buf[..n].to_vec())),
             };
@@ -233,6 +274,7 @@ pub async fn upload_file(
                 return Ok(());
             }
         }
+        Ok(())
     });
     let response = client
         .upload(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -249,6 +291,25 @@ pub async fn upload_file(
     Ok(stored)
 }
 
+/// The lock of one cache entry, shared by every download of it in this process.
+fn download_lock(path: &Path) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock, Weak};
+    type Locks = Mutex<HashMap<PathBuf, Weak<tokio::sync::Mutex<()>>>>;
+    static LOCKS: OnceLock<Locks> = OnceLock::new();
+    let mut locks = LOCKS
+        .get_or_init(Locks::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    locks.retain(|_, lock| lock.strong_count() > 0);
+    if let Some(lock) = locks.get(path).and_then(Weak::upgrade) {
+        return lock;
+    }
+    let lock = Arc::new(tokio::sync::Mutex::new(()));
+    locks.insert(path.to_owned(), Arc::downgrade(&lock));
+    lock
+}
+
 /// Where the cache keeps an artifact.
 pub fn cached_path(cache_dir: &Path, digest: &Digest) -> PathBuf {
     cache_dir.join("sha256").join(digest.to_hex())
@@ -262,6 +323,13 @@ pub async fn download_to_cache(
     digest: &Digest,
 ) -> Result<PathBuf> {
     let path = cached_path(cache_dir, digest);
+    if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+        return Ok(path);
+    }
+    // Two ranks (or dataset files) needing one blob at once would both append to its `.part`
+    // file: one downloads, the other waits and then finds it cached.
+    let lock = download_lock(&path);
+    let _one_at_a_time = lock.lock().await;
     if tokio::fs::try_exists(&path).await.unwrap_or(false) {
         return Ok(path);
     }

@@ -183,15 +183,25 @@ impl WorkerConfig {
         Duration::from_secs(self.stop_grace_secs)
     }
 
-    /// The token: `LORACTL_TOKEN` if set, else the first line of `token_file`.
+    /// The token: `LORACTL_TOKEN` if set, else the first line of `token_file`. An empty one or
+    /// the shipped placeholder is refused ([`loractl_proto::token::problem`]).
     pub fn token(&self) -> Result<Option<String>> {
-        if let Ok(token) = std::env::var("LORACTL_TOKEN") {
-            return Ok(Some(token));
+        self.token_from(std::env::var("LORACTL_TOKEN").ok())
+    }
+
+    fn token_from(&self, env: Option<String>) -> Result<Option<String>> {
+        let checked = |origin: String, token: String| match loractl_proto::token::problem(&token) {
+            Some(message) => Err(Error::ParseConfig { origin, message }),
+            None => Ok(Some(token)),
+        };
+        if let Some(token) = env {
+            return checked("LORACTL_TOKEN".to_owned(), token);
         }
         match &self.token_file {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(io_error(path))?;
-                Ok(text.lines().next().map(|l| l.trim().to_owned()))
+                let line = text.lines().next().unwrap_or_default().trim().to_owned();
+                checked(format!("token_file `{}`", path.display()), line)
             }
             None => Ok(None),
         }
@@ -251,6 +261,35 @@ mod tests {
         assert_eq!(config.gpu_selection(), Gpus::Ids(vec![0, 2]));
         assert_eq!(config.worker_name(), "box-1");
         assert_eq!(config.labels["zone"], "a");
+    }
+
+    #[test]
+    fn empty_and_placeholder_tokens_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        let config = WorkerConfig {
+            token_file: Some(file.clone()),
+            ..WorkerConfig::default()
+        };
+        for (env, text, fault) in [
+            (Some(""), "s3cret-from-file", "LORACTL_TOKEN"),
+            (Some("change-me"), "s3cret-from-file", "LORACTL_TOKEN"),
+            (None, "change-me\n", "token_file"),
+            (None, "\n", "token_file"),
+        ] {
+            std::fs::write(&file, text).unwrap();
+            let err = config
+                .token_from(env.map(str::to_owned))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(fault), "{env:?} {text:?}: {err}");
+            assert!(err.contains("openssl rand"), "{err}");
+        }
+        std::fs::write(&file, "s3cret-from-file\n").unwrap();
+        assert_eq!(
+            config.token_from(None).unwrap().as_deref(),
+            Some("s3cret-from-file")
+        );
     }
 
     #[test]

@@ -400,9 +400,14 @@ impl Daemon {
         let pinned: Vec<u32> = self.gpus.iter().map(|g| g.index).collect();
         if let Some(bad) = assignment.gpu_indices.iter().find(|g| !pinned.contains(g)) {
             // Never run on a GPU this worker was not given.
+            // Not a stop anyone asked for: counted, so a coordinator that keeps placing the
+            // job here does not retry it for ever.
             let failure = Failure {
-                kind: FailureKind::Killed,
-                message: format!("GPU {bad} is not pinned to this worker"),
+                kind: FailureKind::TrainingError,
+                message: format!(
+                    "GPU {bad} is not pinned to this worker (its `gpus` setting); restart the \
+                     worker so the coordinator learns its GPUs again"
+                ),
                 rank: Some(id.rank),
             };
             self.send(WorkerMessage::Result {
@@ -577,19 +582,23 @@ impl Daemon {
         } else {
             output_dir.join(path)
         };
-        // A rank may only publish its own outputs.
-        let inside = path
-            .canonicalize()
-            .ok()
-            .zip(output_dir.canonicalize().ok())
-            .is_some_and(|(p, root)| p.starts_with(root));
-        if !inside {
-            r.upload_error = Some(format!(
-                "artifact `{}` is outside the rank's output folder",
-                path.display()
-            ));
+        // A rank may only publish its own outputs: the file is opened here and what was
+        // opened is checked, so a link swapped in later cannot publish anything else.
+        let file = match open_inside(&path, &output_dir) {
+            Ok(file) => file,
+            Err(problem) => {
+                r.upload_error = Some(problem);
+                return;
+            }
+        };
+        let Some(worker_id) = self.worker_id.clone() else {
+            r.upload_error = Some("artifact announced before the worker registered".into());
             return;
-        }
+        };
+        let producer = client::Producer {
+            worker_id,
+            attempt: rank.attempt,
+        };
         r.uploads_in_flight += 1;
         let kind = match kind {
             ArtifactKindName::Lora => ArtifactKind::Lora,
@@ -606,14 +615,23 @@ impl Daemon {
         tokio::spawn(async move {
             let result = async {
                 let mut artifacts = link.artifacts().await?;
-                let info = client::upload_file(
+                let info = client::upload_open_file(
                     &mut artifacts,
+                    tokio::fs::File::from_std(file),
                     &path,
                     kind,
                     Some(rank.job_id.clone()),
                     name,
+                    Some(&producer),
                 )
                 .await?;
+                if kind == ArtifactKind::Checkpoint {
+                    // The coordinator holds it now (and the retry downloads it from there);
+                    // each checkpoint has a file of its own, so none leaks on the worker.
+                    if let Err(e) = tokio::fs::remove_file(&path).await {
+                        tracing::warn!(path = %path.display(), error = %e, "uploaded checkpoint not removed");
+                    }
+                }
                 Ok(info.digest)
             }
             .await;
@@ -682,6 +700,36 @@ impl Daemon {
         // Dropping a process kills its group; preparing ranks are dropped when prepared.
         self.ranks.clear();
     }
+}
+
+/// Opens `path` for reading if the file it names lies inside `root`, judged by where the
+/// opened descriptor points (not by a path a rank may change after the check); the final
+/// component must not be a symbolic link.
+fn open_inside(
+    path: &std::path::Path,
+    root: &std::path::Path,
+) -> std::result::Result<std::fs::File, String> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let outside = || {
+        format!(
+            "artifact `{}` is outside the rank's output folder",
+            path.display()
+        )
+    };
+    let root = root.canonicalize().map_err(|_| outside())?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| format!("artifact `{}` cannot be opened: {e}", path.display()))?;
+    let opened =
+        std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).map_err(|_| outside())?;
+    let regular = file.metadata().is_ok_and(|m| m.is_file());
+    if !opened.starts_with(&root) || !regular {
+        return Err(outside());
+    }
+    Ok(file)
 }
 
 /// Writes the rank's folder and spec (uploaded datasets fetched, paths checked, see

@@ -17,6 +17,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use loractl_proto::domain::{Assignment, FailureKind, LogStream, RunningRank};
@@ -42,12 +44,15 @@ pub struct Launch {
 pub struct Exit {
     pub code: Option<i32>,
     pub signal: Option<i32>,
+    /// The worker had asked the rank to stop ([`RankProcess::stop`], [`RankProcess::kill`]):
+    /// only then is a signal or an error exit a stop rather than a crash.
+    pub stop_requested: bool,
 }
 
 impl Exit {
     /// `None` on success.
     pub fn failure_kind(self) -> Option<FailureKind> {
-        FailureKind::from_exit(self.code, self.signal)
+        FailureKind::from_exit(self.code, self.signal, self.stop_requested)
     }
 
     pub fn describe(self) -> String {
@@ -74,17 +79,36 @@ pub enum RankEvent {
 #[derive(Debug)]
 pub struct RankProcess {
     pub id: RunningRank,
-    pgid: i32,
+    group: ProcessGroup,
     exited: tokio::sync::watch::Receiver<bool>,
+    /// Set before the worker signals the rank, so its exit is known to be a requested stop.
+    stop_requested: Arc<AtomicBool>,
     /// Lines for the rank's stdin.
     input: mpsc::Sender<String>,
 }
 
-fn signal_group(pgid: i32, signal: i32) {
-    // SAFETY: killpg has no memory-safety preconditions; a group that is already gone
-    // (ESRCH) is the expected outcome after the rank exits.
-    unsafe {
-        libc::killpg(pgid, signal);
+/// The process group a rank leads: never 0 (`killpg(0)` is the caller's own group), never
+/// negative, never the worker's own group, so signalling it cannot hit the worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProcessGroup(i32);
+
+impl ProcessGroup {
+    /// The group of a child started with `process_group(0)` (its id is its pid); `None` for a
+    /// pid that cannot name a child's group.
+    fn led_by(pid: Option<u32>) -> Option<Self> {
+        let pid = i32::try_from(pid?).ok().filter(|&p| p > 1)?;
+        // SAFETY: getpgrp has no preconditions and cannot fail.
+        let own = unsafe { libc::getpgrp() };
+        (pid != own).then_some(Self(pid))
+    }
+
+    fn signal(self, signal: i32) {
+        // SAFETY: killpg has no memory-safety preconditions; the group is a positive id other
+        // than ours (see `led_by`); a group that is already gone (ESRCH) is the expected
+        // outcome after the rank exits.
+        unsafe {
+            libc::killpg(self.0, signal);
+        }
     }
 }
 
@@ -136,7 +160,15 @@ impl RankProcess {
             command: launch.command.join(" "),
             source,
         })?;
-        let pgid = child.id().map(|pid| pid as i32).unwrap_or(0);
+        let Some(group) = ProcessGroup::led_by(child.id()) else {
+            // Without its group the rank could not be stopped; never signal a guessed one.
+            let _ = child.start_kill();
+            return Err(Error::Spawn {
+                command: launch.command.join(" "),
+                source: std::io::Error::other("the rank exited before its process group was known"),
+            });
+        };
+        let stop_requested = Arc::new(AtomicBool::new(false));
         let (input, mut lines_in) = mpsc::channel::<String>(16);
         if let Some(mut stdin) = child.stdin.take() {
             tokio::spawn(async move {
@@ -195,23 +227,27 @@ impl RankProcess {
             }
         });
         let wait_id = id.clone();
+        let requested = Arc::clone(&stop_requested);
         tokio::spawn(async move {
             let status = child.wait().await;
             // Whatever the rank left behind in its group goes with it.
-            signal_group(pgid, libc::SIGKILL);
+            group.signal(libc::SIGKILL);
             let _ = stdout_task.await;
             let _ = stderr_task.await;
+            let stop_requested = requested.load(Ordering::SeqCst);
             let exit = match status {
                 Ok(status) => {
                     use std::os::unix::process::ExitStatusExt;
                     Exit {
                         code: status.code(),
                         signal: status.signal(),
+                        stop_requested,
                     }
                 }
                 Err(_) => Exit {
                     code: None,
                     signal: None,
+                    stop_requested,
                 },
             };
             let _ = exited_tx.send(true);
@@ -219,8 +255,9 @@ impl RankProcess {
         });
         Ok(RankProcess {
             id,
-            pgid,
+            group,
             exited,
+            stop_requested,
             input,
         })
     }
@@ -241,13 +278,14 @@ impl RankProcess {
         if self.has_exited() {
             return;
         }
-        signal_group(self.pgid, libc::SIGTERM);
-        let pgid = self.pgid;
+        self.stop_requested.store(true, Ordering::SeqCst);
+        self.group.signal(libc::SIGTERM);
+        let group = self.group;
         let mut exited = self.exited.clone();
         tokio::spawn(async move {
             let ended = tokio::time::timeout(grace, exited.wait_for(|e| *e)).await;
             if ended.is_err() {
-                signal_group(pgid, libc::SIGKILL);
+                group.signal(libc::SIGKILL);
             }
         });
     }
@@ -255,7 +293,8 @@ impl RankProcess {
     /// SIGKILL to the whole group now.
     pub fn kill(&self) {
         if !self.has_exited() {
-            signal_group(self.pgid, libc::SIGKILL);
+            self.stop_requested.store(true, Ordering::SeqCst);
+            self.group.signal(libc::SIGKILL);
         }
     }
 }
@@ -394,7 +433,10 @@ echo '@loractl {"progress":{"step":4,"total_steps":8,"loss":0.5,"lr":0.001}}'"#;
         for (script, kind) in [
             ("exit 78", Some(FailureKind::BadConfig)),
             ("exit 1", Some(FailureKind::TrainingError)),
-            ("kill -9 $$", Some(FailureKind::Killed)),
+            // Signals the worker did not send are crashes, spending the job's restarts.
+            ("kill -9 $$", Some(FailureKind::Crashed)),
+            ("kill -SEGV $$", Some(FailureKind::Crashed)),
+            ("kill -ABRT $$", Some(FailureKind::Crashed)),
             ("true", None),
         ] {
             let (tx, rx) = mpsc::channel(64);
@@ -454,6 +496,40 @@ echo '@loractl {"progress":{"step":4,"total_steps":8,"loss":0.5,"lr":0.001}}'"#;
         tokio::time::timeout(Duration::from_secs(10), process_ended(grandchild))
             .await
             .unwrap_or_else(|_| panic!("grandchild {grandchild} survived"));
+    }
+
+    /// A rank the worker stopped is `Killed` (free) however it ends: by the signal, or by an
+    /// error exit from its SIGTERM handler.
+    #[tokio::test]
+    async fn a_requested_stop_is_killed_however_the_rank_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        for script in [
+            "sleep 1000 & echo child $!; wait",
+            "trap 'exit 3' TERM; sleep 1000 & echo child $!; wait",
+        ] {
+            let (tx, mut rx) = mpsc::channel(64);
+            let rank = RankProcess::spawn(&launch(dir.path(), script, vec![]), tx).unwrap();
+            let _ = pid_from(&mut rx).await;
+            rank.stop(Duration::from_secs(30));
+            let (_, exit) = collect(rx).await;
+            assert!(exit.stop_requested, "{script}");
+            assert_eq!(
+                exit.failure_kind(),
+                Some(FailureKind::Killed),
+                "{script}: {}",
+                exit.describe()
+            );
+        }
+    }
+
+    #[test]
+    fn no_process_group_can_name_the_workers_own() {
+        // SAFETY: getpgrp has no preconditions.
+        let own = unsafe { libc::getpgrp() };
+        for pid in [None, Some(0), Some(1), Some(u32::MAX), Some(own as u32)] {
+            assert_eq!(ProcessGroup::led_by(pid), None, "{pid:?}");
+        }
+        assert_eq!(ProcessGroup::led_by(Some(4242)), Some(ProcessGroup(4242)));
     }
 
     #[tokio::test]

@@ -141,9 +141,13 @@ impl Drop for Cluster {
 }
 
 async fn submit(jobs: &mut JobServiceClient<Authed>, gpus: &str) -> Job {
+    submit_spec(jobs, spec(gpus)).await
+}
+
+async fn submit_spec(jobs: &mut JobServiceClient<Authed>, spec_toml: String) -> Job {
     let response = jobs
         .submit_job(pb::SubmitJobRequest {
-            spec_toml: spec(gpus),
+            spec_toml,
             priority: 0,
         })
         .await
@@ -291,7 +295,7 @@ async fn a_job_runs_on_the_worker_and_its_artifacts_are_uploaded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_rank_is_retried_and_resumes_from_its_checkpoint() {
+async fn a_crashed_rank_spends_a_restart_and_resumes_from_its_checkpoint() {
     let cluster = Cluster::start().await;
     let script = r#"
 if [ "$LORACTL_ATTEMPT" = 0 ]; then
@@ -304,15 +308,47 @@ echo "resumed from: $(cat "$LORACTL_RESUME")"
 "#;
     let (_stop, _worker) = cluster.worker("box", script);
     let mut jobs = cluster.jobs().await;
-    let job = submit(&mut jobs, "0").await;
+    let job = submit_spec(
+        &mut jobs,
+        spec("0").replace("max_restarts = 0", "max_restarts = 1"),
+    )
+    .await;
     let (done, _) = watch_until(&mut jobs, &job, |j| j.state.is_terminal()).await;
     assert_eq!(done.state, JobState::Succeeded, "{:?}", done.last_failure);
-    assert_eq!((done.attempt, done.counted_restarts), (1, 0));
-    assert_eq!(done.last_failure.map(|f| f.kind), Some(FailureKind::Killed));
+    // Nobody in loractl sent that SIGKILL: a crash, which spends a restart.
+    assert_eq!((done.attempt, done.counted_restarts), (1, 1));
+    assert_eq!(
+        done.last_failure.map(|f| f.kind),
+        Some(FailureKind::Crashed)
+    );
     let logs = log_lines(&mut jobs, &job).await;
     assert!(
         logs.contains(&"resumed from: state at step 7".to_owned()),
         "{logs:?}"
+    );
+}
+
+/// A rank that aborts at every attempt (an absurd spec failing its allocation made 147
+/// attempts in 50 s) fails the job once its restarts are spent, and says it was a loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rank_that_keeps_aborting_ends_as_a_crash_loop() {
+    let cluster = Cluster::start().await;
+    let (_stop, _worker) = cluster.worker("box", "echo 'allocation failed' >&2; kill -ABRT $$");
+    let mut jobs = cluster.jobs().await;
+    let job = submit_spec(
+        &mut jobs,
+        spec("0").replace("max_restarts = 0", "max_restarts = 2"),
+    )
+    .await;
+    let (done, _) = watch_until(&mut jobs, &job, |j| j.state.is_terminal()).await;
+    assert_eq!(done.state, JobState::Failed);
+    assert_eq!((done.attempt, done.counted_restarts), (2, 2));
+    let failure = done.last_failure.expect("failure recorded");
+    assert_eq!(failure.kind, FailureKind::Crashed);
+    assert!(
+        failure.message.contains("crash loop") && failure.message.contains("signal 6"),
+        "{}",
+        failure.message
     );
 }
 
@@ -403,6 +439,75 @@ async fn worker_shutdown_stops_its_ranks_and_the_job_is_retried_uncounted() {
     );
 }
 
+/// The rank rewrites `<name>-state.safetensors` while the worker uploads the previous one:
+/// the upload sends the bytes of the file it opened and hashed, not whatever the name holds
+/// by the time it streams (which failed the upload and reported a good rank as failed).
+#[tokio::test]
+async fn an_upload_sends_the_file_it_opened_even_if_the_name_is_replaced() {
+    let cluster = Cluster::start().await;
+    let mut artifacts = cluster.artifacts().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("zenny-state.safetensors");
+    let first: Vec<u8> = (0..1_500_000u32).map(|i| (i % 239) as u8).collect();
+    std::fs::write(&path, &first).unwrap();
+    let file = tokio::fs::File::open(&path).await.unwrap();
+    let next = dir.path().join(".next");
+    std::fs::write(&next, b"the next step's state").unwrap();
+    std::fs::rename(&next, &path).unwrap();
+    let info = client::upload_open_file(
+        &mut artifacts,
+        file,
+        &path,
+        ArtifactKind::BaseModel,
+        None,
+        "state".into(),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(info.size, first.len() as u64);
+    let cache = dir.path().join("cache");
+    let fetched = client::download_to_cache(&mut artifacts, &cache, &info.digest)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(fetched).unwrap(), first);
+}
+
+/// Ranks starting together fetch the same resume checkpoint or dataset file at once: each
+/// gets the verified file (they appended to one `.part` file, which then failed its hash).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_downloads_of_one_blob_all_succeed() {
+    let cluster = Cluster::start().await;
+    let mut artifacts = cluster.artifacts().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("state.safetensors");
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 233) as u8).collect();
+    std::fs::write(&file, &data).unwrap();
+    let info = client::upload_file(
+        &mut artifacts,
+        &file,
+        ArtifactKind::BaseModel,
+        None,
+        "state".into(),
+        None,
+    )
+    .await
+    .unwrap();
+    let cache = dir.path().join("cache");
+    let downloads: Vec<_> = (0..8)
+        .map(|_| {
+            let (mut artifacts, cache, digest) = (artifacts.clone(), cache.clone(), info.digest);
+            tokio::spawn(
+                async move { client::download_to_cache(&mut artifacts, &cache, &digest).await },
+            )
+        })
+        .collect();
+    for download in downloads {
+        let path = download.await.unwrap().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(std::fs::read(path).unwrap(), data);
+    }
+}
+
 #[tokio::test]
 async fn artifacts_download_into_the_cache_verified() {
     let cluster = Cluster::start().await;
@@ -417,6 +522,7 @@ async fn artifacts_download_into_the_cache_verified() {
         ArtifactKind::BaseModel,
         None,
         "model.safetensors".into(),
+        None,
     )
     .await
     .unwrap();
@@ -428,6 +534,7 @@ async fn artifacts_download_into_the_cache_verified() {
         ArtifactKind::BaseModel,
         None,
         "x".into(),
+        None,
     )
     .await
     .unwrap();

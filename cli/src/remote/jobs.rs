@@ -8,7 +8,7 @@ use loractl_proto::domain::{ArtifactInfo, ArtifactKind, Job, JobState, LogLine, 
 use loractl_proto::pb;
 
 use super::show;
-use super::{refused, Remote, Target};
+use super::{Remote, Target};
 
 fn job_from(job: Option<pb::Job>, call: &str) -> anyhow::Result<Job> {
     let job = job.ok_or_else(|| anyhow::anyhow!("{call}: the coordinator sent no job"))?;
@@ -23,7 +23,7 @@ pub(super) async fn get_job(remote: &Remote, id: &str) -> anyhow::Result<Job> {
             job_id: id.to_owned(),
         })
         .await
-        .map_err(|s| refused("GetJob", &s))?
+        .map_err(|s| remote.refused("GetJob", &s))?
         .into_inner();
     job_from(reply.job, "GetJob")
 }
@@ -36,7 +36,7 @@ pub(super) async fn job_artifacts(remote: &Remote, id: &str) -> anyhow::Result<V
             job_id: id.to_owned(),
         })
         .await
-        .map_err(|s| refused("ListArtifacts", &s))?
+        .map_err(|s| remote.refused("ListArtifacts", &s))?
         .into_inner();
     reply
         .artifacts
@@ -56,7 +56,7 @@ async fn list_jobs(remote: &Remote, states: &[JobState]) -> anyhow::Result<Vec<J
                 .collect(),
         })
         .await
-        .map_err(|s| refused("ListJobs", &s))?
+        .map_err(|s| remote.refused("ListJobs", &s))?
         .into_inner();
     reply
         .jobs
@@ -198,7 +198,7 @@ pub async fn cancel(target: &Target, id: &str, json: bool) -> anyhow::Result<Exi
             job_id: id.to_owned(),
         })
         .await
-        .map_err(|s| refused("CancelJob", &s))?
+        .map_err(|s| remote.refused("CancelJob", &s))?
         .into_inner();
     let job = job_from(reply.job, "CancelJob")?;
     if json {
@@ -220,11 +220,15 @@ pub async fn logs(target: &Target, id: &str, follow: bool, json: bool) -> anyhow
             follow,
         })
         .await
-        .map_err(|s| refused("GetLogs", &s))?
+        .map_err(|s| remote.refused("GetLogs", &s))?
         .into_inner();
     let mut out = std::io::stdout().lock();
     let mut any = false;
-    while let Some(line) = stream.message().await.map_err(|s| refused("GetLogs", &s))? {
+    while let Some(line) = stream
+        .message()
+        .await
+        .map_err(|s| remote.refused("GetLogs", &s))?
+    {
         let line = LogLine::try_from(line)?;
         any = true;
         if json {
@@ -252,7 +256,7 @@ pub(super) async fn list_workers(remote: &Remote) -> anyhow::Result<Vec<Worker>>
         .await?
         .list_workers(pb::ListWorkersRequest {})
         .await
-        .map_err(|s| refused("ListWorkers", &s))?
+        .map_err(|s| remote.refused("ListWorkers", &s))?
         .into_inner();
     reply
         .workers

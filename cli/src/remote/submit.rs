@@ -16,7 +16,7 @@ use loractl_worker::client;
 use loractl_worker::dataset::{self, Manifest, ManifestEntry};
 
 use super::show;
-use super::{refused, Remote, Target};
+use super::{Remote, Target};
 
 /// Folder depth beyond which a dataset walk stops (a symlink loop, not a dataset).
 const MAX_DEPTH: usize = 16;
@@ -82,7 +82,7 @@ pub async fn submit_job(target: &Target, job: &Path, opts: &SubmitOptions) -> an
             priority: opts.priority,
         })
         .await
-        .map_err(|s| refused("SubmitJob", &s))?
+        .map_err(|s| remote.refused("SubmitJob", &s))?
         .into_inner();
     let job = Job::try_from(
         reply
@@ -302,6 +302,7 @@ async fn upload_dataset(remote: &Remote, folder: &Path, json: bool) -> anyhow::R
             ArtifactKind::Dataset,
             None,
             rel.clone(),
+            None,
         )
         .await
         .map_err(|e| remote.explain(e))
@@ -323,8 +324,15 @@ async fn upload_dataset(remote: &Remote, folder: &Path, json: bool) -> anyhow::R
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "dataset".into())
     );
-    let uploaded =
-        client::upload_file(&mut artifacts, &scratch, ArtifactKind::Dataset, None, name).await;
+    let uploaded = client::upload_file(
+        &mut artifacts,
+        &scratch,
+        ArtifactKind::Dataset,
+        None,
+        name,
+        None,
+    )
+    .await;
     let _ = std::fs::remove_file(&scratch);
     let info = uploaded
         .map_err(|e| remote.explain(e))

@@ -15,7 +15,7 @@ use serde_json::json;
 use tonic::Code;
 
 use super::show;
-use super::{refused, Remote, Target};
+use super::{Remote, Target};
 
 /// How long the coordinator may stay unreachable before `watch` gives up.
 const RECONNECT_FOR: Duration = Duration::from_secs(120);
@@ -94,7 +94,7 @@ async fn follow(
         Err(status) if transient(status.code()) => {
             return Err(Interrupted::Lost(status.message().to_owned()))
         }
-        Err(status) => return Err(Interrupted::Refused(refused("WatchJob", &status))),
+        Err(status) => return Err(Interrupted::Refused(remote.refused("WatchJob", &status))),
     };
     loop {
         let event = match stream.message().await {
@@ -103,7 +103,7 @@ async fn follow(
             Err(status) if transient(status.code()) => {
                 return Err(Interrupted::Lost(status.message().to_owned()))
             }
-            Err(status) => return Err(Interrupted::Refused(refused("WatchJob", &status))),
+            Err(status) => return Err(Interrupted::Refused(remote.refused("WatchJob", &status))),
         };
         if lost_since.take().is_some() {
             display.note("reconnected to the coordinator");

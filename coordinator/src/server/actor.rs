@@ -130,9 +130,18 @@ pub enum Event {
         worker_id: WorkerId,
         session: u64,
     },
+    /// May this worker upload outputs of this attempt of the job?
+    AuthorizeOutput {
+        job: JobId,
+        worker_id: WorkerId,
+        attempt: u32,
+        reply: Reply<()>,
+    },
     CheckpointStored {
         job: JobId,
         digest: Digest,
+        worker_id: WorkerId,
+        attempt: u32,
     },
     /// Ends every open stream (worker sessions, watches, followed logs) so that a graceful
     /// server shutdown does not wait on them.
@@ -227,8 +236,39 @@ impl Handle {
         self.post(Event::CloseStreams).await
     }
 
-    pub async fn checkpoint_stored(&self, job: JobId, digest: Digest) -> Result<()> {
-        self.post(Event::CheckpointStored { job, digest }).await
+    /// Refuses unless `worker_id` runs the current `attempt` of `job`: a job's outputs come
+    /// only from there.
+    pub async fn authorize_output(
+        &self,
+        job: JobId,
+        worker_id: WorkerId,
+        attempt: u32,
+    ) -> Result<()> {
+        self.call(|reply| Event::AuthorizeOutput {
+            job,
+            worker_id,
+            attempt,
+            reply,
+        })
+        .await
+    }
+
+    /// A checkpoint of `attempt` stored; it becomes the job's resume point if that attempt is
+    /// still the one `worker_id` runs.
+    pub async fn checkpoint_stored(
+        &self,
+        job: JobId,
+        digest: Digest,
+        worker_id: WorkerId,
+        attempt: u32,
+    ) -> Result<()> {
+        self.post(Event::CheckpointStored {
+            job,
+            digest,
+            worker_id,
+            attempt,
+        })
+        .await
     }
 }
 
@@ -425,11 +465,26 @@ impl<S: Store> Actor<S> {
                     log.tx = None;
                 }
             }
-            Event::CheckpointStored { job, digest } => {
-                if self
-                    .active
-                    .get(&job)
-                    .is_some_and(|j| j.state == JobState::Running)
+            Event::AuthorizeOutput {
+                job,
+                worker_id,
+                attempt,
+                reply,
+            } => {
+                let _ = reply.send(self.output_allowed(&job, &worker_id, attempt));
+            }
+            Event::CheckpointStored {
+                job,
+                digest,
+                worker_id,
+                attempt,
+            } => {
+                let current = self.output_allowed(&job, &worker_id, attempt).is_ok();
+                if current
+                    && self
+                        .active
+                        .get(&job)
+                        .is_some_and(|j| j.state == JobState::Running)
                 {
                     if let Err(e) = self.transition(&job, Transition::Checkpoint(digest)).await {
                         tracing::warn!(job = %job, error = %e, "checkpoint not recorded");
@@ -437,6 +492,24 @@ impl<S: Store> Actor<S> {
                 }
             }
         }
+    }
+
+    /// Whether `worker_id` runs attempt `attempt` of `job` now (placed there, not stale).
+    fn output_allowed(&self, job: &JobId, worker_id: &WorkerId, attempt: u32) -> Result<()> {
+        let Some(j) = self.active.get(job) else {
+            return Err(Error::OutputRefused(format!(
+                "job `{job}` is not placed or running: it takes no outputs"
+            )));
+        };
+        let placed_there = j.placement.iter().any(|p| &p.worker_id == worker_id);
+        if j.attempt != attempt || !placed_there {
+            return Err(Error::OutputRefused(format!(
+                "worker `{worker_id}` does not run attempt {attempt} of job `{job}` (it is at \
+                 attempt {}): only the worker running the current attempt uploads its outputs",
+                j.attempt
+            )));
+        }
+        Ok(())
     }
 
     /// `job` with its live-only fields filled in.

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use loractl_proto::convert;
 use loractl_proto::domain::{
-    ArtifactKind, CoordinatorMessage, JobEvent, JobId, Registration, WorkerMessage,
+    ArtifactInfo, ArtifactKind, CoordinatorMessage, JobEvent, JobId, Registration, WorkerId,
+    WorkerMessage,
 };
 use loractl_proto::pb;
 use tokio::io::AsyncReadExt;
@@ -292,6 +293,60 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
 pub struct ArtifactApi {
     pub store: Arc<ArtifactStore>,
     pub handle: Handle,
+    /// With mutual TLS: a job's outputs also need the worker's verified client certificate.
+    pub outputs_need_client_cert: bool,
+}
+
+impl ArtifactApi {
+    /// Who may upload this: anyone with the token for datasets and base models (which belong
+    /// to no job); for a job's outputs (LoRA files, samples, checkpoints) only the worker that
+    /// runs the job's current attempt, named in the header and checked against the placement.
+    /// Returns that worker and attempt for an output.
+    async fn admit(
+        &self,
+        info: &ArtifactInfo,
+        worker_id: &str,
+        attempt: u32,
+        has_client_cert: bool,
+    ) -> Result<Option<(WorkerId, u32)>, Status> {
+        match info.kind {
+            ArtifactKind::Dataset | ArtifactKind::BaseModel => {
+                if info.job_id.is_some() {
+                    return Err(convert_error(
+                        "header.info.job_id",
+                        "datasets and base models belong to no job: leave it empty",
+                    ));
+                }
+                Ok(None)
+            }
+            ArtifactKind::Lora | ArtifactKind::SampleImage | ArtifactKind::Checkpoint => {
+                let Some(job) = info.job_id.clone() else {
+                    return Err(convert_error(
+                        "header.info.job_id",
+                        "a LoRA file, sample or checkpoint names the job it belongs to",
+                    ));
+                };
+                if worker_id.is_empty() {
+                    return Err(Status::permission_denied(format!(
+                        "outputs of job `{job}` (LoRA files, samples, checkpoints) come only \
+                         from the worker running it; clients may upload datasets and base models"
+                    )));
+                }
+                if self.outputs_need_client_cert && !has_client_cert {
+                    return Err(Status::permission_denied(
+                        "job outputs come only from workers, which present a client \
+                         certificate signed by the coordinator's client CA (tls_cert and \
+                         tls_key in the worker config)",
+                    ));
+                }
+                let worker_id = WorkerId::new(worker_id);
+                self.handle
+                    .authorize_output(job, worker_id.clone(), attempt)
+                    .await?;
+                Ok(Some((worker_id, attempt)))
+            }
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -313,6 +368,7 @@ impl pb::artifact_service_server::ArtifactService for ArtifactApi {
         request: Request<Streaming<pb::UploadMessage>>,
     ) -> Result<Response<pb::UploadResponse>, Status> {
         use pb::upload_message::Message;
+        let has_client_cert = request.peer_certs().is_some_and(|certs| !certs.is_empty());
         let mut inbound = request.into_inner();
         let Some(Message::Header(header)) = inbound.message().await?.and_then(|m| m.message) else {
             return Err(convert_error(
@@ -321,6 +377,9 @@ impl pb::artifact_service_server::ArtifactService for ArtifactApi {
             ));
         };
         let info = convert::artifact_info(header.info, "header.info")?;
+        let producer = self
+            .admit(&info, &header.worker_id, header.attempt, has_client_cert)
+            .await?;
         let mut upload = match self.store.begin_upload(info, header.offset).await? {
             Begin::Complete(info) => {
                 return Ok(Response::new(pb::UploadResponse {
@@ -341,9 +400,11 @@ impl pb::artifact_service_server::ArtifactService for ArtifactApi {
             }
         }
         let info = upload.finish().await?;
-        if let (ArtifactKind::Checkpoint, Some(job)) = (info.kind, info.job_id.clone()) {
+        if let (ArtifactKind::Checkpoint, Some(job), Some((worker_id, attempt))) =
+            (info.kind, info.job_id.clone(), producer)
+        {
             self.handle
-                .checkpoint_stored(job.clone(), info.digest)
+                .checkpoint_stored(job.clone(), info.digest, worker_id, attempt)
                 .await?;
             let removed = self.store.gc_checkpoints(&job).await?;
             if !removed.is_empty() {

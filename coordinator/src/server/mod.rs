@@ -23,7 +23,8 @@ use crate::store::{AnyStore, Store};
 pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
 
 /// PEM files of the coordinator's TLS identity. With `client_ca`, workers must present a
-/// certificate signed by it (mutual TLS); clients such as the CLI need only the token.
+/// certificate signed by it (mutual TLS), for their sessions and for uploading job outputs;
+/// clients such as the CLI need only the token.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
     pub cert: std::path::PathBuf,
@@ -76,6 +77,13 @@ where
     S: Store + Clone,
     F: Future<Output = ()> + Send,
 {
+    if let Some(problem) = config
+        .token
+        .as_deref()
+        .and_then(loractl_proto::token::problem)
+    {
+        return Err(Error::BadToken(problem));
+    }
     // Certificates first: a wrong path fails before anything starts.
     let tls = config.tls.as_ref().map(tls_config).transpose()?;
     let (handle, event_loop) = actor::start(store, config.coordinator).await?;
@@ -109,6 +117,7 @@ where
     let artifact_api = pb::artifact_service_server::ArtifactServiceServer::new(grpc::ArtifactApi {
         store: artifacts,
         handle,
+        outputs_need_client_cert: mutual_tls,
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
 
@@ -132,6 +141,21 @@ where
         .await?;
     // The services held the last handles; the loop ends once they are dropped.
     let _ = event_loop.await;
+    Ok(())
+}
+
+/// Refuses to serve on an address other machines can reach without a token, unless
+/// `insecure` says so explicitly: anyone who can connect could run jobs and read artifacts.
+/// `listen` is resolved as the listener will be; an unresolvable one is left to `bind`.
+pub fn check_exposure(listen: &str, token: Option<&str>, insecure: bool) -> Result<()> {
+    use std::net::ToSocketAddrs;
+    let exposed = listen
+        .to_socket_addrs()
+        .map(|mut addrs| addrs.any(|a| !a.ip().is_loopback()))
+        .unwrap_or(false);
+    if exposed && token.is_none() && !insecure {
+        return Err(Error::Exposed(listen.to_owned()));
+    }
     Ok(())
 }
 
