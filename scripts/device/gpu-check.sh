@@ -5,21 +5,28 @@
 #   2. a LoRA training run of 2 steps on the tiny test model, on the GPU and on the CPU, same
 #      seed: per-step losses and the saved LoRA weights compared.
 # Run from the repository root:
-#   LORACTL_CUDA_OUT=target/cuda/loractl scripts/cuda/build.sh     # where Rust is
-#   scripts/device/gpu-check.sh [target/cuda/loractl]              # on the GPU machine
+#   LORACTL_CUDA_OUT=target/cuda/loractl.gz scripts/cuda/build.sh  # where Rust is
+#   scripts/device/gpu-check.sh [target/cuda/loractl.gz]           # on the GPU machine
+# (gzipped, 22 MB, because the stripped binary, 74 MB, is more than a device run may carry.)
 # Writes its work to ${OUT:-/tmp}/loractl-gpu-check. Takes about a minute.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-bin=${1:-${LORACTL_CUDA_BIN:-target/cuda/loractl}}
-[[ -x $bin ]] || {
+bin=${1:-${LORACTL_CUDA_BIN:-target/cuda/loractl.gz}}
+[[ -f $bin ]] || {
     echo "gpu-check: no CUDA loractl at $bin: build one with LORACTL_CUDA_OUT=$bin scripts/cuda/build.sh" >&2
     exit 1
 }
-bin=$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")
 work=${OUT:-/tmp}/loractl-gpu-check
 rm -rf "$work"
 mkdir -p "$work"
+work=$(cd "$work" && pwd)
+if [[ $bin == *.gz ]]; then
+    gzip -dc "$bin" >"$work/loractl"
+    chmod +x "$work/loractl"
+    bin="$work/loractl"
+fi
+bin=$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")
 
 nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv,noheader ||
     echo "gpu-check: nvidia-smi failed (no driver?)" >&2
