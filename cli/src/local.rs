@@ -49,8 +49,17 @@ fn parse_device(text: &str) -> anyhow::Result<Device> {
             id.parse()
                 .with_context(|| format!("`{text}`: the GPU index must be a number, e.g. cuda:0"))?
         };
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = id;
+            bail!("cannot use {text}: {}", crate::gpu::NO_CUDA);
+        }
+        #[cfg(feature = "cuda")]
         return Device::new_cuda(id).with_context(|| {
-            format!("cannot open {text}: this build needs the `cuda` feature and an NVIDIA GPU")
+            format!(
+                "cannot open {text}: no usable NVIDIA GPU (check `nvidia-smi`, \
+                 CUDA_VISIBLE_DEVICES and `loractl gpu-check`)"
+            )
         });
     }
     bail!("unknown device `{text}`: use `cpu` or `cuda:N`")

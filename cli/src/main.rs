@@ -2,6 +2,7 @@
 //! machine alone; the cluster commands ([`remote`]) talk to a coordinator; `up` ([`up`]) runs a
 //! coordinator and a worker in this process.
 
+mod gpu;
 mod local;
 mod progress;
 mod rank;
@@ -93,6 +94,13 @@ enum Command {
         /// `cpu`, or `cuda:N` (needs a build with the `cuda` feature).
         #[arg(long, default_value = "cpu")]
         device: String,
+    },
+    /// Check that this machine's GPU works with this build: NCCL version, device, a one-rank
+    /// NCCL all-reduce and a matmul compared with the CPU. Needs a build with the `cuda` feature.
+    GpuCheck {
+        /// CUDA device index.
+        #[arg(long, default_value_t = 0)]
+        device: usize,
     },
     /// One rank of a cluster job (started by loractl-worker, configured by `LORACTL_*`
     /// variables).
@@ -283,6 +291,7 @@ fn main() -> ExitCode {
             device,
         } => local::train(&job, resume, json, &device),
         Command::Rank => rank::rank(),
+        Command::GpuCheck { device } => gpu::gpu_check(device),
         Command::Quickstart {
             dir,
             model,

@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# On a machine with an NVIDIA GPU, its driver and the CUDA 13 libraries, but no Rust: checks the
+# CUDA build of loractl carried there (built elsewhere by scripts/cuda/build.sh):
+#   1. `loractl gpu-check`: NCCL version, device, a one-rank NCCL all-reduce, a matmul vs CPU;
+#   2. a LoRA training run of 2 steps on the tiny test model, on the GPU and on the CPU, same
+#      seed: per-step losses and the saved LoRA weights compared.
+# Run from the repository root:
+#   LORACTL_CUDA_OUT=target/cuda/loractl.gz scripts/cuda/build.sh  # where Rust is
+#   scripts/device/gpu-check.sh [target/cuda/loractl.gz]           # on the GPU machine
+# (gzipped, 22 MB, because the stripped binary, 74 MB, is more than a device run may carry.)
+# Writes its work to ${OUT:-/tmp}/loractl-gpu-check. Takes about a minute.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+bin=${1:-${LORACTL_CUDA_BIN:-target/cuda/loractl.gz}}
+[[ -f $bin ]] || {
+    echo "gpu-check: no CUDA loractl at $bin: build one with LORACTL_CUDA_OUT=$bin scripts/cuda/build.sh" >&2
+    exit 1
+}
+work=${OUT:-/tmp}/loractl-gpu-check
+rm -rf "$work"
+mkdir -p "$work"
+work=$(cd "$work" && pwd)
+if [[ $bin == *.gz ]]; then
+    gzip -dc "$bin" >"$work/loractl"
+    chmod +x "$work/loractl"
+    bin="$work/loractl"
+fi
+bin=$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")
+
+nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv,noheader ||
+    echo "gpu-check: nvidia-smi failed (no driver?)" >&2
+
+# The binary links libcuda (the driver's), cudart, cuBLAS(Lt), cuRAND, NVRTC and NCCL 2.30+ of
+# CUDA 13. Use the system's when the loader finds them; otherwise look in the usual toolkit and
+# Python wheel folders (PyTorch's CUDA 13 wheels carry them). Never a `stubs` folder: its
+# libcuda sees no GPU.
+missing() { LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-} ldd "$bin" | awk '/not found/ { print $1 }'; }
+if [[ -n $(missing) ]]; then
+    candidates=(/usr/local/cuda-13*/lib64 /usr/local/cuda-13*/targets/*/lib /usr/local/cuda/lib64
+        /usr/lib/x86_64-linux-gnu)
+    for py in python3 /usr/bin/python3; do
+        command -v "$py" >/dev/null || continue
+        while read -r site; do
+            candidates+=("$site"/nvidia/cu13/lib "$site"/nvidia/nccl/lib "$site"/nvidia/*/lib)
+        done < <("$py" -c 'import site, sys; print("\n".join(site.getsitepackages() + [site.getusersitepackages()]))' 2>/dev/null || true)
+    done
+    extra=""
+    for lib in $(missing); do
+        for d in "${candidates[@]}"; do
+            [[ -e $d/$lib && $d != */stubs* ]] || continue
+            case ":$extra:" in *":$d:"*) ;; *) extra="$extra:$d" ;; esac
+            break
+        done
+    done
+    export LD_LIBRARY_PATH="${extra#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    if [[ -n $(missing) ]]; then
+        echo "gpu-check: libraries not found: $(missing | tr '\n' ' ')" >&2
+        echo "  install CUDA 13 (cudart, cuBLAS, cuRAND, NVRTC) and NCCL >= 2.30, or set LD_LIBRARY_PATH" >&2
+        exit 1
+    fi
+fi
+echo "libraries:"
+ldd "$bin" | grep -E 'libcuda\.|cudart|cublas|curand|nvrtc|nccl' | sed 's/^/  /' || true
+
+echo "== loractl gpu-check"
+"$bin" gpu-check
+
+echo "== LoRA training, 2 steps on the tiny model: GPU vs CPU"
+# quickstart writes the generated dataset and the job (and trains once on the CPU, a second).
+"$bin" quickstart --dir "$work" --model trainer/tests/fixtures/sd1/diffusers --steps 2 \
+    --device cpu >"$work/quickstart.log" 2>&1 || {
+    cat "$work/quickstart.log" >&2
+    exit 1
+}
+for dev in cpu cuda:0; do
+    name=${dev%%:*}
+    sed "s|^output_dir = .*|output_dir = \"out-$name\"|" "$work/job.toml" >"$work/job-$name.toml"
+    start=$(date +%s%N)
+    "$bin" train --json --device "$dev" "$work/job-$name.toml" >"$work/events-$name.jsonl"
+    echo "  $dev: $((($(date +%s%N) - start) / 1000000)) ms"
+done
+
+python3 - "$work" <<'PY'
+"""Compares the CPU and GPU runs: per-step losses and the saved LoRA tensors.
+
+Tolerances. Both devices compute in f32 with the same seeded host-side noise, so the step-1
+loss differs only by summation order (cuBLAS/candle kernels vs CPU gemm): 1e-3 relative is
+~100x that. The LoRA update of AdamW's first steps is about +-lr per element whatever the
+gradient's size, so a gradient element near zero whose sign differs between devices moves
+by 2 lr: the weights are compared by their overall relative L2 difference (5e-2) and by the
+share of elements that agree to fp16 storage precision (>= 99%), not element by element."""
+import json, math, struct, sys
+from pathlib import Path
+
+work = Path(sys.argv[1])
+
+def losses(name):
+    out = []
+    for line in (work / f"events-{name}.jsonl").read_text().splitlines():
+        e = json.loads(line)
+        if e.get("kind") == "step":
+            out.append(float(e["loss"]))
+    return out
+
+def tensors(path):
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    data = raw[8 + n :]
+    fmt = {"F16": "e", "F32": "f", "BF16": None}
+    out = {}
+    for key, t in header.items():
+        if key == "__metadata__":
+            continue
+        a, b = t["data_offsets"]
+        f = fmt[t["dtype"]]
+        size = struct.calcsize(f)
+        out[key] = struct.unpack(f"<{(b - a) // size}{f}", data[a:b])
+    return out
+
+def lora_files(name):
+    return {p.name for p in (work / f"out-{name}").glob("*.safetensors")}
+
+ok = True
+cpu_l, gpu_l = losses("cpu"), losses("cuda")
+print(f"  losses cpu {cpu_l}\n         gpu {gpu_l}")
+if len(cpu_l) != len(gpu_l) or not cpu_l:
+    sys.exit("the runs did not report the same steps")
+worst = max(abs(c - g) / max(abs(c), 1e-8) for c, g in zip(cpu_l, gpu_l))
+print(f"  loss: max relative difference {worst:.2e} (tolerance 1e-3)")
+ok &= worst <= 1e-3
+
+names = lora_files("cpu")
+if not names or names != lora_files("cuda"):
+    sys.exit(f"the runs saved different LoRA files: {names} vs {lora_files('cuda')}")
+for file in sorted(names):
+    cpu_t, gpu_t = tensors(work / "out-cpu" / file), tensors(work / "out-cuda" / file)
+    if cpu_t.keys() != gpu_t.keys():
+        sys.exit(f"{file}: the runs saved different tensors")
+    diff2 = ref2 = 0.0
+    close = total = 0
+    for key in cpu_t:
+        c, g = cpu_t[key], gpu_t[key]
+        scale = max(abs(x) for x in c) or 1.0
+        for x, y in zip(c, g):
+            diff2 += (x - y) ** 2
+            ref2 += x * x
+            close += abs(x - y) <= 1e-3 * scale + 1e-3 * abs(x)
+            total += 1
+    rel = math.sqrt(diff2 / max(ref2, 1e-30))
+    share = close / total
+    print(f"  {file} ({len(cpu_t)} tensors, {total} values): relative L2 difference "
+          f"{rel:.2e} (tolerance 5e-2), {100 * share:.2f}% of values agree (need 99%)")
+    ok &= rel <= 5e-2 and share >= 0.99
+print("  gpu vs cpu:", "ok" if ok else "FAILED")
+sys.exit(0 if ok else 1)
+PY
+echo "gpu-check.sh: ok"
