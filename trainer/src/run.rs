@@ -864,7 +864,7 @@ fn meta_base(
         ),
         // As sd-scripts' get_sai_model_spec: only when the job sets them.
         timestep_range: (s.training.min_timestep.is_some() || s.training.max_timestep.is_some())
-            .then(|| (spec.timesteps.start, spec.timesteps.end)),
+            .then_some((spec.timesteps.start, spec.timesteps.end)),
         encoder_layer: s.model.clip_skip,
         no_metadata: s.output.no_metadata,
     }
