@@ -12,6 +12,7 @@ use std::time::Instant;
 use loractl_proto::domain::EXIT_BAD_CONFIG;
 use loractl_spec::JobSpec;
 use loractl_trainer::run::{self, RunEvent, RunOptions, RunResult};
+use loractl_trainer::ErrorKind;
 use loractl_worker::protocol::{ArtifactKindName, ChildMessage};
 
 /// Optimizer steps between checkpoints when the job does not say (`LORACTL_CHECKPOINT_STEPS`).
@@ -76,7 +77,8 @@ pub fn rank() -> anyhow::Result<ExitCode> {
         Some(p) => spec.spec.model.pretrained_model_name_or_path = p,
         None => {
             return Ok(bad_config(format!(
-                "base model `{}` is neither a path on this worker nor in its model_dirs {:?}",
+                "model.pretrained_model_name_or_path `{}` is neither a path on this worker nor \
+                 in its model_dirs {:?}: give a model the worker can read",
                 model.display(),
                 model_dirs
             )))
@@ -173,17 +175,19 @@ pub fn rank() -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(1))
         }
         Err(e) => {
-            use loractl_trainer::Error as E;
             eprintln!("error: {e}");
-            let code = match e {
-                E::Config(_)
-                | E::BadCheckpoint { .. }
-                | E::MissingTensor { .. }
-                | E::ShapeMismatch { .. } => EXIT_BAD_CONFIG as u8,
-                _ => 1,
-            };
-            Ok(ExitCode::from(code))
+            Ok(ExitCode::from(exit_code(e.kind())))
         }
+    }
+}
+
+/// The rank's exit code for a failed run, from the error's own classification: a bad config
+/// is never retried; an internal failure or a diverged run is a training error, retried from
+/// the last checkpoint while the job has restarts left.
+fn exit_code(kind: ErrorKind) -> u8 {
+    match kind {
+        ErrorKind::BadConfig => EXIT_BAD_CONFIG as u8,
+        ErrorKind::Internal | ErrorKind::Diverged => 1,
     }
 }
 
@@ -256,6 +260,7 @@ fn die_by_sigterm() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use loractl_trainer::Error;
 
     /// The trainer replaces its state file at every checkpoint (write aside, rename over); the
     /// file announced for an earlier step keeps that step's bytes.
@@ -282,5 +287,16 @@ mod tests {
         assert_eq!(std::fs::read(&first)?, b"step 10");
         assert_eq!(std::fs::read(&second)?, b"step 20");
         std::fs::remove_dir_all(&dir)
+    }
+
+    #[test]
+    fn exit_codes_follow_the_error_kind() {
+        // network_weights made for another base model: bad config, not a restart per attempt.
+        let lora = Error::Lora("`x.lora_up.weight` has shape [320, 4]".into());
+        assert_eq!(exit_code(lora.kind()), EXIT_BAD_CONFIG as u8);
+        // A state that cannot be encoded: retried, not failed for good.
+        let state = Error::Internal("encoding the training state: x".into());
+        assert_eq!(exit_code(state.kind()), 1);
+        assert_eq!(exit_code(Error::Diverged("nan".into()).kind()), 1);
     }
 }

@@ -8,11 +8,11 @@ use std::path::PathBuf;
 /// Everything that can go wrong loading or checking a job spec.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot read job spec `{}`: {source}", path.display())]
+    /// The OS error is in the message, not `source()`, so a printed chain says it once.
+    #[error("cannot read job spec `{}`: {error}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(transparent)]
     Parse(#[from] ParseErrors),

@@ -27,6 +27,13 @@
 //! job name; a non-zero warmup with `lr_scheduler = "constant"` runs as
 //! `constant_with_warmup` with a warning instead of failing; `resolution` must be a multiple
 //! of 64; only `safetensors` output and the `ddim`/`euler`/`euler_a` samplers exist.
+//!
+//! What validation accepts, the trainer runs: options sd-scripts has but loractl does not
+//! implement yet (optimizers other than the seven of [`OptimizerType::implemented`], `l1` and
+//! `smooth_l1` losses, huber schedules other than `constant`, `gradient_checkpointing`,
+//! `logging_dir`, `color_aug`, `network_dropout`, more than one worker or GPU) are refused with
+//! a sentence saying so, `optimizer_args` names are checked against the chosen optimizer, and
+//! every number has a range ([`limits`]).
 
 mod error;
 mod parse;
@@ -39,8 +46,9 @@ pub use toml;
 
 pub use error::{Error, ParseError, ParseErrors, Result, SpecError, SpecErrors, SpecWarning};
 pub use resolve::{
-    Buckets, ConvLora, Gpus, HuberSchedule, Loss, LossType, LrScheduler, MixedPrecision,
-    OptimizerType, ResolvedSpec, Sampler, SavePrecision, TrainLength, WarmupSpec,
+    limits, optimizer_arg_names, Buckets, ConvLora, Gpus, HuberSchedule, Loss, LossType,
+    LrScheduler, MixedPrecision, OptimizerType, ResolvedSpec, Sampler, SavePrecision, TrainLength,
+    WarmupSpec,
 };
 pub use spec::{
     defaults, DatasetConfig, JobSpec, LoggingConfig, LrWarmup, ModelConfig, NetworkArgs,

@@ -33,9 +33,9 @@ impl JobSpec {
     /// Reads and parses a job spec file (see [`JobSpec::from_toml_str`]).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        let text = std::fs::read_to_string(path).map_err(|error| Error::Io {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         Ok(Self::from_toml_str(&text, &path.display().to_string())?)
     }

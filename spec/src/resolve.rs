@@ -41,8 +41,9 @@ macro_rules! choices {
 }
 
 choices! {
-    /// sd-scripts' optimizer names. Which of them the trainer implements is the trainer's
-    /// business; the spec accepts every name sd-scripts accepts (except Python class paths).
+    /// sd-scripts' optimizer names (Python class paths aside). Validation refuses the ones the
+    /// trainer does not implement yet ([`OptimizerType::is_implemented`]) with a sentence saying
+    /// so, so a job that validates is a job the trainer runs.
     OptimizerType {
         AdamW = "AdamW",
         AdamW8bit = "AdamW8bit",
@@ -98,6 +99,34 @@ impl OptimizerType {
         )
     }
 
+    /// The `optimizer_args` names this optimizer takes, or `None` when loractl does not
+    /// implement it yet. The lists are those of the Python packages sd-scripts builds each
+    /// optimizer from; the trainer reads them from here.
+    pub fn arg_names(self) -> Option<&'static [&'static str]> {
+        use optimizer_arg_names as a;
+        use OptimizerType::*;
+        Some(match self {
+            AdamW => a::ADAMW,
+            AdamW8bit => a::ADAMW8BIT,
+            Lion => a::LION,
+            SgdNesterov => a::SGD_NESTEROV,
+            DAdaptAdam => a::DADAPT_ADAM,
+            Prodigy => a::PRODIGY,
+            Adafactor => a::ADAFACTOR,
+            _ => return None,
+        })
+    }
+
+    /// Whether the trainer implements this optimizer.
+    pub fn is_implemented(self) -> bool {
+        self.arg_names().is_some()
+    }
+
+    /// The optimizers the trainer implements, as sd-scripts spells them.
+    pub fn implemented() -> impl Iterator<Item = OptimizerType> + Clone {
+        Self::ALL.iter().copied().filter(|o| o.is_implemented())
+    }
+
     /// Schedule-free optimizers run without an LR scheduler.
     pub fn is_schedule_free(self) -> bool {
         use OptimizerType::*;
@@ -106,6 +135,50 @@ impl OptimizerType {
             AdamWScheduleFree | RAdamScheduleFree | SgdScheduleFree
         )
     }
+}
+
+/// The `optimizer_args` each implemented optimizer accepts (the keyword arguments of the class
+/// sd-scripts builds: torch's AdamW and SGD, bitsandbytes' AdamW8bit, lion-pytorch, dadaptation's
+/// DAdaptAdam, prodigyopt, transformers' Adafactor), less the learning rate, which comes from
+/// the spec. One list per optimizer, read by validation and by the trainer's optimizer builder.
+pub mod optimizer_arg_names {
+    pub const ADAMW: &[&str] = &["betas", "eps", "weight_decay", "amsgrad"];
+    pub const ADAMW8BIT: &[&str] = &["betas", "eps", "weight_decay", "min_8bit_size"];
+    pub const LION: &[&str] = &["betas", "weight_decay", "decoupled_weight_decay"];
+    pub const SGD_NESTEROV: &[&str] = &["momentum", "weight_decay", "dampening"];
+    pub const DADAPT_ADAM: &[&str] = &[
+        "betas",
+        "eps",
+        "weight_decay",
+        "decouple",
+        "use_bias_correction",
+        "d0",
+        "growth_rate",
+        "log_every",
+    ];
+    pub const PRODIGY: &[&str] = &[
+        "betas",
+        "beta3",
+        "eps",
+        "weight_decay",
+        "decouple",
+        "use_bias_correction",
+        "safeguard_warmup",
+        "d0",
+        "d_coef",
+        "growth_rate",
+        "slice_p",
+    ];
+    pub const ADAFACTOR: &[&str] = &[
+        "eps",
+        "clip_threshold",
+        "decay_rate",
+        "beta1",
+        "weight_decay",
+        "scale_parameter",
+        "relative_step",
+        "warmup_init",
+    ];
 }
 
 choices! {
@@ -172,6 +245,10 @@ impl Sampler {
     }
 }
 
+fn implemented_names() -> impl Iterator<Item = &'static str> + Clone {
+    OptimizerType::implemented().map(OptimizerType::as_str)
+}
+
 macro_rules! exact_parse {
     ($($name:ident),+) => {$(
         impl $name {
@@ -189,13 +266,54 @@ exact_parse!(
     HuberSchedule
 );
 
+/// Upper bounds of numeric options. sd-scripts has none, so a typo (or `network_dim =
+/// 4294967295`) used to pass validation and `plan` and abort in the trainer. Each bound is far
+/// above any SD1.x/SD2.x LoRA job people run (the kohya_ss GUI's sliders, sd-scripts' examples)
+/// and far below sizes that overflow the trainer's arithmetic.
+pub mod limits {
+    /// kohya_ss caps network_dim and conv_dim at 1024; a dim-1024 SD1.5 LoRA is already ~1.1 GB
+    /// at fp16, where 128 is "large".
+    pub const NETWORK_DIM: u64 = 1024;
+    /// Alphas beyond the largest dim only scale the LoRA up; the GUI caps them at 1024 too.
+    pub const NETWORK_ALPHA: f64 = 1024.0;
+    /// SD1/SD2 train at 512 to 1024; 8192 per side (a 1024×1024 latent) is past any card.
+    pub const RESOLUTION: u32 = 8192;
+    /// Batches are per device; a few hundred SD images already need hundreds of GiB.
+    pub const BATCH_SIZE: u64 = 256;
+    pub const GRADIENT_ACCUMULATION_STEPS: u64 = 1024;
+    /// Ten million steps is years of SD1.5 training at 1 step/s.
+    pub const STEPS: u64 = 10_000_000;
+    pub const EPOCHS: u64 = 100_000;
+    /// Tags kept in front when shuffling; a 225-token caption has at most 225.
+    pub const KEEP_TOKENS: u64 = 225;
+    /// D-Adaptation and Prodigy use ~1.0, other optimizers 1e-6..1e-3: anything above is a typo.
+    pub const LEARNING_RATE: f64 = 100.0;
+    pub const LR_SCHEDULER_NUM_CYCLES: u64 = 10_000;
+    pub const LR_SCHEDULER_POWER: f64 = 100.0;
+    /// Clipping at 1000 is no clipping already (0 turns it off).
+    pub const MAX_GRAD_NORM: f64 = 1000.0;
+    /// kohya recommends ~0.1; an offset of 1 is already as large as the noise itself.
+    pub const NOISE_OFFSET: f64 = 1.0;
+    /// The min-SNR paper uses 5; 1000 is larger than every SNR of the first timesteps' range.
+    pub const MIN_SNR_GAMMA: f64 = 1000.0;
+    /// sd-scripts' default is 0.1; from about 1 on, huber is l2 for every normal residual.
+    pub const HUBER_C: f64 = 10.0;
+    pub const PRIOR_LOSS_WEIGHT: f64 = 100.0;
+    pub const MAX_RESTARTS: u64 = 100;
+    /// File names are at most 255 bytes; the longest name loractl derives from output_name
+    /// adds `-step00000000-state.safetensors` (31 bytes).
+    pub const NAME_BYTES: usize = 200;
+}
+
 /// The loss and its parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Loss {
     L2,
-    L1,
-    Huber { c: f64, schedule: HuberSchedule },
-    SmoothL1 { c: f64, schedule: HuberSchedule },
+    /// Only `schedule = Constant` passes validation until the other schedules are implemented.
+    Huber {
+        c: f64,
+        schedule: HuberSchedule,
+    },
 }
 
 /// Warmup length, resolved from `lr_warmup_steps` (percentages become fractions).
@@ -398,6 +516,12 @@ impl Checker {
         parsed
     }
 
+    /// A count of steps or epochs between events: 1..=max.
+    fn interval(&mut self, path: &str, value: u64, max: u64, fix: &str) {
+        self.nonzero(path, value, fix);
+        self.at_most_u(path, value, 1, max, fix);
+    }
+
     fn nonzero(&mut self, path: &str, value: u64, fix: &str) {
         if value == 0 {
             self.err(path, "must be at least 1, got 0", fix);
@@ -428,6 +552,33 @@ impl Checker {
         ok
     }
 
+    /// An integer option's range, `min..=max`, checked after [`Checker::nonzero`] (so 0 keeps
+    /// its own message).
+    fn at_most_u(&mut self, path: &str, value: u64, min: u64, max: u64, fix: &str) -> bool {
+        let ok = value <= max;
+        if !ok {
+            self.err(
+                path,
+                format!("must be between {min} and {max}, got {value}"),
+                fix,
+            );
+        }
+        ok
+    }
+
+    /// A number's upper bound, checked after [`Checker::non_negative`] or [`Checker::positive`].
+    fn at_most(&mut self, path: &str, value: f64, max: f64, fix: &str) -> bool {
+        let ok = !value.is_finite() || value <= max;
+        if !ok {
+            self.err(
+                path,
+                format!("must be between 0 and {max}, got {value}"),
+                fix,
+            );
+        }
+        ok
+    }
+
     fn rate(&mut self, path: &str, value: f64) {
         if !(0.0..=1.0).contains(&value) {
             self.err(
@@ -446,6 +597,21 @@ impl Checker {
                 path,
                 format!("`{value}` is used as a file name and must not contain path separators"),
                 "put directories in output.output_dir",
+            );
+        } else if value.chars().any(char::is_control) {
+            self.err(
+                path,
+                format!("{value:?} is used as a file name and must not contain NUL or other control characters"),
+                "use letters, digits, `-` and `_`",
+            );
+        } else if value.len() > limits::NAME_BYTES {
+            self.err(
+                path,
+                format!(
+                    "is {} bytes long; file names made from it must fit in 255 bytes",
+                    value.len()
+                ),
+                format!("use at most {} bytes", limits::NAME_BYTES),
             );
         }
     }
@@ -470,6 +636,7 @@ impl Checker {
         let (output_name, save_precision) = self.check_output(spec);
         let sampler = self.check_sample(spec);
         let gpus = self.check_resources(spec);
+        self.check_logging(spec);
 
         let opt = opt?;
         let (mixed_precision, loss, timesteps) = training?;
@@ -563,28 +730,74 @@ impl Checker {
                 format!("use \".{}\"", d.caption_extension.trim_start_matches('.')),
             );
         }
+        if d.caption_extension.contains(['/', '\\'])
+            || d.caption_extension.chars().any(char::is_control)
+        {
+            self.err(
+                "dataset.caption_extension",
+                format!(
+                    "{:?} must not contain path separators or control characters: it is appended to each image's name",
+                    d.caption_extension
+                ),
+                "use \".txt\" or \".caption\"",
+            );
+        }
         if d.caption_separator.is_empty() {
             self.err("dataset.caption_separator", "is empty", "use \",\"");
         }
+        self.at_most_u(
+            "dataset.keep_tokens",
+            d.keep_tokens.into(),
+            0,
+            limits::KEEP_TOKENS,
+            "use the number of leading tags to keep in place, e.g. 1",
+        );
+        self.at_most_u(
+            "dataset.caption_dropout_every_n_epochs",
+            d.caption_dropout_every_n_epochs.into(),
+            0,
+            limits::EPOCHS,
+            "use e.g. 3, or 0 for never",
+        );
         self.rate("dataset.caption_dropout_rate", d.caption_dropout_rate);
         self.rate(
             "dataset.caption_tag_dropout_rate",
             d.caption_tag_dropout_rate,
         );
-        self.non_negative(
-            "dataset.prior_loss_weight",
-            d.prior_loss_weight,
-            "use 1.0 (regularisation images weigh as much as training images)",
-        );
+        let fix = "use 1.0 (regularisation images weigh as much as training images)";
+        if self.non_negative("dataset.prior_loss_weight", d.prior_loss_weight, fix) {
+            self.at_most(
+                "dataset.prior_loss_weight",
+                d.prior_loss_weight,
+                limits::PRIOR_LOSS_WEIGHT,
+                fix,
+            );
+        }
         self.nonzero(
             "dataset.vae_batch_size",
             d.vae_batch_size.into(),
             "use 1 or more",
         );
+        self.at_most_u(
+            "dataset.vae_batch_size",
+            d.vae_batch_size.into(),
+            1,
+            limits::BATCH_SIZE,
+            "use 1 to 8",
+        );
 
         let res = d.resolution;
         for (side, value) in [("width", res.width), ("height", res.height)] {
-            if value < 64 || value % 64 != 0 {
+            if value > limits::RESOLUTION {
+                self.err(
+                    "dataset.resolution",
+                    format!(
+                        "{side} {value} is out of range: it must be between 64 and {} (a multiple of 64)",
+                        limits::RESOLUTION
+                    ),
+                    "SD1 trains at 512, SD2-768-v at 768",
+                );
+            } else if value < 64 || value % 64 != 0 {
                 let down = value / 64 * 64;
                 let fix = if down == 0 {
                     "use at least 64; SD1 trains at 512, SD2-768-v at 768".to_owned()
@@ -611,6 +824,13 @@ impl Checker {
             None
         };
 
+        if d.color_aug {
+            self.err(
+                "dataset.color_aug",
+                "is not implemented yet: images would be trained without colour augmentation",
+                "set color_aug = false (or remove it)",
+            );
+        }
         let cache_latents = d.cache_latents || d.cache_latents_to_disk;
         if d.cache_latents_to_disk && !d.cache_latents {
             self.warn(
@@ -624,7 +844,7 @@ impl Checker {
             } else {
                 "cache_latents_to_disk"
             };
-            for (name, on) in [("random_crop", d.random_crop), ("color_aug", d.color_aug)] {
+            for (name, on) in [("random_crop", d.random_crop)] {
                 if on {
                     self.err(
                         &format!("dataset.{name}"),
@@ -640,6 +860,23 @@ impl Checker {
     fn check_buckets(&mut self, spec: &JobSpec) -> Option<Buckets> {
         let d = &spec.dataset;
         let steps = d.bucket_reso_steps;
+        let mut in_range = true;
+        for (key, value) in [
+            ("dataset.min_bucket_reso", d.min_bucket_reso),
+            ("dataset.max_bucket_reso", d.max_bucket_reso),
+            ("dataset.bucket_reso_steps", steps),
+        ] {
+            in_range &= self.at_most_u(
+                key,
+                value.into(),
+                0,
+                limits::RESOLUTION.into(),
+                "SD1/SD2 buckets lie between 256 and 1024 in steps of 64",
+            );
+        }
+        if !in_range {
+            return None;
+        }
         if steps == 0 || !steps.is_multiple_of(64) {
             self.err(
                 "dataset.bucket_reso_steps",
@@ -732,12 +969,23 @@ impl Checker {
             n.network_dim.into(),
             "use e.g. 32, 64 or 128",
         );
+        self.at_most_u(
+            "network.network_dim",
+            n.network_dim.into(),
+            1,
+            limits::NETWORK_DIM,
+            "use e.g. 32, 64 or 128",
+        );
         let mut alpha = n.network_alpha;
-        if self.non_negative(
-            "network.network_alpha",
-            n.network_alpha,
-            "use e.g. half of network_dim, or network_dim for no scaling",
-        ) && alpha == 0.0
+        let alpha_fix = "use e.g. half of network_dim, or network_dim for no scaling";
+        if self.non_negative("network.network_alpha", n.network_alpha, alpha_fix)
+            && self.at_most(
+                "network.network_alpha",
+                n.network_alpha,
+                limits::NETWORK_ALPHA,
+                alpha_fix,
+            )
+            && alpha == 0.0
         {
             self.warn(
                 "network.network_alpha",
@@ -745,8 +993,12 @@ impl Checker {
             );
             alpha = n.network_dim as f64;
         }
-        if let Some(p) = n.network_dropout {
-            self.rate("network.network_dropout", p);
+        if let Some(p) = n.network_dropout.filter(|&p| p != 0.0) {
+            self.err(
+                "network.network_dropout",
+                format!("{p}: LoRA dropout is not implemented yet"),
+                "remove network_dropout (or set it to 0)",
+            );
         }
         if n.network_weights
             .as_ref()
@@ -786,11 +1038,23 @@ impl Checker {
             }
             (Some(dim), alpha) => {
                 let alpha = alpha.unwrap_or(defaults::CONV_ALPHA);
-                if self.non_negative(
-                    "network.network_args.conv_alpha",
-                    alpha,
-                    "use e.g. half of conv_dim",
-                ) {
+                let dim_ok = self.at_most_u(
+                    "network.network_args.conv_dim",
+                    dim.into(),
+                    1,
+                    limits::NETWORK_DIM,
+                    "use e.g. 8 or 16",
+                );
+                let fix = "use e.g. half of conv_dim";
+                if self.non_negative("network.network_args.conv_alpha", alpha, fix)
+                    && self.at_most(
+                        "network.network_args.conv_alpha",
+                        alpha,
+                        limits::NETWORK_ALPHA,
+                        fix,
+                    )
+                    && dim_ok
+                {
                     let alpha = if alpha == 0.0 { dim as f64 } else { alpha };
                     Some(ConvLora { dim, alpha })
                 } else {
@@ -820,6 +1084,13 @@ impl Checker {
                     steps,
                     "use 1 or more, or set max_train_epochs",
                 );
+                self.at_most_u(
+                    "training.max_train_steps",
+                    steps,
+                    1,
+                    limits::STEPS,
+                    "use e.g. 1600, or set max_train_epochs",
+                );
                 TrainLength::Steps(steps)
             }
             (steps, Some(epochs)) => {
@@ -827,6 +1098,13 @@ impl Checker {
                     "training.max_train_epochs",
                     epochs.into(),
                     "use 1 or more, or set max_train_steps",
+                );
+                self.at_most_u(
+                    "training.max_train_epochs",
+                    epochs.into(),
+                    1,
+                    limits::EPOCHS,
+                    "use e.g. 10, or set max_train_steps",
                 );
                 if steps.is_some() {
                     self.warn(
@@ -860,15 +1138,42 @@ impl Checker {
                 OptimizerType::names(),
             )
         };
+        let optimizer = optimizer.and_then(|opt| {
+            if opt.is_implemented() {
+                return Some(opt);
+            }
+            let fix = match opt {
+                OptimizerType::DAdaptation => {
+                    "use DAdaptAdam (its successor) or Prodigy".to_owned()
+                }
+                _ => format!(
+                    "use one of: {}",
+                    implemented_names().collect::<Vec<_>>().join(", ")
+                ),
+            };
+            self.err(
+                "optimizer.optimizer_type",
+                format!("`{opt}` is an sd-scripts optimizer that loractl does not implement yet"),
+                fix,
+            );
+            None
+        });
         let args = self.optimizer_args(&o.optimizer_args);
-
-        let lr_fix = "use e.g. 1e-4 (AdamW) or 1.0 (DAdaptation, Prodigy)";
-        let mut lrs_ok = self.non_negative("optimizer.learning_rate", o.learning_rate, lr_fix);
-        if let Some(lr) = o.unet_lr {
-            lrs_ok &= self.non_negative("optimizer.unet_lr", lr, lr_fix);
+        if let (Some(opt), Some(args)) = (optimizer, &args) {
+            self.optimizer_arg_names(opt, args);
         }
-        if let Some(lr) = o.text_encoder_lr {
-            lrs_ok &= self.non_negative("optimizer.text_encoder_lr", lr, lr_fix);
+
+        let lr_fix = "use e.g. 1e-4 (AdamW) or 1.0 (DAdaptAdam, Prodigy)";
+        let mut lrs_ok = true;
+        for (key, lr) in [
+            ("optimizer.learning_rate", Some(o.learning_rate)),
+            ("optimizer.unet_lr", o.unet_lr),
+            ("optimizer.text_encoder_lr", o.text_encoder_lr),
+        ] {
+            if let Some(lr) = lr {
+                lrs_ok &= self.non_negative(key, lr, lr_fix)
+                    && self.at_most(key, lr, limits::LEARNING_RATE, lr_fix);
+            }
         }
         // sd-scripts: a group's lr defaults to learning_rate; a group with lr 0 is dropped.
         let unet_lr = o.unet_lr.unwrap_or(o.learning_rate);
@@ -948,16 +1253,31 @@ impl Checker {
             o.lr_scheduler_num_cycles.into(),
             "use 1 or more",
         );
-        self.positive(
-            "optimizer.lr_scheduler_power",
-            o.lr_scheduler_power,
-            "use 1.0 for a linear decay",
+        self.at_most_u(
+            "optimizer.lr_scheduler_num_cycles",
+            o.lr_scheduler_num_cycles.into(),
+            1,
+            limits::LR_SCHEDULER_NUM_CYCLES,
+            "use 1 or a few",
         );
-        self.non_negative(
-            "optimizer.max_grad_norm",
-            o.max_grad_norm,
-            "use 1.0, or 0 to turn clipping off",
-        );
+        let fix = "use 1.0 for a linear decay";
+        if self.positive("optimizer.lr_scheduler_power", o.lr_scheduler_power, fix) {
+            self.at_most(
+                "optimizer.lr_scheduler_power",
+                o.lr_scheduler_power,
+                limits::LR_SCHEDULER_POWER,
+                fix,
+            );
+        }
+        let fix = "use 1.0, or 0 to turn clipping off";
+        if self.non_negative("optimizer.max_grad_norm", o.max_grad_norm, fix) {
+            self.at_most(
+                "optimizer.max_grad_norm",
+                o.max_grad_norm,
+                limits::MAX_GRAD_NORM,
+                fix,
+            );
+        }
 
         Some(OptimizerChoice {
             optimizer: optimizer?,
@@ -973,6 +1293,15 @@ impl Checker {
         let path = "optimizer.lr_warmup_steps";
         match warmup {
             LrWarmup::Steps(n) => {
+                if !self.at_most_u(
+                    path,
+                    n,
+                    0,
+                    limits::STEPS,
+                    "use a step count, a fraction below 1 or a percentage such as \"5%\"",
+                ) {
+                    return None;
+                }
                 if let TrainLength::Steps(total) = length {
                     if n > total {
                         self.warn(path, format!("{n} warmup steps exceed the {total} training steps: the full learning rate is never reached"));
@@ -1066,6 +1395,26 @@ impl Checker {
         ok.then_some(out)
     }
 
+    /// Every `optimizer_args` name must be an argument of the chosen optimizer.
+    fn optimizer_arg_names(&mut self, opt: OptimizerType, args: &BTreeMap<String, String>) {
+        let known = opt.arg_names().unwrap_or(&[]);
+        for key in args.keys() {
+            if known.contains(&key.as_str()) {
+                continue;
+            }
+            let list = known.join(", ");
+            let fix = match closest(key, known.iter().copied()) {
+                Some(name) => format!("did you mean `{name}`? {opt} takes: {list}"),
+                None => format!("{opt} takes: {list}"),
+            };
+            self.err(
+                &format!("optimizer.optimizer_args.{key}"),
+                format!("`{key}` is not an argument of {opt}"),
+                fix,
+            );
+        }
+    }
+
     /// cache_text_encoder_outputs freezes one embedding per caption, so it needs a frozen
     /// text encoder and captions that never change (sd-scripts' SDXL rules).
     fn check_caching_vs_text_encoder(&mut self, spec: &JobSpec) {
@@ -1116,26 +1465,57 @@ impl Checker {
             t.train_batch_size.into(),
             "use 1 or more",
         );
+        self.at_most_u(
+            "training.train_batch_size",
+            t.train_batch_size.into(),
+            1,
+            limits::BATCH_SIZE,
+            "use 1 to 8 per GPU, and gradient_accumulation_steps for larger effective batches",
+        );
         self.nonzero(
             "training.gradient_accumulation_steps",
             t.gradient_accumulation_steps.into(),
             "use 1 for no accumulation",
         );
+        self.at_most_u(
+            "training.gradient_accumulation_steps",
+            t.gradient_accumulation_steps.into(),
+            1,
+            limits::GRADIENT_ACCUMULATION_STEPS,
+            "use 1 for no accumulation, or a few",
+        );
+        if t.gradient_checkpointing {
+            self.err(
+                "training.gradient_checkpointing",
+                "is not implemented yet: activations are kept for the backward pass",
+                "set gradient_checkpointing = false (or remove it); lower train_batch_size or resolution to save memory",
+            );
+        }
         let precision = self.choice(
             "training.mixed_precision",
             &t.mixed_precision,
             MixedPrecision::parse,
             MixedPrecision::names(),
         );
+        // Refusing fp16/bf16 would refuse nearly every kohya config; the result is the same
+        // training in f32 (slower, more memory), so it is said rather than refused.
+        if let Some(p @ (MixedPrecision::Fp16 | MixedPrecision::Bf16)) = precision {
+            self.warn(
+                "training.mixed_precision",
+                format!("\"{p}\": half-precision training is not implemented yet, so the run trains in f32 (more memory, slower); the value is recorded in the LoRA metadata"),
+            );
+        }
         if let Some(x) = t.noise_offset {
-            self.non_negative("training.noise_offset", x, "use about 0.1, or remove it");
+            let fix = "use about 0.1, or remove it";
+            if self.non_negative("training.noise_offset", x, fix) {
+                self.at_most("training.noise_offset", x, limits::NOISE_OFFSET, fix);
+            }
         }
         if let Some(g) = t.min_snr_gamma {
-            self.positive(
-                "training.min_snr_gamma",
-                g,
-                "use 5 (the paper's value), or remove it",
-            );
+            let fix = "use 5 (the paper's value), or remove it";
+            if self.positive("training.min_snr_gamma", g, fix) {
+                self.at_most("training.min_snr_gamma", g, limits::MIN_SNR_GAMMA, fix);
+            }
         }
         let min = t.min_timestep.unwrap_or(0);
         let max = t.max_timestep.unwrap_or(1000);
@@ -1178,18 +1558,35 @@ impl Checker {
             HuberSchedule::parse,
             HuberSchedule::names(),
         );
-        let c_ok = self.positive("training.huber_c", t.huber_c, "use 0.1");
+        let c_ok = self.positive("training.huber_c", t.huber_c, "use 0.1")
+            && self.at_most("training.huber_c", t.huber_c, limits::HUBER_C, "use 0.1");
+        // The trainer implements the l2 loss and huber with a constant c; the other losses and
+        // schedules of sd-scripts are refused here until they are implemented.
         let loss = match loss_type? {
             LossType::L2 => Loss::L2,
-            LossType::L1 => Loss::L1,
-            LossType::Huber => Loss::Huber {
-                c: c_ok.then_some(t.huber_c)?,
-                schedule: schedule?,
-            },
-            LossType::SmoothL1 => Loss::SmoothL1 {
-                c: c_ok.then_some(t.huber_c)?,
-                schedule: schedule?,
-            },
+            LossType::Huber => {
+                let schedule = schedule?;
+                if schedule != HuberSchedule::Constant {
+                    self.err(
+                        "training.huber_schedule",
+                        format!("`{schedule}` is not implemented yet for the huber loss (only `constant` is)"),
+                        "set huber_schedule = \"constant\" (the default, `snr`, is not available yet)",
+                    );
+                    return None;
+                }
+                Loss::Huber {
+                    c: c_ok.then_some(t.huber_c)?,
+                    schedule,
+                }
+            }
+            other @ (LossType::L1 | LossType::SmoothL1) => {
+                self.err(
+                    "training.loss_type",
+                    format!("`{other}` is not implemented yet"),
+                    "use \"l2\" (the default), or \"huber\" with huber_schedule = \"constant\"",
+                );
+                return None;
+            }
         };
         Some((precision?, loss, timesteps_ok.then_some(min..max)?))
     }
@@ -1232,23 +1629,26 @@ impl Checker {
                 .map(Some),
         };
         if let Some(n) = o.save_every_n_epochs {
-            self.nonzero(
+            self.interval(
                 "output.save_every_n_epochs",
                 n.into(),
+                limits::EPOCHS,
                 "use 1 to save after every epoch",
             );
         }
         if let Some(n) = o.save_every_n_steps {
-            self.nonzero(
+            self.interval(
                 "output.save_every_n_steps",
                 n,
+                limits::STEPS,
                 "use e.g. 500, or remove the key",
             );
         }
         if let Some(n) = o.save_last_n_epochs {
-            self.nonzero(
+            self.interval(
                 "output.save_last_n_epochs",
                 n.into(),
+                limits::EPOCHS,
                 "use 1 or more, or remove the key",
             );
             if o.save_every_n_epochs.is_none() {
@@ -1278,16 +1678,18 @@ impl Checker {
             Sampler::names(),
         );
         if let Some(n) = s.sample_every_n_epochs {
-            self.nonzero(
+            self.interval(
                 "sample.sample_every_n_epochs",
                 n.into(),
+                limits::EPOCHS,
                 "use 1 or more, or remove the key",
             );
         }
         if let Some(n) = s.sample_every_n_steps {
-            self.nonzero(
+            self.interval(
                 "sample.sample_every_n_steps",
                 n,
+                limits::STEPS,
                 "use e.g. 100, or remove the key",
             );
         }
@@ -1323,6 +1725,16 @@ impl Checker {
         sampler
     }
 
+    fn check_logging(&mut self, spec: &JobSpec) {
+        if spec.logging.logging_dir.is_some() {
+            self.err(
+                "logging.logging_dir",
+                "TensorBoard logs are not implemented yet, so nothing would be written there",
+                "remove logging_dir; `loractl train --json` prints the same scalars (loss/current, loss/average, lr/<group>, lr/d*lr/<group>) as JSON lines",
+            );
+        }
+    }
+
     fn check_resources(&mut self, spec: &JobSpec) -> Option<Gpus> {
         let r = &spec.resources;
         self.nonzero(
@@ -1330,7 +1742,34 @@ impl Checker {
             r.workers.into(),
             "use 1 for a single machine",
         );
+        // A rank trains on one device; spreading a job over several is the collective's work,
+        // refused here until it lands.
+        if r.workers > 1 {
+            self.err(
+                "resources.workers",
+                format!(
+                    "{} workers: data-parallel training across machines is not available yet",
+                    r.workers
+                ),
+                "set workers = 1",
+            );
+        }
+        self.at_most_u(
+            "resources.max_restarts",
+            r.max_restarts.into(),
+            0,
+            limits::MAX_RESTARTS,
+            "use e.g. 3",
+        );
         match Gpus::parse(&r.gpus) {
+            Ok(Gpus::Ids(ids)) if ids.len() > 1 => {
+                self.err(
+                    "resources.gpus",
+                    format!("`{}` names {} GPUs: data-parallel training across GPUs is not available yet, and a rank trains on one", r.gpus, ids.len()),
+                    format!("name one GPU, e.g. \"{}\"", ids[0]),
+                );
+                None
+            }
             Ok(gpus) => Some(gpus),
             Err(why) => {
                 self.err(

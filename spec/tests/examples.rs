@@ -99,14 +99,14 @@ fn zenny_tutorial() {
     assert_eq!(spec.training.seed, Some(42));
     assert_eq!(spec.model.clip_skip, Some(1));
     assert_eq!(r.output_name, "zenny");
-    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    only_the_f32_warning(&r);
     round_trip(&spec);
 }
 
 #[test]
 fn dadaptation_lr_find() {
     let (spec, r) = load("dadaptation_lr_find.toml");
-    assert_eq!(r.optimizer, OptimizerType::DAdaptation);
+    assert_eq!(r.optimizer, OptimizerType::DAdaptAdam);
     assert!(r.optimizer.is_adaptive());
     assert_eq!(r.unet_lr, Some(1.0));
     assert_eq!(r.text_encoder_lr, Some(0.5));
@@ -114,7 +114,14 @@ fn dadaptation_lr_find() {
     assert_eq!(r.optimizer_args["decouple"], "True");
     assert_eq!(r.optimizer_args["weight_decay"], "0.01");
     assert_eq!(r.gpus, Gpus::Ids(vec![0]));
-    assert!(spec.logging.logging_dir.is_some());
-    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    assert!(spec.logging.logging_dir.is_none());
+    only_the_f32_warning(&r);
     round_trip(&spec);
+}
+
+/// bf16 is accepted and trained in f32 (half precision is not implemented yet), with a warning.
+fn only_the_f32_warning(r: &ResolvedSpec) {
+    let paths: Vec<&str> = r.warnings.iter().map(|w| w.path.as_str()).collect();
+    assert_eq!(paths, ["training.mixed_precision"], "{:?}", r.warnings);
+    assert!(r.warnings[0].message.contains("f32"));
 }

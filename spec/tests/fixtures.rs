@@ -106,7 +106,7 @@ fn every_validation_problem_at_once() {
         "`network.network_dim`: must be at least 1, got 0; use e.g. 32, 64 or 128",
         "`network.network_train_text_encoder_only`: cannot be combined with network.network_train_unet_only: nothing would be trained; keep at most one of them",
         "`optimizer.optimizer_type`: unknown value `adamw8bitt`; did you mean `AdamW8bit`?",
-        "`optimizer.learning_rate`: must be a finite number >= 0, got -0.0001; use e.g. 1e-4 (AdamW) or 1.0 (DAdaptation, Prodigy)",
+        "`optimizer.learning_rate`: must be a finite number >= 0, got -0.0001; use e.g. 1e-4 (AdamW) or 1.0 (DAdaptAdam, Prodigy)",
         "`optimizer.lr_warmup_steps`: 150% is not between 0% and 100%; use e.g. \"5%\"",
         "`training.mixed_precision`: unknown value `fp32`; use one of: no, fp16, bf16",
         "`training.min_timestep`: 800 is not below max_timestep (200): timesteps are drawn from min..max; lower min_timestep or raise max_timestep",

@@ -39,4 +39,4 @@ pub mod unet;
 pub mod vae;
 pub mod weights;
 
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};

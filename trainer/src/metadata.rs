@@ -57,6 +57,11 @@ pub fn modelspec(
     put("resolution", format!("{}x{}", resolution.0, resolution.1));
     put("date", date.into());
     put("prediction_type", base.prediction_type().into());
+    // sd-scripts writes `sd-scripts/<commit>`: the implementation that wrote the file.
+    put(
+        "implementation_version",
+        format!("loractl/{}", env!("CARGO_PKG_VERSION")),
+    );
     m
 }
 

@@ -113,6 +113,103 @@ pub fn resolve_path(base_dir: &Path, p: &Path) -> PathBuf {
     }
 }
 
+/// An input file or folder of the spec, resolved against `base_dir`; a missing one is a bad
+/// config naming its key (rather than the OS error of whichever reader met it first).
+pub fn input_path(key: &str, base_dir: &Path, p: &Path) -> Result<PathBuf> {
+    let path = resolve_path(base_dir, p);
+    let what = match key {
+        "model.pretrained_model_name_or_path" => {
+            "a .safetensors/.ckpt checkpoint file or a diffusers folder"
+        }
+        "model.vae" => "a VAE .safetensors/.ckpt file or diffusers folder",
+        "network.network_weights" => "a kohya LoRA .safetensors file",
+        "sample.sample_prompts" => "a text file with one prompt per line",
+        "output.resume" => "a `-state` folder or file written by save_state",
+        _ => "an existing file or folder",
+    };
+    match std::fs::metadata(&path) {
+        Ok(_) => Ok(path),
+        Err(e) => Err(Error::Config(format!(
+            "{key} `{}` cannot be read ({}): give {what} (relative paths are taken from the \
+             job file's folder)",
+            path.display(),
+            io_reason(&e)
+        ))),
+    }
+}
+
+/// An OS error without its "(os error N)" tail.
+fn io_reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file or folder".into(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".into(),
+        _ => e.to_string(),
+    }
+}
+
+/// Environment variable giving the memory of the GPU a run trains on, in bytes. The worker
+/// knows it from NVML; `plan` and `run` refuse a job whose estimate exceeds it. Without it,
+/// the limit is this machine's memory (`/proc/meminfo` MemTotal) for CPU training, and none
+/// for a GPU.
+pub const GPU_MEMORY_ENV: &str = "LORACTL_GPU_MEMORY_BYTES";
+
+/// How much memory a run may use, and what that memory is (for the message).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryLimit {
+    pub bytes: u64,
+    pub what: String,
+}
+
+impl MemoryLimit {
+    /// The GPU's memory from [`GPU_MEMORY_ENV`] when `gpu` (or whenever it is set), else the
+    /// machine's MemTotal; `None` when neither is known.
+    pub fn detect(gpu: bool) -> Option<Self> {
+        let from_env = std::env::var(GPU_MEMORY_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|&b| b > 0)
+            .map(|bytes| Self {
+                bytes,
+                what: format!("the GPU's memory ({GPU_MEMORY_ENV})"),
+            });
+        if from_env.is_some() || gpu {
+            return from_env;
+        }
+        let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+        Some(Self {
+            bytes: mem_total(&text)?,
+            what: "this machine's memory (MemTotal in /proc/meminfo)".into(),
+        })
+    }
+}
+
+/// `MemTotal` of a `/proc/meminfo` text, in bytes.
+pub fn mem_total(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let mut parts = line["MemTotal:".len()..].split_whitespace();
+    let n: u64 = parts.next()?.parse().ok()?;
+    match parts.next() {
+        Some("kB") | None => n.checked_mul(1024),
+        _ => None,
+    }
+}
+
+/// Refuses a job whose memory estimate exceeds `limit`.
+pub fn check_memory(estimate: u64, limit: Option<&MemoryLimit>) -> Result<()> {
+    match limit {
+        Some(l) if estimate > l.bytes => Err(Error::Config(format!(
+            "the memory estimate of this job (about {}: f32 model weights, LoRA weights with \
+             gradients and optimizer state, activations of train_batch_size images at the \
+             resolution) exceeds {} ({}): lower training.train_batch_size, dataset.resolution \
+             or network.network_dim",
+            human_bytes(estimate),
+            l.what,
+            human_bytes(l.bytes)
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// The dataset options of `spec`.
 pub fn dataset_config(spec: &ResolvedSpec, base_dir: &Path) -> DatasetConfig {
     let d = &spec.spec.dataset;
@@ -162,16 +259,12 @@ pub fn run_length(spec: &ResolvedSpec, dataset: &Dataset, world_size: usize) -> 
 /// The training options of `spec` for a run of `total_steps`.
 pub fn train_options(spec: &ResolvedSpec, total_steps: usize) -> Result<TrainOptions> {
     let s = &spec.spec;
-    let supported = crate::optim::SUPPORTED;
-    if !supported
-        .iter()
-        .any(|o| o.eq_ignore_ascii_case(spec.optimizer.as_str()))
-    {
+    // Validation refuses what the trainer does not implement; a ResolvedSpec built by hand
+    // still gets a sentence rather than a panic.
+    if !spec.optimizer.is_implemented() {
         return Err(Error::Config(format!(
-            "optimizer.optimizer_type `{}` is an sd-scripts optimizer this trainer does not \
-             implement; use one of {}",
-            spec.optimizer,
-            supported.join(", ")
+            "optimizer.optimizer_type `{}` is not implemented yet",
+            spec.optimizer
         )));
     }
     let loss_type = match spec.loss {
@@ -182,8 +275,8 @@ pub fn train_options(spec: &ResolvedSpec, total_steps: usize) -> Result<TrainOpt
         } => LossType::Huber { c },
         other => {
             return Err(Error::Config(format!(
-                "training.loss_type {other:?} is not implemented; use \"l2\", or \"huber\" with \
-                 huber_schedule = \"constant\""
+                "training.loss_type {other:?} is not implemented yet; use \"l2\", or \"huber\" \
+                 with huber_schedule = \"constant\""
             )))
         }
     };
@@ -291,10 +384,24 @@ fn save_dtype(spec: &ResolvedSpec) -> DType {
 
 /// Works out the plan of `spec`. With `inspect_model`, the checkpoint is read for its tensor
 /// shapes only (no weights are loaded) to count LoRA modules and parameters.
+///
+/// With `inspect_model`, a memory estimate above the machine's memory (or the GPU's, from
+/// [`GPU_MEMORY_ENV`]) is an error that gives the estimate.
 pub fn plan(spec: &ResolvedSpec, base_dir: &Path, inspect_model: bool) -> Result<Plan> {
     let dataset = Dataset::open(dataset_config(spec, base_dir))?;
+    let limit = MemoryLimit::detect(false);
+    plan_on(spec, base_dir, &dataset, inspect_model, limit.as_ref())
+}
+
+fn plan_on(
+    spec: &ResolvedSpec,
+    base_dir: &Path,
+    dataset: &Dataset,
+    inspect_model: bool,
+    limit: Option<&MemoryLimit>,
+) -> Result<Plan> {
     let world_size = WORLD_SIZE;
-    let (total_steps, num_epochs) = run_length(spec, &dataset, world_size);
+    let (total_steps, num_epochs) = run_length(spec, dataset, world_size);
     let summary = dataset.summary();
     let accum = spec.spec.training.gradient_accumulation_steps as usize;
     let opts = train_options(spec, total_steps)?;
@@ -307,6 +414,12 @@ pub fn plan(spec: &ResolvedSpec, base_dir: &Path, inspect_model: bool) -> Result
     let (mut base_model, mut mods_u, mut mods_t, mut params, mut file, mut mem) =
         (None, None, None, None, None, None);
     if inspect_model {
+        let model = input_path(
+            "model.pretrained_model_name_or_path",
+            base_dir,
+            &spec.spec.model.pretrained_model_name_or_path,
+        )?;
+        check_inputs(spec, base_dir)?;
         let lo = LoadOptions {
             shapes_only: true,
             ..load_options(spec, base_dir, &Device::Cpu)
@@ -347,8 +460,15 @@ pub fn plan(spec: &ResolvedSpec, base_dir: &Path, inspect_model: bool) -> Result
         let model_params = sd.model_params.unwrap_or(0);
         let optim_copies = optimizer_copies(spec);
         let pixels = (spec.resolution.width as u64) * (spec.resolution.height as u64);
-        let act = pixels * spec.spec.training.train_batch_size as u64 * 9 * 1024;
-        mem = Some(model_params * 4 + p as u64 * 4 * (2 + optim_copies) + act);
+        let act = pixels
+            .saturating_mul(spec.spec.training.train_batch_size as u64)
+            .saturating_mul(9 * 1024);
+        let estimate = model_params
+            .saturating_mul(4)
+            .saturating_add((p as u64).saturating_mul(4 * (2 + optim_copies)))
+            .saturating_add(act);
+        check_memory(estimate, limit)?;
+        mem = Some(estimate);
         mods_u = Some(u);
         mods_t = Some(t);
         params = Some(p);
@@ -390,6 +510,26 @@ pub fn plan(spec: &ResolvedSpec, base_dir: &Path, inspect_model: bool) -> Result
         outputs,
         warnings,
     })
+}
+
+/// The spec's other input paths, each checked to exist with an error naming its key.
+fn check_inputs(spec: &ResolvedSpec, base_dir: &Path) -> Result<()> {
+    let s = &spec.spec;
+    let inputs = [
+        ("model.vae", s.model.vae.as_ref()),
+        (
+            "network.network_weights",
+            s.network.network_weights.as_ref(),
+        ),
+        ("sample.sample_prompts", s.sample.sample_prompts.as_ref()),
+        ("output.resume", s.output.resume.as_ref()),
+    ];
+    for (key, p) in inputs {
+        if let Some(p) = p {
+            input_path(key, base_dir, p)?;
+        }
+    }
+    Ok(())
 }
 
 /// Full-size copies of the LoRA weights an optimizer keeps (moments, D-Adaptation sums).
@@ -555,6 +695,8 @@ struct MetaBase {
     base: BaseModel,
     title: String,
     resolution: (usize, usize),
+    timestep_range: Option<(u32, u32)>,
+    encoder_layer: Option<u32>,
     no_metadata: bool,
 }
 
@@ -568,6 +710,7 @@ fn meta_base(
     num_epochs: usize,
     started_at: u64,
     model_hashes: (String, String),
+    vae: Option<(&Path, (String, String))>,
 ) -> MetaBase {
     let s = &spec.spec;
     let base = base_model_of(spec, sd);
@@ -580,24 +723,23 @@ fn meta_base(
         net_args.insert("conv_dim".into(), c.dim.to_string().into());
         net_args.insert("conv_alpha".into(), py_float(c.alpha).into());
     }
-    let minimal: BTreeMap<String, String> = [
+    let mut minimal: BTreeMap<String, String> = [
         ("ss_v2", py_bool(s.model.v2)),
         ("ss_base_model_version", base.ss_version().to_string()),
         ("ss_network_module", "networks.lora".to_string()),
         ("ss_network_dim", s.network.network_dim.to_string()),
         ("ss_network_alpha", py_float(spec.network_alpha)),
-        (
-            "ss_network_args",
-            if net_args.is_empty() {
-                "None".into()
-            } else {
-                serde_json::Value::Object(net_args).to_string()
-            },
-        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
+    // sd-scripts writes ss_network_args only when network_args were given.
+    if !net_args.is_empty() {
+        minimal.insert(
+            "ss_network_args".into(),
+            serde_json::Value::Object(net_args).to_string(),
+        );
+    }
     for (k, v) in &minimal {
         put(k, v.clone());
     }
@@ -653,10 +795,10 @@ fn meta_base(
     put("ss_noise_offset", py_opt_f64(s.training.noise_offset));
     put("ss_min_snr_gamma", py_opt_f64(s.training.min_snr_gamma));
     put("ss_max_grad_norm", py_float(s.optimizer.max_grad_norm));
-    put("ss_min_timestep", py_opt(s.training.min_timestep));
-    put("ss_max_timestep", py_opt(s.training.max_timestep));
+    // sd-scripts has no ss_min/max_timestep; the range goes to modelspec.timestep_range.
     put("ss_loss_type", s.training.loss_type.clone());
     put("ss_huber_schedule", s.training.huber_schedule.clone());
+    put("ss_huber_scale", py_float(1.0));
     put("ss_huber_c", py_float(s.training.huber_c));
     put("ss_network_dropout", py_opt_f64(s.network.network_dropout));
     put("ss_zero_terminal_snr", "False".into());
@@ -667,6 +809,21 @@ fn meta_base(
     put("ss_multires_noise_iterations", "None".into());
     put("ss_multires_noise_discount", "0.3".into());
     put("ss_face_crop_aug_range", "None".into());
+    // Options loractl does not have, as sd-scripts writes them when they are off.
+    put("ss_lowram", "False".into());
+    put("ss_fp8_base", "False".into());
+    put("ss_fp8_base_unet", "False".into());
+    put("ss_noise_offset_random_strength", "False".into());
+    put("ss_ip_noise_gamma_random_strength", "False".into());
+    put("ss_resize_interpolation", "None".into());
+    put("ss_num_validation_images", "0".into());
+    put("ss_validation_seed", "None".into());
+    put("ss_validation_split", "0.0".into());
+    put("ss_max_validation_steps", "None".into());
+    put("ss_validate_every_n_epochs", "None".into());
+    put("ss_validate_every_n_steps", "None".into());
+    // sd-scripts' own git revision, "(unknown)" when it cannot tell; loractl is not sd-scripts.
+    put("ss_sd_scripts_commit_hash", "(unknown)".into());
     put(
         "ss_caption_tag_dropout_rate",
         py_float(s.dataset.caption_tag_dropout_rate),
@@ -681,15 +838,18 @@ fn meta_base(
             .unwrap_or_default()
     };
     put("ss_sd_model_name", file_name(model_path));
-    put(
-        "ss_vae_name",
-        s.model.vae.as_deref().map_or("None".into(), file_name),
-    );
     put("ss_sd_model_hash", model_hashes.0);
     put("ss_new_sd_model_hash", model_hashes.1);
-    if let Some(c) = &s.output.training_comment {
-        put("ss_training_comment", c.clone());
+    // sd-scripts writes the VAE's name and hashes only when a VAE is given.
+    if let Some((vae_path, (hash, sha256))) = vae {
+        put("ss_vae_name", file_name(vae_path));
+        put("ss_vae_hash", hash);
+        put("ss_new_vae_hash", sha256);
     }
+    put(
+        "ss_training_comment",
+        py_opt(s.output.training_comment.clone()),
+    );
     for (k, v) in dataset.metadata() {
         put(&k, v);
     }
@@ -702,17 +862,22 @@ fn meta_base(
             spec.resolution.width as usize,
             spec.resolution.height as usize,
         ),
+        // As sd-scripts' get_sai_model_spec: only when the job sets them.
+        timestep_range: (s.training.min_timestep.is_some() || s.training.max_timestep.is_some())
+            .then_some((spec.timesteps.start, spec.timesteps.end)),
+        encoder_layer: s.model.clip_skip,
         no_metadata: s.output.no_metadata,
     }
 }
 
 /// sd-scripts' `model_hash` (A1111's old 8-hex hash of 64 KiB at 1 MiB) and the sha256 of the
-/// whole file; empty for a diffusers folder (as sd-scripts leaves them).
+/// whole file; for a diffusers folder both are "IsADirectory", as sd-scripts' hash functions
+/// return on Linux.
 fn model_hashes(path: &Path) -> Result<(String, String)> {
     use sha2::{Digest, Sha256};
     use std::io::{Read, Seek, SeekFrom};
-    if !path.is_file() {
-        return Ok((String::new(), String::new()));
+    if path.is_dir() {
+        return Ok(("IsADirectory".into(), "IsADirectory".into()));
     }
     let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
@@ -781,6 +946,12 @@ impl RunHooks<'_, '_> {
             self.meta.resolution,
             &iso_date(now),
         ));
+        if let Some((lo, hi)) = self.meta.timestep_range {
+            m.insert("modelspec.timestep_range".into(), format!("{lo},{hi}"));
+        }
+        if let Some(layer) = self.meta.encoder_layer {
+            m.insert("modelspec.encoder_layer".into(), layer.to_string());
+        }
         m
     }
 
@@ -952,22 +1123,22 @@ pub fn run(
             message: w.to_string(),
         });
     }
-    if spec.mixed_precision != MixedPrecision::No && ro.device.is_cpu() {
-        events(&RunEvent::Warning {
-            message: format!(
-                "training.mixed_precision = \"{}\" runs in f32 on the CPU (it has no fast \
-                 half-precision math); the setting is recorded in the metadata",
-                spec.spec.training.mixed_precision
-            ),
-        });
-    }
+    let model_path = input_path(
+        "model.pretrained_model_name_or_path",
+        base_dir,
+        &spec.spec.model.pretrained_model_name_or_path,
+    )?;
+    check_inputs(spec, base_dir)?;
     let dataset = Dataset::open(dataset_config(spec, base_dir))?;
     for w in dataset.warnings() {
         events(&RunEvent::Warning { message: w.clone() });
     }
+    // The plan's memory check, before any weight is loaded: the model is read for its shapes.
+    if let Some(limit) = MemoryLimit::detect(!ro.device.is_cpu()) {
+        plan_on(spec, base_dir, &dataset, true, Some(&limit))?;
+    }
     let (total_steps, num_epochs) = run_length(spec, &dataset, WORLD_SIZE);
     let opts = train_options(spec, total_steps)?;
-    let model_path = resolve_path(base_dir, &spec.spec.model.pretrained_model_name_or_path);
     events(&RunEvent::Status {
         message: format!("loading {}", model_path.display()),
     });
@@ -1009,6 +1180,16 @@ pub fn run(
     let output_dir = resolve_path(base_dir, &spec.spec.output.output_dir);
     std::fs::create_dir_all(&output_dir).map_err(|e| Error::io(&output_dir, e))?;
     let hashes = model_hashes(&model_path)?;
+    let vae_path = spec
+        .spec
+        .model
+        .vae
+        .as_ref()
+        .map(|v| resolve_path(base_dir, v));
+    let vae = match &vae_path {
+        Some(p) => Some((p.as_path(), model_hashes(p)?)),
+        None => None,
+    };
     let meta = meta_base(
         spec,
         &dataset,
@@ -1018,6 +1199,7 @@ pub fn run(
         num_epochs,
         started_at,
         hashes,
+        vae,
     );
     let sampler = match spec.sampler {
         loractl_spec::Sampler::Ddim => sample::SamplerKind::Ddim,

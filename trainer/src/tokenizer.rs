@@ -187,6 +187,85 @@ impl ClipTokenizer {
         }
 
         let dir = vocab.parent().unwrap_or(Path::new("."));
+        Self::with_configs(
+            encoder,
+            merge_list,
+            dir,
+            pad_token,
+            None,
+            &vocab.display().to_string(),
+        )
+    }
+
+    /// Loads a `tokenizer.json` (the fast tokenizer's file, the only one transformers >= 5
+    /// saves): its BPE `model.vocab` and `model.merges` (`"a b"` strings or `["a", "b"]`
+    /// pairs) give the same ids as `vocab.json` and `merges.txt`. The JSON files next to it
+    /// are read as [`ClipTokenizer::from_files`] does; its own `padding.pad_token` is used
+    /// when they name no pad token.
+    pub fn from_tokenizer_json(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let bad = |what: &str| {
+            Error::Tokenizer(format!(
+                "{}: {what}; is this a CLIP tokenizer.json?",
+                path.display()
+            ))
+        };
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(&format!("not valid JSON ({e})")))?;
+        let model = &json["model"];
+        if model["type"].as_str().is_some_and(|t| t != "BPE") {
+            return Err(bad("its model is not BPE"));
+        }
+        let encoder: HashMap<String, u32> = serde_json::from_value(model["vocab"].clone())
+            .map_err(|e| bad(&format!("`model.vocab` is not a map of token -> id ({e})")))?;
+        let items = model["merges"]
+            .as_array()
+            .ok_or_else(|| bad("`model.merges` is not a list"))?;
+        let mut merges = Vec::with_capacity(items.len().min(MERGES));
+        for (i, item) in items.iter().take(MERGES).enumerate() {
+            let pair = match item {
+                serde_json::Value::String(m) => {
+                    let parts: Vec<&str> = m.split(' ').collect();
+                    match parts.as_slice() {
+                        [a, b] => Some((a.to_string(), b.to_string())),
+                        _ => None,
+                    }
+                }
+                serde_json::Value::Array(p) => match p.as_slice() {
+                    [serde_json::Value::String(a), serde_json::Value::String(b)] => {
+                        Some((a.clone(), b.clone()))
+                    }
+                    _ => None,
+                },
+                _ => None,
+            };
+            merges.push(pair.ok_or_else(|| {
+                bad(&format!("`model.merges[{i}]` is not a merge `a b`: {item}"))
+            })?);
+        }
+        let pad_in_file = json["padding"]["pad_token"].as_str();
+        let dir = path.parent().unwrap_or(Path::new("."));
+        Self::with_configs(
+            encoder,
+            merges,
+            dir,
+            None,
+            pad_in_file,
+            &path.display().to_string(),
+        )
+    }
+
+    /// The pad token and `model_max_length` from `special_tokens_map.json` and
+    /// `tokenizer_config.json` in `dir` (`pad_token` overrides them, `fallback_pad` is used when
+    /// they name none), then [`ClipTokenizer::build`].
+    fn with_configs(
+        encoder: HashMap<String, u32>,
+        merge_list: Vec<(String, String)>,
+        dir: &Path,
+        pad_token: Option<&str>,
+        fallback_pad: Option<&str>,
+        origin: &str,
+    ) -> Result<Self> {
         let map = read_json(&dir.join("special_tokens_map.json"))?;
         let config = read_json(&dir.join("tokenizer_config.json"))?;
         let from_files = [map.as_ref(), config.as_ref()]
@@ -195,7 +274,7 @@ impl ClipTokenizer {
             .find_map(|v| v.get("pad_token").and_then(token_content));
         let pad = match pad_token {
             Some(p) => Some((p.to_string(), false, false)),
-            None => from_files,
+            None => from_files.or_else(|| fallback_pad.map(|p| (p.to_string(), false, false))),
         };
         let max_len = config
             .as_ref()
@@ -203,18 +282,18 @@ impl ClipTokenizer {
             .and_then(|v| v.as_u64())
             .filter(|&n| n > 2 && n < 1 << 20)
             .map_or(77, |n| n as usize);
-        Self::build(
-            encoder,
-            merge_list,
-            pad,
-            max_len,
-            &vocab.display().to_string(),
-        )
+        Self::build(encoder, merge_list, pad, max_len, origin)
     }
 
-    /// Loads a diffusers `tokenizer/` folder.
+    /// Loads a diffusers `tokenizer/` folder: `vocab.json` and `merges.txt` (transformers < 5),
+    /// else `tokenizer.json` (transformers >= 5 saves only that).
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        Self::from_files(&dir.join("vocab.json"), &dir.join("merges.txt"), None)
+        let vocab = dir.join("vocab.json");
+        let json = dir.join("tokenizer.json");
+        if !vocab.exists() && json.exists() {
+            return Self::from_tokenizer_json(&json);
+        }
+        Self::from_files(&vocab, &dir.join("merges.txt"), None)
     }
 
     fn build(

@@ -499,6 +499,28 @@ impl<'a> Trainer<'a> {
         Ok(Some((loss, sb.captions.len())))
     }
 
+    /// Every batch of `epoch` came back empty: each of its images was skipped as unreadable.
+    fn no_usable_batch(&self, epoch: usize) -> Error {
+        let skipped = self.dataset.skipped_images();
+        let shown: Vec<String> = skipped
+            .iter()
+            .take(5)
+            .map(|s| format!("{} ({})", s.path.display(), s.reason))
+            .collect();
+        let more = skipped.len().saturating_sub(shown.len());
+        Error::Config(format!(
+            "epoch {epoch} has no usable batch: every image became unreadable after the dataset \
+             was scanned ({} skipped: {}{}); replace or remove them and train again",
+            skipped.len(),
+            shown.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        ))
+    }
+
     fn diverged(&self, what: &str, lrs: &[f64]) -> Error {
         let lrs: Vec<String> = self
             .group_names
@@ -576,11 +598,16 @@ impl<'a> Trainer<'a> {
             }
             let (mut acc, mut micro, mut loss_sum, mut samples) = (None, 0usize, 0f32, 0usize);
             let mut stop = false;
+            // An epoch walked from its first batch in which no batch had a readable image
+            // would repeat forever: every image failed after the scan.
+            let whole_epoch = self.position.batch == 0;
+            let mut usable = 0usize;
             while self.position.batch < batches.len() && !stop {
                 let slot = self.position.batch;
                 let batch = &batches[slot];
                 self.position.batch += 1;
                 if let Some((loss, n)) = self.micro_batch_loss(batch, epoch)? {
+                    usable += 1;
                     let value = loss.to_scalar::<f32>()?;
                     if !value.is_finite() {
                         let lrs = self.scheduler.lr(self.position.step);
@@ -608,6 +635,9 @@ impl<'a> Trainer<'a> {
                 if self.position.step >= self.opts.max_train_steps {
                     break;
                 }
+            }
+            if whole_epoch && usable == 0 && self.position.batch == batches.len() {
+                return Err(self.no_usable_batch(epoch));
             }
             let epoch_done = self.position.batch == batches.len()
                 || self.position.step >= self.opts.max_train_steps;
@@ -669,7 +699,7 @@ impl<'a> Trainer<'a> {
             .state()?
             .save(&tmp.join("optimizer.safetensors"))?;
         let json = serde_json::to_vec_pretty(&self.state_file())
-            .map_err(|e| Error::Config(format!("encoding the training state: {e}")))?;
+            .map_err(|e| Error::Internal(format!("encoding the training state: {e}")))?;
         crate::lora::write_file_atomic(&tmp.join("state.json"), &json)?;
         let old = dir.with_file_name(format!(".{name}.old-{}", std::process::id()));
         if dir.exists() {
@@ -693,7 +723,7 @@ impl<'a> Trainer<'a> {
             tensors.insert(format!("optimizer/{k}"), t);
         }
         let json = serde_json::to_string(&self.state_file())
-            .map_err(|e| Error::Config(format!("encoding the training state: {e}")))?;
+            .map_err(|e| Error::Internal(format!("encoding the training state: {e}")))?;
         let mut meta = HashMap::new();
         meta.insert(STATE_KEY.to_string(), json);
         meta.insert(optim::SCALARS_KEY.to_string(), opt.scalars.to_string());

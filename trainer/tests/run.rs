@@ -121,6 +121,106 @@ fn run_job_with(
     Ok((result, events))
 }
 
+/// The metadata keys sd-scripts' `train_network.py` (kohya-ss/sd-scripts 48d368f, 2026-02) writes
+/// into a LoRA of a DreamBooth-style folder dataset without `vae`, `network_args`,
+/// `min/max_timestep` or `clip_skip`: its `metadata` dict, the dataset block, model name and
+/// hashes, the per-save keys, `sshs_*`, and `modelspec.*` from `sai_model_spec.build_metadata`.
+const KOHYA_KEYS: &[&str] = &[
+    "ss_adaptive_noise_scale",
+    "ss_base_model_version",
+    "ss_batch_size_per_device",
+    "ss_bucket_info",
+    "ss_bucket_no_upscale",
+    "ss_cache_latents",
+    "ss_caption_dropout_every_n_epochs",
+    "ss_caption_dropout_rate",
+    "ss_caption_tag_dropout_rate",
+    "ss_clip_skip",
+    "ss_color_aug",
+    "ss_dataset_dirs",
+    "ss_debiased_estimation",
+    "ss_enable_bucket",
+    "ss_epoch",
+    "ss_face_crop_aug_range",
+    "ss_flip_aug",
+    "ss_fp8_base",
+    "ss_fp8_base_unet",
+    "ss_full_fp16",
+    "ss_gradient_accumulation_steps",
+    "ss_gradient_checkpointing",
+    "ss_huber_c",
+    "ss_huber_scale",
+    "ss_huber_schedule",
+    "ss_ip_noise_gamma",
+    "ss_ip_noise_gamma_random_strength",
+    "ss_keep_tokens",
+    "ss_learning_rate",
+    "ss_loss_type",
+    "ss_lowram",
+    "ss_lr_scheduler",
+    "ss_lr_warmup_steps",
+    "ss_max_bucket_reso",
+    "ss_max_grad_norm",
+    "ss_max_token_length",
+    "ss_max_train_steps",
+    "ss_max_validation_steps",
+    "ss_min_bucket_reso",
+    "ss_min_snr_gamma",
+    "ss_mixed_precision",
+    "ss_multires_noise_discount",
+    "ss_multires_noise_iterations",
+    "ss_network_alpha",
+    "ss_network_dim",
+    "ss_network_dropout",
+    "ss_network_module",
+    "ss_new_sd_model_hash",
+    "ss_noise_offset",
+    "ss_noise_offset_random_strength",
+    "ss_num_batches_per_epoch",
+    "ss_num_epochs",
+    "ss_num_reg_images",
+    "ss_num_train_images",
+    "ss_num_validation_images",
+    "ss_optimizer",
+    "ss_output_name",
+    "ss_prior_loss_weight",
+    "ss_random_crop",
+    "ss_reg_dataset_dirs",
+    "ss_resize_interpolation",
+    "ss_resolution",
+    "ss_scale_weight_norms",
+    "ss_sd_model_hash",
+    "ss_sd_model_name",
+    "ss_sd_scripts_commit_hash",
+    "ss_seed",
+    "ss_session_id",
+    "ss_shuffle_caption",
+    "ss_steps",
+    "ss_tag_frequency",
+    "ss_text_encoder_lr",
+    "ss_total_batch_size",
+    "ss_training_comment",
+    "ss_training_finished_at",
+    "ss_training_started_at",
+    "ss_unet_lr",
+    "ss_v2",
+    "ss_validate_every_n_epochs",
+    "ss_validate_every_n_steps",
+    "ss_validation_seed",
+    "ss_validation_split",
+    "ss_zero_terminal_snr",
+    "sshs_legacy_hash",
+    "sshs_model_hash",
+    "modelspec.sai_model_spec",
+    "modelspec.architecture",
+    "modelspec.implementation",
+    "modelspec.implementation_version",
+    "modelspec.title",
+    "modelspec.resolution",
+    "modelspec.date",
+    "modelspec.prediction_type",
+];
+
 fn lora_tensors(path: &Path) -> anyhow::Result<HashMap<String, Tensor>> {
     Ok(candle_core::safetensors::load(path, &Device::Cpu)?)
 }
@@ -255,7 +355,20 @@ fn a_job_trains_and_writes_kohya_files() -> anyhow::Result<()> {
     }
 
     let meta = lora_metadata(&lora)?;
+    let mut ours: Vec<&str> = meta.keys().map(String::as_str).collect();
+    ours.sort_unstable();
+    let mut kohya = KOHYA_KEYS.to_vec();
+    kohya.sort_unstable();
+    assert_eq!(
+        ours, kohya,
+        "the LoRA's metadata keys differ from sd-scripts'"
+    );
     for (k, v) in [
+        ("ss_validation_split", "0.0"),
+        ("ss_huber_scale", "1.0"),
+        ("ss_training_comment", "None"),
+        ("ss_lowram", "False"),
+        ("ss_sd_model_hash", "IsADirectory"),
         ("ss_network_module", "networks.lora"),
         ("ss_network_dim", "4"),
         ("ss_network_alpha", "2.0"),
@@ -413,7 +526,6 @@ fn resuming_with_another_seed_or_dataset_is_refused() -> anyhow::Result<()> {
 fn a_diverging_job_stops_and_writes_no_lora() -> anyhow::Result<()> {
     let dir = make_job_dir("nan")?;
     let text = job_toml("max_train_steps = 6", "save_every_n_steps = 1")
-        .replace("learning_rate = 2e-3", "learning_rate = 1e30")
         .replace("lr_warmup_steps = 2", "lr_warmup_steps = 0")
         .replace(
             "optimizer_type = \"AdamW\"",
@@ -421,7 +533,10 @@ fn a_diverging_job_stops_and_writes_no_lora() -> anyhow::Result<()> {
         )
         .replace("[optimizer]", "[optimizer]\nmax_grad_norm = 0.0")
         .replace("save_precision = \"fp16\"", "save_precision = \"float\"");
-    let spec = resolve(&text)?;
+    let mut spec = resolve(&text)?;
+    // Validation caps learning rates; the trainer's divergence guard is tested past the cap.
+    spec.unet_lr = Some(1e30);
+    spec.text_encoder_lr = Some(1e30);
     let err = run::run(&spec, &dir, &RunOptions::default(), &mut |_| {})
         .expect_err("a 1e30 learning rate must diverge");
     assert!(matches!(err, Error::Diverged(_)), "{err}");
@@ -446,5 +561,101 @@ fn a_diverging_job_stops_and_writes_no_lora() -> anyhow::Result<()> {
         }
     }
     assert!(!dir.join("out/tiny.safetensors").exists());
+    Ok(())
+}
+
+#[test]
+fn a_run_whose_images_all_become_unreadable_fails_naming_them() -> anyhow::Result<()> {
+    let dir = make_job_dir("unreadable")?;
+    let text = job_toml("max_train_epochs = 3", "").replace("cache_latents = true", "");
+    let spec = resolve(&text)?;
+    let ro = RunOptions {
+        fixed_time: Some(1_700_000_000),
+        ..RunOptions::default()
+    };
+    let train = dir.join("train");
+    let mut broken = false;
+    let mut epochs = 0;
+    let result = run::run(&spec, &dir, &ro, &mut |e| {
+        // The dataset is scanned before the model loads: break every image after the scan.
+        if matches!(e, RunEvent::Status { .. }) && !broken {
+            broken = true;
+            for folder in ["2_wide", "1_tall"] {
+                for i in 0..3 {
+                    std::fs::write(train.join(folder).join(format!("{i}.png")), b"not a png")
+                        .unwrap();
+                }
+            }
+        }
+        if matches!(e, RunEvent::Epoch { .. }) {
+            epochs += 1;
+        }
+    });
+    let err = match result {
+        Ok(r) => panic!("a run with no readable image finished: {r:?}"),
+        Err(e) => e,
+    };
+    assert!(broken);
+    assert_eq!(epochs, 0, "an empty epoch was counted");
+    assert_eq!(err.kind(), loractl_trainer::ErrorKind::BadConfig);
+    let text = err.to_string();
+    assert!(text.contains("no usable batch"), "{text}");
+    assert!(text.contains("0.png"), "{text}");
+    Ok(())
+}
+
+#[test]
+fn a_missing_base_model_names_its_key_once() -> anyhow::Result<()> {
+    let dir = make_job_dir("nomodel")?;
+    let text = job_toml("max_train_steps = 1", "").replace(
+        &fixture_model().display().to_string(),
+        "/nonexistent/sd15.safetensors",
+    );
+    let spec = resolve(&text)?;
+    let plan_err = run::plan(&spec, &dir, true).unwrap_err();
+    let run_err = run::run(&spec, &dir, &RunOptions::default(), &mut |_| {}).unwrap_err();
+    for err in [plan_err, run_err] {
+        assert_eq!(err.kind(), loractl_trainer::ErrorKind::BadConfig);
+        let text = format!("{:#}", anyhow::Error::from(err));
+        assert!(
+            text.contains("model.pretrained_model_name_or_path")
+                && text.contains("/nonexistent/sd15.safetensors"),
+            "{text}"
+        );
+        assert!(!text.contains("os error"), "{text}");
+    }
+    Ok(())
+}
+
+#[test]
+fn plan_refuses_a_job_larger_than_the_memory() -> anyhow::Result<()> {
+    let dir = make_job_dir("memory")?;
+    let spec = resolve(&job_toml("max_train_steps = 1", ""))?;
+    let plan = run::plan(&spec, &dir, true)?;
+    let estimate = plan
+        .memory_bytes
+        .expect("an estimate with the model inspected");
+    let small = run::MemoryLimit {
+        bytes: estimate - 1,
+        what: "the GPU's memory".into(),
+    };
+    let err = run::check_memory(estimate, Some(&small)).unwrap_err();
+    assert_eq!(err.kind(), loractl_trainer::ErrorKind::BadConfig);
+    let text = err.to_string();
+    assert!(
+        text.contains("memory estimate") && text.contains("the GPU's memory"),
+        "{text}"
+    );
+    let roomy = run::MemoryLimit {
+        bytes: estimate,
+        what: "x".into(),
+    };
+    run::check_memory(estimate, Some(&roomy))?;
+    run::check_memory(estimate, None)?;
+    assert_eq!(
+        run::mem_total("MemTotal:       16318412 kB\nMemFree: 1 kB\n"),
+        Some(16318412 * 1024)
+    );
+    assert_eq!(run::mem_total("MemFree: 1 kB\n"), None);
     Ok(())
 }

@@ -113,3 +113,64 @@ fn kohya_lengths() -> Result<()> {
     assert!(tok.encode_kohya("a cat", 100).is_err());
     Ok(())
 }
+
+/// A `tokenizer/` folder as transformers >= 5 saves it: `tokenizer.json` (written here from
+/// the fixture's `vocab.json` and `merges.txt`, merges in the given form) and the config JSONs,
+/// without `vocab.json`/`merges.txt`.
+fn tokenizer_json_folder(sd: &str, pairs: bool) -> Result<PathBuf> {
+    let src = fixtures().join(sd).join("diffusers/tokenizer");
+    let dir = std::env::temp_dir().join(format!(
+        "loractl-tokjson-{sd}-{pairs}-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let vocab: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("vocab.json"))?)?;
+    let merges_text = std::fs::read_to_string(src.join("merges.txt"))?;
+    let merges: Vec<serde_json::Value> = merges_text
+        .trim()
+        .split('\n')
+        .skip(1)
+        .map(|l| {
+            if pairs {
+                let (a, b) = l.split_once(' ').unwrap_or((l, ""));
+                serde_json::json!([a, b])
+            } else {
+                serde_json::json!(l)
+            }
+        })
+        .collect();
+    let json = serde_json::json!({
+        "version": "1.0",
+        "model": {"type": "BPE", "vocab": vocab, "merges": merges,
+                   "end_of_word_suffix": "</w>", "unk_token": "<|endoftext|>"},
+    });
+    std::fs::write(dir.join("tokenizer.json"), json.to_string())?;
+    for f in ["tokenizer_config.json", "special_tokens_map.json"] {
+        if src.join(f).exists() {
+            std::fs::copy(src.join(f), dir.join(f))?;
+        }
+    }
+    Ok(dir)
+}
+
+#[test]
+fn a_transformers_5_tokenizer_json_gives_the_same_ids() -> Result<()> {
+    for pairs in [false, true] {
+        let tok = ClipTokenizer::from_dir(&tokenizer_json_folder("sd1", pairs)?)?;
+        assert_eq!((tok.pad_id(), tok.model_max_length()), (49407, 77));
+        check(&tok, false, "sd1 tokenizer.json")?;
+        let tok = ClipTokenizer::from_dir(&tokenizer_json_folder("sd2", pairs)?)?;
+        assert_eq!(tok.pad_id(), 0);
+        check(&tok, true, "sd2 tokenizer.json")?;
+    }
+    let dir = tokenizer_json_folder("sd1", false)?;
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        r#"{"model": {"type": "Unigram"}}"#,
+    )?;
+    let err = ClipTokenizer::from_dir(&dir).unwrap_err().to_string();
+    assert!(err.contains("not BPE"), "{err}");
+    Ok(())
+}

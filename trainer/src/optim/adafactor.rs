@@ -47,16 +47,8 @@ impl Default for AdafactorConfig {
 }
 
 impl AdafactorConfig {
-    pub(crate) const ARGS: &'static [&'static str] = &[
-        "eps",
-        "clip_threshold",
-        "decay_rate",
-        "beta1",
-        "weight_decay",
-        "scale_parameter",
-        "relative_step",
-        "warmup_init",
-    ];
+    /// The accepted `optimizer_args`, owned by the job spec's validation.
+    pub(crate) const ARGS: &'static [&'static str] = loractl_spec::optimizer_arg_names::ADAFACTOR;
 
     pub(crate) fn from_args(a: &Args) -> Result<Self> {
         let d = Self::default();

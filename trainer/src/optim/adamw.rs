@@ -39,7 +39,8 @@ impl Default for AdamWConfig {
 }
 
 impl AdamWConfig {
-    pub(crate) const ARGS: &'static [&'static str] = &["betas", "eps", "weight_decay", "amsgrad"];
+    /// The accepted `optimizer_args`, owned by the job spec's validation.
+    pub(crate) const ARGS: &'static [&'static str] = loractl_spec::optimizer_arg_names::ADAMW;
 
     pub(crate) fn from_args(a: &Args) -> Result<Self> {
         let d = Self::default();

@@ -199,8 +199,8 @@ impl Default for AdamW8bitConfig {
 }
 
 impl AdamW8bitConfig {
-    pub(crate) const ARGS: &'static [&'static str] =
-        &["betas", "eps", "weight_decay", "min_8bit_size"];
+    /// The accepted `optimizer_args`, owned by the job spec's validation.
+    pub(crate) const ARGS: &'static [&'static str] = loractl_spec::optimizer_arg_names::ADAMW8BIT;
 
     pub(crate) fn from_args(a: &Args) -> Result<Self> {
         let d = Self::default();

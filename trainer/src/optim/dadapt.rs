@@ -46,16 +46,8 @@ impl Default for DAdaptAdamConfig {
 
 impl DAdaptAdamConfig {
     /// `log_every` is accepted and ignored (it only prints).
-    pub(crate) const ARGS: &'static [&'static str] = &[
-        "betas",
-        "eps",
-        "weight_decay",
-        "decouple",
-        "use_bias_correction",
-        "d0",
-        "growth_rate",
-        "log_every",
-    ];
+    /// The accepted `optimizer_args`, owned by the job spec's validation.
+    pub(crate) const ARGS: &'static [&'static str] = loractl_spec::optimizer_arg_names::DADAPT_ADAM;
 
     pub(crate) fn from_args(a: &Args) -> Result<Self> {
         let d = Self::default();

@@ -36,8 +36,8 @@ impl Default for LionConfig {
 }
 
 impl LionConfig {
-    pub(crate) const ARGS: &'static [&'static str] =
-        &["betas", "weight_decay", "decoupled_weight_decay"];
+    /// The accepted `optimizer_args`, owned by the job spec's validation.
+    pub(crate) const ARGS: &'static [&'static str] = loractl_spec::optimizer_arg_names::LION;
 
     pub(crate) fn from_args(a: &Args) -> Result<Self> {
         let d = Self::default();

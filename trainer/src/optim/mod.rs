@@ -111,7 +111,8 @@ impl OptimizerState {
     }
 }
 
-/// The optimizer types [`build`] accepts, as sd-scripts spells them.
+/// The optimizer types [`build`] accepts, as sd-scripts spells them (the job spec's
+/// `OptimizerType::implemented`, checked by a test).
 pub const SUPPORTED: &[&str] = &[
     "AdamW",
     "AdamW8bit",
@@ -301,7 +302,7 @@ pub(crate) fn sum_f64(t: &Tensor) -> Result<f64> {
 
 pub(crate) fn check_lrs(name: &str, groups: usize, lrs: &[f64]) -> Result<()> {
     if lrs.len() != groups {
-        return Err(Error::Config(format!(
+        return Err(Error::Internal(format!(
             "{name}: step got {} learning rates for {groups} parameter groups",
             lrs.len()
         )));
@@ -604,6 +605,31 @@ mod tests {
             );
         }
         Ok(())
+    }
+
+    /// The spec accepts exactly the optimizers this module builds, with the same arguments.
+    #[test]
+    fn the_spec_and_the_builder_agree_on_optimizers() {
+        let spec: Vec<&str> = loractl_spec::OptimizerType::implemented()
+            .map(|o| o.as_str())
+            .collect();
+        assert_eq!(spec, SUPPORTED);
+        let dev = Device::Cpu;
+        for o in loractl_spec::OptimizerType::implemented() {
+            let names = o.arg_names().unwrap_or_default();
+            let args: BTreeMap<String, String> = names
+                .iter()
+                .map(|n| (n.to_string(), "x".to_string()))
+                .collect();
+            let groups = vec![ParamGroup {
+                name: "unet".into(),
+                vars: vec![Var::new(&[1f32], &dev).unwrap()],
+                lr: 1e-3,
+            }];
+            // Every listed name is known to the builder: it fails on the value, not the name.
+            let err = build(o.as_str(), &args, groups).err().unwrap().to_string();
+            assert!(!err.contains("is not an argument"), "{o}: {err}");
+        }
     }
 
     #[test]

@@ -57,19 +57,8 @@ impl Default for ProdigyConfig {
 }
 
 impl ProdigyConfig {
-    pub(crate) const ARGS: &'static [&'static str] = &[
-        "betas",
-        "beta3",
-        "eps",
-        "weight_decay",
-        "decouple",
-        "use_bias_correction",
-        "safeguard_warmup",
-        "d0",
-        "d_coef",
-        "growth_rate",
-        "slice_p",
-    ];
+    /// The accepted `optimizer_args`, owned by the job spec's validation.
+    pub(crate) const ARGS: &'static [&'static str] = loractl_spec::optimizer_arg_names::PRODIGY;
 
     pub(crate) fn from_args(a: &Args) -> Result<Self> {
         let d = Self::default();

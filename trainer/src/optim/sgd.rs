@@ -30,7 +30,9 @@ impl Default for SgdNesterovConfig {
 }
 
 impl SgdNesterovConfig {
-    pub(crate) const ARGS: &'static [&'static str] = &["momentum", "weight_decay", "dampening"];
+    /// The accepted `optimizer_args`, owned by the job spec's validation.
+    pub(crate) const ARGS: &'static [&'static str] =
+        loractl_spec::optimizer_arg_names::SGD_NESTEROV;
 
     pub(crate) fn from_args(a: &Args) -> Result<Self> {
         let d = Self::default();
