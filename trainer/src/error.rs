@@ -55,6 +55,9 @@ pub enum Error {
     /// The loss or a gradient became NaN or infinite: the run stopped, nothing was written.
     #[error("training diverged: {0}")]
     Diverged(String),
+    /// A data-parallel collective failed (a peer rank died, stalled or is out of step).
+    #[error("data-parallel: {0}")]
+    Collective(#[from] loractl_collective::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

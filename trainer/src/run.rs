@@ -915,6 +915,8 @@ struct RunHooks<'r, 'e> {
     fixed_time: Option<u64>,
     state_as_file: bool,
     checkpoint_every: Option<usize>,
+    /// Rank 0 of a data-parallel run (or a run alone): the one rank that writes files.
+    writer: bool,
     events: &'e mut dyn FnMut(&RunEvent),
 }
 
@@ -964,6 +966,9 @@ impl RunHooks<'_, '_> {
         epoch: usize,
     ) -> Result<PathBuf> {
         let path = self.output_dir.join(format!("{file_stem}.safetensors"));
+        if !self.writer {
+            return Ok(path);
+        }
         let mut meta = self.metadata(step, epoch);
         let tensors = t.network().to_tensors(self.save_dtype)?;
         let (model_hash, legacy) = metadata::sshs_hashes(&tensors, &meta)?;
@@ -979,6 +984,15 @@ impl RunHooks<'_, '_> {
     }
 
     fn save_state(&mut self, t: &Trainer<'_>, dir_name: &str) -> Result<PathBuf> {
+        if !self.writer {
+            // Every rank holds the same state; rank 0's is the one written.
+            let ext = if self.state_as_file {
+                ".safetensors"
+            } else {
+                ""
+            };
+            return Ok(self.output_dir.join(format!("{dir_name}{ext}")));
+        }
         let dir = if self.state_as_file {
             let path = self.output_dir.join(format!("{dir_name}.safetensors"));
             t.save_state_file(&path)?;
@@ -1002,7 +1016,7 @@ impl RunHooks<'_, '_> {
         epoch: Option<usize>,
         step: usize,
     ) -> Result<()> {
-        if self.prompts.is_empty() || !self.schedule.due(epoch, step) {
+        if !self.writer || self.prompts.is_empty() || !self.schedule.due(epoch, step) {
             return Ok(());
         }
         let clip_skip = t.options().clip_skip;
@@ -1112,6 +1126,30 @@ pub fn run(
     ro: &RunOptions,
     events: &mut dyn FnMut(&RunEvent),
 ) -> Result<RunResult> {
+    run_with(spec, base_dir, ro, None, events)
+}
+
+/// [`run`] as one rank of a data-parallel run: every rank calls it with the same spec and its
+/// end of `collective`; steps are counted on the global batch, and only rank 0 writes LoRA
+/// files, states and samples (the others return the same paths).
+pub fn run_parallel(
+    spec: &ResolvedSpec,
+    base_dir: &Path,
+    ro: &RunOptions,
+    collective: Box<dyn loractl_collective::Collective>,
+    events: &mut dyn FnMut(&RunEvent),
+) -> Result<RunResult> {
+    run_with(spec, base_dir, ro, Some(collective), events)
+}
+
+fn run_with(
+    spec: &ResolvedSpec,
+    base_dir: &Path,
+    ro: &RunOptions,
+    collective: Option<Box<dyn loractl_collective::Collective>>,
+    events: &mut dyn FnMut(&RunEvent),
+) -> Result<RunResult> {
+    let world_size = collective.as_ref().map_or(1, |c| c.world_size());
     let started_at = ro.fixed_time.unwrap_or_else(|| {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -1137,7 +1175,7 @@ pub fn run(
     if let Some(limit) = MemoryLimit::detect(!ro.device.is_cpu()) {
         plan_on(spec, base_dir, &dataset, true, Some(&limit))?;
     }
-    let (total_steps, num_epochs) = run_length(spec, &dataset, WORLD_SIZE);
+    let (total_steps, num_epochs) = run_length(spec, &dataset, world_size);
     let opts = train_options(spec, total_steps)?;
     events(&RunEvent::Status {
         message: format!("loading {}", model_path.display()),
@@ -1161,6 +1199,9 @@ pub fn run(
         None => None,
     };
     let mut trainer = Trainer::new(&sd, &dataset, opts.clone(), &ro.device, initial.as_ref())?;
+    if let Some(c) = collective {
+        trainer = trainer.with_collective(c);
+    }
     let vae_id = vae_fingerprint(spec, base_dir, &model_path)?;
     if let Some(cache) = dataset.latent_cache(&vae_id)? {
         events(&RunEvent::Status {
@@ -1229,6 +1270,7 @@ pub fn run(
             fixed_time: ro.fixed_time,
             state_as_file: ro.state_as_file,
             checkpoint_every: ro.checkpoint_every_n_steps.filter(|n| *n > 0),
+            writer: trainer.rank() == 0,
             events,
         },
         sd: &sd,

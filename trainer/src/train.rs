@@ -6,8 +6,16 @@
 //! [`Trainer`] owns everything that changes while training and stops only at optimizer-step
 //! boundaries, so its whole state ([`Trainer::save_state`]) is the LoRA weights, the optimizer
 //! state, the data position and the loss window: a resumed run continues bit-identically.
-//! Every random draw of a micro-batch comes from a stream keyed by (seed, epoch, batch), so no
-//! generator state needs saving.
+//! Every random draw of a sample comes from a stream keyed by (seed, epoch, global batch,
+//! position in it), so no generator state needs saving.
+//!
+//! Data-parallel ([`Trainer::with_collective`]): every rank holds the same LoRA (same seed),
+//! takes its slice of each global batch ([`plan::split`]), and once per optimizer step the
+//! ranks all-reduce their per-micro-batch losses, sample counts, non-finite flags and the
+//! flattened LoRA gradients; every rank then takes the same optimizer step. Each rank's loss is
+//! weighted by its share of the global batch, so `w` ranks with batch `b` compute the gradient
+//! of one rank with batch `w·b` (up to float rounding), even when a bucket's last batch is
+//! short.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
@@ -15,6 +23,7 @@ use std::path::Path;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
+use loractl_collective::Collective;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -233,14 +242,34 @@ fn accumulate(acc: &mut Option<GradStore>, new: GradStore, vars: &[Var]) -> Resu
     Ok(())
 }
 
-/// The RNG of one micro-batch's VAE sample, noise and timesteps: its own stream of a seed
-/// derived from the run's, so it is the same after a resume and on whichever rank.
-pub fn step_rng(seed: u64, epoch: usize, batch_index: usize) -> ChaCha8Rng {
+/// The RNG of one sample's VAE sample, noise and timestep: its own stream of a seed derived
+/// from the run's, keyed by the sample's place in the epoch (global batch, position in it), so
+/// it is the same after a resume, on whichever rank and with whatever per-rank batch size.
+pub fn step_rng(seed: u64, epoch: usize, batch_index: usize, position: usize) -> ChaCha8Rng {
     // A constant apart from the dataset's own streams (which use `seed + epoch`).
     let mut rng =
         ChaCha8Rng::seed_from_u64(seed.wrapping_add(epoch as u64) ^ 0x6c6f_7261_6374_6c00);
-    rng.set_stream(batch_index as u64 + 1);
+    rng.set_stream(((batch_index as u64 + 1) << 32) | position as u64);
     rng
+}
+
+/// Floats per all-reduce call of the flattened gradients: a few calls for a large LoRA, so a
+/// 128-rank SD LoRA is never copied as one huge message.
+const GRAD_BUCKET: usize = 1 << 22;
+
+/// Zero gradients for every variable: what a rank contributes when none of its micro-batches
+/// had a sample (`GradStore` has no public constructor, so through a backward pass).
+fn zero_grads(vars: &[Var]) -> Result<GradStore> {
+    let mut total: Option<Tensor> = None;
+    for v in vars {
+        let s = v.as_tensor().sum_all()?;
+        total = Some(match total {
+            None => s,
+            Some(t) => (t + s)?,
+        });
+    }
+    let total = total.ok_or_else(|| Error::Config("no LoRA variables to train".into()))?;
+    Ok((total * 0.0)?.backward()?)
 }
 
 /// Most text-encoder outputs kept in memory when the text encoder is frozen.
@@ -286,6 +315,8 @@ pub struct Trainer<'a> {
     loss: LossRecorder,
     rank: usize,
     world_size: usize,
+    /// The other ranks of a data-parallel run; `None` alone.
+    collective: Option<Box<dyn Collective>>,
 }
 
 impl<'a> Trainer<'a> {
@@ -367,7 +398,29 @@ impl<'a> Trainer<'a> {
             loss: LossRecorder::default(),
             rank: 0,
             world_size: 1,
+            collective: None,
         })
+    }
+
+    /// Makes this trainer one rank of a data-parallel run: it trains on its slice of every
+    /// global batch and averages gradients with the other ranks through `collective` once per
+    /// optimizer step. Call before [`Trainer::load_state`] (the data position depends on it);
+    /// every rank must use the same options, seed and dataset.
+    pub fn with_collective(mut self, collective: Box<dyn Collective>) -> Self {
+        self.rank = collective.rank();
+        self.world_size = collective.world_size().max(1);
+        self.collective = Some(collective);
+        self
+    }
+
+    /// This process's rank (0 without a collective).
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Ranks of the run (1 without a collective).
+    pub fn world_size(&self) -> usize {
+        self.world_size
     }
 
     /// Trains on latents from `cache` (filled by [`Dataset::cache_latents`] or
@@ -416,10 +469,16 @@ impl<'a> Trainer<'a> {
         &self.group_names
     }
 
-    /// This rank's batches of one epoch.
-    fn rank_batches(&self, epoch: usize) -> Vec<plan::Batch> {
-        let all = self.dataset.epoch_batches(epoch, self.opts.seed);
-        plan::shard(&all, self.rank, self.world_size)
+    /// This rank's micro-batches of one epoch (one per global batch, maybe empty) and the
+    /// size of each global batch.
+    fn rank_batches(&self, epoch: usize) -> (Vec<plan::Batch>, Vec<usize>) {
+        let global = self
+            .dataset
+            .global_batches(epoch, self.opts.seed, self.world_size);
+        let sizes = global.iter().map(|b| b.images.len()).collect();
+        let bs = self.dataset.config().train_batch_size;
+        let mine = plan::split(&global, self.rank, self.world_size, bs);
+        (mine, sizes)
     }
 
     /// Text conditioning for `captions`: batched through the LoRA-patched encoder when it
@@ -471,22 +530,50 @@ impl<'a> Trainer<'a> {
         epoch: usize,
     ) -> Result<Option<(Tensor, usize)>> {
         let seed = self.opts.seed;
+        if batch.images.is_empty() {
+            return Ok(None);
+        }
         let Some(sb) =
             self.dataset
                 .load_batch(batch, epoch, seed, self.latents.as_ref(), &self.device)?
         else {
             return Ok(None);
         };
-        let mut rng = step_rng(seed, epoch, batch.index);
+        // One stream per sample: the draws of a sample do not depend on its batch-mates.
+        let mut rngs: Vec<ChaCha8Rng> = sb
+            .positions
+            .iter()
+            .map(|&p| step_rng(seed, epoch, batch.index, p))
+            .collect();
         let scale = self.sd.vae.scaling_factor();
         let latents = match &sb.input {
-            BatchInput::Pixels(px) => (self.sd.vae.encode(px)?.sample_with(&mut rng)? * scale)?,
+            BatchInput::Pixels(px) => {
+                let posterior = self.sd.vae.encode(px)?;
+                let dims = posterior.mean.dims().to_vec();
+                let per_sample: usize = dims[1..].iter().product();
+                let mut eps = Vec::with_capacity(per_sample * rngs.len());
+                for rng in rngs.iter_mut() {
+                    eps.extend(crate::random::standard_normal(rng, per_sample));
+                }
+                let eps = Tensor::from_vec(eps, dims, posterior.mean.device())?;
+                (posterior.sample(&eps)? * scale)?
+            }
             BatchInput::Latents(l) => (l * scale)?,
         }
         .detach();
         let context = self.context(&sb.captions)?;
         let weights = Tensor::new(sb.loss_weights.as_slice(), &self.device)?;
-        let noise = draw_noise(&mut rng, latents.dims4()?, &self.opts.step, &self.device)?;
+        let (_, c, h, w) = latents.dims4()?;
+        let (mut noises, mut timesteps) = (Vec::new(), Vec::new());
+        for rng in rngs.iter_mut() {
+            let n = draw_noise(rng, (1, c, h, w), &self.opts.step, &self.device)?;
+            noises.push(n.noise);
+            timesteps.push(n.timesteps);
+        }
+        let noise = crate::step::StepNoise {
+            noise: Tensor::cat(&noises, 0)?,
+            timesteps: Tensor::cat(&timesteps, 0)?,
+        };
         let loss = training_loss(
             &self.sd.unet,
             &self.sd.schedule,
@@ -580,9 +667,10 @@ impl<'a> Trainer<'a> {
     /// Trains from the current position until `max_train_steps` or until a hook stops it.
     pub fn run(&mut self, hooks: &mut dyn Hooks) -> Result<Outcome> {
         let accum = self.opts.gradient_accumulation_steps;
+        let parallel = self.collective.is_some() && self.world_size > 1;
         while self.position.step < self.opts.max_train_steps {
             let epoch = self.position.epoch;
-            let batches = self.rank_batches(epoch);
+            let (batches, global_sizes) = self.rank_batches(epoch);
             if batches.is_empty() {
                 return Err(Error::Config(
                     "the dataset yields no batches: every image was skipped".into(),
@@ -597,6 +685,10 @@ impl<'a> Trainer<'a> {
                 )));
             }
             let (mut acc, mut micro, mut loss_sum, mut samples) = (None, 0usize, 0f32, 0usize);
+            // Data-parallel: (slot, this rank's share of the micro-batch loss) until the step's
+            // all-reduce, and the first non-finite loss this rank saw.
+            let mut shares: Vec<(usize, f32)> = Vec::new();
+            let mut non_finite: Option<f32> = None;
             let mut stop = false;
             // An epoch walked from its first batch in which no batch had a readable image
             // would repeat forever: every image failed after the scan.
@@ -606,8 +698,30 @@ impl<'a> Trainer<'a> {
                 let slot = self.position.batch;
                 let batch = &batches[slot];
                 self.position.batch += 1;
-                if let Some((loss, n)) = self.micro_batch_loss(batch, epoch)? {
+                let loaded = self.micro_batch_loss(batch, epoch)?;
+                if loaded.is_some() {
                     usable += 1;
+                }
+                if parallel {
+                    // Every rank counts every global batch, loaded or not, so that all ranks
+                    // reach the accumulation boundary together.
+                    micro += 1;
+                    let mut share = 0f32;
+                    if let Some((loss, n)) = loaded {
+                        let value = loss.to_scalar::<f32>()?;
+                        if value.is_finite() {
+                            // This rank's samples' part of the global batch mean.
+                            let weight = (n * self.world_size) as f64 / global_sizes[slot] as f64;
+                            let grads = (loss * (weight / accum as f64))?.backward()?;
+                            accumulate(&mut acc, grads, &self.vars)?;
+                            share = value * weight as f32;
+                            samples += n;
+                        } else {
+                            non_finite.get_or_insert(value);
+                        }
+                    }
+                    shares.push((slot, share));
+                } else if let Some((loss, n)) = loaded {
                     let value = loss.to_scalar::<f32>()?;
                     if !value.is_finite() {
                         let lrs = self.scheduler.lr(self.position.step);
@@ -626,10 +740,27 @@ impl<'a> Trainer<'a> {
                 if !boundary {
                     continue;
                 }
-                let Some(grads) = acc.take() else { continue };
+                let grads = if parallel {
+                    let reduced = self.reduce(acc.take(), &shares, samples, non_finite.take())?;
+                    shares.clear();
+                    match reduced {
+                        Some((grads, sum, n)) => {
+                            (loss_sum, samples) = (sum, n);
+                            grads
+                        }
+                        None => {
+                            (micro, samples) = (0, 0);
+                            continue;
+                        }
+                    }
+                } else {
+                    let Some(grads) = acc.take() else { continue };
+                    grads
+                };
                 let event = self.update(grads, micro, loss_sum, samples)?;
                 (micro, loss_sum, samples) = (0, 0.0, 0);
-                if hooks.step_end(self, &event)? == Flow::Stop {
+                let flow = hooks.step_end(self, &event)?;
+                if self.agree(flow)? == Flow::Stop {
                     stop = true;
                 }
                 if self.position.step >= self.opts.max_train_steps {
@@ -648,7 +779,8 @@ impl<'a> Trainer<'a> {
                     loss_average: self.loss.moving_average(),
                     last: self.position.step >= self.opts.max_train_steps,
                 };
-                if hooks.epoch_end(self, &event)? == Flow::Stop {
+                let flow = hooks.epoch_end(self, &event)?;
+                if self.agree(flow)? == Flow::Stop {
                     stop = true;
                 }
                 self.position.epoch += 1;
@@ -659,6 +791,96 @@ impl<'a> Trainer<'a> {
             }
         }
         Ok(Outcome::Finished)
+    }
+
+    /// Data-parallel ranks stop together: a stop asked on any rank (a signal that reached it
+    /// first) stops every rank at the same step, so none waits for the others in vain.
+    fn agree(&mut self, flow: Flow) -> Result<Flow> {
+        if self.world_size <= 1 {
+            return Ok(flow);
+        }
+        let Some(collective) = self.collective.as_mut() else {
+            return Ok(flow);
+        };
+        let mut vote = [f32::from(u8::from(flow == Flow::Stop))];
+        collective.all_reduce_mean(&mut vote)?;
+        Ok(if vote[0] > 0.0 {
+            Flow::Stop
+        } else {
+            Flow::Continue
+        })
+    }
+
+    /// The data-parallel all-reduce of one optimizer step: first the micro-batch loss shares,
+    /// the sample count and one non-finite flag per rank (so every rank stops together if any
+    /// saw a non-finite loss), then the LoRA gradients, flattened into buckets. Returns the
+    /// mean gradients, the sum of the micro-batch losses and the samples of all ranks; `None`
+    /// when no rank had a sample (every rank skips the step alike). The losses go into the
+    /// loss window, so every rank's state stays identical.
+    fn reduce(
+        &mut self,
+        acc: Option<GradStore>,
+        shares: &[(usize, f32)],
+        samples: usize,
+        non_finite: Option<f32>,
+    ) -> Result<Option<(GradStore, f32, usize)>> {
+        let (w, m) = (self.world_size, shares.len());
+        let mut scalars: Vec<f32> = shares.iter().map(|(_, s)| *s).collect();
+        scalars.push(samples as f32);
+        scalars.extend((0..w).map(|r| f32::from(u8::from(r == self.rank && non_finite.is_some()))));
+        let collective = self
+            .collective
+            .as_mut()
+            .expect("data-parallel without a collective");
+        collective.all_reduce_mean(&mut scalars)?;
+        let bad: Vec<String> = (0..w)
+            .filter(|r| scalars[m + 1 + r] > 0.0)
+            .map(|r| r.to_string())
+            .collect();
+        if !bad.is_empty() {
+            let lrs = self.scheduler.lr(self.position.step);
+            let what = match non_finite {
+                Some(v) => format!("the loss became {v} on rank {}", self.rank),
+                None => format!("the loss became NaN or infinite on rank {}", bad.join(", ")),
+            };
+            return Err(self.diverged(&what, &lrs));
+        }
+        let total = (scalars[m] * w as f32).round() as usize;
+        if total == 0 {
+            return Ok(None);
+        }
+        let mut loss_sum = 0f32;
+        for ((slot, _), loss) in shares.iter().zip(&scalars[..m]) {
+            self.loss.add(*slot, *loss);
+            loss_sum += *loss;
+        }
+        let mut grads = match acc {
+            Some(g) => g,
+            None => zero_grads(&self.vars)?,
+        };
+        let mut flat = Vec::new();
+        for v in &self.vars {
+            match grads.get(v.as_tensor()) {
+                Some(g) => flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+                None => flat.resize(flat.len() + v.elem_count(), 0.0),
+            }
+        }
+        let collective = self
+            .collective
+            .as_mut()
+            .expect("data-parallel without a collective");
+        for bucket in flat.chunks_mut(GRAD_BUCKET) {
+            collective.all_reduce_mean(bucket)?;
+        }
+        let mut offset = 0;
+        for v in &self.vars {
+            let n = v.elem_count();
+            let g = Tensor::from_slice(&flat[offset..offset + n], v.shape(), v.device())?
+                .to_dtype(v.dtype())?;
+            grads.insert(v.as_tensor(), g);
+            offset += n;
+        }
+        Ok(Some((grads, loss_sum, total)))
     }
 
     fn state_file(&self) -> StateFile {
@@ -672,7 +894,7 @@ impl<'a> Trainer<'a> {
             groups: self.group_names.clone(),
             max_train_steps: self.opts.max_train_steps,
             gradient_accumulation_steps: self.opts.gradient_accumulation_steps,
-            batches_per_epoch: self.rank_batches(1).len(),
+            batches_per_epoch: self.rank_batches(1).0.len(),
             loss_window,
             loss_total_bits,
         }
@@ -785,7 +1007,7 @@ impl<'a> Trainer<'a> {
                 s.gradient_accumulation_steps, self.opts.gradient_accumulation_steps
             ));
         }
-        let batches = self.rank_batches(1).len();
+        let batches = self.rank_batches(1).0.len();
         if s.batches_per_epoch != batches {
             mismatches.push(format!(
                 "the dataset gave {} batches per epoch, now {batches} (images, repeats, \
@@ -892,11 +1114,13 @@ mod tests {
     #[test]
     fn step_streams_differ_by_batch_and_repeat() {
         use rand::Rng;
-        let a: u64 = step_rng(1, 1, 0).random();
-        let b: u64 = step_rng(1, 1, 1).random();
-        let c: u64 = step_rng(1, 2, 0).random();
+        let a: u64 = step_rng(1, 1, 0, 0).random();
+        let b: u64 = step_rng(1, 1, 1, 0).random();
+        let c: u64 = step_rng(1, 2, 0, 0).random();
+        let d: u64 = step_rng(1, 1, 0, 1).random();
         assert_ne!(a, b);
         assert_ne!(a, c);
-        assert_eq!(a, step_rng(1, 1, 0).random::<u64>());
+        assert_ne!(a, d);
+        assert_eq!(a, step_rng(1, 1, 0, 0).random::<u64>());
     }
 }

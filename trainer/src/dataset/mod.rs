@@ -97,6 +97,8 @@ pub struct SampleBatch {
     pub flipped: Vec<bool>,
     /// Indices into [`Dataset::images`] of the samples kept.
     pub images: Vec<usize>,
+    /// Their positions in the global batch (see [`plan::sample_rng`]).
+    pub positions: Vec<usize>,
 }
 
 /// An image dropped under [`BadImagePolicy::Skip`].
@@ -408,7 +410,19 @@ impl Dataset {
         )
     }
 
-    /// Optimizer steps of the run (see [`plan::total_steps`]).
+    /// Global batches per epoch with `world_size` ranks of `train_batch_size` each: buckets
+    /// cut into batches of `train_batch_size × world_size` (the trainer's plan, see
+    /// [`plan::split`]); [`Dataset::batches_per_epoch`] with one rank.
+    pub fn global_batches_per_epoch(&self, world_size: usize) -> usize {
+        plan::global_batches_per_epoch(
+            self.buckets.iter().map(|b| b.count),
+            self.cfg.train_batch_size,
+            world_size,
+        )
+    }
+
+    /// Optimizer steps of the run (see [`plan::total_steps`]), counted on the global batches
+    /// the ranks share (kohya's figure when the buckets divide evenly).
     pub fn total_steps(
         &self,
         max_train_steps: usize,
@@ -417,10 +431,10 @@ impl Dataset {
         grad_accum: usize,
     ) -> usize {
         plan::total_steps(
-            self.batches_per_epoch(),
+            self.global_batches_per_epoch(world_size),
             max_train_steps,
             max_train_epochs,
-            world_size,
+            1,
             grad_accum,
         )
     }
@@ -428,15 +442,21 @@ impl Dataset {
     /// Epochs needed for `total_steps` optimizer steps.
     pub fn num_epochs(&self, total_steps: usize, world_size: usize, grad_accum: usize) -> usize {
         plan::num_epochs(
-            self.batches_per_epoch(),
+            self.global_batches_per_epoch(world_size),
             total_steps,
-            world_size,
+            1,
             grad_accum,
         )
     }
 
     /// The batches of `epoch` (1-based) in training order, before sharding.
     pub fn epoch_batches(&self, epoch: usize, seed: u64) -> Vec<Batch> {
+        self.global_batches(epoch, seed, 1)
+    }
+
+    /// The global batches of `epoch` for `world_size` ranks (`train_batch_size` samples per
+    /// rank), to be split with [`plan::split`].
+    pub fn global_batches(&self, epoch: usize, seed: u64, world_size: usize) -> Vec<Batch> {
         let lists: Vec<(Reso, Vec<usize>)> = self
             .buckets
             .iter()
@@ -449,7 +469,8 @@ impl Dataset {
                 (b.reso, entries)
             })
             .collect();
-        plan::plan_epoch(&lists, self.cfg.train_batch_size, seed, epoch)
+        let global = self.cfg.train_batch_size.max(1) * world_size.max(1);
+        plan::plan_epoch(&lists, global, seed, epoch)
     }
 
     /// Processes image `index`'s caption for one sample.
@@ -643,8 +664,8 @@ impl Dataset {
         Ok(stats)
     }
 
-    /// Loads one batch of `epoch` (1-based): flips, crops and captions drawn from the batch's own
-    /// RNG stream (see [`plan::batch_rng`]). With `cache`, latents come from it (run
+    /// Loads one batch of `epoch` (1-based): each sample's flip, crop and caption drawn from its
+    /// own RNG stream (see [`plan::sample_rng`]). With `cache`, latents come from it (run
     /// [`Dataset::cache_latents`] first); otherwise pixels are decoded. Unreadable images are
     /// dropped under [`BadImagePolicy::Skip`]; `None` when none is left.
     pub fn load_batch(
@@ -655,13 +676,14 @@ impl Dataset {
         cache: Option<&LatentCache>,
         device: &Device,
     ) -> Result<Option<SampleBatch>> {
-        let mut rng = plan::batch_rng(seed, epoch, batch.index);
         let mut tensors = Vec::with_capacity(batch.images.len());
-        let (mut captions, mut loss_weights, mut flipped, mut images) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for &index in &batch.images {
-            // Draw in kohya's order (flip, crop, caption) even for skipped images, so one bad
-            // image does not change the augmentations of the others.
+        let (mut captions, mut loss_weights, mut flipped, mut images, mut positions) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (j, &index) in batch.images.iter().enumerate() {
+            let position = batch.offset + j;
+            let mut rng = plan::sample_rng(seed, epoch, batch.index, position);
+            // Draw in kohya's order (flip, crop, caption); each sample has its own stream, so a
+            // bad image does not change the augmentations of the others.
             let flip = self.cfg.flip_aug && rng.random::<f64>() < 0.5;
             let loaded = if self.is_failed(index) {
                 None
@@ -689,6 +711,7 @@ impl Dataset {
             });
             flipped.push(flip);
             images.push(index);
+            positions.push(position);
         }
         if tensors.is_empty() {
             return Ok(None);
@@ -706,6 +729,7 @@ impl Dataset {
             loss_weights,
             flipped,
             images,
+            positions,
         }))
     }
 

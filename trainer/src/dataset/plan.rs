@@ -1,6 +1,8 @@
 //! Epoch and step arithmetic as sd-scripts does it: every image enters its bucket once per
 //! repeat, batches are cut within a bucket, the batch order is reshuffled each epoch from
-//! `seed + epoch`, and data-parallel rank r takes batch indices ≡ r (mod world size).
+//! `seed + epoch`, and data-parallel rank r takes batch indices ≡ r (mod world size)
+//! ([`shard`], kohya's) or its slice of each global batch ([`split`], what the trainer uses: a
+//! global step's samples are the same whatever the number of ranks).
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -17,6 +19,9 @@ pub struct Batch {
     pub reso: Reso,
     /// Indices into `Dataset::images`; an image may appear twice when repeated.
     pub images: Vec<usize>,
+    /// Position of `images[0]` in its global batch (the one all ranks of a step share): with
+    /// `index` it keys each sample's random draws ([`sample_rng`]).
+    pub offset: usize,
 }
 
 /// Batches cut from buckets of `counts[i]` entries each.
@@ -74,6 +79,26 @@ pub fn batch_rng(seed: u64, epoch: usize, batch_index: usize) -> ChaCha8Rng {
     rng
 }
 
+/// The RNG of one sample's augmentations (flip, crop, caption) and training draws: keyed by
+/// the sample's place in the epoch, (global batch `batch_index`, `position` in it), so it is
+/// the same whichever rank loads it, with whatever per-rank batch size, and after a resume.
+pub fn sample_rng(seed: u64, epoch: usize, batch_index: usize, position: usize) -> ChaCha8Rng {
+    let mut rng = epoch_rng(seed, epoch);
+    // Streams above 2^32 never meet `batch_rng`'s (one per batch).
+    rng.set_stream(((batch_index as u64 + 1) << 32) | position as u64);
+    rng
+}
+
+/// Global batches of an epoch when `world_size` ranks each take `batch_size` samples of a
+/// step: buckets are cut into batches of `batch_size × world_size`.
+pub fn global_batches_per_epoch(
+    bucket_counts: impl IntoIterator<Item = usize>,
+    batch_size: usize,
+    world_size: usize,
+) -> usize {
+    batches_per_epoch(bucket_counts, batch_size.max(1) * world_size.max(1))
+}
+
 /// Orders one epoch: each bucket's entries (an image once per repeat) shuffled and cut into
 /// batches of `batch_size` (the last may be short), then all batches shuffled.
 pub fn plan_epoch(
@@ -94,6 +119,7 @@ pub fn plan_epoch(
                 bucket,
                 reso: *reso,
                 images: chunk.to_vec(),
+                offset: 0,
             });
         }
     }
@@ -115,6 +141,27 @@ pub fn shard(batches: &[Batch], rank: usize, world_size: usize) -> Vec<Batch> {
     let per_rank = batches.len().div_ceil(world);
     (0..per_rank)
         .map(|k| batches[(k * world + rank % world) % batches.len()].clone())
+        .collect()
+}
+
+/// Rank `rank`'s part of each global batch (planned with `batch_size × world_size` by
+/// [`plan_epoch`]): samples `rank·batch_size ..` of it, fewer or none in a bucket's short last
+/// batch. Every rank gets one (maybe empty) micro-batch per global batch, so all ranks take the
+/// same steps, and one rank with `world_size × batch_size` trains on exactly the samples of
+/// `world_size` ranks with `batch_size`.
+pub fn split(global: &[Batch], rank: usize, world_size: usize, batch_size: usize) -> Vec<Batch> {
+    let (world, bs) = (world_size.max(1), batch_size.max(1));
+    global
+        .iter()
+        .map(|b| {
+            let start = (rank % world * bs).min(b.images.len());
+            let end = (start + bs).min(b.images.len());
+            Batch {
+                images: b.images[start..end].to_vec(),
+                offset: b.offset + start,
+                ..b.clone()
+            }
+        })
         .collect()
 }
 
@@ -142,11 +189,33 @@ mod tests {
                 bucket: 0,
                 reso: (64, 64),
                 images: vec![i],
+                offset: 0,
             })
             .collect();
         let r0: Vec<usize> = shard(&batches, 0, 2).iter().map(|b| b.index).collect();
         let r1: Vec<usize> = shard(&batches, 1, 2).iter().map(|b| b.index).collect();
         assert_eq!(r0, vec![0, 2, 4]);
         assert_eq!(r1, vec![1, 3, 0]);
+    }
+
+    #[test]
+    fn splits_give_one_rank_the_concatenation() {
+        let buckets = vec![
+            ((64, 64), (0..7).collect::<Vec<_>>()),
+            ((64, 128), vec![7, 8, 9]),
+        ];
+        let global = plan_epoch(&buckets, 4, 3, 1);
+        assert_eq!(global.len(), global_batches_per_epoch([7, 3], 2, 2));
+        let r0 = split(&global, 0, 2, 2);
+        let r1 = split(&global, 1, 2, 2);
+        let one = split(&global, 0, 1, 4);
+        assert_eq!((r0.len(), r1.len(), one.len()), (3, 3, 3));
+        for ((a, b), g) in r0.iter().zip(&r1).zip(&one) {
+            assert_eq!([a.images.clone(), b.images.clone()].concat(), g.images);
+            assert_eq!((a.offset, b.offset), (0, a.images.len().min(2)));
+            assert_eq!((a.index, b.index), (g.index, g.index));
+        }
+        // A short last batch leaves a rank with nothing (7 = 4 + 3; 3 = 2 + 1).
+        assert!(r1.iter().any(|b| b.images.len() == 1));
     }
 }
