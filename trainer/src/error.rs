@@ -82,7 +82,8 @@ impl Error {
                 }
                 _ => ErrorKind::Internal,
             },
-            Error::Candle(_) | Error::Internal(_) => ErrorKind::Internal,
+            // A peer rank that died or stalled: the attempt is retried from its checkpoint.
+            Error::Candle(_) | Error::Internal(_) | Error::Collective(_) => ErrorKind::Internal,
             Error::Diverged(_) => ErrorKind::Diverged,
         }
     }
