@@ -9,11 +9,12 @@ use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use loractl_collective::{RingConfig, RingListener, TcpRing};
 use loractl_proto::domain::EXIT_BAD_CONFIG;
 use loractl_spec::JobSpec;
 use loractl_trainer::run::{self, RunEvent, RunOptions, RunResult};
 use loractl_trainer::ErrorKind;
-use loractl_worker::protocol::{ArtifactKindName, ChildMessage};
+use loractl_worker::protocol::{ArtifactKindName, ChildMessage, ParentMessage};
 
 /// Optimizer steps between checkpoints when the job does not say (`LORACTL_CHECKPOINT_STEPS`).
 const DEFAULT_CHECKPOINT_STEPS: usize = 10;
@@ -52,12 +53,6 @@ pub fn rank() -> anyhow::Result<ExitCode> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
-    if world != 1 {
-        return Ok(bad_config(format!(
-            "this job asks for {world} ranks, but data-parallel training across ranks is not \
-             available yet: set resources.workers = 1 and one GPU"
-        )));
-    }
     let spec = match JobSpec::from_file(&spec_file) {
         Ok(s) => s,
         Err(e) => return Ok(bad_config(e)),
@@ -167,7 +162,20 @@ pub fn rank() -> anyhow::Result<ExitCode> {
             println!("{}", m.to_line());
         }
     };
-    match run::run(&spec, &base, &ro, &mut emit) {
+    let outcome = if world > 1 {
+        // Join the ring before any weight is loaded, so a missing peer fails the attempt early.
+        let ring = match join_ring(world) {
+            Ok(ring) => ring,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return Ok(ExitCode::from(1));
+            }
+        };
+        run::run_parallel(&spec, &base, &ro, Box::new(ring), &mut emit)
+    } else {
+        run::run(&spec, &base, &ro, &mut emit)
+    };
+    match outcome {
         Ok(RunResult::Finished { .. }) => Ok(ExitCode::SUCCESS),
         Ok(RunResult::Stopped { state, step }) => {
             eprintln!("stopped at step {step}; checkpoint {}", state.display());
@@ -189,6 +197,59 @@ fn exit_code(kind: ErrorKind) -> u8 {
         ErrorKind::BadConfig => EXIT_BAD_CONFIG as u8,
         ErrorKind::Internal | ErrorKind::Diverged => 1,
     }
+}
+
+/// Seconds a data-parallel rank waits for a silent peer before the attempt fails
+/// (`LORACTL_COLLECTIVE_TIMEOUT_SECS`). Generous: rank 0 alone writes LoRA files, states and
+/// preview samples while the others wait in the next all-reduce.
+const DEFAULT_COLLECTIVE_TIMEOUT_SECS: u64 = 600;
+
+/// Binds this rank's end of the TCP ring on `LORACTL_RING_HOST` (the address the worker's
+/// peers reach it at), announces it to the worker (which passes it to the coordinator's
+/// rendezvous), waits for every rank's address on stdin and connects the ring.
+fn join_ring(world: usize) -> anyhow::Result<TcpRing> {
+    use anyhow::Context;
+    use std::io::BufRead;
+    let var = |name: &str| std::env::var(name).with_context(|| format!("{name} is not set"));
+    let rank: usize = var("LORACTL_RANK")?
+        .parse()
+        .context("LORACTL_RANK is not a number")?;
+    let token = format!("{}/{}", var("LORACTL_JOB_ID")?, var("LORACTL_ATTEMPT")?);
+    let host = std::env::var("LORACTL_RING_HOST")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "127.0.0.1".into());
+    let secs = match std::env::var("LORACTL_COLLECTIVE_TIMEOUT_SECS") {
+        Ok(v) => v
+            .parse()
+            .with_context(|| format!("LORACTL_COLLECTIVE_TIMEOUT_SECS `{v}` is not a number"))?,
+        Err(_) => DEFAULT_COLLECTIVE_TIMEOUT_SECS,
+    };
+    let config =
+        RingConfig::new(rank, world, token).with_timeout(std::time::Duration::from_secs(secs));
+    // An IPv6 host needs brackets in a socket address.
+    let bind = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:0")
+    } else {
+        format!("{host}:0")
+    };
+    let listener = RingListener::bind(&bind, config)?;
+    let address = listener.local_addr().to_string();
+    println!("{}", ChildMessage::Rendezvous { address }.to_line());
+    let stdin = std::io::stdin();
+    let mut peers = None;
+    for line in stdin.lock().lines() {
+        let line = line.context("reading the peers' addresses from the worker")?;
+        if let Some(ParentMessage::Peers { addresses }) = ParentMessage::parse(&line) {
+            peers = Some(addresses);
+            break;
+        }
+    }
+    let addresses = peers.context(
+        "the worker closed this rank's input before the rendezvous gave every rank's address",
+    )?;
+    println!("rank {rank} of {world}: ring peers {addresses:?}");
+    Ok(listener.connect(&addresses)?)
 }
 
 /// The worker hides every GPU but the rank's own (`CUDA_VISIBLE_DEVICES`), so a rank with a

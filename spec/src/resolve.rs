@@ -300,6 +300,9 @@ pub mod limits {
     pub const HUBER_C: f64 = 10.0;
     pub const PRIOR_LOSS_WEIGHT: f64 = 100.0;
     pub const MAX_RESTARTS: u64 = 100;
+    /// Data-parallel ranks across machines: far beyond any LoRA job, small enough that a typo
+    /// cannot reserve a whole cluster.
+    pub const MAX_WORKERS: u64 = 64;
     /// File names are at most 255 bytes; the longest name loractl derives from output_name
     /// adds `-step00000000-state.safetensors` (31 bytes).
     pub const NAME_BYTES: usize = 200;
@@ -1742,18 +1745,15 @@ impl Checker {
             r.workers.into(),
             "use 1 for a single machine",
         );
-        // A rank trains on one device; spreading a job over several is the collective's work,
-        // refused here until it lands.
-        if r.workers > 1 {
-            self.err(
-                "resources.workers",
-                format!(
-                    "{} workers: data-parallel training across machines is not available yet",
-                    r.workers
-                ),
-                "set workers = 1",
-            );
-        }
+        // Several workers are data-parallel ranks (one per worker, gradients all-reduced over
+        // the TCP ring); several GPUs on one worker are not split into ranks yet.
+        self.at_most_u(
+            "resources.workers",
+            r.workers.into(),
+            1,
+            limits::MAX_WORKERS,
+            "use fewer workers",
+        );
         self.at_most_u(
             "resources.max_restarts",
             r.max_restarts.into(),

@@ -559,9 +559,9 @@ fn options_not_implemented_yet_are_refused_at_validation() {
         "not implemented yet",
     );
     refused(
-        &|s| s.resources.workers = 2,
+        &|s| s.resources.workers = 65,
         "resources.workers",
-        "data-parallel training across machines is not available yet",
+        "between 1 and 64",
     );
     refused(
         &|s| s.resources.gpus = "0,1".into(),
