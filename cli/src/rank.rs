@@ -12,6 +12,7 @@ use std::time::Instant;
 use loractl_collective::{RingConfig, RingListener, TcpRing};
 use loractl_proto::domain::EXIT_BAD_CONFIG;
 use loractl_spec::JobSpec;
+use loractl_trainer::confine::AllowedRoots;
 use loractl_trainer::run::{self, RunEvent, RunOptions, RunResult};
 use loractl_trainer::ErrorKind;
 use loractl_worker::protocol::{ArtifactKindName, ChildMessage, ParentMessage};
@@ -95,6 +96,7 @@ pub fn rank() -> anyhow::Result<ExitCode> {
         device: rank_device(),
         state_as_file: true,
         checkpoint_every_n_steps: Some(every),
+        allowed_roots: data_roots(&spec, &base),
         ..RunOptions::default()
     };
     let stop = ro.stop.clone();
@@ -250,6 +252,29 @@ fn join_ring(world: usize) -> anyhow::Result<TcpRing> {
     )?;
     println!("rank {rank} of {world}: ring peers {addresses:?}");
     Ok(listener.connect(&addresses)?)
+}
+
+/// The folders a rank may read data from: the worker's `LORACTL_DATA_DIRS`, else the spec's
+/// own dataset folders and prompt file. Every file is checked when opened, so a link inside a
+/// dataset cannot lead out.
+fn data_roots(spec: &loractl_spec::ResolvedSpec, base: &Path) -> AllowedRoots {
+    if let Some(dirs) = std::env::var_os("LORACTL_DATA_DIRS") {
+        return AllowedRoots::only(
+            std::env::split_paths(&dirs).filter(|p| !p.as_os_str().is_empty()),
+        );
+    }
+    let s = &spec.spec;
+    let listed = [
+        Some(&s.dataset.train_data_dir),
+        s.dataset.reg_data_dir.as_ref(),
+        s.sample.sample_prompts.as_ref(),
+    ];
+    AllowedRoots::only(
+        listed
+            .into_iter()
+            .flatten()
+            .map(|p| run::resolve_path(base, p)),
+    )
 }
 
 /// The worker hides every GPU but the rank's own (`CUDA_VISIBLE_DEVICES`), so a rank with a

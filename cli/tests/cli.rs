@@ -187,3 +187,47 @@ fn a_closed_stdout_pipe_ends_the_command_quietly() -> anyhow::Result<()> {
     assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{stderr}");
     Ok(())
 }
+
+/// `loractl rank` reads data only inside `LORACTL_DATA_DIRS` (or, without it, the spec's own
+/// dataset folders): a caption linked out of the dataset makes the job a bad configuration
+/// (exit 78) naming the file, and the linked file's words reach no output.
+#[cfg(unix)]
+#[test]
+fn a_rank_refuses_a_caption_linked_out_of_its_data_dirs() -> anyhow::Result<()> {
+    const SECRET: &str = "hunter2-rank-secret";
+    let (dir, job) = job_dir("rank-link", 2)?;
+    let secret = dir.join("secret.txt");
+    std::fs::write(&secret, SECRET)?;
+    let caption = dir.join("train/5_shapes/000.txt");
+    std::fs::remove_file(&caption)?;
+    std::os::unix::fs::symlink(&secret, &caption)?;
+    let out_dir = dir.join("rank-output");
+    std::fs::create_dir_all(&out_dir)?;
+    for data_dirs in [Some(dir.join("train")), None] {
+        let mut cmd = loractl();
+        cmd.arg("rank")
+            .env("LORACTL_SPEC", &job)
+            .env("LORACTL_OUTPUT_DIR", &out_dir)
+            .env("LORACTL_WORLD_SIZE", "1")
+            .env("CUDA_VISIBLE_DEVICES", "")
+            .env_remove("LORACTL_RESUME")
+            .env_remove("LORACTL_DATA_DIRS");
+        if let Some(d) = &data_dirs {
+            cmd.env("LORACTL_DATA_DIRS", d);
+        }
+        let out = cmd.output()?;
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert_eq!(out.status.code(), Some(78), "{stdout}\n{stderr}");
+        assert!(stderr.contains("000.txt"), "{stderr}");
+        assert!(!stdout.contains(SECRET) && !stderr.contains(SECRET));
+    }
+    for entry in std::fs::read_dir(&out_dir)? {
+        let bytes = std::fs::read(entry?.path()).unwrap_or_default();
+        assert!(!bytes.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()));
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

@@ -804,8 +804,10 @@ impl Checker {
                 let down = value / 64 * 64;
                 let fix = if down == 0 {
                     "use at least 64; SD1 trains at 512, SD2-768-v at 768".to_owned()
+                } else if let Some(up) = down.checked_add(64) {
+                    format!("use {down} or {up}")
                 } else {
-                    format!("use {down} or {}", down + 64)
+                    format!("use {down}")
                 };
                 self.err(
                     "dataset.resolution",
@@ -890,7 +892,7 @@ impl Checker {
         }
         // sd-scripts rounds min down and max up to the step with a warning; so do we.
         let min = d.min_bucket_reso - d.min_bucket_reso % steps;
-        let max = d.max_bucket_reso.div_ceil(steps) * steps;
+        let max = d.max_bucket_reso.div_ceil(steps).saturating_mul(steps);
         if min != d.min_bucket_reso {
             self.warn(
                 "dataset.min_bucket_reso",

@@ -16,7 +16,8 @@ use std::fmt;
 use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
@@ -24,7 +25,12 @@ use memmap2::Mmap;
 use crate::error::{Error, Result};
 
 /// Largest `data.pkl` we interpret; real Stable Diffusion pickles are well under 10 MiB.
+/// A stored (uncompressed) pickle is read from the memory map, so this bounds work, not memory.
 const MAX_PICKLE_BYTES: u64 = 1 << 30;
+/// Largest deflated `data.pkl` we inflate. `torch.save` stores the pickle uncompressed; a
+/// compressed one comes from re-zipping, and deflate's 1000:1 ratio would let a 1 MB file ask
+/// for a 1 GiB buffer, so the cap is what a real pickle needs with a wide margin.
+const MAX_DEFLATED_PICKLE_BYTES: u64 = 64 << 20;
 /// Most tensors one checkpoint may name.
 const MAX_TENSORS: usize = 1_000_000;
 /// Dicts nested deeper than this are refused (real checkpoints nest two or three levels).
@@ -36,7 +42,7 @@ const MAX_NAME_BYTES: usize = 4096;
 const MAX_ALL_NAMES_BYTES: usize = 64 << 20;
 /// Largest tensor whose elements overlap in storage (stride 0, as `expand` makes) that `load`
 /// materialises; tensors that do not overlap are bounded by their storage.
-const MAX_EXPANDED_BYTES: u64 = 1 << 30;
+const MAX_EXPANDED_BYTES: u64 = 256 << 20;
 
 /// A PyTorch zip checkpoint opened for reading tensors by name.
 ///
@@ -49,6 +55,41 @@ pub struct CkptFile {
     tensors: Vec<TensorEntry>,
     by_name: HashMap<String, usize>,
     storages: Vec<StorageRecord>,
+    /// Inflated bytes of deflated storages that several tensors share, kept until each of
+    /// those tensors has been loaded once, so a shared storage is inflated once and not once
+    /// per tensor.
+    inflated: Mutex<StorageCache>,
+    inflation_count: AtomicUsize,
+}
+
+/// Deflated storages held for the tensors still to read them, and those that failed to
+/// inflate (so a broken storage shared by many tensors is not inflated again for each).
+#[derive(Default)]
+struct StorageCache {
+    shared: HashMap<usize, SharedStorage>,
+    failed: HashMap<usize, String>,
+}
+
+/// A storage's bytes: borrowed from the map, or inflated.
+enum StorageBytes<'a> {
+    Mapped(&'a [u8]),
+    Inflated(Arc<Vec<u8>>),
+}
+
+impl std::ops::Deref for StorageBytes<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            StorageBytes::Mapped(b) => b,
+            StorageBytes::Inflated(v) => v,
+        }
+    }
+}
+
+/// A deflated storage's bytes and how many of its tensors have not been loaded yet.
+struct SharedStorage {
+    data: Arc<Vec<u8>>,
+    pending: HashSet<usize>,
 }
 
 /// One named tensor: a strided view of a storage record.
@@ -73,6 +114,8 @@ struct StorageRecord {
     crc: u32,
     /// Whether the CRC of a stored record matched, checked on first use.
     crc_ok: OnceLock<bool>,
+    /// Tensors viewing this storage (indices into `CkptFile::tensors`).
+    users: Vec<usize>,
 }
 
 impl fmt::Debug for CkptFile {
@@ -118,6 +161,8 @@ impl CkptFile {
             tensors: index.tensors,
             by_name,
             storages: index.storages,
+            inflated: Mutex::new(StorageCache::default()),
+            inflation_count: AtomicUsize::new(0),
         })
     }
 
@@ -145,10 +190,15 @@ impl CkptFile {
 
     /// Copies one tensor out of the file onto `device`, in the dtype `dtype` reports.
     pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
-        let entry = self.entry(name).ok_or_else(|| Error::MissingTensor {
-            name: name.to_string(),
-            origin: self.path.display().to_string(),
-        })?;
+        let index = self
+            .by_name
+            .get(name)
+            .copied()
+            .ok_or_else(|| Error::MissingTensor {
+                name: name.to_string(),
+                origin: self.path.display().to_string(),
+            })?;
+        let entry = &self.tensors[index];
         let bad = |msg: String| Error::bad_checkpoint(&self.path, msg);
         let dtype = entry.dtype.candle().ok_or_else(|| {
             bad(format!(
@@ -173,7 +223,7 @@ impl CkptFile {
                     storage.size
                 )));
             }
-            data = self.storage_bytes(storage).map_err(bad)?;
+            data = self.storage_bytes(entry.storage, index).map_err(bad)?;
             copy_strided(
                 &data,
                 elem,
@@ -207,8 +257,14 @@ impl CkptFile {
         self.by_name.get(name).map(|&i| &self.tensors[i])
     }
 
-    /// The uncompressed bytes of a storage record, checked against the zip CRC.
-    fn storage_bytes(&self, storage: &StorageRecord) -> std::result::Result<Cow<'_, [u8]>, String> {
+    /// The uncompressed bytes of storage `index` for loading tensor `tensor`, checked against
+    /// the zip CRC.
+    fn storage_bytes(
+        &self,
+        index: usize,
+        tensor: usize,
+    ) -> std::result::Result<StorageBytes<'_>, String> {
+        let storage = &self.storages[index];
         let stored = self
             .mmap
             .get(storage.data.clone())
@@ -219,18 +275,64 @@ impl CkptFile {
                 storage.record
             )
         };
-        if storage.deflated {
-            let data = inflate(stored, storage.size, &storage.record)?;
-            if crc32(&data) != storage.crc {
-                return Err(crc_mismatch());
-            }
-            Ok(Cow::Owned(data))
-        } else {
+        if !storage.deflated {
             if !*storage.crc_ok.get_or_init(|| crc32(stored) == storage.crc) {
                 return Err(crc_mismatch());
             }
-            Ok(Cow::Borrowed(stored))
+            return Ok(StorageBytes::Mapped(stored));
         }
+        let shared = storage.users.len() > 1;
+        // The lock is held while inflating, so two threads never inflate one storage twice.
+        let mut cache = self
+            .inflated
+            .lock()
+            .map_err(|_| "the storage cache was poisoned by a panic".to_string())?;
+        if let Some(err) = cache.failed.get(&index) {
+            return Err(err.clone());
+        }
+        let data = match cache.shared.get_mut(&index) {
+            Some(hit) => hit.data.clone(),
+            None => {
+                self.inflation_count.fetch_add(1, Ordering::Relaxed);
+                let data = inflate(stored, storage.size, &storage.record).and_then(|data| {
+                    if crc32(&data) == storage.crc {
+                        Ok(data)
+                    } else {
+                        Err(crc_mismatch())
+                    }
+                });
+                let data = match data {
+                    Ok(data) => Arc::new(data),
+                    Err(e) => {
+                        cache.failed.insert(index, e.clone());
+                        return Err(e);
+                    }
+                };
+                if shared {
+                    cache.shared.insert(
+                        index,
+                        SharedStorage {
+                            data: data.clone(),
+                            pending: storage.users.iter().copied().collect(),
+                        },
+                    );
+                }
+                data
+            }
+        };
+        if let Some(hit) = cache.shared.get_mut(&index) {
+            hit.pending.remove(&tensor);
+            if hit.pending.is_empty() {
+                cache.shared.remove(&index);
+            }
+        }
+        Ok(StorageBytes::Inflated(data))
+    }
+
+    /// Deflated storages inflated since the file was opened (a storage shared by several
+    /// tensors counts once while they are loaded). For tests of the bound.
+    pub fn inflations(&self) -> usize {
+        self.inflation_count.load(Ordering::Relaxed)
     }
 }
 
@@ -519,7 +621,12 @@ impl Index {
             }
         }
 
-        let pickle = zip::read_small(file, pickle_record, MAX_PICKLE_BYTES)?;
+        let limit = if pickle_record.deflated {
+            MAX_DEFLATED_PICKLE_BYTES
+        } else {
+            MAX_PICKLE_BYTES
+        };
+        let pickle = zip::read_small(file, pickle_record, limit)?;
         let parsed =
             pickle::parse(&pickle).map_err(|e| format!("`{}`: {e}", pickle_record.name))?;
         let named = flatten(&parsed)?;
@@ -544,6 +651,7 @@ impl Index {
                     storages.len() - 1
                 }
             };
+            storages[storage].users.push(tensors.len());
             tensors.push(tensor_entry(name, meta, storage, &storages[storage])?);
         }
         Ok(Index { tensors, storages })
@@ -583,6 +691,7 @@ fn storage_record(file: &[u8], record: &zip::Record) -> std::result::Result<Stor
         size,
         crc: record.crc,
         crc_ok: OnceLock::new(),
+        users: Vec::new(),
     })
 }
 
@@ -1358,17 +1467,26 @@ mod pickle {
                     self.array::<8>()?;
                     self.new_obj(Obj::Float)?;
                 }
-                b'X' | b'T' => {
+                b'X' => {
                     let len = self.len32()?;
                     self.string(len)?;
                 }
-                0x8c | b'U' => {
+                0x8c => {
                     let len = self.byte()? as usize;
                     self.string(len)?;
                 }
                 0x8d => {
                     let len = self.len64()?;
                     self.string(len)?;
+                }
+                // Python 2 `str`: bytes that Python 3 decodes as ASCII by default.
+                b'T' => {
+                    let len = self.len32()?;
+                    self.py2_string(len)?;
+                }
+                b'U' => {
+                    let len = self.byte()? as usize;
+                    self.py2_string(len)?;
                 }
                 b'B' => {
                     let len = self.len32()?;
@@ -1660,9 +1778,29 @@ mod pickle {
             usize::try_from(len).map_err(|_| format!("length {len} is too large"))
         }
 
+        /// A unicode string. Invalid UTF-8 is refused as Python refuses it: replacing bytes
+        /// would let a string take three times the bytes the file spent on it.
         fn string(&mut self, len: usize) -> Result<(), String> {
-            let s = String::from_utf8_lossy(self.bytes(len)?).into_owned();
+            let bytes = self.bytes(len)?;
+            let s = std::str::from_utf8(bytes)
+                .map_err(|e| {
+                    format!(
+                        "the pickle holds a {len}-byte string that is not UTF-8 (at byte {}): \
+                         the file is corrupt",
+                        e.valid_up_to()
+                    )
+                })?
+                .to_owned();
             self.new_obj(Obj::Str(s))
+        }
+
+        /// A Python 2 string: kept as a string when it is UTF-8 (ASCII names), else as bytes.
+        fn py2_string(&mut self, len: usize) -> Result<(), String> {
+            let obj = match std::str::from_utf8(self.bytes(len)?) {
+                Ok(s) => Obj::Str(s.to_owned()),
+                Err(_) => Obj::Bytes,
+            };
+            self.new_obj(obj)
         }
 
         /// A newline-terminated GLOBAL/INST argument.

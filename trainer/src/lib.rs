@@ -19,6 +19,7 @@
 //!   caching, saving with kohya's names and metadata, states, samples, events).
 pub mod ckpt;
 pub mod clip;
+pub mod confine;
 pub mod dataset;
 pub mod demo;
 pub mod error;

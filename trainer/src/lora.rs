@@ -195,7 +195,10 @@ impl LoraNetwork {
             // 1×1 convs and Linears hold the same numbers: files made for SD1 (conv proj_in)
             // and SD2 (linear proj_in) differ only in the trailing 1×1 dims.
             let fit = |t: Tensor, want: Vec<usize>| -> Result<Tensor> {
-                if t.dims() != want.as_slice() && t.elem_count() == want.iter().product::<usize>() {
+                if t.dims() != want.as_slice()
+                    && linear_form(t.dims()).is_some()
+                    && linear_form(t.dims()) == linear_form(&want)
+                {
                     Ok(t.reshape(want)?)
                 } else {
                     Ok(t)
@@ -284,7 +287,8 @@ impl LoraNetwork {
                 let want = var.as_tensor().dims().to_vec();
                 let t = t.to_dtype(DType::F32)?;
                 let t = if t.dims() != want.as_slice()
-                    && t.elem_count() == want.iter().product::<usize>()
+                    && linear_form(t.dims()).is_some()
+                    && linear_form(t.dims()) == linear_form(&want)
                 {
                     t.reshape(want.as_slice())?
                 } else {
@@ -549,6 +553,164 @@ pub fn write_safetensors_atomic(
     metadata: HashMap<String, String>,
 ) -> Result<()> {
     write_file_atomic(path, &serialize_safetensors(tensors, &metadata)?)
+}
+
+/// Tensor name prefixes of base models (LDM single files, SDXL, diffusers components).
+const BASE_MODEL_PREFIXES: [&str; 8] = [
+    "model.diffusion_model.",
+    "first_stage_model.",
+    "cond_stage_model.",
+    "conditioner.",
+    "conv_in.",
+    "down_blocks.",
+    "encoder.down.",
+    "text_model.",
+];
+
+/// Whether `name` is a kohya LoRA tensor: `lora_…` module, then `lora_down.weight`,
+/// `lora_up.weight` or `alpha`.
+fn is_lora_tensor(name: &str) -> bool {
+    name.split_once('.').is_some_and(|(module, what)| {
+        module.starts_with("lora_")
+            && matches!(what, "lora_down.weight" | "lora_up.weight" | "alpha")
+    })
+}
+
+/// Opens sd-scripts' `network_weights` by its content (a `.safetensors` file, or a `.ckpt`/
+/// `.pt` as kohya's `torch.load` reads) and checks from its index alone that it is a kohya
+/// LoRA: a base model, a diffusers folder or another kind of adapter is refused with what it
+/// is and what to do, before any tensor is read.
+pub fn open_network_weights(
+    path: &Path,
+) -> Result<std::sync::Arc<dyn crate::weights::TensorStore>> {
+    let what = |msg: String| {
+        Error::Config(format!(
+            "network.network_weights `{}` {msg}",
+            path.display()
+        ))
+    };
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_dir() {
+        return Err(what(
+            "is a folder (a diffusers model?); network_weights takes a LoRA file made by \
+             kohya's sd-scripts or loractl, and a base model goes in \
+             model.pretrained_model_name_or_path"
+                .into(),
+        ));
+    }
+    let (store, _) = crate::loader::open_store(path).map_err(|e| match e {
+        Error::BadCheckpoint { msg, .. } => what(format!("is not a readable LoRA file: {msg}")),
+        other => other,
+    })?;
+    let names = store.names();
+    if names.is_empty() {
+        return Err(what("holds no tensors: it is not a LoRA file".into()));
+    }
+    if let Some(other) = names.iter().find(|n| !is_lora_tensor(n)) {
+        let base = names
+            .iter()
+            .find(|n| BASE_MODEL_PREFIXES.iter().any(|p| n.starts_with(p)));
+        return Err(match base {
+            Some(b) => what(format!(
+                "is a base model checkpoint (it holds `{b}`), not a LoRA: set it as \
+                 model.pretrained_model_name_or_path, and give network_weights a LoRA file"
+            )),
+            None => what(format!(
+                "is not a kohya LoRA: tensor `{other}` is not a `lora_unet_*`/`lora_te_*` \
+                 module's `lora_down.weight`, `lora_up.weight` or `alpha` (LyCORIS and \
+                 diffusers-format adapters are not supported)"
+            )),
+        });
+    }
+    Ok(store)
+}
+
+/// `[a, b]` of a Linear weight or of a 1×1 conv `[a, b, 1, 1]`, which hold the same numbers.
+fn linear_form(shape: &[usize]) -> Option<(usize, usize)> {
+    match *shape {
+        [a, b] | [a, b, 1, 1] => Some((a, b)),
+        _ => None,
+    }
+}
+
+/// Checks `network_weights` (opened by [`open_network_weights`]) against the network `cfg`
+/// makes on `sites`, from names and shapes alone: every module there with its shapes (a 1×1
+/// conv and a Linear of the same numbers are interchangeable), nothing else, alphas scalar.
+pub fn check_network_weights(
+    store: &dyn crate::weights::TensorStore,
+    sites: &[LoraSite],
+    cfg: &LoraConfig,
+) -> Result<()> {
+    let origin = store.origin();
+    let bad = |msg: String| Error::Config(format!("network.network_weights `{origin}`: {msg}"));
+    let mut unused: BTreeMap<String, ()> = store.names().into_iter().map(|n| (n, ())).collect();
+    let mut missing = Vec::new();
+    for site in sites {
+        let Some((rank, _)) = cfg.target(site) else {
+            continue;
+        };
+        for (suffix, want) in [
+            ("lora_down.weight", LoraModule::down_shape(&site.kind, rank)),
+            ("lora_up.weight", LoraModule::up_shape(&site.kind, rank)),
+        ] {
+            let key = format!("{}.{suffix}", site.name);
+            let Some(got) = store.shape(&key) else {
+                missing.push(key);
+                continue;
+            };
+            unused.remove(&key);
+            if got != want
+                && (linear_form(&got).is_none() || linear_form(&got) != linear_form(&want))
+            {
+                return Err(bad(format!(
+                    "`{key}` has shape {got:?}, this network needs {want:?}: set \
+                     network.network_dim (and conv_dim) to the file's rank, or use a LoRA made \
+                     for this base model"
+                )));
+            }
+        }
+        let alpha = format!("{}.alpha", site.name);
+        if let Some(shape) = store.shape(&alpha) {
+            unused.remove(&alpha);
+            if shape.iter().product::<usize>() != 1 {
+                return Err(bad(format!(
+                    "`{alpha}` has shape {shape:?}; an alpha is one number"
+                )));
+            }
+        }
+    }
+    if !missing.is_empty() {
+        let shown: Vec<&String> = missing.iter().take(3).collect();
+        return Err(bad(format!(
+            "{} tensor(s) of this network are missing, e.g. {shown:?}: the LoRA was made for \
+             other targets (conv_dim, text encoder or UNet only?) or another base model",
+            missing.len()
+        )));
+    }
+    if !unused.is_empty() {
+        let shown: Vec<&String> = unused.keys().take(3).collect();
+        return Err(bad(format!(
+            "{} tensor(s) match no module of this network, e.g. {shown:?}: the LoRA was made \
+             for another base model (SD1 vs SD2?) or other targets",
+            unused.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Every tensor of `network_weights` (opened by [`open_network_weights`]) on `device`.
+pub fn read_network_weights(
+    store: &dyn crate::weights::TensorStore,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    store
+        .names()
+        .into_iter()
+        .map(|n| {
+            let t = store.load(&n, device)?;
+            Ok((n, t))
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -90,6 +90,9 @@ pub struct RunOptions {
     /// Also write a state every this many optimizer steps (`NAME-state`), whatever the spec's
     /// `save_state` says: a cluster run resumes from it after a lost worker.
     pub checkpoint_every_n_steps: Option<usize>,
+    /// Folders every data file (images, captions, prompt file, cached latents) must lie in
+    /// when opened: a cluster rank's allowed folders. Not confined by default.
+    pub allowed_roots: crate::confine::AllowedRoots,
 }
 
 impl Default for RunOptions {
@@ -100,6 +103,7 @@ impl Default for RunOptions {
             fixed_time: None,
             state_as_file: false,
             checkpoint_every_n_steps: None,
+            allowed_roots: crate::confine::AllowedRoots::any(),
         }
     }
 }
@@ -241,6 +245,7 @@ pub fn dataset_config(spec: &ResolvedSpec, base_dir: &Path) -> DatasetConfig {
         cache_latents_to_disk: d.cache_latents_to_disk,
         latent_cache_dir: None,
         bad_image_policy: BadImagePolicy::Skip,
+        allowed_roots: crate::confine::AllowedRoots::any(),
     }
 }
 
@@ -433,6 +438,10 @@ fn plan_on(
             ..opts.lora.clone()
         };
         let sites = sd.sites();
+        if let Some(w) = &spec.spec.network.network_weights {
+            let store = crate::lora::open_network_weights(&resolve_path(base_dir, w))?;
+            crate::lora::check_network_weights(store.as_ref(), &sites, &lora_cfg)?;
+        }
         let (mut u, mut t, mut p) = (0usize, 0usize, 0usize);
         for site in &sites {
             if let Some((rank, _)) = lora_cfg.target(site) {
@@ -472,6 +481,8 @@ fn plan_on(
         mods_u = Some(u);
         mods_t = Some(t);
         params = Some(p);
+    } else if let Some(w) = &spec.spec.network.network_weights {
+        crate::lora::open_network_weights(&resolve_path(base_dir, w))?;
     }
     let name = spec.output_name.clone();
     let mut outputs = Vec::new();
@@ -1167,7 +1178,10 @@ fn run_with(
         &spec.spec.model.pretrained_model_name_or_path,
     )?;
     check_inputs(spec, base_dir)?;
-    let dataset = Dataset::open(dataset_config(spec, base_dir))?;
+    let dataset = Dataset::open(DatasetConfig {
+        allowed_roots: ro.allowed_roots.clone(),
+        ..dataset_config(spec, base_dir)
+    })?;
     for w in dataset.warnings() {
         events(&RunEvent::Warning { message: w.clone() });
     }
@@ -1183,18 +1197,25 @@ fn run_with(
     let sd = loader::load(&model_path, &load_options(spec, base_dir, &ro.device))?;
     check_family(spec, &sd)?;
     let prompts = match &spec.spec.sample.sample_prompts {
-        Some(p) => sample::load_prompts(&resolve_path(base_dir, p))?,
+        Some(p) => sample::load_prompts_within(&resolve_path(base_dir, p), &ro.allowed_roots)?,
         None => Vec::new(),
     };
     let initial = match &spec.spec.network.network_weights {
         Some(p) => {
-            let p = resolve_path(base_dir, p);
-            Some(candle_core::safetensors::load(&p, &ro.device).map_err(|e| {
-                Error::bad_checkpoint(
-                    &p,
-                    format!("network_weights is not a readable LoRA file: {e}"),
-                )
-            })?)
+            // Checked by names and shapes before a byte is read, with the targets the trainer
+            // will build (a learning rate of 0 leaves that model out).
+            let store = crate::lora::open_network_weights(&resolve_path(base_dir, p))?;
+            let lora_cfg = LoraConfig {
+                train_unet: opts.lora.train_unet && opts.unet_lr.is_some_and(|l| l > 0.0),
+                train_text_encoder: opts.lora.train_text_encoder
+                    && opts.text_encoder_lr.is_some_and(|l| l > 0.0),
+                ..opts.lora.clone()
+            };
+            crate::lora::check_network_weights(store.as_ref(), &sd.sites(), &lora_cfg)?;
+            Some(crate::lora::read_network_weights(
+                store.as_ref(),
+                &ro.device,
+            )?)
         }
         None => None,
     };

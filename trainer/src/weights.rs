@@ -235,6 +235,55 @@ impl Weights {
         (self.map)(name).is_some_and(|f| self.store.contains(f.source()))
     }
 
+    /// Checks, from the store's index alone, that model tensor `name` will have shape
+    /// `expected`; so a tensor of the wrong shape (or rank) is refused before a byte of it is
+    /// read, with both shapes and the file named.
+    pub fn check_shape(&self, name: &str, expected: &[usize]) -> Result<()> {
+        let Some(fetch) = (self.map)(name) else {
+            return Ok(());
+        };
+        let src = fetch.source();
+        let Some(stored) = self.store.shape(src) else {
+            return Ok(());
+        };
+        let served = match &fetch {
+            Fetch::Name(_) => Some(stored.clone()),
+            Fetch::Squeeze(_) => {
+                let mut dims = stored.clone();
+                while dims.len() > 2 && dims.last() == Some(&1) {
+                    dims.pop();
+                }
+                Some(dims)
+            }
+            Fetch::Rows { start, len, .. } => match stored.split_first() {
+                Some((&rows, rest)) if start.checked_add(*len).is_some_and(|e| e <= rows) => {
+                    Some([&[*len], rest].concat())
+                }
+                _ => None,
+            },
+            Fetch::Transpose(_) => match stored.as_slice() {
+                [a, b] => Some(vec![*b, *a]),
+                _ => None,
+            },
+        };
+        if served.as_deref() == Some(expected) {
+            return Ok(());
+        }
+        Err(Error::ShapeMismatch {
+            name: if src == name {
+                name.to_string()
+            } else {
+                format!("{src}` (for `{name}`)")
+            },
+            got: stored,
+            expected: expected.to_vec(),
+            origin: format!(
+                "{}; the file is damaged or made for a different model configuration",
+                self.store.origin()
+            ),
+        })
+    }
+
     /// A `VarBuilder` over these weights; model code reads them by their diffusers names.
     pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
         VarBuilder::from_backend(Box::new(self.clone()), dtype, device.clone())
@@ -250,6 +299,8 @@ impl candle_nn::var_builder::SimpleBackend for Weights {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
+        self.check_shape(name, s.dims())
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let t = self
             .fetch(name, dtype, dev)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;

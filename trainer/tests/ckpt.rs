@@ -10,6 +10,9 @@ use loractl_trainer::ckpt::CkptFile;
 use loractl_trainer::Error;
 use rand::{Rng, SeedableRng};
 
+mod support;
+use support::{Data, PickledTensor};
+
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/ckpt")
@@ -372,6 +375,115 @@ fn mutated_checkpoints_never_panic() -> anyhow::Result<()> {
     eprintln!("fuzz: {opened} of 3000 mutants opened, {loaded} tensors loaded");
     // Flips inside tensor data or zip metadata torch ignores still open.
     ensure!(opened > 0 && loaded > 0, "opened {opened}, loaded {loaded}");
+    Ok(())
+}
+
+/// A 1 MB file whose deflated `data.pkl` inflates to 100 MiB is refused from the zip
+/// directory's sizes, before anything is inflated.
+#[test]
+fn deflated_pickle_larger_than_a_real_one_is_refused_before_inflating() -> anyhow::Result<()> {
+    // BINUNICODE of 100 MiB of 0xff: invalid UTF-8 that lossy decoding would triple.
+    let len: u64 = 100 << 20;
+    let mut prefix = vec![0x80, 2, b'X'];
+    prefix.extend_from_slice(&(len as u32).to_le_bytes());
+    let pickle = Data::deflate_repeated(&prefix, 0xff, len);
+    let bytes = support::checkpoint(pickle, vec![]);
+    ensure!(bytes.len() < 1 << 20, "the file is small: {}", bytes.len());
+    let file = Scratch::new("big-pickle", &bytes);
+    let before = support::current_rss();
+    let msg = bad_checkpoint(CkptFile::open(&file.0))?;
+    let grew = support::peak_rss().saturating_sub(before);
+    ensure!(
+        msg.contains("archive/data.pkl") && msg.contains("more than"),
+        "{msg}"
+    );
+    // Nothing near the pickle's size was allocated (other tests share the process, so the
+    // bound is loose).
+    ensure!(grew < 64 << 20, "peak RSS grew by {grew} bytes");
+    Ok(())
+}
+
+/// A pickle string that is not UTF-8 is refused instead of replaced: replacement characters
+/// would take three bytes for each byte of the file.
+#[test]
+fn pickle_string_that_is_not_utf8_is_refused() -> anyhow::Result<()> {
+    let len: u64 = 4 << 20;
+    let mut prefix = vec![0x80, 2, b'X'];
+    prefix.extend_from_slice(&(len as u32).to_le_bytes());
+    let pickle = Data::deflate_repeated(&prefix, 0xff, len);
+    let file = Scratch::new("lossy", &support::checkpoint(pickle, vec![]));
+    let msg = bad_checkpoint(CkptFile::open(&file.0))?;
+    ensure!(msg.contains("not UTF-8"), "{msg}");
+    Ok(())
+}
+
+/// 400 tensors viewing one deflated storage: the storage is inflated once, not once per
+/// tensor, and every tensor still reads its own slice.
+#[test]
+fn shared_deflated_storage_is_inflated_once() -> anyhow::Result<()> {
+    const TENSORS: u64 = 400;
+    const NUMEL: u64 = 1 << 20; // 4 MiB of float32
+    let names: Vec<String> = (0..TENSORS).map(|i| format!("t{i:03}")).collect();
+    let tensors: Vec<PickledTensor> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| PickledTensor {
+            name,
+            key: "0",
+            storage_numel: NUMEL,
+            offset: i as u64 * 16,
+            shape: &[4, 4],
+        })
+        .collect();
+    let values: Vec<u8> = (0..NUMEL as u32)
+        .flat_map(|i| (i as f32).to_le_bytes())
+        .collect();
+    let bytes = support::checkpoint(
+        Data::Stored(support::state_dict_pickle(&tensors)),
+        vec![("0".into(), Data::deflate(&values))],
+    );
+    let file = Scratch::new("shared", &bytes);
+    let ckpt = CkptFile::open(&file.0)?;
+    ensure!(ckpt.names().len() == TENSORS as usize);
+    for (i, name) in names.iter().enumerate() {
+        let t = ckpt.load(name, &Device::Cpu)?;
+        let first = t.flatten_all()?.to_vec1::<f32>()?[0];
+        ensure!(first == (i * 16) as f32, "{name} starts with {first}");
+    }
+    ensure!(
+        ckpt.inflations() == 1,
+        "the shared storage was inflated {} times",
+        ckpt.inflations()
+    );
+    // Once every tensor was read the cache lets go; loading again inflates again.
+    ckpt.load("t000", &Device::Cpu)?;
+    ensure!(ckpt.inflations() == 2, "{}", ckpt.inflations());
+
+    // A shared storage that fails its CRC is inflated once too, not once per tensor.
+    let Data::Deflated {
+        compressed, size, ..
+    } = Data::deflate(&values)
+    else {
+        bail!("deflate gives deflated data");
+    };
+    let bytes = support::checkpoint(
+        Data::Stored(support::state_dict_pickle(&tensors)),
+        vec![(
+            "0".into(),
+            Data::Deflated {
+                compressed,
+                size,
+                crc: 0xdead_beef,
+            },
+        )],
+    );
+    let file = Scratch::new("shared-crc", &bytes);
+    let ckpt = CkptFile::open(&file.0)?;
+    for name in &names {
+        let err = ckpt.load(name, &Device::Cpu).expect_err("corrupt");
+        ensure!(err.to_string().contains("CRC"), "{err}");
+    }
+    ensure!(ckpt.inflations() == 1, "{}", ckpt.inflations());
     Ok(())
 }
 

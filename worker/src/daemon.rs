@@ -765,5 +765,11 @@ async fn prepare(
         output_dir,
         resume,
         model_dirs: config.model_dirs.clone(),
+        data_dirs: config
+            .data_dirs
+            .iter()
+            .cloned()
+            .chain([crate::inputs::dataset_cache(config)])
+            .collect(),
     })
 }

@@ -8,7 +8,8 @@
 //! - `LORACTL_JOB_ID`, `LORACTL_ATTEMPT`, `LORACTL_RANK`, `LORACTL_WORLD_SIZE`;
 //! - `LORACTL_SPEC` (the job spec file), `LORACTL_OUTPUT_DIR` (where it writes),
 //!   `LORACTL_RESUME` (checkpoint file to resume from, when there is one),
-//!   `LORACTL_MODEL_DIRS` (`:`-separated).
+//!   `LORACTL_MODEL_DIRS` and `LORACTL_DATA_DIRS` (`:`-separated; the rank opens data files
+//!   only inside the latter).
 //!
 //! It reports on stdout and reads rendezvous answers on stdin as [`crate::protocol`] says,
 //! and exits 0 on success,
@@ -37,6 +38,8 @@ pub struct Launch {
     pub output_dir: PathBuf,
     pub resume: Option<PathBuf>,
     pub model_dirs: Vec<PathBuf>,
+    /// Folders the rank may read data from (`data_dirs` and the uploaded-dataset cache).
+    pub data_dirs: Vec<PathBuf>,
 }
 
 /// How a rank process ended.
@@ -138,6 +141,7 @@ impl RankProcess {
             .env("LORACTL_SPEC", &launch.spec_path)
             .env("LORACTL_OUTPUT_DIR", &launch.output_dir)
             .env("LORACTL_MODEL_DIRS", join_paths(&launch.model_dirs))
+            .env("LORACTL_DATA_DIRS", join_paths(&launch.data_dirs))
             .env_remove("LORACTL_RESUME")
             .env_remove("LORACTL_TOKEN")
             .stdin(Stdio::piped())
@@ -350,6 +354,7 @@ mod tests {
             output_dir: dir.to_owned(),
             resume: Some(dir.join("resume.ckpt")),
             model_dirs: vec!["/models".into(), "/more".into()],
+            data_dirs: vec!["/data".into()],
         }
     }
 
@@ -379,7 +384,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let script = r#"echo "gpus=$CUDA_VISIBLE_DEVICES order=$CUDA_DEVICE_ORDER"
 echo "job=$LORACTL_JOB_ID attempt=$LORACTL_ATTEMPT rank=$LORACTL_RANK/$LORACTL_WORLD_SIZE"
-echo "models=$LORACTL_MODEL_DIRS resume=$(basename $LORACTL_RESUME) token=${LORACTL_TOKEN:-none}"
+echo "models=$LORACTL_MODEL_DIRS data=$LORACTL_DATA_DIRS resume=$(basename $LORACTL_RESUME) token=${LORACTL_TOKEN:-none}"
 echo oops >&2
 echo '@loractl {"progress":{"step":4,"total_steps":8,"loss":0.5,"lr":0.001}}'"#;
         let (tx, rx) = mpsc::channel(64);
@@ -397,7 +402,9 @@ echo '@loractl {"progress":{"step":4,"total_steps":8,"loss":0.5,"lr":0.001}}'"#;
             "{lines:?}"
         );
         assert!(
-            lines.contains(&"models=/models:/more resume=resume.ckpt token=none".to_owned()),
+            lines.contains(
+                &"models=/models:/more data=/data resume=resume.ckpt token=none".to_owned()
+            ),
             "{lines:?}"
         );
         assert!(events.contains(&RankEvent::Log {

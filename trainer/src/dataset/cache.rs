@@ -12,14 +12,15 @@ use sha2::{Digest, Sha256};
 
 use super::bucket::Reso;
 use super::pixels::CropMode;
+use crate::confine::AllowedRoots;
 use crate::{Error, Result};
 
 /// Tensor name inside a disk cache file.
 const LATENT_TENSOR: &str = "latents";
 
-/// sha256 of a file's bytes.
-pub fn file_sha256(path: &Path) -> Result<[u8; 32]> {
-    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+/// sha256 of a file's bytes, the file opened inside `roots`.
+pub fn file_sha256(path: &Path, roots: &AllowedRoots) -> Result<[u8; 32]> {
+    let mut file = roots.open(path)?;
     let mut hasher = Sha256::new();
     std::io::copy(&mut file, &mut hasher).map_err(|e| Error::io(path, e))?;
     Ok(hasher.finalize().into())
@@ -30,6 +31,8 @@ pub fn file_sha256(path: &Path) -> Result<[u8; 32]> {
 pub struct LatentCache {
     vae_id: String,
     dir: Option<PathBuf>,
+    /// Where disk entries must lie when read back.
+    roots: AllowedRoots,
     mem: Mutex<HashMap<String, Tensor>>,
 }
 
@@ -39,17 +42,30 @@ impl LatentCache {
         Self {
             vae_id: vae_id.into(),
             dir: None,
+            roots: AllowedRoots::any(),
             mem: Mutex::new(HashMap::new()),
         }
     }
 
     /// A cache kept as files under `dir` (created if missing), reused by later runs.
     pub fn on_disk(vae_id: impl Into<String>, dir: impl Into<PathBuf>) -> Result<Self> {
+        Self::on_disk_within(vae_id, dir, AllowedRoots::any())
+    }
+
+    /// A disk cache whose folder and entries must lie inside `roots` (a cluster rank's data
+    /// folders): a `.latent_cache` linked elsewhere is refused.
+    pub fn on_disk_within(
+        vae_id: impl Into<String>,
+        dir: impl Into<PathBuf>,
+        roots: AllowedRoots,
+    ) -> Result<Self> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        roots.check(&dir)?;
         Ok(Self {
             vae_id: vae_id.into(),
             dir: Some(dir),
+            roots,
             mem: Mutex::new(HashMap::new()),
         })
     }
@@ -87,7 +103,8 @@ impl LatentCache {
             if !path.is_file() {
                 return Ok(None);
             }
-            return match candle_core::safetensors::load(&path, &Device::Cpu) {
+            let bytes = self.roots.read(&path)?;
+            return match candle_core::safetensors::load_buffer(&bytes, &Device::Cpu) {
                 Ok(mut t) => Ok(t.remove(LATENT_TENSOR)),
                 Err(e) => {
                     tracing::warn!(path = %path.display(), "unreadable latent cache entry, recomputing: {e}");

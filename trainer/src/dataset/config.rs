@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use crate::confine::AllowedRoots;
 use crate::{Error, Result};
 
 /// SD1.x/SD2.x UNets downsample latents three times, so pixel sizes must be multiples of 64
@@ -62,6 +63,9 @@ pub struct DatasetConfig {
     /// Where disk-cached latents live; `train_data_dir/.latent_cache` when unset.
     pub latent_cache_dir: Option<PathBuf>,
     pub bad_image_policy: BadImagePolicy,
+    /// Where every data file must lie when it is opened (a cluster rank's allowed folders);
+    /// not confined by default.
+    pub allowed_roots: AllowedRoots,
 }
 
 impl Default for DatasetConfig {
@@ -94,6 +98,7 @@ impl Default for DatasetConfig {
             cache_latents_to_disk: false,
             latent_cache_dir: None,
             bad_image_policy: BadImagePolicy::Skip,
+            allowed_roots: AllowedRoots::any(),
         }
     }
 }

@@ -165,10 +165,18 @@ impl Dataset {
             "train_data_dir",
             false,
             &caption_ext,
+            &cfg.allowed_roots,
             &mut out,
         )?;
         if let Some(reg) = &cfg.reg_data_dir {
-            scan::scan_data_dir(reg, "reg_data_dir", true, &caption_ext, &mut out)?;
+            scan::scan_data_dir(
+                reg,
+                "reg_data_dir",
+                true,
+                &caption_ext,
+                &cfg.allowed_roots,
+                &mut out,
+            )?;
         }
         let scan::ScanOutput {
             mut subsets,
@@ -193,7 +201,7 @@ impl Dataset {
         let mut skipped_at_open = Vec::new();
         let mut candidates = Vec::with_capacity(found.len());
         for f in found {
-            let probed = pixels::probe_size(&f.path).and_then(|(w, h)| {
+            let probed = pixels::probe_size(&f.path, &cfg.allowed_roots).and_then(|(w, h)| {
                 selector.select(w, h).map(|c| ((w, h), c)).ok_or_else(|| {
                     Error::io(
                         &f.path,
@@ -214,6 +222,8 @@ impl Dataset {
                     size,
                     choice,
                 }),
+                // A file outside the allowed folders is a bad job, never a skippable image.
+                Err(e @ Error::Config(_)) => return Err(e),
                 Err(e) => match cfg.bad_image_policy {
                     BadImagePolicy::Fail => return Err(e),
                     BadImagePolicy::Skip => {
@@ -382,7 +392,12 @@ impl Dataset {
     /// change whenever the VAE's weights do (e.g. the VAE file's hash).
     pub fn latent_cache(&self, vae_id: &str) -> Result<Option<LatentCache>> {
         if self.cfg.cache_latents_to_disk {
-            LatentCache::on_disk(vae_id, self.cfg.latent_cache_dir()).map(Some)
+            LatentCache::on_disk_within(
+                vae_id,
+                self.cfg.latent_cache_dir(),
+                self.cfg.allowed_roots.clone(),
+            )
+            .map(Some)
         } else if self.cfg.cache_latents {
             Ok(Some(LatentCache::in_memory(vae_id)))
         } else {
@@ -497,7 +512,7 @@ impl Dataset {
         rng: &mut R,
     ) -> Result<RgbImage> {
         let e = &self.images[index];
-        let img = pixels::decode_rgb(&e.path)?;
+        let img = pixels::decode_rgb(&e.path, &self.cfg.allowed_roots)?;
         let (w, h) = (img.width(), img.height());
         if (w, h) != e.size {
             // A header that disagrees with the pixels (kohya has a TODO for this case).
@@ -525,6 +540,10 @@ impl Dataset {
 
     /// Applies the bad-image policy: `Ok(())` means the image is skipped.
     fn on_bad_image(&self, index: usize, err: Error) -> Result<()> {
+        if matches!(err, Error::Config(_)) {
+            // A file outside the allowed folders (swapped in during the run) ends the run.
+            return Err(err);
+        }
         match self.cfg.bad_image_policy {
             BadImagePolicy::Fail => Err(err),
             BadImagePolicy::Skip => {
@@ -544,7 +563,7 @@ impl Dataset {
         if let Some(h) = self.hashes[index].get() {
             return Ok(*h);
         }
-        let h = cache::file_sha256(&self.images[index].path)?;
+        let h = cache::file_sha256(&self.images[index].path, &self.cfg.allowed_roots)?;
         Ok(*self.hashes[index].get_or_init(|| h))
     }
 

@@ -15,6 +15,7 @@ use image::{ImageReader, RgbImage};
 use rand::Rng;
 
 use super::bucket::BucketChoice;
+use crate::confine::AllowedRoots;
 use crate::{Error, Result};
 
 /// How an image larger than its bucket after resizing is cut down to it.
@@ -43,12 +44,23 @@ fn bad_image(path: &Path, what: impl std::fmt::Display) -> Error {
     )
 }
 
+/// A reader of the image file, opened inside `roots`; the format comes from the content, else
+/// from the extension (as `ImageReader::open` does).
+fn reader(
+    path: &Path,
+    roots: &AllowedRoots,
+) -> Result<ImageReader<std::io::BufReader<std::fs::File>>> {
+    let file = roots.open(path)?;
+    let mut reader = ImageReader::new(std::io::BufReader::new(file));
+    if let Ok(format) = image::ImageFormat::from_path(path) {
+        reader.set_format(format);
+    }
+    reader.with_guessed_format().map_err(|e| Error::io(path, e))
+}
+
 /// Width and height from the file header, without decoding the pixels.
-pub fn probe_size(path: &Path) -> Result<(u32, u32)> {
-    let reader = ImageReader::open(path)
-        .map_err(|e| Error::io(path, e))?
-        .with_guessed_format()
-        .map_err(|e| Error::io(path, e))?;
+pub fn probe_size(path: &Path, roots: &AllowedRoots) -> Result<(u32, u32)> {
+    let reader = reader(path, roots)?;
     let (w, h) = reader
         .into_dimensions()
         .map_err(|e| bad_image(path, format!("cannot read the image header: {e}")))?;
@@ -59,11 +71,8 @@ pub fn probe_size(path: &Path) -> Result<(u32, u32)> {
 }
 
 /// Decodes an image file to 8-bit RGB.
-pub fn decode_rgb(path: &Path) -> Result<RgbImage> {
-    let reader = ImageReader::open(path)
-        .map_err(|e| Error::io(path, e))?
-        .with_guessed_format()
-        .map_err(|e| Error::io(path, e))?;
+pub fn decode_rgb(path: &Path, roots: &AllowedRoots) -> Result<RgbImage> {
+    let reader = reader(path, roots)?;
     let img = reader
         .decode()
         .map_err(|e| bad_image(path, format!("cannot decode the image: {e}")))?;

@@ -7,6 +7,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use super::caption::TagCounts;
+use crate::confine::AllowedRoots;
 use crate::{Error, Result};
 
 /// Extensions (lowercase) of the images read; matched case-insensitively.
@@ -73,9 +74,10 @@ fn is_hidden(name: &str) -> bool {
     name.starts_with('.')
 }
 
-/// Reads a caption file as kohya does: UTF-8 (a BOM is tolerated), first line, trimmed.
-pub fn read_caption(path: &Path) -> Result<String> {
-    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+/// Reads a caption file as kohya does: UTF-8 (a BOM is tolerated), first line, trimmed; the
+/// file must lie inside `roots` when it is opened.
+pub fn read_caption(path: &Path, roots: &AllowedRoots) -> Result<String> {
+    let bytes = roots.read(path)?;
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
     let text = std::str::from_utf8(bytes).map_err(|e| {
         Error::io(
@@ -127,11 +129,14 @@ impl ScanOutput {
 }
 
 /// Scans `root` (the value of config key `key`) for `N_name` folders, appending to `out`.
+/// With confined `roots`, every folder, image and caption found must lie inside them (links
+/// followed): one that leads out is an error naming it.
 pub fn scan_data_dir(
     root: &Path,
     key: &str,
     is_reg: bool,
     caption_ext: &str,
+    roots: &AllowedRoots,
     out: &mut ScanOutput,
 ) -> Result<()> {
     let meta = fs::metadata(root).map_err(|e| {
@@ -150,6 +155,7 @@ pub fn scan_data_dir(
             root.display()
         )));
     }
+    roots.check(root)?;
 
     let mut folders: Vec<(String, PathBuf, i64, String)> = Vec::new();
     let mut loose_images = 0usize;
@@ -234,6 +240,7 @@ pub fn scan_data_dir(
                 dir.display()
             ))
         })?;
+        roots.check(&dir)?;
         scan_subset(
             key,
             name,
@@ -242,6 +249,7 @@ pub fn scan_data_dir(
             class_tokens,
             is_reg,
             caption_ext,
+            roots,
             out,
         )?;
     }
@@ -257,6 +265,7 @@ fn scan_subset(
     class_tokens: String,
     is_reg: bool,
     caption_ext: &str,
+    roots: &AllowedRoots,
     out: &mut ScanOutput,
 ) -> Result<()> {
     let mut paths = Vec::new();
@@ -271,6 +280,7 @@ fn scan_subset(
             continue;
         }
         if is_image(&path) {
+            roots.check(&path)?;
             paths.push(path);
         } else if let Some(ext) = lower_ext(&path) {
             if UNSUPPORTED_IMAGE_EXTENSIONS.contains(&ext.as_str()) && !unsupported.contains(&ext) {
@@ -306,7 +316,8 @@ fn scan_subset(
             .map(|m| m.is_file())
             .unwrap_or(false)
         {
-            read_caption(&cap_path)?
+            roots.check(&cap_path)?;
+            read_caption(&cap_path, roots)?
         } else {
             missing += 1;
             for other in KNOWN_CAPTION_EXTENSIONS {

@@ -18,8 +18,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 pub use prompts::{
-    load_prompts, parse_prompt_json, parse_prompt_line, parse_prompt_text, parse_prompt_toml,
-    SamplePrompt,
+    load_prompts, load_prompts_within, parse_prompt_json, parse_prompt_line, parse_prompt_text,
+    parse_prompt_toml, SamplePrompt,
 };
 pub use scheduler::{SamplerKind, SamplerSettings, Scheduler, TimestepSpacing};
 pub use text::{parse_prompt_attention, Conditioning, LpwPromptEncoder, PromptEncoder};

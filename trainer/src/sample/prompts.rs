@@ -285,7 +285,20 @@ pub fn parse_prompt_toml(text: &str, origin: &str) -> Result<Vec<SamplePrompt>> 
 
 /// Reads a `--sample_prompts` file, choosing the format by extension (`.txt`, `.json`, `.toml`).
 pub fn load_prompts(path: &Path) -> Result<Vec<SamplePrompt>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    load_prompts_within(path, &crate::confine::AllowedRoots::any())
+}
+
+/// [`load_prompts`] for a file that must lie inside `roots` when it is opened.
+pub fn load_prompts_within(
+    path: &Path,
+    roots: &crate::confine::AllowedRoots,
+) -> Result<Vec<SamplePrompt>> {
+    let text = String::from_utf8(roots.read(path)?).map_err(|e| {
+        Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::InvalidData, e.utf8_error()),
+        )
+    })?;
     let origin = path.display().to_string();
     match path.extension().and_then(|e| e.to_str()) {
         Some("txt") => parse_prompt_text(&text, &origin),

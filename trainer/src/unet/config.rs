@@ -219,6 +219,9 @@ impl UNetConfig {
         if n == 0 {
             errs.push("block_out_channels: must not be empty".into());
         }
+        if let Some(i) = self.block_out_channels.iter().position(|&c| c == 0) {
+            errs.push(format!("block_out_channels[{i}]: must be positive"));
+        }
         if self.in_channels == 0 || self.out_channels == 0 {
             errs.push("in_channels/out_channels: must be positive".into());
         }

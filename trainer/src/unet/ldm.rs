@@ -192,15 +192,24 @@ pub fn infer_ldm_config(store: &dyn TensorStore) -> Result<UNetConfig> {
             .shape(&format!("{p}{n}"))
             .ok_or_else(|| bad(format!("missing tensor `{p}{n}`")))
     };
+    // Every shape read here is checked before it is indexed: a hostile file may give any
+    // tensor any rank, including none.
+    let shape_of = |n: &str, ranks: &[usize], what: &str| -> Result<Vec<usize>> {
+        let s = shape(n)?;
+        if !ranks.contains(&s.len()) || s.contains(&0) {
+            let ranks: Vec<String> = ranks.iter().map(|r| format!("{r}-D")).collect();
+            return Err(bad(format!(
+                "tensor `{p}{n}` has shape {s:?}, but a {what} is {} with no empty dimension: \
+                 the file is damaged or not a Stable Diffusion 1.x/2.x checkpoint",
+                ranks.join(" or ")
+            )));
+        }
+        Ok(s)
+    };
     let has = |n: &str| store.contains(&format!("{p}{n}"));
 
-    let conv_in = shape("input_blocks.0.0.weight")?;
-    let conv_out = shape("out.2.weight")?;
-    if conv_in.len() != 4 || conv_out.len() != 4 {
-        return Err(bad(
-            "conv_in/conv_out weights are not 4-D convolutions".into()
-        ));
-    }
+    let conv_in = shape_of("input_blocks.0.0.weight", &[4], "convolution weight")?;
+    let conv_out = shape_of("out.2.weight", &[4], "convolution weight")?;
     let inputs = indices(&names, &format!("{p}input_blocks."));
     let num_inputs = inputs.last().map_or(0, |i| i + 1);
     if inputs.len() != num_inputs || num_inputs < 2 {
@@ -241,7 +250,11 @@ pub fn infer_ldm_config(store: &dyn TensorStore) -> Result<UNetConfig> {
     let mut up_block_types = Vec::with_capacity(n);
     for b in 0..n {
         let first = 1 + b * per;
-        let w = shape(&format!("input_blocks.{first}.0.out_layers.3.weight"))?;
+        let w = shape_of(
+            &format!("input_blocks.{first}.0.out_layers.3.weight"),
+            &[4],
+            "convolution weight",
+        )?;
         block_out_channels.push(w[0]);
         let attends = has(&format!("input_blocks.{first}.1.proj_in.weight"));
         down_block_types.push(if attends { CROSS_ATTN_DOWN } else { DOWN }.to_string());
@@ -251,9 +264,17 @@ pub fn infer_ldm_config(store: &dyn TensorStore) -> Result<UNetConfig> {
 
     // The mid block always has attention; it gives the projection kind, cross-attention width
     // and transformer depth.
-    let proj_in = shape("middle_block.1.proj_in.weight")?;
+    let proj_in = shape_of(
+        "middle_block.1.proj_in.weight",
+        &[2, 4],
+        "linear or 1x1 convolution weight",
+    )?;
     let use_linear_projection = proj_in.len() == 2;
-    let cross_attention_dim = shape("middle_block.1.transformer_blocks.0.attn2.to_k.weight")?[1];
+    let cross_attention_dim = shape_of(
+        "middle_block.1.transformer_blocks.0.attn2.to_k.weight",
+        &[2],
+        "linear weight",
+    )?[1];
     let depth_of =
         |prefix: &str| indices(&names, &format!("{p}{prefix}.transformer_blocks.")).len();
     let mut depths = Vec::with_capacity(n);
