@@ -2,6 +2,49 @@
 //! machine alone; the cluster commands ([`remote`]) talk to a coordinator; `up` ([`up`]) runs a
 //! coordinator and a worker in this process.
 
+/// Exit status of a command whose reader went away (`loractl list | head`): what a shell
+/// reports for a process ended by SIGPIPE.
+const EXIT_CLOSED_PIPE: u8 = 141;
+
+/// Writes to stdout; a closed pipe ends the process quietly with [`EXIT_CLOSED_PIPE`]. Rust
+/// ignores SIGPIPE (which keeps a dropped connection from killing the process) so `println!`
+/// would panic instead; restoring SIGPIPE is no option, as tokio's vectored socket writes
+/// would then kill the process when a coordinator hangs up.
+fn write_stdout(args: std::fmt::Arguments<'_>, newline: bool) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let written = out.write_fmt(args).and_then(|()| {
+        if newline {
+            out.write_all(b"\n")
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(e) = written {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(EXIT_CLOSED_PIPE.into());
+        }
+        // Same as `println!` on any other failure.
+        panic!("failed printing to stdout: {e}");
+    }
+}
+
+/// Every `println!` and `print!` of this crate goes through [`write_stdout`].
+macro_rules! println {
+    () => {
+        $crate::write_stdout(format_args!(""), true)
+    };
+    ($($arg:tt)*) => {
+        $crate::write_stdout(format_args!($($arg)*), true)
+    };
+}
+
+macro_rules! print {
+    ($($arg:tt)*) => {
+        $crate::write_stdout(format_args!($($arg)*), false)
+    };
+}
+
 mod gpu;
 mod local;
 mod progress;
@@ -237,28 +280,17 @@ fn tune_allocator() {
     }
 }
 
-/// Rust ignores SIGPIPE, so printing to a closed pipe (`loractl list | head`) fails and
-/// `println!` panics. A command whose output is its purpose ends quietly instead, by the
-/// signal, as other command-line tools do. Not the servers (`up`, `quickstart --cluster`),
-/// whose workers write to ranks that may have exited, nor `rank`, whose stdout is its worker.
-fn die_quietly_on_closed_pipes(command: &Command) {
-    let serves = matches!(
-        command,
-        Command::Up { .. } | Command::Quickstart { cluster: true, .. } | Command::Rank
-    );
-    #[cfg(unix)]
-    if !serves {
-        // SAFETY: restores the default disposition of one signal before any thread starts.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        }
-    }
+/// Whether an error is stdout's reader having gone away (written with `writeln!`).
+fn closed_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
-    die_quietly_on_closed_pipes(&cli.command);
     // `up` is a server: say what it does.
     let level = match &cli.command {
         Command::Up { .. } => "info",
@@ -356,6 +388,7 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        Err(e) if closed_pipe(&e) => ExitCode::from(EXIT_CLOSED_PIPE),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
