@@ -69,6 +69,10 @@ pub struct WorkerConfig {
     pub tls_domain: Option<String>,
     /// Seconds a rank gets to exit after SIGTERM before its process group is killed.
     pub stop_grace_secs: u64,
+    /// Host or IP at which other workers' ranks reach this worker's ranks for the
+    /// data-parallel ring (TCP); absent: the local address this machine uses to reach the
+    /// coordinator (see [`WorkerConfig::ring_host`]).
+    pub ring_host: Option<String>,
     pub labels: BTreeMap<String, String>,
 }
 
@@ -93,6 +97,7 @@ impl Default for WorkerConfig {
                 .map(|s| s.to_string())
                 .collect(),
             stop_grace_secs: defaults::STOP_GRACE_SECS,
+            ring_host: None,
             labels: BTreeMap::new(),
         }
     }
@@ -112,6 +117,33 @@ impl WorkerConfig {
             source,
         })?;
         Self::from_toml_str(&text, &path.display().to_string())
+    }
+
+    /// The host this worker's ranks bind and announce for the data-parallel ring: `ring_host`,
+    /// else the local address of the route to the coordinator (a UDP socket "connected" to it
+    /// sends nothing, it only asks the kernel for the source address), else loopback.
+    pub fn ring_host(&self) -> String {
+        if let Some(h) = self.ring_host.as_ref().filter(|h| !h.trim().is_empty()) {
+            return h.trim().to_owned();
+        }
+        let authority = self
+            .coordinator
+            .split("://")
+            .nth(1)
+            .unwrap_or_default()
+            .split('/')
+            .next()
+            .unwrap_or_default();
+        let routed = std::net::UdpSocket::bind("0.0.0.0:0")
+            .and_then(|socket| {
+                socket.connect(authority)?;
+                socket.local_addr()
+            })
+            .map(|a| a.ip());
+        match routed {
+            Ok(ip) if !ip.is_unspecified() => ip.to_string(),
+            _ => "127.0.0.1".to_owned(),
+        }
     }
 
     /// Every problem, each with its key.
@@ -317,5 +349,21 @@ mod tests {
         let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, ["coordinator", "gpus", "rank_command", "name"]);
         assert!(problems[1].problem.contains("listed twice"));
+    }
+
+    /// Ranks announce the address of the route to the coordinator unless `ring_host` says
+    /// otherwise: a worker talking to a coordinator on loopback announces loopback.
+    #[test]
+    fn the_ring_host_is_the_route_to_the_coordinator_unless_set() {
+        let mut config = WorkerConfig {
+            coordinator: "http://127.0.0.1:7070".into(),
+            ..WorkerConfig::default()
+        };
+        assert_eq!(config.ring_host(), "127.0.0.1");
+        config.ring_host = Some(" 10.1.2.3 ".into());
+        assert_eq!(config.ring_host(), "10.1.2.3");
+        config.ring_host = None;
+        config.coordinator = "not an address".into();
+        assert_eq!(config.ring_host(), "127.0.0.1");
     }
 }

@@ -771,5 +771,6 @@ async fn prepare(
             .cloned()
             .chain([crate::inputs::dataset_cache(config)])
             .collect(),
+        ring_host: config.ring_host(),
     })
 }

@@ -9,7 +9,9 @@
 //! - `LORACTL_SPEC` (the job spec file), `LORACTL_OUTPUT_DIR` (where it writes),
 //!   `LORACTL_RESUME` (checkpoint file to resume from, when there is one),
 //!   `LORACTL_MODEL_DIRS` and `LORACTL_DATA_DIRS` (`:`-separated; the rank opens data files
-//!   only inside the latter).
+//!   only inside the latter);
+//! - `LORACTL_RING_HOST`: the host a data-parallel rank binds and announces for the TCP ring
+//!   (`ring_host` in the worker's config, else the route to the coordinator).
 //!
 //! It reports on stdout and reads rendezvous answers on stdin as [`crate::protocol`] says,
 //! and exits 0 on success,
@@ -40,6 +42,8 @@ pub struct Launch {
     pub model_dirs: Vec<PathBuf>,
     /// Folders the rank may read data from (`data_dirs` and the uploaded-dataset cache).
     pub data_dirs: Vec<PathBuf>,
+    /// Host the rank binds and announces for the data-parallel ring (`LORACTL_RING_HOST`).
+    pub ring_host: String,
 }
 
 /// How a rank process ended.
@@ -142,6 +146,7 @@ impl RankProcess {
             .env("LORACTL_OUTPUT_DIR", &launch.output_dir)
             .env("LORACTL_MODEL_DIRS", join_paths(&launch.model_dirs))
             .env("LORACTL_DATA_DIRS", join_paths(&launch.data_dirs))
+            .env("LORACTL_RING_HOST", &launch.ring_host)
             .env_remove("LORACTL_RESUME")
             .env_remove("LORACTL_TOKEN")
             .stdin(Stdio::piped())
@@ -355,6 +360,7 @@ mod tests {
             resume: Some(dir.join("resume.ckpt")),
             model_dirs: vec!["/models".into(), "/more".into()],
             data_dirs: vec!["/data".into()],
+            ring_host: "10.0.0.7".into(),
         }
     }
 
@@ -384,7 +390,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let script = r#"echo "gpus=$CUDA_VISIBLE_DEVICES order=$CUDA_DEVICE_ORDER"
 echo "job=$LORACTL_JOB_ID attempt=$LORACTL_ATTEMPT rank=$LORACTL_RANK/$LORACTL_WORLD_SIZE"
-echo "models=$LORACTL_MODEL_DIRS data=$LORACTL_DATA_DIRS resume=$(basename $LORACTL_RESUME) token=${LORACTL_TOKEN:-none}"
+echo "models=$LORACTL_MODEL_DIRS data=$LORACTL_DATA_DIRS ring=$LORACTL_RING_HOST resume=$(basename $LORACTL_RESUME) token=${LORACTL_TOKEN:-none}"
 echo oops >&2
 echo '@loractl {"progress":{"step":4,"total_steps":8,"loss":0.5,"lr":0.001}}'"#;
         let (tx, rx) = mpsc::channel(64);
@@ -403,7 +409,8 @@ echo '@loractl {"progress":{"step":4,"total_steps":8,"loss":0.5,"lr":0.001}}'"#;
         );
         assert!(
             lines.contains(
-                &"models=/models:/more data=/data resume=resume.ckpt token=none".to_owned()
+                &"models=/models:/more data=/data ring=10.0.0.7 resume=resume.ckpt token=none"
+                    .to_owned()
             ),
             "{lines:?}"
         );
