@@ -405,7 +405,8 @@ fn plan_on(
     inspect_model: bool,
     limit: Option<&MemoryLimit>,
 ) -> Result<Plan> {
-    let world_size = WORLD_SIZE;
+    // Data-parallel ranks: one per worker (`resources.workers`).
+    let world_size = (spec.spec.resources.workers as usize).max(1);
     let (total_steps, num_epochs) = run_length(spec, dataset, world_size);
     let summary = dataset.summary();
     let accum = spec.spec.training.gradient_accumulation_steps as usize;
@@ -500,8 +501,10 @@ fn plan_on(
         }
     }
     outputs.push(format!("{name}.safetensors"));
-    let steps_per_epoch =
-        crate::dataset::plan::steps_per_epoch(summary.batches_per_epoch, world_size, accum);
+    // Counted on the global batches the ranks share, as the run counts them.
+    let steps_per_epoch = dataset
+        .global_batches_per_epoch(world_size)
+        .div_ceil(accum.max(1));
     Ok(Plan {
         name: spec.spec.name.clone(),
         model,
@@ -553,9 +556,6 @@ fn optimizer_copies(spec: &ResolvedSpec) -> u64 {
         _ => 2,
     }
 }
-
-/// Ranks of a run: one process on one device (data-parallel ranks are not wired in yet).
-const WORLD_SIZE: usize = 1;
 
 fn human_bytes(n: u64) -> String {
     let (v, unit) = if n >= 1 << 30 {
@@ -611,11 +611,13 @@ impl fmt::Display for Plan {
         writeln!(
             f,
             "batch size per device: {}\nbatches per epoch: {}\nprocesses (world size): {}\n\
+             global batch (per device × world × accumulation): {}\n\
              gradient accumulation steps: {}\noptimizer steps per epoch: {}\nepochs: {}\n\
              total optimization steps: {}\nwarmup steps: {}",
             d.batch_size,
             d.batches_per_epoch,
             self.world_size,
+            d.batch_size * self.world_size * self.gradient_accumulation_steps,
             self.gradient_accumulation_steps,
             self.steps_per_epoch,
             self.num_epochs,

@@ -430,8 +430,23 @@ impl Daemon {
         let config = self.config.clone();
         let link = self.link.clone();
         let internal = self.internal_tx.clone();
+        // The rank's memory check uses the smallest of its GPUs (simulated ones report 0).
+        let gpu_memory_bytes = assignment
+            .gpu_indices
+            .iter()
+            .filter_map(|i| self.gpus.iter().find(|g| g.index == *i))
+            .map(|g| g.memory_bytes)
+            .filter(|&m| m > 0)
+            .min();
         tokio::spawn(async move {
-            let result = prepare(&config, &link, &id, assignment).await.map(Box::new);
+            let result = prepare(&config, &link, &id, assignment)
+                .await
+                .map(|launch| {
+                    Box::new(Launch {
+                        gpu_memory_bytes,
+                        ..launch
+                    })
+                });
             let _ = internal.send(Internal::Prepared { rank: id, result }).await;
         });
     }
@@ -772,5 +787,6 @@ async fn prepare(
             .chain([crate::inputs::dataset_cache(config)])
             .collect(),
         ring_host: config.ring_host(),
+        gpu_memory_bytes: None,
     })
 }

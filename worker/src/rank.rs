@@ -11,7 +11,8 @@
 //!   `LORACTL_MODEL_DIRS` and `LORACTL_DATA_DIRS` (`:`-separated; the rank opens data files
 //!   only inside the latter);
 //! - `LORACTL_RING_HOST`: the host a data-parallel rank binds and announces for the TCP ring
-//!   (`ring_host` in the worker's config, else the route to the coordinator).
+//!   (`ring_host` in the worker's config, else the route to the coordinator);
+//! - `LORACTL_GPU_MEMORY_BYTES`: the memory of the rank's GPU (NVML), for the memory check.
 //!
 //! It reports on stdout and reads rendezvous answers on stdin as [`crate::protocol`] says,
 //! and exits 0 on success,
@@ -44,6 +45,9 @@ pub struct Launch {
     pub data_dirs: Vec<PathBuf>,
     /// Host the rank binds and announces for the data-parallel ring (`LORACTL_RING_HOST`).
     pub ring_host: String,
+    /// Memory of the smallest GPU the rank gets, from NVML (`LORACTL_GPU_MEMORY_BYTES`: the
+    /// rank refuses a job whose memory estimate exceeds it before loading any weight).
+    pub gpu_memory_bytes: Option<u64>,
 }
 
 /// How a rank process ended.
@@ -156,6 +160,10 @@ impl RankProcess {
         if let Some(resume) = &launch.resume {
             command.env("LORACTL_RESUME", resume);
         }
+        match launch.gpu_memory_bytes {
+            Some(bytes) => command.env("LORACTL_GPU_MEMORY_BYTES", bytes.to_string()),
+            None => command.env_remove("LORACTL_GPU_MEMORY_BYTES"),
+        };
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             command.pre_exec(|| {
@@ -361,6 +369,7 @@ mod tests {
             model_dirs: vec!["/models".into(), "/more".into()],
             data_dirs: vec!["/data".into()],
             ring_host: "10.0.0.7".into(),
+            gpu_memory_bytes: Some(80 << 30),
         }
     }
 
@@ -390,7 +399,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let script = r#"echo "gpus=$CUDA_VISIBLE_DEVICES order=$CUDA_DEVICE_ORDER"
 echo "job=$LORACTL_JOB_ID attempt=$LORACTL_ATTEMPT rank=$LORACTL_RANK/$LORACTL_WORLD_SIZE"
-echo "models=$LORACTL_MODEL_DIRS data=$LORACTL_DATA_DIRS ring=$LORACTL_RING_HOST resume=$(basename $LORACTL_RESUME) token=${LORACTL_TOKEN:-none}"
+echo "models=$LORACTL_MODEL_DIRS data=$LORACTL_DATA_DIRS ring=$LORACTL_RING_HOST gpu_memory=$LORACTL_GPU_MEMORY_BYTES resume=$(basename $LORACTL_RESUME) token=${LORACTL_TOKEN:-none}"
 echo oops >&2
 echo '@loractl {"progress":{"step":4,"total_steps":8,"loss":0.5,"lr":0.001}}'"#;
         let (tx, rx) = mpsc::channel(64);
@@ -409,7 +418,7 @@ echo '@loractl {"progress":{"step":4,"total_steps":8,"loss":0.5,"lr":0.001}}'"#;
         );
         assert!(
             lines.contains(
-                &"models=/models:/more data=/data ring=10.0.0.7 resume=resume.ckpt token=none"
+                &"models=/models:/more data=/data ring=10.0.0.7 gpu_memory=85899345920 resume=resume.ckpt token=none"
                     .to_owned()
             ),
             "{lines:?}"

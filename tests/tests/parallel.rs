@@ -1,0 +1,174 @@
+//! Data-parallel jobs through the real binaries: a job with `workers = 2` runs one rank on each
+//! of two CPU workers, the ranks meet through the coordinator's rendezvous and all-reduce their
+//! LoRA gradients over the TCP ring, and the LoRA equals the one a single rank trains with the
+//! whole global batch. A worker killed mid-run fails the attempt on every rank (none waits
+//! forever) and the job resumes from its checkpoint on the workers left.
+
+use std::path::{Path, PathBuf};
+
+use loractl_tests::{bin, submitted_id, tiny_job, Cluster, WorkerSetup};
+use serde_json::Value;
+
+const TOKEN: &str = "e2e-parallel-token";
+
+/// A tiny job (see [`tiny_job`]) with `batch` images per rank, `workers` ranks, and the LoRA
+/// saved in f32 so that two runs compare to the float.
+fn job(dir: &Path, steps: usize, batch: usize, workers: usize) -> anyhow::Result<PathBuf> {
+    let path = tiny_job(dir, "dp", steps, "")?;
+    let text = std::fs::read_to_string(&path)?
+        .replace(
+            "train_batch_size = 1",
+            &format!("train_batch_size = {batch}"),
+        )
+        .replace("save_precision = \"fp16\"", "save_precision = \"float\"")
+        .replace(
+            "[resources]\ngpus = \"cpu\"",
+            &format!("[resources]\ngpus = \"cpu\"\nworkers = {workers}\nmax_restarts = 3"),
+        );
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+/// Every tensor of a LoRA file as f32, by name.
+fn tensors(path: &Path) -> anyhow::Result<Vec<(String, Vec<f32>)>> {
+    let bytes = std::fs::read(path)?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)?;
+    let mut out = Vec::new();
+    for (name, view) in st.tensors() {
+        anyhow::ensure!(
+            view.dtype() == safetensors::Dtype::F32,
+            "{name} is {:?}",
+            view.dtype()
+        );
+        let values = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        out.push((name, values));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// Relative difference of two LoRA files: the norm of the difference over the reference's,
+/// over all their tensors together, and the largest of the same per tensor. Checks first that
+/// both files hold the same tensors.
+fn relative_difference(a: &Path, b: &Path) -> anyhow::Result<(f64, f64)> {
+    let (a, b) = (tensors(a)?, tensors(b)?);
+    let names = |t: &[(String, Vec<f32>)]| t.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    anyhow::ensure!(names(&a) == names(&b), "the files hold different tensors");
+    let (mut diff_all, mut norm_all, mut worst) = (0f64, 0f64, 0f64);
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        anyhow::ensure!(
+            x.len() == y.len(),
+            "{name}: {} vs {} values",
+            x.len(),
+            y.len()
+        );
+        let diff: f64 = x
+            .iter()
+            .zip(y)
+            .map(|(p, q)| (f64::from(*p) - f64::from(*q)).powi(2))
+            .sum();
+        let norm: f64 = y.iter().map(|q| f64::from(*q).powi(2)).sum();
+        diff_all += diff;
+        norm_all += norm;
+        worst = worst.max(diff.sqrt() / norm.sqrt().max(1e-12));
+    }
+    Ok(((diff_all / norm_all.max(1e-24)).sqrt(), worst))
+}
+
+/// The reference: one rank with the whole global batch, trained by `loractl train`.
+fn single_rank_lora(dir: &Path, steps: usize, batch: usize) -> PathBuf {
+    let job = job(dir, steps, batch, 1).unwrap();
+    let out = std::process::Command::new(bin("loractl"))
+        .args(["train", "--json"])
+        .arg(&job)
+        .env("MALLOC_MMAP_THRESHOLD_", "4294967296")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir.join("output/dp.safetensors")
+}
+
+fn state(job: &Value) -> &str {
+    job["state"].as_str().unwrap_or_default()
+}
+
+#[test]
+fn a_two_rank_job_on_two_cpu_workers_trains_the_single_rank_lora() {
+    let mut cluster = Cluster::start(Some(TOKEN)).unwrap();
+    for name in ["left", "right"] {
+        cluster.add_worker(WorkerSetup::cpu(name)).unwrap();
+    }
+    let spec = job(&cluster.path("dp"), 4, 1, 2).unwrap();
+    let out = cluster.run(&["submit", spec.to_str().unwrap(), "--watch"]);
+    assert!(out.ok(), "{}\n{}", out.stderr, cluster.logs());
+    let id = submitted_id(&out);
+    let done = cluster.job(&id).unwrap();
+    assert_eq!(state(&done), "succeeded", "{done}");
+    assert_eq!(done["attempt"], 0);
+
+    let fetched = cluster.path("fetched");
+    let fetch = cluster.run(&["fetch", &id, "--out", fetched.to_str().unwrap()]);
+    assert!(fetch.ok(), "{fetch:?}");
+    let reference = single_rank_lora(&cluster.path("single"), 4, 2);
+    let (overall, worst) =
+        relative_difference(&fetched.join("dp.safetensors"), &reference).unwrap();
+    println!("2 ranks x batch 1 vs 1 rank x batch 2: relative difference {overall:e} (worst tensor {worst:e})");
+    // The two runs sum the same gradients in another order (an all-reduce of two per-rank
+    // means against one batch of two), and AdamW's first steps scale every difference by
+    // 1/sqrt(v): float noise, not a different computation.
+    assert!(
+        overall < 1e-5 && worst < 1e-4,
+        "2 ranks x batch 1 vs 1 rank x batch 2: relative difference {overall:e}, worst tensor {worst:e}"
+    );
+    // Both ranks trained: each worker's log shows its rank joining the ring.
+    let logs = cluster.run(&["logs", &id]);
+    assert!(
+        logs.stdout.contains("rank 0 of 2") && logs.stdout.contains("rank 1 of 2"),
+        "{}",
+        logs.stdout
+    );
+}
+
+#[test]
+fn a_worker_killed_under_a_two_rank_job_fails_the_attempt_and_the_job_resumes() {
+    let mut cluster = Cluster::start(Some(TOKEN)).unwrap();
+    for name in ["one", "two", "three"] {
+        let mut setup = WorkerSetup::cpu(name);
+        // A silent peer fails the collective after this long (600 s by default).
+        setup
+            .env
+            .push(("LORACTL_COLLECTIVE_TIMEOUT_SECS", "15".to_owned()));
+        cluster.add_worker(setup).unwrap();
+    }
+    let spec = job(&cluster.path("dp"), 12, 1, 2).unwrap();
+    let id = submitted_id(&cluster.run(&["submit", spec.to_str().unwrap()]));
+    let running = cluster.wait_job(&id, "a checkpoint stored", |j| {
+        state(j) == "running" && !j["latest_checkpoint"].is_null()
+    });
+    // Kill the worker of rank 1: its rank dies with it, and rank 0 loses its ring peer.
+    let victim = running["placement"]
+        .as_array()
+        .and_then(|p| p.iter().find(|r| r["rank"] == 1))
+        .and_then(|r| r["worker_id"].as_str())
+        .map(|w| w.rsplit_once('.').map_or(w, |(name, _)| name).to_owned())
+        .unwrap_or_else(|| panic!("no rank 1 in {running}"));
+    cluster.kill_worker(&victim);
+
+    let done = cluster.wait_job(&id, "the end", |j| {
+        matches!(state(j), "succeeded" | "failed" | "cancelled")
+    });
+    assert_eq!(state(&done), "succeeded", "{done}\n{}", cluster.logs());
+    assert!(done["attempt"].as_u64().unwrap_or(0) >= 1, "{done}");
+    let fetched = cluster.path("fetched");
+    let fetch = cluster.run(&["fetch", &id, "--out", fetched.to_str().unwrap()]);
+    assert!(fetch.ok(), "{fetch:?}");
+    assert!(tensors(&fetched.join("dp.safetensors")).is_ok_and(|t| !t.is_empty()));
+}
