@@ -2,24 +2,13 @@
 //! a `train` interrupted by SIGINT that saves a state and resumes to the end.
 
 use std::io::{BufRead, BufReader};
+mod common;
+use common::job_dir;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 fn loractl() -> Command {
     Command::new(env!("CARGO_BIN_EXE_loractl"))
-}
-
-fn job_dir(name: &str, steps: usize) -> anyhow::Result<(PathBuf, PathBuf)> {
-    let dir = std::env::temp_dir().join(format!("loractl-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let data = loractl_trainer::demo::write_dataset(&dir, 64, 4)?;
-    let model = loractl_trainer::demo::bundled_tiny_model();
-    let job = dir.join("job.toml");
-    let text = loractl_trainer::demo::job_toml(&model, &data, 64, steps)
-        .replace("train_batch_size = 2", "train_batch_size = 1");
-    std::fs::write(&job, text)?;
-    Ok((dir, job))
 }
 
 #[test]

@@ -3,6 +3,8 @@
 //! for libcuda (every call answers CUDA_ERROR_NO_DEVICE) and the CUDA/NCCL wheel libraries.
 //! Every CUDA and NCCL entry point must then fail with a clear error, never a panic.
 
+mod common;
+use common::job_dir;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -58,19 +60,6 @@ fn assert_clean_failure(out: &Output, what: &str) -> String {
     all
 }
 
-fn job_dir(name: &str, steps: usize) -> anyhow::Result<(PathBuf, PathBuf)> {
-    let dir = std::env::temp_dir().join(format!("loractl-cuda-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let data = loractl_trainer::demo::write_dataset(&dir, 64, 2)?;
-    let model = loractl_trainer::demo::bundled_tiny_model();
-    let job = dir.join("job.toml");
-    let text = loractl_trainer::demo::job_toml(&model, &data, 64, steps)
-        .replace("train_batch_size = 2", "train_batch_size = 1");
-    std::fs::write(&job, text)?;
-    Ok((dir, job))
-}
-
 #[test]
 fn cuda_gpu_check_without_a_gpu_reports_nccl_then_no_device() -> anyhow::Result<()> {
     let Some((bin, ld)) = cuda_binary("cuda_gpu_check_without_a_gpu_reports_nccl_then_no_device")
@@ -96,7 +85,7 @@ fn cuda_train_on_cuda0_without_a_gpu_fails_cleanly() -> anyhow::Result<()> {
     let Some((bin, ld)) = cuda_binary("cuda_train_on_cuda0_without_a_gpu_fails_cleanly") else {
         return Ok(());
     };
-    let (dir, job) = job_dir("train", 2)?;
+    let (dir, job) = job_dir("cuda-train", 2)?;
     let job = job.to_string_lossy().to_string();
     let out = run(&bin, &ld, &["train", "--device", "cuda:0", &job], &[])?;
     let all = assert_clean_failure(&out, "train --device cuda:0");
@@ -116,7 +105,7 @@ fn cuda_rank_with_an_unusable_gpu_says_why() -> anyhow::Result<()> {
     let Some((bin, ld)) = cuda_binary("cuda_rank_with_an_unusable_gpu_says_why") else {
         return Ok(());
     };
-    let (dir, job) = job_dir("rank", 1)?;
+    let (dir, job) = job_dir("cuda-rank", 1)?;
     let output = dir.join("out");
     std::fs::create_dir_all(&output)?;
     let mut cmd = Command::new(&bin);
@@ -141,7 +130,7 @@ fn cuda_rank_with_an_unusable_gpu_says_why() -> anyhow::Result<()> {
 #[cfg(not(feature = "cuda"))]
 #[test]
 fn a_build_without_cuda_says_so() -> anyhow::Result<()> {
-    let (dir, job) = job_dir("nocuda", 2)?;
+    let (dir, job) = job_dir("cuda-nocuda", 2)?;
     for args in [
         vec!["gpu-check".to_string()],
         vec![
