@@ -561,16 +561,19 @@ impl TcpRing {
             let mut sends = chunks(send_seg.clone(), chunk).enumerate();
             let mut recvs = chunks(recv_seg.clone(), chunk).enumerate();
             let rounds = chunk_count(send_seg.len(), chunk).max(chunk_count(recv_seg.len(), chunk));
+            let seq = self.seq;
+            // The frame of chunk k of this step, `len` floats.
+            let header = |k: usize, len: usize| Header {
+                op,
+                seq,
+                total: n as u64,
+                step: step as u32,
+                index: k as u32,
+                payload: (len * 4) as u32,
+            };
             for _ in 0..rounds {
                 if let Some((k, range)) = sends.next() {
-                    let header = Header {
-                        op,
-                        seq: self.seq,
-                        total: n as u64,
-                        step: step as u32,
-                        index: k as u32,
-                        payload: (range.len() * 4) as u32,
-                    };
+                    let header = header(k, range.len());
                     let src = &buf[range];
                     self.push(header, |out| {
                         let start = out.len();
@@ -581,14 +584,7 @@ impl TcpRing {
                     })?;
                 }
                 if let Some((k, range)) = recvs.next() {
-                    let header = Header {
-                        op,
-                        seq: self.seq,
-                        total: n as u64,
-                        step: step as u32,
-                        index: k as u32,
-                        payload: (range.len() * 4) as u32,
-                    };
+                    let header = header(k, range.len());
                     self.pull(header)?;
                     let scratch = &self.links.as_ref().expect("links").scratch;
                     let dst = &mut buf[range];
