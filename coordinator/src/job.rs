@@ -135,14 +135,16 @@ fn check_placement(job: &Job, placement: &[RankPlacement]) -> Result<()> {
         .iter()
         .enumerate()
         .all(|(i, p)| p.rank as usize == i);
-    if placement.len() != job.resources.workers as usize || !ranks_in_order {
+    let workers: std::collections::BTreeSet<_> = placement.iter().map(|p| &p.worker_id).collect();
+    if placement.is_empty() || workers.len() != job.resources.workers as usize || !ranks_in_order {
         return Err(Error::BadPlacement {
             job: job.id.clone(),
             problem: format!(
-                "{} ranks given for a job of {} workers (ranks must be 0..{} in order)",
+                "{} ranks on {} workers given for a job of {} workers (ranks must be 0..n in \
+                 order)",
                 placement.len(),
+                workers.len(),
                 job.resources.workers,
-                job.resources.workers
             ),
         });
     }
@@ -160,6 +162,7 @@ pub fn resources(spec: &ResolvedSpec) -> Resources {
         workers: spec.spec.resources.workers,
         gpus,
         max_restarts: spec.spec.resources.max_restarts,
+        ranks_per_worker: spec.spec.resources.ranks_per_worker.max(1),
     }
 }
 
@@ -182,6 +185,7 @@ mod tests {
                 workers: 1,
                 gpus: GpuRequest::All,
                 max_restarts,
+                ranks_per_worker: 1,
             },
             attempt: 0,
             counted_restarts: 0,
@@ -191,6 +195,7 @@ mod tests {
             latest_checkpoint: None,
             updated_at: 0,
             waiting_reason: String::new(),
+            progress: None,
         }
     }
 

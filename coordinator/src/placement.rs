@@ -4,7 +4,10 @@
 //! Goals, in order:
 //! 1. Never two jobs on one GPU, never a GPU the worker did not pin, never more CPU ranks on a
 //!    worker than its CPU slots.
-//! 2. Gang placement: all ranks of a job (one per worker, on distinct workers) or none.
+//! 2. Gang placement: all ranks of a job or none. A job spans `resources.workers` distinct
+//!    workers; on each it runs one rank per GPU it takes there (`"all"`: every pinned GPU, so
+//!    the world size depends on the workers chosen), or `ranks_per_worker` CPU ranks, which
+//!    share one CPU slot of the worker.
 //! 3. Placed jobs stay where they are (no migration of running training).
 //! 4. Higher priority first, then submission order. A later job may use resources an earlier
 //!    one cannot use (backfill) ...
@@ -78,16 +81,19 @@ struct Free {
 }
 
 impl Free {
-    /// The GPUs one rank of `request` would take here now, if it fits.
-    fn take(&self, request: &GpuRequest) -> Option<Vec<u32>> {
-        match request {
-            GpuRequest::Cpu => (self.cpu > 0).then(Vec::new),
+    /// The ranks `resources` would run here now, if they fit: each rank's GPUs (one GPU per
+    /// rank; none for CPU ranks).
+    fn take(&self, resources: &Resources) -> Option<Vec<Vec<u32>>> {
+        match &resources.gpus {
+            GpuRequest::Cpu => {
+                (self.cpu > 0).then(|| vec![Vec::new(); resources.ranks_per_worker.max(1) as usize])
+            }
             GpuRequest::All => (!self.pinned.is_empty() && self.gpus == self.pinned)
-                .then(|| self.pinned.iter().copied().collect()),
+                .then(|| self.pinned.iter().map(|g| vec![*g]).collect()),
             GpuRequest::Ids(ids) => ids
                 .iter()
                 .all(|id| self.gpus.contains(id))
-                .then(|| ids.clone()),
+                .then(|| ids.iter().map(|g| vec![*g]).collect()),
         }
     }
 
@@ -100,12 +106,42 @@ impl Free {
         }
     }
 
-    fn claim(&mut self, request: &GpuRequest, gpus: &[u32]) {
+    /// Takes what a job's ranks on this worker hold: their GPUs, or one CPU slot however
+    /// many CPU ranks share it.
+    fn claim<'a>(
+        &mut self,
+        request: &GpuRequest,
+        ranks: impl IntoIterator<Item = &'a RankPlacement>,
+    ) {
         if matches!(request, GpuRequest::Cpu) {
-            self.cpu -= 1;
+            self.cpu = self.cpu.saturating_sub(1);
         }
-        for gpu in gpus {
-            self.gpus.remove(gpu);
+        for rank in ranks {
+            for gpu in &rank.gpu_indices {
+                self.gpus.remove(gpu);
+            }
+        }
+    }
+}
+
+/// The ranks of `placement` grouped by worker, in rank order.
+fn by_worker(placement: &[RankPlacement]) -> BTreeMap<&WorkerId, Vec<&RankPlacement>> {
+    let mut hosts: BTreeMap<&WorkerId, Vec<&RankPlacement>> = BTreeMap::new();
+    for rank in placement {
+        hosts.entry(&rank.worker_id).or_default().push(rank);
+    }
+    hosts
+}
+
+/// Claims everything `placement` holds in `free`.
+fn claim_all(
+    free: &mut BTreeMap<WorkerId, Free>,
+    request: &GpuRequest,
+    placement: &[RankPlacement],
+) {
+    for (worker, ranks) in by_worker(placement) {
+        if let Some(f) = free.get_mut(worker) {
+            f.claim(request, ranks);
         }
     }
 }
@@ -135,56 +171,67 @@ pub fn queue_order(a: &JobRequest, b: &JobRequest) -> std::cmp::Ordering {
         .then(a.id.cmp(&b.id))
 }
 
-/// Tries to gang-place `job` on the workers of `free` not in `excluded`; returns one rank per
-/// worker, or `None` if not all ranks fit.
+/// Tries to gang-place `job` on the workers of `free` not in `excluded`: `resources.workers`
+/// workers, each with its ranks numbered on from the previous worker's; `None` if not all
+/// fit.
 fn try_place(
     job: &JobRequest,
     free: &BTreeMap<WorkerId, Free>,
     excluded: &BTreeMap<WorkerId, JobId>,
 ) -> Option<Vec<RankPlacement>> {
-    let mut candidates: Vec<(usize, &WorkerId, Vec<u32>)> = free
+    let mut candidates: Vec<(usize, &WorkerId, Vec<Vec<u32>>)> = free
         .iter()
         .filter(|(id, f)| f.accepts_new_work && !excluded.contains_key(*id))
-        .filter_map(|(id, f)| f.take(&job.resources.gpus).map(|g| (f.gpus.len(), id, g)))
+        .filter_map(|(id, f)| f.take(&job.resources).map(|g| (f.gpus.len(), id, g)))
         .collect();
-    let ranks = job.resources.workers as usize;
-    if candidates.len() < ranks {
+    let hosts = job.resources.workers as usize;
+    if candidates.len() < hosts {
         return None;
     }
     candidates.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(b.1)));
-    Some(
-        candidates
-            .into_iter()
-            .take(ranks)
-            .enumerate()
-            .map(|(rank, (_, id, gpus))| RankPlacement {
-                rank: rank as u32,
-                worker_id: id.clone(),
-                gpu_indices: gpus,
-            })
-            .collect(),
-    )
+    let placement = candidates
+        .into_iter()
+        .take(hosts)
+        .flat_map(|(_, id, ranks)| ranks.into_iter().map(move |gpus| (id, gpus)))
+        .enumerate()
+        .map(|(rank, (id, gpus))| RankPlacement {
+            rank: rank as u32,
+            worker_id: id.clone(),
+            gpu_indices: gpus,
+        })
+        .collect();
+    Some(placement)
 }
 
-/// Whether `placement` (kept from an earlier round) still fits: same rank count, workers
-/// alive and distinct, GPUs pinned and free, CPU slots left.
+/// Whether `placement` (kept from an earlier round) still fits: ranks `0..n` in order,
+/// `resources.workers` distinct workers, all alive; GPU ranks on pinned, free GPUs, none
+/// shared; CPU ranks on workers with a CPU slot left.
 fn still_fits(
     job: &JobRequest,
     placement: &[RankPlacement],
     free: &BTreeMap<WorkerId, Free>,
 ) -> bool {
-    let workers: BTreeSet<&WorkerId> = placement.iter().map(|p| &p.worker_id).collect();
-    placement.len() == job.resources.workers as usize
-        && workers.len() == placement.len()
-        && placement.iter().all(|p| {
-            free.get(&p.worker_id)
-                .is_some_and(|f| match job.resources.gpus {
-                    GpuRequest::Cpu => f.cpu > 0 && p.gpu_indices.is_empty(),
-                    _ => {
-                        !p.gpu_indices.is_empty()
-                            && p.gpu_indices.iter().all(|g| f.gpus.contains(g))
-                    }
-                })
+    let in_order = placement
+        .iter()
+        .enumerate()
+        .all(|(i, p)| p.rank as usize == i);
+    let hosts = by_worker(placement);
+    let mut gpus = BTreeSet::new();
+    let distinct = placement
+        .iter()
+        .flat_map(|p| p.gpu_indices.iter().map(move |g| (&p.worker_id, *g)))
+        .all(|g| gpus.insert(g));
+    !placement.is_empty()
+        && in_order
+        && distinct
+        && hosts.len() == job.resources.workers as usize
+        && hosts.iter().all(|(worker, ranks)| {
+            free.get(*worker).is_some_and(|f| match job.resources.gpus {
+                GpuRequest::Cpu => f.cpu > 0 && ranks.iter().all(|p| p.gpu_indices.is_empty()),
+                _ => ranks.iter().all(|p| {
+                    !p.gpu_indices.is_empty() && p.gpu_indices.iter().all(|g| f.gpus.contains(g))
+                }),
+            })
         })
 }
 
@@ -260,7 +307,7 @@ fn why_waiting(
     let ready = free
         .iter()
         .filter(|(id, f)| f.accepts_new_work && !reserved.contains_key(*id))
-        .filter(|(_, f)| f.take(request).is_some())
+        .filter(|(_, f)| f.take(&job.resources).is_some())
         .count();
     let mut reason = format!(
         "waiting for {workers} with {} ({ready} now)",
@@ -268,7 +315,7 @@ fn why_waiting(
     );
     if free
         .iter()
-        .any(|(id, f)| reserved.contains_key(id) && f.take(request).is_some())
+        .any(|(id, f)| reserved.contains_key(id) && f.take(&job.resources).is_some())
     {
         reason.push_str("; some are held for a job that waited longer");
     }
@@ -293,11 +340,7 @@ pub fn place(
     for job in ordered {
         match previous.jobs.get(&job.id) {
             Some(placement) if still_fits(job, placement, &free) => {
-                for rank in placement {
-                    if let Some(f) = free.get_mut(&rank.worker_id) {
-                        f.claim(&job.resources.gpus, &rank.gpu_indices);
-                    }
-                }
+                claim_all(&mut free, &job.resources.gpus, placement);
                 next.jobs.insert(job.id.clone(), placement.clone());
             }
             _ => waiting.push(job),
@@ -306,11 +349,7 @@ pub fn place(
 
     for job in waiting {
         if let Some(placement) = try_place(job, &free, &next.reserved) {
-            for rank in &placement {
-                if let Some(f) = free.get_mut(&rank.worker_id) {
-                    f.claim(&job.resources.gpus, &rank.gpu_indices);
-                }
-            }
+            claim_all(&mut free, &job.resources.gpus, &placement);
             next.jobs.insert(job.id.clone(), placement);
             continue;
         }
@@ -352,6 +391,7 @@ mod tests {
                 workers,
                 gpus,
                 max_restarts: 0,
+                ranks_per_worker: 1,
             },
         }
     }
@@ -369,8 +409,9 @@ mod tests {
         let workers = [worker("a", &[0, 1], 1), worker("b", &[0], 1)];
         let p = place(&jobs, &workers, &p, &Policy::default());
         let placed = &p.jobs[&JobId::new("j1")];
-        assert_eq!(placed.len(), 2);
-        assert_ne!(placed[0].worker_id, placed[1].worker_id);
+        // One rank per GPU: b's one and a's two.
+        assert_eq!(placed.len(), 3);
+        assert_eq!(by_worker(placed).len(), 2);
     }
 
     #[test]
@@ -388,9 +429,68 @@ mod tests {
         ];
         let p = place(&jobs, &workers, &running, &Policy::default());
         assert!(!p.jobs.contains_key(&JobId::new("big")));
-        // `small` finished: `big` gets both GPUs.
+        // `small` finished: `big` gets both GPUs, one rank on each.
         let p = place(&jobs[1..], &workers, &p, &Policy::default());
-        assert_eq!(p.jobs[&JobId::new("big")][0].gpu_indices, vec![0, 1]);
+        let big = &p.jobs[&JobId::new("big")];
+        assert_eq!(big.len(), 2);
+        assert_eq!((big[0].rank, big[0].gpu_indices.clone()), (0, vec![0]));
+        assert_eq!((big[1].rank, big[1].gpu_indices.clone()), (1, vec![1]));
+        assert!(big.iter().all(|r| r.worker_id == WorkerId::new("a")));
+    }
+
+    #[test]
+    fn all_gpus_of_each_worker_make_the_world() {
+        let workers = [worker("a", &[0, 1, 2, 3], 0), worker("b", &[0, 1], 0)];
+        let p = place(
+            &[job("j", 0, 1, 2, GpuRequest::All)],
+            &workers,
+            &Placement::default(),
+            &Policy::default(),
+        );
+        let ranks = &p.jobs[&JobId::new("j")];
+        let got: Vec<(u32, &str, Vec<u32>)> = ranks
+            .iter()
+            .map(|r| (r.rank, r.worker_id.as_str(), r.gpu_indices.clone()))
+            .collect();
+        // Fewest free GPUs first: worker b holds ranks 0 and 1, worker a ranks 2 to 5.
+        assert_eq!(
+            got,
+            vec![
+                (0, "b", vec![0]),
+                (1, "b", vec![1]),
+                (2, "a", vec![0]),
+                (3, "a", vec![1]),
+                (4, "a", vec![2]),
+                (5, "a", vec![3]),
+            ]
+        );
+    }
+
+    #[test]
+    fn cpu_ranks_of_one_job_share_one_slot_of_a_worker() {
+        let workers = [worker("a", &[], 1)];
+        let mut two = job("two", 0, 1, 1, GpuRequest::Cpu);
+        two.resources.ranks_per_worker = 2;
+        let other = job("other", 0, 2, 1, GpuRequest::Cpu);
+        let p = place(
+            &[two.clone(), other.clone()],
+            &workers,
+            &Placement::default(),
+            &Policy::default(),
+        );
+        let ranks = &p.jobs[&JobId::new("two")];
+        assert_eq!(ranks.len(), 2);
+        assert!(ranks
+            .iter()
+            .all(|r| r.gpu_indices.is_empty() && r.worker_id.as_str() == "a"));
+        assert_eq!((ranks[0].rank, ranks[1].rank), (0, 1));
+        assert!(
+            !p.jobs.contains_key(&JobId::new("other")),
+            "the slot is taken"
+        );
+        // Kept in the next round, unchanged.
+        let again = place(&[two, other], &workers, &p, &Policy::default());
+        assert_eq!(again.jobs.get(&JobId::new("two")), Some(ranks));
     }
 
     #[test]
@@ -570,14 +670,21 @@ mod tests {
     }
 
     fn arb_jobs() -> impl Strategy<Value = Vec<JobRequest>> {
-        proptest::collection::vec((0i32..3, 1u32..4, arb_request()), 0..12).prop_map(|js| {
-            js.into_iter()
-                .enumerate()
-                .map(|(i, (priority, workers, gpus))| {
-                    job(&format!("j{i}"), priority, i as u64, workers, gpus)
-                })
-                .collect()
-        })
+        proptest::collection::vec((0i32..3, 1u32..4, arb_request(), 1u32..4), 0..12).prop_map(
+            |js| {
+                js.into_iter()
+                    .enumerate()
+                    .map(|(i, (priority, workers, gpus, per_worker))| {
+                        let cpu = gpus == GpuRequest::Cpu;
+                        let mut j = job(&format!("j{i}"), priority, i as u64, workers, gpus);
+                        if cpu {
+                            j.resources.ranks_per_worker = per_worker;
+                        }
+                        j
+                    })
+                    .collect()
+            },
+        )
     }
 
     fn check_capacity(
@@ -592,30 +699,46 @@ mod tests {
                 .iter()
                 .find(|j| &j.id == id)
                 .expect("placed job is one of the inputs");
+            let hosts = by_worker(ranks);
             prop_assert_eq!(
-                ranks.len(),
+                hosts.len(),
                 job.resources.workers as usize,
-                "gang: all ranks"
+                "gang: every worker of the job"
             );
-            let distinct: BTreeSet<_> = ranks.iter().map(|r| &r.worker_id).collect();
-            prop_assert_eq!(distinct.len(), ranks.len(), "one rank per worker");
+            for (host, on_host) in &hosts {
+                let w = workers
+                    .iter()
+                    .find(|w| &&w.id == host)
+                    .expect("live worker");
+                let gpus: BTreeSet<u32> = on_host
+                    .iter()
+                    .flat_map(|r| r.gpu_indices.iter().copied())
+                    .collect();
+                match &job.resources.gpus {
+                    GpuRequest::Cpu => {
+                        prop_assert_eq!(on_host.len(), job.resources.ranks_per_worker as usize);
+                        *used_cpu.entry(&w.id).or_default() += 1;
+                    }
+                    GpuRequest::All => {
+                        prop_assert_eq!(gpus, w.gpus.iter().copied().collect::<BTreeSet<u32>>())
+                    }
+                    GpuRequest::Ids(ids) => {
+                        prop_assert_eq!(gpus, ids.iter().copied().collect::<BTreeSet<u32>>())
+                    }
+                }
+            }
             for (i, rank) in ranks.iter().enumerate() {
                 prop_assert_eq!(rank.rank as usize, i);
                 let w = workers
                     .iter()
                     .find(|w| w.id == rank.worker_id)
                     .expect("live worker");
-                match &job.resources.gpus {
-                    GpuRequest::Cpu => {
-                        prop_assert!(rank.gpu_indices.is_empty());
-                        *used_cpu.entry(&w.id).or_default() += 1;
-                    }
-                    GpuRequest::All => {
-                        prop_assert!(!rank.gpu_indices.is_empty());
-                        prop_assert_eq!(rank.gpu_indices.len(), w.gpus.len());
-                    }
-                    GpuRequest::Ids(ids) => prop_assert_eq!(&rank.gpu_indices, ids),
-                }
+                let per_rank = if job.resources.gpus == GpuRequest::Cpu {
+                    0
+                } else {
+                    1
+                };
+                prop_assert_eq!(rank.gpu_indices.len(), per_rank, "one GPU per GPU rank");
                 for gpu in &rank.gpu_indices {
                     prop_assert!(w.gpus.contains(gpu), "GPU {} not pinned on {}", gpu, w.id);
                     prop_assert!(
@@ -652,11 +775,7 @@ mod tests {
                 .expect("input job")
                 .resources
                 .gpus;
-            for rank in ranks {
-                if let Some(f) = free.get_mut(&rank.worker_id) {
-                    f.claim(request, &rank.gpu_indices);
-                }
-            }
+            claim_all(&mut free, request, ranks);
         }
         try_place(job, &free, &BTreeMap::new()).is_some()
     }

@@ -46,6 +46,7 @@ where
 fn encode_job(job: &Job) -> Vec<u8> {
     let mut stored = job.clone();
     stored.waiting_reason.clear();
+    stored.progress = None;
     pb::Job::from(stored).encode_to_vec()
 }
 
@@ -123,6 +124,7 @@ impl<S: Store> State<S> {
             latest_checkpoint: None,
             updated_at: now,
             waiting_reason: String::new(),
+            progress: None,
         };
         let bytes = encode_job(&job);
         self.store

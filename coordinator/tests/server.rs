@@ -255,17 +255,26 @@ async fn job_runs_retries_from_its_checkpoint_and_succeeds() {
         .unwrap()
         .into_inner();
 
-    // Attempt 0: assigned to the only worker with all its GPUs.
+    // Attempt 0: assigned to the only worker with all its GPUs, one rank per GPU.
     let CoordinatorMessage::Assign(first) = worker.next().await else {
         panic!("expected an assignment");
     };
     assert_eq!(
         (&first.job_id, first.attempt, first.rank, first.world_size),
-        (&job.id, 0, 0, 1)
+        (&job.id, 0, 0, 2)
     );
-    assert_eq!(first.gpu_indices, [0, 1]);
+    assert_eq!((first.local_rank, first.local_world_size), (0, 2));
+    assert_eq!(first.gpu_indices, [0]);
     assert_eq!(first.resume_checkpoint, None);
     assert!(first.spec_toml.contains("sks-dog"));
+    let CoordinatorMessage::Assign(other) = worker.next().await else {
+        panic!("expected the second rank's assignment");
+    };
+    assert_eq!(
+        (other.rank, other.world_size, other.gpu_indices.as_slice()),
+        (1, 2, &[1][..])
+    );
+    assert_eq!((other.local_rank, other.local_world_size), (1, 2));
     let rank = RunningRank {
         job_id: job.id.clone(),
         attempt: 0,
@@ -281,6 +290,25 @@ async fn job_runs_retries_from_its_checkpoint_and_succeeds() {
             total_steps: 100,
             epoch: 0,
             loss: 0.125,
+            lr: 1e-4,
+            d_lr: None,
+            steps_per_second: 2.5,
+            samples_per_second: 2.5,
+            gpu_memory_bytes: 1 << 30,
+            at: 0,
+        }))
+        .await;
+
+    // Rank 1 reports the same step; rank 0 speaks for the job.
+    worker
+        .send(WorkerMessage::Progress(Progress {
+            job_id: job.id.clone(),
+            attempt: 0,
+            rank: 1,
+            step: 10,
+            total_steps: 100,
+            epoch: 0,
+            loss: 0.5,
             lr: 1e-4,
             d_lr: None,
             steps_per_second: 2.5,
@@ -333,9 +361,10 @@ async fn job_runs_retries_from_its_checkpoint_and_succeeds() {
         .unwrap()
         .into_inner()
         .job,
-    )
-    .latest_checkpoint;
-    assert_eq!(recorded, Some(checkpoint.digest));
+    );
+    assert_eq!(recorded.latest_checkpoint, Some(checkpoint.digest));
+    let live = recorded.progress.expect("the job shows its progress");
+    assert_eq!((live.rank, live.step, live.loss), (0, 10, 0.125));
 
     let busy = jobs
         .list_workers(pb::ListWorkersRequest {})
@@ -357,24 +386,34 @@ async fn job_runs_retries_from_its_checkpoint_and_succeeds() {
             }),
         })
         .await;
-    let CoordinatorMessage::Assign(second) = worker.next().await else {
-        panic!("expected the retry's assignment");
-    };
-    assert_eq!(second.attempt, 1);
-    assert_eq!(second.resume_checkpoint, Some(checkpoint.digest));
+    // The other rank is told to stop; then both ranks of the retry are assigned.
+    let mut retry = Vec::new();
+    while retry.len() < 2 {
+        match worker.next().await {
+            CoordinatorMessage::Assign(a) => retry.push(a),
+            CoordinatorMessage::Stop { rank, .. } => assert_eq!((rank.attempt, rank.rank), (0, 1)),
+            other => panic!("expected the retry's assignments, got {other:?}"),
+        }
+    }
+    for (i, second) in retry.iter().enumerate() {
+        assert_eq!((second.attempt, second.rank), (1, i as u32));
+        assert_eq!(second.resume_checkpoint, Some(checkpoint.digest));
+    }
 
-    let rank = RunningRank {
-        job_id: job.id.clone(),
-        attempt: 1,
-        rank: 0,
-    };
-    worker.send(WorkerMessage::Started(rank.clone())).await;
-    worker
-        .send(WorkerMessage::Result {
-            rank,
-            outcome: RankOutcome::Succeeded { artifacts: vec![] },
-        })
-        .await;
+    for r in 0..2 {
+        let rank = RunningRank {
+            job_id: job.id.clone(),
+            attempt: 1,
+            rank: r,
+        };
+        worker.send(WorkerMessage::Started(rank.clone())).await;
+        worker
+            .send(WorkerMessage::Result {
+                rank,
+                outcome: RankOutcome::Succeeded { artifacts: vec![] },
+            })
+            .await;
+    }
 
     // The watch ends with the final state.
     let mut last = None;

@@ -118,6 +118,7 @@ fn new_job(name: &str) -> NewJob {
             workers: 1,
             gpus: GpuRequest::All,
             max_restarts: 1,
+            ranks_per_worker: 1,
         },
     }
 }

@@ -213,6 +213,8 @@ impl TryFrom<pb::Resources> for Resources {
             workers: value.workers,
             gpus: nested(value.gpus, "gpus")?,
             max_restarts: value.max_restarts,
+            // Jobs stored before the field existed ran one rank per worker.
+            ranks_per_worker: value.ranks_per_worker.max(1),
         })
     }
 }
@@ -223,6 +225,7 @@ impl From<Resources> for pb::Resources {
             workers: value.workers,
             gpus: Some(value.gpus.into()),
             max_restarts: value.max_restarts,
+            ranks_per_worker: value.ranks_per_worker,
         }
     }
 }
@@ -270,6 +273,7 @@ impl TryFrom<pb::Job> for Job {
             latest_checkpoint: nested_opt(value.latest_checkpoint, "latest_checkpoint")?,
             updated_at: value.updated_at_unix_ms,
             waiting_reason: value.waiting_reason,
+            progress: nested_opt(value.progress, "progress")?,
         })
     }
 }
@@ -293,6 +297,7 @@ impl From<Job> for pb::Job {
             latest_checkpoint: value.latest_checkpoint.map(Into::into),
             updated_at_unix_ms: value.updated_at,
             waiting_reason: value.waiting_reason,
+            progress: value.progress.map(Into::into),
         }
     }
 }
@@ -604,11 +609,24 @@ impl TryFrom<pb::Assignment> for Assignment {
                 ),
             ));
         }
+        // A coordinator older than local ranks sends neither: one rank on the worker.
+        let local_world_size = value.local_world_size.max(1);
+        if value.local_rank >= local_world_size || local_world_size > value.world_size {
+            return Err(ConvertError::new(
+                "local_rank",
+                format!(
+                    "local rank {} of {} does not fit world_size {}",
+                    value.local_rank, local_world_size, value.world_size
+                ),
+            ));
+        }
         Ok(Self {
             job_id: job_id(value.job_id, "job_id")?,
             attempt: value.attempt,
             rank: value.rank,
             world_size: value.world_size,
+            local_rank: value.local_rank,
+            local_world_size,
             gpu_indices: value.gpu_indices,
             spec_toml: non_empty(value.spec_toml, "spec_toml")?,
             resume_checkpoint: nested_opt(value.resume_checkpoint, "resume_checkpoint")?,
@@ -623,6 +641,8 @@ impl From<Assignment> for pb::Assignment {
             attempt: value.attempt,
             rank: value.rank,
             world_size: value.world_size,
+            local_rank: value.local_rank,
+            local_world_size: value.local_world_size,
             gpu_indices: value.gpu_indices,
             spec_toml: value.spec_toml,
             resume_checkpoint: value.resume_checkpoint.map(Into::into),
@@ -720,6 +740,7 @@ mod tests {
                 workers: 2,
                 gpus: GpuRequest::Ids(vec![0, 2]),
                 max_restarts: 3,
+                ranks_per_worker: 1,
             },
             attempt: 1,
             counted_restarts: 0,
@@ -737,6 +758,7 @@ mod tests {
             latest_checkpoint: Some(Digest([7; 32])),
             updated_at: 1_700_000_000_500,
             waiting_reason: String::new(),
+            progress: None,
         }
     }
 
@@ -857,6 +879,8 @@ mod tests {
             attempt: 0,
             rank: 1,
             world_size: 2,
+            local_rank: 1,
+            local_world_size: 2,
             gpu_indices: vec![3],
             spec_toml: "name = \"x\"".into(),
             resume_checkpoint: None,
@@ -877,7 +901,20 @@ mod tests {
         );
         let mut wire = pb::Assignment::from(assignment);
         wire.rank = 2;
-        assert_eq!(Assignment::try_from(wire).unwrap_err().field, "rank");
+        assert_eq!(
+            Assignment::try_from(wire.clone()).unwrap_err().field,
+            "rank"
+        );
+        wire.rank = 1;
+        wire.local_rank = 2;
+        assert_eq!(
+            Assignment::try_from(wire.clone()).unwrap_err().field,
+            "local_rank"
+        );
+        // An assignment without local ranks is one rank on its worker.
+        wire.local_rank = 0;
+        wire.local_world_size = 0;
+        assert_eq!(Assignment::try_from(wire).unwrap().local_world_size, 1);
     }
 
     #[test]

@@ -241,10 +241,12 @@ impl fmt::Display for GpuRequest {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Resources {
-    /// Workers the job spans, one rank on each; at least 1.
+    /// Workers the job spans; at least 1. A GPU job runs one rank per GPU it takes on each.
     pub workers: u32,
     pub gpus: GpuRequest,
     pub max_restarts: u32,
+    /// CPU jobs: rank processes on each worker, at least 1. GPU jobs: 1 (a rank per GPU).
+    pub ranks_per_worker: u32,
 }
 
 /// Where one rank of an attempt runs.
@@ -280,6 +282,8 @@ pub struct Job {
     pub updated_at: UnixMs,
     /// Live view (not stored): why a pending job is not placed yet; empty otherwise.
     pub waiting_reason: String,
+    /// Live view (not stored): the latest progress of the current attempt, from rank 0.
+    pub progress: Option<Progress>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -418,6 +422,10 @@ pub struct Assignment {
     pub attempt: u32,
     pub rank: u32,
     pub world_size: u32,
+    /// This rank's index among the job's ranks on its worker, `0..local_world_size`.
+    pub local_rank: u32,
+    /// The job's ranks on this worker.
+    pub local_world_size: u32,
     pub gpu_indices: Vec<u32>,
     pub spec_toml: String,
     pub resume_checkpoint: Option<Digest>,

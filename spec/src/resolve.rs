@@ -303,6 +303,8 @@ pub mod limits {
     /// Data-parallel ranks across machines: far beyond any LoRA job, small enough that a typo
     /// cannot reserve a whole cluster.
     pub const MAX_WORKERS: u64 = 64;
+    /// CPU ranks sharing one machine's cores: beyond a few, each gets too few cores to help.
+    pub const MAX_RANKS_PER_WORKER: u64 = 64;
     /// File names are at most 255 bytes; the longest name loractl derives from output_name
     /// adds `-step00000000-state.safetensors` (31 bytes).
     pub const NAME_BYTES: usize = 200;
@@ -451,6 +453,26 @@ pub struct ResolvedSpec {
     pub gpus: Gpus,
     /// Accepted values worth telling the user about.
     pub warnings: Vec<SpecWarning>,
+}
+
+impl ResolvedSpec {
+    /// Data-parallel ranks on each worker of the job: one per GPU named, `ranks_per_worker`
+    /// CPU ranks, or `None` for `gpus = "all"` (every GPU the worker pinned, known only once
+    /// it is placed).
+    pub fn ranks_per_worker(&self) -> Option<u32> {
+        match &self.gpus {
+            Gpus::All => None,
+            Gpus::Cpu => Some(self.spec.resources.ranks_per_worker.max(1)),
+            Gpus::Ids(ids) => Some(ids.len() as u32),
+        }
+    }
+
+    /// The job's world size when it does not depend on the workers chosen (see
+    /// [`ResolvedSpec::ranks_per_worker`]).
+    pub fn world_size(&self) -> Option<u32> {
+        self.ranks_per_worker()
+            .map(|r| r * self.spec.resources.workers.max(1))
+    }
 }
 
 impl JobSpec {
@@ -1747,8 +1769,7 @@ impl Checker {
             r.workers.into(),
             "use 1 for a single machine",
         );
-        // Several workers are data-parallel ranks (one per worker, gradients all-reduced over
-        // the TCP ring); several GPUs on one worker are not split into ranks yet.
+        // Data-parallel ranks: one per GPU on each worker, or `ranks_per_worker` CPU ranks.
         self.at_most_u(
             "resources.workers",
             r.workers.into(),
@@ -1763,25 +1784,41 @@ impl Checker {
             limits::MAX_RESTARTS,
             "use e.g. 3",
         );
-        match Gpus::parse(&r.gpus) {
-            Ok(Gpus::Ids(ids)) if ids.len() > 1 => {
-                self.err(
-                    "resources.gpus",
-                    format!("`{}` names {} GPUs: data-parallel training across GPUs is not available yet, and a rank trains on one", r.gpus, ids.len()),
-                    format!("name one GPU, e.g. \"{}\"", ids[0]),
-                );
-                None
-            }
-            Ok(gpus) => Some(gpus),
+        self.nonzero(
+            "resources.ranks_per_worker",
+            r.ranks_per_worker.into(),
+            "use 1 for one rank per worker",
+        );
+        self.at_most_u(
+            "resources.ranks_per_worker",
+            r.ranks_per_worker.into(),
+            1,
+            limits::MAX_RANKS_PER_WORKER,
+            "use fewer ranks per worker",
+        );
+        let gpus = match Gpus::parse(&r.gpus) {
+            Ok(gpus) => gpus,
             Err(why) => {
                 self.err(
                     "resources.gpus",
                     format!("`{}`: {why}", r.gpus),
                     "use \"all\", \"cpu\", or distinct GPU ids such as \"0,2\"",
                 );
-                None
+                return None;
             }
+        };
+        if gpus != Gpus::Cpu && r.ranks_per_worker > 1 {
+            self.err(
+                "resources.ranks_per_worker",
+                format!(
+                    "{} ranks per worker with gpus = \"{}\": a GPU job runs one rank per GPU",
+                    r.ranks_per_worker, r.gpus
+                ),
+                "name the GPUs each worker gives (e.g. gpus = \"0,1\" or \"all\") and remove \
+                 ranks_per_worker, or train on the CPU with gpus = \"cpu\"",
+            );
         }
+        Some(gpus)
     }
 }
 

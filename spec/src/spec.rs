@@ -55,6 +55,7 @@ pub mod defaults {
     pub const SAMPLE_SAMPLER: &str = "ddim";
     pub const GPUS: &str = "all";
     pub const WORKERS: u32 = 1;
+    pub const RANKS_PER_WORKER: u32 = 1;
     pub const MAX_RESTARTS: u32 = 3;
     pub const MAX_TOKEN_LENGTH: u32 = 75;
 }
@@ -430,8 +431,12 @@ pub struct LoggingConfig {
 pub struct ResourcesConfig {
     /// Per worker: `"all"`, `"cpu"`, or GPU ids such as `"0,2"`.
     pub gpus: String,
-    /// Workers the job spans (>1 is multi-node data parallel).
+    /// Workers the job spans (>1 is multi-node data parallel). On each, a GPU job runs one
+    /// rank per GPU it takes.
     pub workers: u32,
+    /// CPU jobs (`gpus = "cpu"`): data-parallel rank processes on each worker, which share its
+    /// cores. GPU jobs run one rank per GPU and leave this at 1.
+    pub ranks_per_worker: u32,
     /// Restarts after failures that count (a lost worker does not).
     pub max_restarts: u32,
 }
@@ -441,6 +446,7 @@ impl Default for ResourcesConfig {
         Self {
             gpus: defaults::GPUS.to_owned(),
             workers: defaults::WORKERS,
+            ranks_per_worker: defaults::RANKS_PER_WORKER,
             max_restarts: defaults::MAX_RESTARTS,
         }
     }

@@ -564,9 +564,20 @@ fn options_not_implemented_yet_are_refused_at_validation() {
         "between 1 and 64",
     );
     refused(
-        &|s| s.resources.gpus = "0,1".into(),
-        "resources.gpus",
-        "not available yet",
+        &|s| {
+            s.resources.gpus = "0,1".into();
+            s.resources.ranks_per_worker = 2;
+        },
+        "resources.ranks_per_worker",
+        "a GPU job runs one rank per GPU",
+    );
+    refused(
+        &|s| {
+            s.resources.gpus = "cpu".into();
+            s.resources.ranks_per_worker = 65;
+        },
+        "resources.ranks_per_worker",
+        "between 1 and 64",
     );
     refused(
         &|s| s.dataset.color_aug = true,
@@ -584,6 +595,23 @@ fn options_not_implemented_yet_are_refused_at_validation() {
     spec.training.gradient_checkpointing = false;
     spec.network.network_dropout = Some(0.0);
     spec.resources.gpus = "1".into();
+    ok(&spec);
+    // Several GPUs on a worker: one rank each.
+    spec.resources.gpus = "0,1".into();
+    ok(&spec);
+    assert_eq!(spec.resolved().unwrap().world_size(), Some(2));
+    spec.resources.gpus = "cpu".into();
+    spec.resources.ranks_per_worker = 3;
+    spec.resources.workers = 2;
+    assert_eq!(spec.resolved().unwrap().world_size(), Some(6));
+    spec.resources.gpus = "all".into();
+    spec.resources.ranks_per_worker = 1;
+    assert_eq!(
+        spec.resolved().unwrap().world_size(),
+        None,
+        "known once placed"
+    );
+    spec.resources.workers = 1;
     spec.training.loss_type = "huber".into();
     spec.training.huber_schedule = "constant".into();
     ok(&spec);

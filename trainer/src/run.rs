@@ -364,6 +364,9 @@ pub struct Plan {
     /// Folders, buckets, image counts, batches per epoch.
     pub dataset: crate::dataset::DatasetSummary,
     pub world_size: usize,
+    /// `gpus = "all"`: every worker runs one rank per GPU it pinned, known once the job is
+    /// placed; `world_size` assumes one GPU per worker.
+    pub world_size_assumed: bool,
     pub gradient_accumulation_steps: usize,
     pub steps_per_epoch: usize,
     pub num_epochs: usize,
@@ -405,8 +408,10 @@ fn plan_on(
     inspect_model: bool,
     limit: Option<&MemoryLimit>,
 ) -> Result<Plan> {
-    // Data-parallel ranks: one per worker (`resources.workers`).
-    let world_size = (spec.spec.resources.workers as usize).max(1);
+    // Data-parallel ranks: one per GPU of each worker, or `ranks_per_worker` CPU ranks.
+    let world_size = spec
+        .world_size()
+        .unwrap_or(spec.spec.resources.workers.max(1)) as usize;
     let (total_steps, num_epochs) = run_length(spec, dataset, world_size);
     let summary = dataset.summary();
     let accum = spec.spec.training.gradient_accumulation_steps as usize;
@@ -511,6 +516,7 @@ fn plan_on(
         base_model,
         dataset: summary.clone(),
         world_size,
+        world_size_assumed: spec.world_size().is_none(),
         gradient_accumulation_steps: accum,
         steps_per_epoch,
         num_epochs,
@@ -610,13 +616,18 @@ impl fmt::Display for Plan {
         )?;
         writeln!(
             f,
-            "batch size per device: {}\nbatches per epoch: {}\nprocesses (world size): {}\n\
+            "batch size per device: {}\nbatches per epoch: {}\nprocesses (world size): {}{}\n\
              global batch (per device × world × accumulation): {}\n\
              gradient accumulation steps: {}\noptimizer steps per epoch: {}\nepochs: {}\n\
              total optimization steps: {}\nwarmup steps: {}",
             d.batch_size,
             d.batches_per_epoch,
             self.world_size,
+            if self.world_size_assumed {
+                " (gpus = \"all\": one rank per GPU each worker pinned; one GPU per worker assumed)"
+            } else {
+                ""
+            },
             d.batch_size * self.world_size * self.gradient_accumulation_steps,
             self.gradient_accumulation_steps,
             self.steps_per_epoch,

@@ -5,7 +5,9 @@
 //! The rank command (config `rank_command`) runs with:
 //! - `CUDA_VISIBLE_DEVICES`: exactly the pinned GPU indices (empty for CPU ranks, hiding all
 //!   GPUs) and `CUDA_DEVICE_ORDER=PCI_BUS_ID`, so CUDA numbers GPUs as NVML does;
-//! - `LORACTL_JOB_ID`, `LORACTL_ATTEMPT`, `LORACTL_RANK`, `LORACTL_WORLD_SIZE`;
+//! - `LORACTL_JOB_ID`, `LORACTL_ATTEMPT`, `LORACTL_RANK`, `LORACTL_WORLD_SIZE`,
+//!   `LORACTL_LOCAL_RANK`, `LORACTL_LOCAL_WORLD_SIZE` (the job's ranks on this worker);
+//! - `RAYON_NUM_THREADS`, for CPU ranks sharing the worker: its cores split among them;
 //! - `LORACTL_SPEC` (the job spec file), `LORACTL_OUTPUT_DIR` (where it writes),
 //!   `LORACTL_RESUME` (checkpoint file to resume from, when there is one),
 //!   `LORACTL_MODEL_DIRS` and `LORACTL_DATA_DIRS` (`:`-separated; the rank opens data files
@@ -146,6 +148,8 @@ impl RankProcess {
             .env("LORACTL_ATTEMPT", a.attempt.to_string())
             .env("LORACTL_RANK", a.rank.to_string())
             .env("LORACTL_WORLD_SIZE", a.world_size.to_string())
+            .env("LORACTL_LOCAL_RANK", a.local_rank.to_string())
+            .env("LORACTL_LOCAL_WORLD_SIZE", a.local_world_size.to_string())
             .env("LORACTL_SPEC", &launch.spec_path)
             .env("LORACTL_OUTPUT_DIR", &launch.output_dir)
             .env("LORACTL_MODEL_DIRS", join_paths(&launch.model_dirs))
@@ -159,6 +163,9 @@ impl RankProcess {
             .process_group(0);
         if let Some(resume) = &launch.resume {
             command.env("LORACTL_RESUME", resume);
+        }
+        if let Some(threads) = cpu_threads(a, std::env::var("RAYON_NUM_THREADS").ok()) {
+            command.env("RAYON_NUM_THREADS", threads.to_string());
         }
         match launch.gpu_memory_bytes {
             Some(bytes) => command.env("LORACTL_GPU_MEMORY_BYTES", bytes.to_string()),
@@ -339,6 +346,22 @@ fn join_paths(paths: &[PathBuf]) -> String {
 }
 
 /// Folder of one attempt of one rank under `work_dir`: `<job>/attempt-<n>/rank-<r>`.
+/// The compute threads of a CPU rank that shares this machine with other ranks of its job:
+/// the cores (or the worker's own `RAYON_NUM_THREADS`) split evenly, at least one each, so
+/// the ranks do not fight over the cores. `None` (the trainer's default, every core) for GPU
+/// ranks and a CPU rank alone on the worker.
+fn cpu_threads(a: &Assignment, worker_setting: Option<String>) -> Option<usize> {
+    if !a.gpu_indices.is_empty() || a.local_world_size <= 1 {
+        return None;
+    }
+    let cores = worker_setting
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(1);
+    Some((cores / a.local_world_size as usize).max(1))
+}
+
 pub fn attempt_dir(work_dir: &Path, rank: &RunningRank) -> PathBuf {
     work_dir
         .join(rank.job_id.as_str())
@@ -359,6 +382,8 @@ mod tests {
                 attempt: 2,
                 rank: 1,
                 world_size: 2,
+                local_rank: 0,
+                local_world_size: 1,
                 gpu_indices: gpus,
                 spec_toml: "name = \"x\"".into(),
                 resume_checkpoint: None,
@@ -398,7 +423,7 @@ mod tests {
     async fn the_rank_sees_only_its_gpus_and_its_job() {
         let dir = tempfile::tempdir().unwrap();
         let script = r#"echo "gpus=$CUDA_VISIBLE_DEVICES order=$CUDA_DEVICE_ORDER"
-echo "job=$LORACTL_JOB_ID attempt=$LORACTL_ATTEMPT rank=$LORACTL_RANK/$LORACTL_WORLD_SIZE"
+echo "job=$LORACTL_JOB_ID attempt=$LORACTL_ATTEMPT rank=$LORACTL_RANK/$LORACTL_WORLD_SIZE local=$LORACTL_LOCAL_RANK/$LORACTL_LOCAL_WORLD_SIZE"
 echo "models=$LORACTL_MODEL_DIRS data=$LORACTL_DATA_DIRS ring=$LORACTL_RING_HOST gpu_memory=$LORACTL_GPU_MEMORY_BYTES resume=$(basename $LORACTL_RESUME) token=${LORACTL_TOKEN:-none}"
 echo oops >&2
 echo '@loractl {"progress":{"step":4,"total_steps":8,"loss":0.5,"lr":0.001}}'"#;
@@ -413,7 +438,7 @@ echo '@loractl {"progress":{"step":4,"total_steps":8,"loss":0.5,"lr":0.001}}'"#;
             "{lines:?}"
         );
         assert!(
-            lines.contains(&"job=j7 attempt=2 rank=1/2".to_owned()),
+            lines.contains(&"job=j7 attempt=2 rank=1/2 local=0/1".to_owned()),
             "{lines:?}"
         );
         assert!(
@@ -448,6 +473,28 @@ echo '@loractl {"progress":{"step":4,"total_steps":8,"loss":0.5,"lr":0.001}}'"#;
         .unwrap();
         let (events, _) = collect(rx).await;
         assert_eq!(text(&events), ["[]"]);
+    }
+
+    #[test]
+    fn cpu_ranks_sharing_a_worker_split_its_cores() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = launch(dir.path(), "true", vec![]).assignment;
+        assert_eq!(cpu_threads(&a, Some("8".into())), None, "alone: every core");
+        a.local_world_size = 2;
+        assert_eq!(cpu_threads(&a, Some("8".into())), Some(4));
+        a.local_world_size = 3;
+        assert_eq!(cpu_threads(&a, Some("2".into())), Some(1), "at least one");
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(
+            cpu_threads(&a, Some("not a number".into())),
+            Some((cores / 3).max(1))
+        );
+        a.gpu_indices = vec![0];
+        assert_eq!(
+            cpu_threads(&a, None),
+            None,
+            "GPU ranks compute on their GPU"
+        );
     }
 
     #[tokio::test]

@@ -236,7 +236,7 @@ async fn process_ended(pid: i32) {
 }
 
 const TRAIN: &str = r#"
-echo "training $LORACTL_JOB_ID attempt $LORACTL_ATTEMPT on GPUs $CUDA_VISIBLE_DEVICES"
+echo "training $LORACTL_JOB_ID attempt $LORACTL_ATTEMPT on GPUs $CUDA_VISIBLE_DEVICES as rank $LORACTL_RANK of $LORACTL_WORLD_SIZE"
 echo '@loractl {"progress":{"step":1,"total_steps":2,"loss":0.5,"lr":0.0001}}'
 printf 'lora weights' > sks-dog.safetensors
 echo '@loractl {"artifact":{"path":"sks-dog.safetensors","kind":"lora"}}'
@@ -258,10 +258,16 @@ async fn a_job_runs_on_the_worker_and_its_artifacts_are_uploaded() {
         .iter()
         .any(|e| matches!(e, JobEvent::Progress(p) if p.step == 1 && p.loss == 0.5)));
     let logs = log_lines(&mut jobs, &job).await;
-    assert!(
-        logs.contains(&format!("training {} attempt 0 on GPUs 0,1", job.id)),
-        "{logs:?}"
-    );
+    // `all` on a worker with two GPUs: a rank on each.
+    for (gpu, rank) in [(0, 0), (1, 1)] {
+        assert!(
+            logs.contains(&format!(
+                "training {} attempt 0 on GPUs {gpu} as rank {rank} of 2",
+                job.id
+            )),
+            "{logs:?}"
+        );
+    }
 
     let listed = cluster
         .artifacts()

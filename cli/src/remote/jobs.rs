@@ -97,8 +97,18 @@ pub(super) fn describe(job: &Job, artifacts: &[ArtifactInfo]) -> String {
         job.counted_restarts,
         job.resources.max_restarts
     ));
+    if let Some(parallel) = show::Parallelism::of(job) {
+        lines.push(format!("  data-parallel: {parallel}"));
+    }
     if !job.placement.is_empty() {
         lines.push(format!("  on {}", show::placement(&job.placement)));
+    }
+    if let Some(progress) = &job.progress {
+        lines.push(format!(
+            "  progress: {} ({})",
+            show::progress_line(progress),
+            show::age(progress.at)
+        ));
     }
     if !job.waiting_reason.is_empty() {
         lines.push(format!("  waiting: {}", job.waiting_reason));

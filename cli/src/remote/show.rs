@@ -5,7 +5,9 @@ use loractl_proto::domain::{
     ArtifactInfo, ArtifactKind, Failure, GpuRequest, Job, LogLine, LogStream, Progress,
     RankPlacement, Worker,
 };
+use loractl_spec::JobSpec;
 use serde_json::{json, Value};
+use std::fmt;
 
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -105,9 +107,74 @@ pub fn request(job: &Job) -> String {
         GpuRequest::Ids(ids) => format!("GPUs {}", gpu_list(ids)),
     };
     let workers = job.resources.workers;
+    let ranks = match (&job.resources.gpus, job.resources.ranks_per_worker) {
+        (GpuRequest::Cpu, n) if n > 1 => format!(" ({n} ranks each)"),
+        _ => String::new(),
+    };
     format!(
-        "{workers} worker{} × {gpus}",
+        "{workers} worker{} × {gpus}{ranks}",
         if workers == 1 { "" } else { "s" }
+    )
+}
+
+/// How a job splits its batch: ranks, batch per rank and per optimizer step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parallelism {
+    /// The ranks of the current placement, else what the spec fixes; `None` for
+    /// `gpus = "all"` before the job is placed.
+    pub world_size: Option<u32>,
+    pub batch_per_rank: u32,
+    pub accumulation: u32,
+}
+
+impl Parallelism {
+    /// `None` when the job's spec does not parse (it was validated at submission, so only a
+    /// spec from a newer loractl).
+    pub fn of(job: &Job) -> Option<Self> {
+        let spec = JobSpec::from_toml_str(&job.spec_toml, "job spec").ok()?;
+        let resolved = spec.resolved().ok();
+        let placed = (!job.placement.is_empty()).then_some(job.placement.len() as u32);
+        Some(Self {
+            world_size: placed.or_else(|| resolved.and_then(|r| r.world_size())),
+            batch_per_rank: spec.training.train_batch_size,
+            accumulation: spec.training.gradient_accumulation_steps.max(1),
+        })
+    }
+
+    pub fn global_batch(&self) -> Option<u32> {
+        self.world_size
+            .map(|w| w * self.batch_per_rank * self.accumulation)
+    }
+}
+
+impl fmt::Display for Parallelism {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let accumulation = if self.accumulation > 1 {
+            format!(" × {} accumulation steps", self.accumulation)
+        } else {
+            String::new()
+        };
+        match (self.world_size, self.global_batch()) {
+            (Some(w), Some(global)) => write!(
+                f,
+                "{w} rank{} × batch {}{accumulation} = global batch {global}",
+                if w == 1 { "" } else { "s" },
+                self.batch_per_rank
+            ),
+            _ => write!(
+                f,
+                "one rank per GPU of each worker (known once placed) × batch {}{accumulation}",
+                self.batch_per_rank
+            ),
+        }
+    }
+}
+
+/// `step 12/40 (epoch 2), loss 0.1234, 1.50 steps/s`.
+pub fn progress_line(p: &Progress) -> String {
+    format!(
+        "step {}/{} (epoch {}), loss {:.4}, lr {:.2e}, {:.2} steps/s",
+        p.step, p.total_steps, p.epoch, p.loss, p.lr, p.steps_per_second
     )
 }
 
@@ -131,6 +198,7 @@ fn failure_json(failure: &Failure) -> Value {
 }
 
 pub fn job_json(job: &Job) -> Value {
+    let parallel = Parallelism::of(job);
     json!({
         "id": job.id.as_str(),
         "name": job.name,
@@ -141,6 +209,12 @@ pub fn job_json(job: &Job) -> Value {
         "max_restarts": job.resources.max_restarts,
         "workers": job.resources.workers,
         "gpus": job.resources.gpus.to_string(),
+        "ranks_per_worker": job.resources.ranks_per_worker,
+        "world_size": parallel.as_ref().and_then(|p| p.world_size),
+        "batch_per_rank": parallel.as_ref().map(|p| p.batch_per_rank),
+        "gradient_accumulation_steps": parallel.as_ref().map(|p| p.accumulation),
+        "global_batch": parallel.as_ref().and_then(Parallelism::global_batch),
+        "progress": job.progress.as_ref().map(progress_json),
         "placement": job.placement.iter().map(|r| json!({
             "rank": r.rank,
             "worker_id": r.worker_id.as_str(),
@@ -246,6 +320,72 @@ pub fn or_dash(items: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use loractl_proto::domain::{JobId, JobState, RankPlacement, Resources, WorkerId};
+
+    fn job(spec_toml: &str, gpus: GpuRequest, placement: Vec<RankPlacement>) -> Job {
+        Job {
+            id: JobId::new("j1"),
+            name: "zenny".into(),
+            spec_toml: spec_toml.into(),
+            priority: 0,
+            sequence: 1,
+            submitted_at: 0,
+            state: JobState::Queued,
+            resources: Resources {
+                workers: 2,
+                gpus,
+                max_restarts: 3,
+                ranks_per_worker: 1,
+            },
+            attempt: 0,
+            counted_restarts: 0,
+            failure_streak: 0,
+            placement,
+            last_failure: None,
+            latest_checkpoint: None,
+            updated_at: 0,
+            waiting_reason: String::new(),
+            progress: None,
+        }
+    }
+
+    const SPEC: &str =
+        "name = \"zenny\"\n[model]\npretrained_model_name_or_path = \"m.safetensors\"\n\
+        [dataset]\ntrain_data_dir = \"data\"\n[training]\ntrain_batch_size = 3\n\
+        gradient_accumulation_steps = 2\n[resources]\nworkers = 2\n";
+
+    #[test]
+    fn parallelism_counts_ranks_from_the_placement_else_the_spec() {
+        let all = job(&format!("{SPEC}gpus = \"all\"\n"), GpuRequest::All, vec![]);
+        let p = Parallelism::of(&all).expect("spec parses");
+        assert_eq!((p.world_size, p.global_batch()), (None, None));
+        assert!(p.to_string().contains("known once placed"), "{p}");
+        let rank = |rank, worker: &str, gpu| RankPlacement {
+            rank,
+            worker_id: WorkerId::new(worker),
+            gpu_indices: vec![gpu],
+        };
+        let placed = job(
+            &format!("{SPEC}gpus = \"all\"\n"),
+            GpuRequest::All,
+            vec![rank(0, "a", 0), rank(1, "a", 1), rank(2, "b", 0)],
+        );
+        let p = Parallelism::of(&placed).expect("spec parses");
+        assert_eq!(p.global_batch(), Some(3 * 3 * 2));
+        assert_eq!(
+            p.to_string(),
+            "3 ranks × batch 3 × 2 accumulation steps = global batch 18"
+        );
+        let ids = job(
+            &format!("{SPEC}gpus = \"0,1\"\n"),
+            GpuRequest::Ids(vec![0, 1]),
+            vec![],
+        );
+        assert_eq!(Parallelism::of(&ids).and_then(|p| p.world_size), Some(4));
+        let value = job_json(&placed);
+        assert_eq!(value["world_size"], 3);
+        assert_eq!(value["global_batch"], 18);
+    }
 
     #[test]
     fn tables_align_columns() {

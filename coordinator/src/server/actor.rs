@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use loractl_proto::domain::{
     Assignment, CoordinatorMessage, Digest, Failure, FailureKind, Job, JobEvent, JobId, JobState,
-    LogLine, RankOutcome, Registration, RunningRank, Worker, WorkerId, WorkerMessage,
+    LogLine, Progress, RankOutcome, Registration, RunningRank, Worker, WorkerId, WorkerMessage,
 };
 use loractl_spec::JobSpec;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -287,6 +287,18 @@ struct Meeting {
 struct JobLog {
     lines: VecDeque<LogLine>,
     tx: Option<broadcast::Sender<LogLine>>,
+    /// The latest progress of rank 0 (shown in the job's live view).
+    progress: Option<Progress>,
+}
+
+impl JobLog {
+    fn new() -> Self {
+        Self {
+            lines: VecDeque::new(),
+            tx: Some(broadcast::channel(4096).0),
+            progress: None,
+        }
+    }
 }
 
 struct Actor<S: Store> {
@@ -523,6 +535,11 @@ impl<S: Store> Actor<S> {
         } else {
             String::new()
         };
+        job.progress = self
+            .logs
+            .get(&job.id)
+            .and_then(|l| l.progress.clone())
+            .filter(|p| p.attempt == job.attempt);
         job
     }
 
@@ -628,8 +645,8 @@ impl<S: Store> Actor<S> {
             });
         }
         let log = self.logs.entry(id.clone()).or_insert_with(|| JobLog {
-            lines: VecDeque::new(),
             tx: (!job.state.is_terminal()).then(|| broadcast::channel(4096).0),
+            ..JobLog::new()
         });
         let follow = if follow {
             log.tx.as_ref().map(|tx| tx.subscribe())
@@ -725,11 +742,20 @@ impl<S: Store> Actor<S> {
             if only.is_some_and(|w| w != &rank.worker_id) {
                 continue;
             }
+            // The ranks on one worker are numbered 0.. among themselves, in rank order.
+            let on_worker = || {
+                job.placement
+                    .iter()
+                    .filter(|p| p.worker_id == rank.worker_id)
+            };
+            let local_rank = on_worker().filter(|p| p.rank < rank.rank).count() as u32;
             let assignment = Assignment {
                 job_id: job.id.clone(),
                 attempt: job.attempt,
                 rank: rank.rank,
                 world_size,
+                local_rank,
+                local_world_size: on_worker().count() as u32,
                 gpu_indices: rank.gpu_indices.clone(),
                 spec_toml: job.spec_toml.clone(),
                 resume_checkpoint: job.latest_checkpoint,
@@ -917,11 +943,18 @@ impl<S: Store> Actor<S> {
                 }
             }
             WorkerMessage::Progress(progress) => {
-                let current = self
-                    .active
-                    .get(&progress.job_id)
-                    .is_some_and(|j| j.attempt == progress.attempt);
+                // Every rank reports the same step and the loss averaged over ranks: rank 0
+                // speaks for the job.
+                let current = progress.rank == 0
+                    && self
+                        .active
+                        .get(&progress.job_id)
+                        .is_some_and(|j| j.attempt == progress.attempt);
                 if current {
+                    self.logs
+                        .entry(progress.job_id.clone())
+                        .or_insert_with(JobLog::new)
+                        .progress = Some(progress.clone());
                     if let Some(tx) = self.watchers.get(&progress.job_id) {
                         let _ = tx.send(JobEvent::Progress(progress));
                     }
@@ -1048,10 +1081,7 @@ impl<S: Store> Actor<S> {
         let log = self
             .logs
             .entry(line.job_id.clone())
-            .or_insert_with(|| JobLog {
-                lines: VecDeque::new(),
-                tx: Some(broadcast::channel(4096).0),
-            });
+            .or_insert_with(JobLog::new);
         if log.lines.len() >= cap {
             log.lines.pop_front();
         }
