@@ -172,3 +172,120 @@ fn a_worker_killed_under_a_two_rank_job_fails_the_attempt_and_the_job_resumes() 
     assert!(fetch.ok(), "{fetch:?}");
     assert!(tensors(&fetched.join("dp.safetensors")).is_ok_and(|t| !t.is_empty()));
 }
+
+/// [`job`] with `ranks` CPU ranks on one worker.
+fn one_worker_job(dir: &Path, steps: usize, ranks: usize) -> anyhow::Result<PathBuf> {
+    let path = job(dir, steps, 1, 1)?;
+    let text = std::fs::read_to_string(&path)?.replace(
+        "workers = 1\n",
+        &format!("workers = 1\nranks_per_worker = {ranks}\n"),
+    );
+    anyhow::ensure!(
+        text.contains("ranks_per_worker"),
+        "no [resources] in {text}"
+    );
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+#[test]
+fn a_two_rank_job_on_one_cpu_worker_trains_the_single_rank_lora() {
+    let mut cluster = Cluster::start(Some(TOKEN)).unwrap();
+    cluster.add_worker(WorkerSetup::cpu("box")).unwrap();
+    let spec = one_worker_job(&cluster.path("dp"), 4, 2).unwrap();
+    let out = cluster.run(&["submit", spec.to_str().unwrap(), "--watch"]);
+    assert!(out.ok(), "{}\n{}", out.stderr, cluster.logs());
+    let id = submitted_id(&out);
+    let done = cluster.job(&id).unwrap();
+    assert_eq!(state(&done), "succeeded", "{done}");
+    assert_eq!(
+        (done["attempt"].as_u64(), done["world_size"].as_u64()),
+        (Some(0), Some(2))
+    );
+    let status = cluster.run(&["status", &id]);
+    assert!(
+        status.stdout.contains("2 ranks × batch 1 = global batch 2"),
+        "{}",
+        status.stdout
+    );
+
+    let fetched = cluster.path("fetched");
+    let fetch = cluster.run(&["fetch", &id, "--out", fetched.to_str().unwrap()]);
+    assert!(fetch.ok(), "{fetch:?}");
+    let reference = single_rank_lora(&cluster.path("single"), 4, 2);
+    let (overall, worst) =
+        relative_difference(&fetched.join("dp.safetensors"), &reference).unwrap();
+    println!("2 ranks on one worker x batch 1 vs 1 rank x batch 2: relative difference {overall:e} (worst tensor {worst:e})");
+    assert!(
+        overall < 1e-5 && worst < 1e-4,
+        "2 ranks on one worker vs 1 rank x batch 2: relative difference {overall:e}, worst tensor {worst:e}"
+    );
+    let logs = cluster.run(&["logs", &id]);
+    assert!(
+        logs.stdout.contains("rank 0 of 2") && logs.stdout.contains("rank 1 of 2"),
+        "{}",
+        logs.stdout
+    );
+}
+
+/// The pid of the rank process running `rank` of job `id`, found by its environment.
+fn rank_pid(id: &str, rank: u32) -> Option<i32> {
+    let wanted = [
+        format!("LORACTL_JOB_ID={id}"),
+        format!("LORACTL_RANK={rank}"),
+    ];
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let environ = std::fs::read(entry.path().join("environ")).ok()?;
+            let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
+            wanted
+                .iter()
+                .all(|w| vars.contains(&w.as_bytes()))
+                .then_some(pid)
+        })
+}
+
+#[test]
+fn a_rank_killed_while_its_worker_lives_fails_the_attempt_and_the_job_resumes() {
+    let mut cluster = Cluster::start(Some(TOKEN)).unwrap();
+    let mut setup = WorkerSetup::cpu("box");
+    setup
+        .env
+        .push(("LORACTL_COLLECTIVE_TIMEOUT_SECS", "15".to_owned()));
+    cluster.add_worker(setup).unwrap();
+    let spec = one_worker_job(&cluster.path("dp"), 12, 2).unwrap();
+    let id = submitted_id(&cluster.run(&["submit", spec.to_str().unwrap()]));
+    cluster.wait_job(&id, "a checkpoint stored", |j| {
+        state(j) == "running" && !j["latest_checkpoint"].is_null()
+    });
+    let pid =
+        rank_pid(&id, 1).unwrap_or_else(|| panic!("no process of rank 1\n{}", cluster.logs()));
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "kill -9 {pid}");
+
+    let done = cluster.wait_job(&id, "the end", |j| {
+        matches!(state(j), "succeeded" | "failed" | "cancelled")
+    });
+    assert_eq!(state(&done), "succeeded", "{done}\n{}", cluster.logs());
+    assert!(done["attempt"].as_u64().unwrap_or(0) >= 1, "{done}");
+    // A SIGKILL nobody in loractl sent is a crash and spends a restart; rank 0 saw its peer go.
+    assert!(
+        done["counted_restarts"].as_u64().unwrap_or(0) >= 1,
+        "{done}"
+    );
+    let logs = cluster.run(&["logs", &id]);
+    let fetched = cluster.path("fetched");
+    let fetch = cluster.run(&["fetch", &id, "--out", fetched.to_str().unwrap()]);
+    assert!(fetch.ok(), "{fetch:?}");
+    assert!(
+        tensors(&fetched.join("dp.safetensors")).is_ok_and(|t| !t.is_empty()),
+        "{}",
+        logs.stdout
+    );
+}
