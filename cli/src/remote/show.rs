@@ -351,7 +351,7 @@ mod tests {
 
     const SPEC: &str =
         "name = \"zenny\"\n[model]\npretrained_model_name_or_path = \"m.safetensors\"\n\
-        [dataset]\ntrain_data_dir = \"data\"\n[training]\ntrain_batch_size = 3\n\
+        [dataset]\ntrain_data_dir = \"data\"\nresolution = \"512\"\n[training]\ntrain_batch_size = 3\n\
         gradient_accumulation_steps = 2\n[resources]\nworkers = 2\n";
 
     #[test]
