@@ -60,6 +60,11 @@ pub struct WorkerConfig {
     pub data_dirs: Vec<PathBuf>,
     /// Program and arguments that run one rank; see [`crate::rank`] for its environment.
     pub rank_command: Vec<String>,
+    /// The same for ranks given a GPU, when they need another program than CPU ranks: a
+    /// `loractl` built with the `cuda` feature cannot even start on a machine without the
+    /// NVIDIA driver, so a worker serving both kinds runs a CPU build for CPU ranks
+    /// (`rank_command`) and the CUDA build for GPU ranks. Absent: `rank_command` runs both.
+    pub gpu_rank_command: Option<Vec<String>>,
     /// CA (PEM) that signed the coordinator's certificate; needed for an https:// coordinator.
     pub tls_ca: Option<PathBuf>,
     /// This worker's certificate and key (PEM), when the coordinator requires mutual TLS.
@@ -96,6 +101,7 @@ impl Default for WorkerConfig {
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
+            gpu_rank_command: None,
             stop_grace_secs: defaults::STOP_GRACE_SECS,
             ring_host: None,
             labels: BTreeMap::new(),
@@ -104,6 +110,14 @@ impl Default for WorkerConfig {
 }
 
 impl WorkerConfig {
+    /// The program that runs a rank on `gpus` (empty: a CPU rank).
+    pub fn rank_command_for(&self, gpus: &[u32]) -> &[String] {
+        match &self.gpu_rank_command {
+            Some(command) if !gpus.is_empty() => command,
+            _ => &self.rank_command,
+        }
+    }
+
     pub fn from_toml_str(text: &str, origin: &str) -> Result<Self> {
         toml::from_str(text).map_err(|e| Error::ParseConfig {
             origin: origin.to_owned(),
@@ -170,10 +184,20 @@ impl WorkerConfig {
                 format!("{e}; use \"all\", \"cpu\" or indices like \"0,2\""),
             );
         }
-        if self.rank_command.is_empty() || self.rank_command[0].trim().is_empty() {
+        let empty = |c: &[String]| c.first().is_none_or(|p| p.trim().is_empty());
+        if empty(&self.rank_command) {
             problem(
                 "rank_command",
                 "empty: give the program that runs one rank, e.g. [\"loractl\", \"rank\"]".into(),
+            );
+        }
+        if self.gpu_rank_command.as_deref().is_some_and(empty) {
+            problem(
+                "gpu_rank_command",
+                "empty: give the CUDA build that runs a GPU rank, e.g. \
+                 [\"/usr/local/bin/loractl-cuda\", \"rank\"], or remove the key so \
+                 rank_command runs GPU ranks too"
+                    .into(),
             );
         }
         let https = self.coordinator.starts_with("https://");
@@ -340,6 +364,7 @@ mod tests {
             coordinator: "10.0.0.5:7070".into(),
             gpus: "0,0".into(),
             rank_command: vec![],
+            gpu_rank_command: Some(vec![" ".into()]),
             name: Some("my box".into()),
             ..WorkerConfig::default()
         };
@@ -347,8 +372,34 @@ mod tests {
             panic!("invalid config accepted");
         };
         let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
-        assert_eq!(keys, ["coordinator", "gpus", "rank_command", "name"]);
+        assert_eq!(
+            keys,
+            [
+                "coordinator",
+                "gpus",
+                "rank_command",
+                "gpu_rank_command",
+                "name"
+            ]
+        );
         assert!(problems[1].problem.contains("listed twice"));
+    }
+
+    #[test]
+    fn gpu_ranks_run_the_gpu_rank_command_when_there_is_one() {
+        let mut config = WorkerConfig::from_toml_str(
+            "rank_command = [\"/usr/bin/loractl\", \"rank\"]\n\
+             gpu_rank_command = [\"/usr/bin/loractl-cuda\", \"rank\"]\n",
+            "w.toml",
+        )
+        .unwrap();
+        assert_eq!(config.rank_command_for(&[]), ["/usr/bin/loractl", "rank"]);
+        assert_eq!(
+            config.rank_command_for(&[1]),
+            ["/usr/bin/loractl-cuda", "rank"]
+        );
+        config.gpu_rank_command = None;
+        assert_eq!(config.rank_command_for(&[1]), ["/usr/bin/loractl", "rank"]);
     }
 
     /// Ranks announce the address of the route to the coordinator unless `ring_host` says

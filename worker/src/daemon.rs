@@ -774,7 +774,7 @@ async fn prepare(
         None => None,
     };
     Ok(Launch {
-        command: config.rank_command.clone(),
+        command: config.rank_command_for(&assignment.gpu_indices).to_vec(),
         assignment,
         spec_path,
         output_dir,
