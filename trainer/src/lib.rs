@@ -17,6 +17,7 @@
 //! - [`sample`] — preview images (sd-scripts' `--sample_prompts`): samplers, prompt files, PNGs.
 //! - [`train`] — the resumable training loop; [`run`] — a job spec run end to end (plan,
 //!   caching, saving with kohya's names and metadata, states, samples, events).
+pub mod bench;
 pub mod ckpt;
 pub mod clip;
 pub mod confine;

@@ -1,0 +1,169 @@
+//! The benchmark model shared by the `lora-bench` style binaries: a UNet of one of the
+//! configs in `scripts/bench/unet_configs.json` with random weights, kohya's LoRA targets on
+//! it (up weights non-zero, so a step does the work of any later step) and AdamW, plus one
+//! training step split into its parts so a data-parallel benchmark can put an all-reduce
+//! between backward and the optimizer.
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarBuilder;
+
+use crate::error::{Error, Result};
+use crate::lora::{LoraConfig, LoraNetwork};
+use crate::nn::Builder;
+use crate::optim::{AdamW, AdamWConfig};
+use crate::unet::{UNet2DConditionModel, UNetConfig};
+use crate::weights::RandomWeights;
+
+/// The benchmark configs (`tiny`, `small`, `sd15`), as `scripts/bench/torch_step.py` reads
+/// them too.
+pub const CONFIGS: &str = include_str!("../../scripts/bench/unet_configs.json");
+
+/// A UNet with a LoRA and its optimizer, ready to time steps.
+pub struct BenchModel {
+    pub name: String,
+    unet: UNet2DConditionModel,
+    pub net: LoraNetwork,
+    opt: AdamW,
+    vars: Vec<Var>,
+    latent: (usize, usize),
+    context: (usize, usize),
+    device: Device,
+}
+
+impl BenchModel {
+    /// Builds config `name` with a LoRA of `rank`/`alpha` on `device`.
+    pub fn build(name: &str, rank: usize, alpha: f64, device: &Device) -> Result<Self> {
+        let all: serde_json::Value = serde_json::from_str(CONFIGS)
+            .map_err(|e| Error::Internal(format!("benchmark configs: {e}")))?;
+        let spec = all.get(name).ok_or_else(|| {
+            Error::Config(format!(
+                "unknown benchmark config `{name}`: tiny, small or sd15"
+            ))
+        })?;
+        let dims = |key: &str| -> Result<(usize, usize)> {
+            let v = &spec[key];
+            match (
+                v.get(0).and_then(|x| x.as_u64()),
+                v.get(1).and_then(|x| x.as_u64()),
+            ) {
+                (Some(a), Some(b)) => Ok((a as usize, b as usize)),
+                _ => Err(Error::Internal(format!(
+                    "benchmark config `{name}`: bad `{key}`"
+                ))),
+            }
+        };
+        let cfg = UNetConfig::from_json(&spec["unet"].to_string(), name)?;
+        let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, device.clone());
+        let unet = UNet2DConditionModel::new(&cfg, &Builder::new(vb, "lora_unet"))?;
+        let lora = LoraConfig {
+            rank,
+            alpha,
+            train_text_encoder: false,
+            ..Default::default()
+        };
+        let net = LoraNetwork::new(&unet.sites(), &lora, device, 0)?;
+        for m in net.modules() {
+            m.up.set(&(m.up.as_tensor().randn_like(0.0, 0.01)?))?;
+        }
+        net.apply();
+        let vars = net.vars();
+        let opt = AdamW::new(
+            vars.clone(),
+            AdamWConfig {
+                lr: 1e-4,
+                ..Default::default()
+            },
+        )?;
+        Ok(Self {
+            name: name.to_owned(),
+            unet,
+            net,
+            opt,
+            vars,
+            latent: dims("latent")?,
+            context: dims("context")?,
+            device: device.clone(),
+        })
+    }
+
+    /// Forward and backward of an MSE loss on random latents for `batch` samples; step `i`
+    /// picks the timesteps.
+    pub fn forward_backward(&self, batch: usize, i: usize) -> Result<GradStore> {
+        let (h, w) = self.latent;
+        let (seq, dim) = self.context;
+        let x = Tensor::randn(0f32, 1., (batch, 4, h, w), &self.device)?;
+        let ctx = Tensor::randn(0f32, 1., (batch, seq, dim), &self.device)?;
+        let target = Tensor::randn(0f32, 1., (batch, 4, h, w), &self.device)?;
+        let t: Vec<u32> = (0..batch)
+            .map(|b| (((i * batch + b) * 397) % 1000) as u32)
+            .collect();
+        let t = Tensor::new(t.as_slice(), &self.device)?;
+        let out = self.unet.forward(&x, &t, &ctx)?;
+        let loss = (out - &target)?.sqr()?.mean_all()?;
+        Ok(loss.backward()?)
+    }
+
+    /// The LoRA gradients of `grads` as one flat buffer (zeros where a variable has none).
+    pub fn flatten(&self, grads: &GradStore) -> Result<Vec<f32>> {
+        let mut flat = Vec::with_capacity(self.net.param_count());
+        for v in &self.vars {
+            match grads.get(v.as_tensor()) {
+                Some(g) => flat.extend(g.flatten_all()?.to_vec1::<f32>()?),
+                None => flat.resize(flat.len() + v.elem_count(), 0.0),
+            }
+        }
+        Ok(flat)
+    }
+
+    /// Puts a flat buffer of [`BenchModel::flatten`]'s layout back into `grads`.
+    pub fn unflatten(&self, flat: &[f32], grads: &mut GradStore) -> Result<()> {
+        let mut offset = 0;
+        for v in &self.vars {
+            let n = v.elem_count();
+            let slice = flat.get(offset..offset + n).ok_or_else(|| {
+                Error::Internal(format!(
+                    "gradient buffer of {} values is too short",
+                    flat.len()
+                ))
+            })?;
+            grads.insert(
+                v.as_tensor(),
+                Tensor::from_slice(slice, v.shape(), v.device())?,
+            );
+            offset += n;
+        }
+        Ok(())
+    }
+
+    /// The optimizer step.
+    pub fn update(&mut self, grads: &GradStore) -> Result<()> {
+        self.opt.step(grads)?;
+        Ok(())
+    }
+}
+
+/// A `/proc/self/status` figure in MiB (`VmHWM` = peak resident, `RssAnon` = resident
+/// anonymous memory).
+pub fn status_mib(key: &str) -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Compute threads of this process: `RAYON_NUM_THREADS`, else every core.
+pub fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// The median of `values` (sorted in place); NaN when empty.
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
