@@ -9,8 +9,8 @@ use loractl_coordinator::artifacts::{sha256, ArtifactConfig};
 use loractl_coordinator::server::{self, CoordinatorConfig, ServerConfig};
 use loractl_coordinator::store::RedbStore;
 use loractl_proto::domain::{
-    ArtifactInfo, ArtifactKind, CoordinatorMessage, Failure, FailureKind, JobEvent, JobState,
-    Progress, RankOutcome, RunningRank, WorkerId, WorkerMessage,
+    ArtifactInfo, ArtifactKind, CoordinatorMessage, Failure, FailureKind, JobEvent, JobId,
+    JobState, Progress, RankOutcome, RunningRank, WorkerId, WorkerMessage,
 };
 use loractl_proto::pb;
 use loractl_proto::pb::artifact_service_client::ArtifactServiceClient;
@@ -231,6 +231,25 @@ async fn upload(
     try_upload(artifacts, info, data, producer).await.unwrap()
 }
 
+/// Step 10 of 100 of attempt 0, as `rank` reports it.
+fn step_ten(job: &JobId, rank: u32, loss: f64) -> Progress {
+    Progress {
+        job_id: job.clone(),
+        attempt: 0,
+        rank,
+        step: 10,
+        total_steps: 100,
+        epoch: 0,
+        loss,
+        lr: 1e-4,
+        d_lr: None,
+        steps_per_second: 2.5,
+        samples_per_second: 2.5,
+        gpu_memory_bytes: 1 << 30,
+        at: 0,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_runs_retries_from_its_checkpoint_and_succeeds() {
     let server = Server::start().await;
@@ -282,40 +301,12 @@ async fn job_runs_retries_from_its_checkpoint_and_succeeds() {
     };
     worker.send(WorkerMessage::Started(rank.clone())).await;
     worker
-        .send(WorkerMessage::Progress(Progress {
-            job_id: job.id.clone(),
-            attempt: 0,
-            rank: 0,
-            step: 10,
-            total_steps: 100,
-            epoch: 0,
-            loss: 0.125,
-            lr: 1e-4,
-            d_lr: None,
-            steps_per_second: 2.5,
-            samples_per_second: 2.5,
-            gpu_memory_bytes: 1 << 30,
-            at: 0,
-        }))
+        .send(WorkerMessage::Progress(step_ten(&job.id, 0, 0.125)))
         .await;
 
     // Rank 1 reports the same step; rank 0 speaks for the job.
     worker
-        .send(WorkerMessage::Progress(Progress {
-            job_id: job.id.clone(),
-            attempt: 0,
-            rank: 1,
-            step: 10,
-            total_steps: 100,
-            epoch: 0,
-            loss: 0.5,
-            lr: 1e-4,
-            d_lr: None,
-            steps_per_second: 2.5,
-            samples_per_second: 2.5,
-            gpu_memory_bytes: 1 << 30,
-            at: 0,
-        }))
+        .send(WorkerMessage::Progress(step_ten(&job.id, 1, 0.5)))
         .await;
 
     // The watcher sees the job placed, running, and the progress sample.

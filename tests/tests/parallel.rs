@@ -100,6 +100,32 @@ fn state(job: &Value) -> &str {
     job["state"].as_str().unwrap_or_default()
 }
 
+/// Fetches job `id` (2 ranks × batch 1, 4 steps) and compares its LoRA with one rank of
+/// batch 2 trained by `loractl train`; checks both ranks took part.
+fn assert_two_ranks_train_the_single_rank_lora(cluster: &Cluster, id: &str, what: &str) {
+    let fetched = cluster.path("fetched");
+    let fetch = cluster.run(&["fetch", id, "--out", fetched.to_str().unwrap()]);
+    assert!(fetch.ok(), "{fetch:?}");
+    let reference = single_rank_lora(&cluster.path("single"), 4, 2);
+    let (overall, worst) =
+        relative_difference(&fetched.join("dp.safetensors"), &reference).unwrap();
+    println!("{what} x batch 1 vs 1 rank x batch 2: relative difference {overall:e} (worst tensor {worst:e})");
+    // The two runs sum the same gradients in another order (an all-reduce of two per-rank
+    // means against one batch of two), and AdamW's first steps scale every difference by
+    // 1/sqrt(v): float noise, not a different computation.
+    assert!(
+        overall < 1e-5 && worst < 1e-4,
+        "{what} x batch 1 vs 1 rank x batch 2: relative difference {overall:e}, worst tensor {worst:e}"
+    );
+    // Both ranks trained: the log shows each joining the ring.
+    let logs = cluster.run(&["logs", id]);
+    assert!(
+        logs.stdout.contains("rank 0 of 2") && logs.stdout.contains("rank 1 of 2"),
+        "{}",
+        logs.stdout
+    );
+}
+
 #[test]
 fn a_two_rank_job_on_two_cpu_workers_trains_the_single_rank_lora() {
     let mut cluster = Cluster::start(Some(TOKEN)).unwrap();
@@ -114,27 +140,7 @@ fn a_two_rank_job_on_two_cpu_workers_trains_the_single_rank_lora() {
     assert_eq!(state(&done), "succeeded", "{done}");
     assert_eq!(done["attempt"], 0);
 
-    let fetched = cluster.path("fetched");
-    let fetch = cluster.run(&["fetch", &id, "--out", fetched.to_str().unwrap()]);
-    assert!(fetch.ok(), "{fetch:?}");
-    let reference = single_rank_lora(&cluster.path("single"), 4, 2);
-    let (overall, worst) =
-        relative_difference(&fetched.join("dp.safetensors"), &reference).unwrap();
-    println!("2 ranks x batch 1 vs 1 rank x batch 2: relative difference {overall:e} (worst tensor {worst:e})");
-    // The two runs sum the same gradients in another order (an all-reduce of two per-rank
-    // means against one batch of two), and AdamW's first steps scale every difference by
-    // 1/sqrt(v): float noise, not a different computation.
-    assert!(
-        overall < 1e-5 && worst < 1e-4,
-        "2 ranks x batch 1 vs 1 rank x batch 2: relative difference {overall:e}, worst tensor {worst:e}"
-    );
-    // Both ranks trained: each worker's log shows its rank joining the ring.
-    let logs = cluster.run(&["logs", &id]);
-    assert!(
-        logs.stdout.contains("rank 0 of 2") && logs.stdout.contains("rank 1 of 2"),
-        "{}",
-        logs.stdout
-    );
+    assert_two_ranks_train_the_single_rank_lora(&cluster, &id, "2 ranks on two workers");
 }
 
 #[test]
@@ -209,23 +215,7 @@ fn a_two_rank_job_on_one_cpu_worker_trains_the_single_rank_lora() {
         status.stdout
     );
 
-    let fetched = cluster.path("fetched");
-    let fetch = cluster.run(&["fetch", &id, "--out", fetched.to_str().unwrap()]);
-    assert!(fetch.ok(), "{fetch:?}");
-    let reference = single_rank_lora(&cluster.path("single"), 4, 2);
-    let (overall, worst) =
-        relative_difference(&fetched.join("dp.safetensors"), &reference).unwrap();
-    println!("2 ranks on one worker x batch 1 vs 1 rank x batch 2: relative difference {overall:e} (worst tensor {worst:e})");
-    assert!(
-        overall < 1e-5 && worst < 1e-4,
-        "2 ranks on one worker vs 1 rank x batch 2: relative difference {overall:e}, worst tensor {worst:e}"
-    );
-    let logs = cluster.run(&["logs", &id]);
-    assert!(
-        logs.stdout.contains("rank 0 of 2") && logs.stdout.contains("rank 1 of 2"),
-        "{}",
-        logs.stdout
-    );
+    assert_two_ranks_train_the_single_rank_lora(&cluster, &id, "2 ranks on one worker");
 }
 
 /// The pid of the rank process running `rank` of job `id`, found by its environment.
