@@ -246,7 +246,7 @@ fn collective_timeout() -> anyhow::Result<std::time::Duration> {
 
 /// Announces this rank to the worker (which passes it to the coordinator's rendezvous) and
 /// waits for every rank's announcement on stdin, by rank.
-fn rendezvous(announcement: &Announcement) -> anyhow::Result<Vec<String>> {
+fn meet_peers(announcement: &Announcement) -> anyhow::Result<Vec<String>> {
     use anyhow::Context;
     use std::io::BufRead;
     let address = announcement.to_text();
@@ -283,7 +283,7 @@ fn join_ring(world: usize) -> anyhow::Result<TcpRing> {
     };
     let listener = RingListener::bind(&bind, config)?;
     let address = listener.local_addr().to_string();
-    let peers = rendezvous(&Announcement::Tcp(address))?;
+    let peers = meet_peers(&Announcement::Tcp(address))?;
     let addresses = rendezvous::tcp_addresses(&peers, world)?;
     println!("rank {rank} of {world}: ring peers {addresses:?}");
     Ok(listener.connect(&addresses)?)
@@ -305,7 +305,7 @@ fn join_nccl(
     } else {
         None
     };
-    let peers = rendezvous(&Announcement::Nccl(ours))?;
+    let peers = meet_peers(&Announcement::Nccl(ours))?;
     let id = rendezvous::nccl_id(&peers, world)?;
     println!("rank {rank} of {world}: joining the NCCL communicator");
     let config = NcclConfig::new(rank, world).with_timeout(collective_timeout()?);
