@@ -1,6 +1,8 @@
 //! `loractl gpu-check`: is this machine's GPU usable by this binary? Reports the NCCL version,
-//! opens the device, runs a one-rank NCCL all-reduce and a matmul compared with the CPU. It is
-//! what a device script runs first on a GPU machine; without a device it fails with the reason.
+//! opens the device, runs a one-rank all-reduce, broadcast and barrier through the ranks' own
+//! NCCL backend (`loractl_collective::Nccl`) and times an all-reduce of gradient size through
+//! it, then a matmul compared with the CPU. It is what a device script runs first on a GPU
+//! machine; without a device it fails with the reason.
 
 /// A build without the `cuda` feature cannot use a GPU at all: say so and how to get one.
 #[cfg(not(feature = "cuda"))]
@@ -48,10 +50,13 @@ mod cuda {
     use anyhow::{anyhow, bail, Context};
     use candle_core::{Device, Tensor};
     use cudarc::nccl;
+    use loractl_collective::{Collective, Nccl, NcclConfig, NcclId};
 
-    /// Elements of the all-reduce test buffer: more than one NCCL chunk would be needed for a
-    /// bandwidth test, this only proves the library and the device talk.
-    const ALL_REDUCE_LEN: usize = 1 << 16;
+    /// Elements of the self-test buffer: enough to span several NCCL chunks.
+    const SELF_TEST_LEN: usize = 1 << 16;
+    /// Elements of the timed all-reduce: 3.4 M f32 (13.6 MB), a LoRA's gradients.
+    const TIMED_LEN: usize = 3_400_000;
+    const TIMED_RUNS: usize = 10;
 
     pub fn gpu_check(ordinal: usize) -> anyhow::Result<ExitCode> {
         // NCCL first: it needs no device, so a machine without one still shows the library works.
@@ -84,8 +89,21 @@ mod cuda {
             None => {}
         }
 
-        all_reduce_self_test(&stream).context("NCCL all-reduce self-test failed")?;
-        println!("nccl all-reduce (1 rank, {ALL_REDUCE_LEN} f32): ok");
+        let id = NcclId::generate()?;
+        let config = NcclConfig::new(0, 1).with_timeout(std::time::Duration::from_secs(60));
+        let mut nccl = Nccl::init(ctx, &id, config).context("NCCL setup (1 rank) failed")?;
+        self_test(&mut nccl).context("NCCL self-test failed")?;
+        println!(
+            "nccl backend (1 rank): all-reduce of {SELF_TEST_LEN} f32, broadcast, barrier: ok"
+        );
+        let ms = time_all_reduce(&mut nccl).context("timed NCCL all-reduce failed")?;
+        let mb = (TIMED_LEN * 4) as f64 / 1e6;
+        println!(
+            "nccl backend (1 rank): all-reduce of {TIMED_LEN} f32 ({mb:.1} MB, host buffer \
+             staged through the GPU): median {ms:.2} ms of {TIMED_RUNS}, {:.1} GB/s each way",
+            mb / ms
+        );
+        drop(nccl);
 
         let diff = matmul_vs_cpu(&device).context("matmul on the device failed")?;
         println!("matmul vs cpu: max relative difference {diff:.2e}: ok");
@@ -93,30 +111,51 @@ mod cuda {
         Ok(ExitCode::SUCCESS)
     }
 
-    /// A communicator of one rank over candle's stream: the all-reduce sum is the input itself.
-    fn all_reduce_self_test(
-        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
-    ) -> anyhow::Result<()> {
-        stream.context().bind_to_thread()?;
-        let id = nccl::Id::new().map_err(nccl_error)?;
-        let comm = nccl::Comm::from_rank(stream.clone(), 0, 1, id).map_err(nccl_error)?;
-        let host: Vec<f32> = (0..ALL_REDUCE_LEN)
-            .map(|i| (i % 1000) as f32 * 0.5)
+    /// One rank's mean is its own buffer, bit for bit; a broadcast from itself keeps its bytes.
+    fn self_test(nccl: &mut Nccl) -> anyhow::Result<()> {
+        let host: Vec<f32> = (0..SELF_TEST_LEN)
+            .map(|i| (i % 1000) as f32 * 0.5 - 100.0)
             .collect();
-        let src = stream.clone_htod(&host)?;
-        let mut dst = stream.alloc_zeros::<f32>(ALL_REDUCE_LEN)?;
-        comm.all_reduce(&src, &mut dst, &nccl::ReduceOp::Sum)
-            .map_err(nccl_error)?;
-        let out = stream.clone_dtoh(&dst)?;
-        stream.synchronize()?;
-        if let Some(i) = (0..ALL_REDUCE_LEN).find(|&i| out[i] != host[i]) {
+        let mut buf = host.clone();
+        nccl.all_reduce_mean(&mut buf)?;
+        if let Some(i) = (0..SELF_TEST_LEN).find(|&i| buf[i].to_bits() != host[i].to_bits()) {
             bail!(
                 "element {i} is {} after the all-reduce, expected {}",
-                out[i],
+                buf[i],
                 host[i]
             );
         }
+        let bytes: Vec<u8> = (0..4099u32).map(|i| (i * 7) as u8).collect();
+        let mut got = bytes.clone();
+        nccl.broadcast(&mut got, 0)?;
+        if got != bytes {
+            bail!("the broadcast changed the root's bytes");
+        }
+        nccl.barrier()?;
         Ok(())
+    }
+
+    /// Median milliseconds of an all-reduce of `TIMED_LEN` floats, after two warm-up calls (the
+    /// first allocates the device buffer).
+    fn time_all_reduce(nccl: &mut Nccl) -> anyhow::Result<f64> {
+        let mut buf: Vec<f32> = (0..TIMED_LEN).map(|i| (i % 4096) as f32).collect();
+        for _ in 0..2 {
+            nccl.all_reduce_mean(&mut buf)?;
+        }
+        let mut times = Vec::with_capacity(TIMED_RUNS);
+        for _ in 0..TIMED_RUNS {
+            let start = std::time::Instant::now();
+            nccl.all_reduce_mean(&mut buf)?;
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        times.sort_by(f64::total_cmp);
+        if buf[4095] != 4095.0 {
+            bail!(
+                "the timed all-reduce changed the values (element 4095 is {})",
+                buf[4095]
+            );
+        }
+        Ok(times[TIMED_RUNS / 2])
     }
 
     /// A matmul (cuBLAS) followed by an element-wise op (candle's own kernels, compiled for

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use loractl_collective::{RingConfig, RingListener, TcpRing};
+use loractl_collective::{rendezvous, Announcement, Collective, RingConfig, RingListener, TcpRing};
 use loractl_proto::domain::EXIT_BAD_CONFIG;
 use loractl_spec::JobSpec;
 use loractl_trainer::confine::AllowedRoots;
@@ -92,8 +92,12 @@ pub fn rank() -> anyhow::Result<ExitCode> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(DEFAULT_CHECKPOINT_STEPS);
+    let device = match rank_device() {
+        Ok(d) => d,
+        Err(code) => return Ok(code),
+    };
     let ro = RunOptions {
-        device: rank_device(),
+        device,
         state_as_file: true,
         checkpoint_every_n_steps: Some(every),
         allowed_roots: data_roots(&spec, &base),
@@ -165,15 +169,16 @@ pub fn rank() -> anyhow::Result<ExitCode> {
         }
     };
     let outcome = if world > 1 {
-        // Join the ring before any weight is loaded, so a missing peer fails the attempt early.
-        let ring = match join_ring(world) {
-            Ok(ring) => ring,
+        // Join the collective before any weight is loaded, so a missing peer fails the attempt
+        // early.
+        let collective = match join_collective(world, &ro.device) {
+            Ok(c) => c,
             Err(e) => {
                 eprintln!("error: {e:#}");
                 return Ok(ExitCode::from(1));
             }
         };
-        run::run_parallel(&spec, &base, &ro, Box::new(ring), &mut emit)
+        run::run_parallel(&spec, &base, &ro, collective, &mut emit)
     } else {
         run::run(&spec, &base, &ro, &mut emit)
     };
@@ -206,29 +211,70 @@ fn exit_code(kind: ErrorKind) -> u8 {
 /// preview samples while the others wait in the next all-reduce.
 const DEFAULT_COLLECTIVE_TIMEOUT_SECS: u64 = 600;
 
-/// Binds this rank's end of the TCP ring on `LORACTL_RING_HOST` (the address the worker's
-/// peers reach it at), announces it to the worker (which passes it to the coordinator's
-/// rendezvous), waits for every rank's address on stdin and connects the ring.
-fn join_ring(world: usize) -> anyhow::Result<TcpRing> {
+/// This rank's backend for a world of several ranks: NCCL between GPU ranks (a `cuda`
+/// build), the TCP ring between CPU ranks. Every rank announces what it uses, so a job whose
+/// ranks disagree fails at the rendezvous with a sentence naming the odd rank.
+fn join_collective(
+    world: usize,
+    device: &candle_core::Device,
+) -> anyhow::Result<Box<dyn Collective>> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(gpu) = device {
+        return Ok(Box::new(join_nccl(world, gpu)?));
+    }
+    let _ = device;
+    Ok(Box::new(join_ring(world)?))
+}
+
+fn env_rank() -> anyhow::Result<usize> {
     use anyhow::Context;
-    use std::io::BufRead;
-    let var = |name: &str| std::env::var(name).with_context(|| format!("{name} is not set"));
-    let rank: usize = var("LORACTL_RANK")?
-        .parse()
-        .context("LORACTL_RANK is not a number")?;
-    let token = format!("{}/{}", var("LORACTL_JOB_ID")?, var("LORACTL_ATTEMPT")?);
-    let host = std::env::var("LORACTL_RING_HOST")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "127.0.0.1".into());
+    let v = std::env::var("LORACTL_RANK").context("LORACTL_RANK is not set")?;
+    v.parse()
+        .with_context(|| format!("LORACTL_RANK `{v}` is not a number"))
+}
+
+fn collective_timeout() -> anyhow::Result<std::time::Duration> {
+    use anyhow::Context;
     let secs = match std::env::var("LORACTL_COLLECTIVE_TIMEOUT_SECS") {
         Ok(v) => v
             .parse()
             .with_context(|| format!("LORACTL_COLLECTIVE_TIMEOUT_SECS `{v}` is not a number"))?,
         Err(_) => DEFAULT_COLLECTIVE_TIMEOUT_SECS,
     };
-    let config =
-        RingConfig::new(rank, world, token).with_timeout(std::time::Duration::from_secs(secs));
+    Ok(std::time::Duration::from_secs(secs))
+}
+
+/// Announces this rank to the worker (which passes it to the coordinator's rendezvous) and
+/// waits for every rank's announcement on stdin, by rank.
+fn meet_peers(announcement: &Announcement) -> anyhow::Result<Vec<String>> {
+    use anyhow::Context;
+    use std::io::BufRead;
+    let address = announcement.to_text();
+    println!("{}", ChildMessage::Rendezvous { address }.to_line());
+    let stdin = std::io::stdin();
+    for line in stdin.lock().lines() {
+        let line = line.context("reading the peers' addresses from the worker")?;
+        if let Some(ParentMessage::Peers { addresses }) = ParentMessage::parse(&line) {
+            return Ok(addresses);
+        }
+    }
+    anyhow::bail!(
+        "the worker closed this rank's input before the rendezvous gave every rank's address"
+    )
+}
+
+/// Binds this rank's end of the TCP ring on `LORACTL_RING_HOST` (the address the worker's
+/// peers reach it at), announces it, and connects the ring to every rank's address.
+fn join_ring(world: usize) -> anyhow::Result<TcpRing> {
+    use anyhow::Context;
+    let var = |name: &str| std::env::var(name).with_context(|| format!("{name} is not set"));
+    let rank = env_rank()?;
+    let token = format!("{}/{}", var("LORACTL_JOB_ID")?, var("LORACTL_ATTEMPT")?);
+    let host = std::env::var("LORACTL_RING_HOST")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "127.0.0.1".into());
+    let config = RingConfig::new(rank, world, token).with_timeout(collective_timeout()?);
     // An IPv6 host needs brackets in a socket address.
     let bind = if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]:0")
@@ -237,21 +283,34 @@ fn join_ring(world: usize) -> anyhow::Result<TcpRing> {
     };
     let listener = RingListener::bind(&bind, config)?;
     let address = listener.local_addr().to_string();
-    println!("{}", ChildMessage::Rendezvous { address }.to_line());
-    let stdin = std::io::stdin();
-    let mut peers = None;
-    for line in stdin.lock().lines() {
-        let line = line.context("reading the peers' addresses from the worker")?;
-        if let Some(ParentMessage::Peers { addresses }) = ParentMessage::parse(&line) {
-            peers = Some(addresses);
-            break;
-        }
-    }
-    let addresses = peers.context(
-        "the worker closed this rank's input before the rendezvous gave every rank's address",
-    )?;
+    let peers = meet_peers(&Announcement::Tcp(address))?;
+    let addresses = rendezvous::tcp_addresses(&peers, world)?;
     println!("rank {rank} of {world}: ring peers {addresses:?}");
     Ok(listener.connect(&addresses)?)
+}
+
+/// Joins the job's NCCL communicator on this rank's GPU: rank 0 makes the communicator's id
+/// and announces it, the others announce `nccl` and take rank 0's id from the rendezvous.
+/// NCCL finds its peers' GPUs itself (its own sockets, NVLink, InfiniBand); `NCCL_*`
+/// variables in the worker's environment (e.g. `NCCL_SOCKET_IFNAME`) tune that.
+#[cfg(feature = "cuda")]
+fn join_nccl(
+    world: usize,
+    gpu: &candle_core::CudaDevice,
+) -> anyhow::Result<loractl_collective::Nccl> {
+    use loractl_collective::{Nccl, NcclConfig, NcclId};
+    let rank = env_rank()?;
+    let ours = if rank == 0 {
+        Some(NcclId::generate()?)
+    } else {
+        None
+    };
+    let peers = meet_peers(&Announcement::Nccl(ours))?;
+    let id = rendezvous::nccl_id(&peers, world)?;
+    println!("rank {rank} of {world}: joining the NCCL communicator");
+    let config = NcclConfig::new(rank, world).with_timeout(collective_timeout()?);
+    let ctx = gpu.cuda_stream().context().clone();
+    Ok(Nccl::init(&ctx, &id, config)?)
 }
 
 /// The folders a rank may read data from: the worker's `LORACTL_DATA_DIRS`, else the spec's
@@ -278,22 +337,38 @@ fn data_roots(spec: &loractl_spec::ResolvedSpec, base: &Path) -> AllowedRoots {
 }
 
 /// The worker hides every GPU but the rank's own (`CUDA_VISIBLE_DEVICES`), so a rank with a
-/// GPU trains on CUDA device 0; without one, or in a build without the `cuda` feature, on the CPU
-/// (said in the job's log).
-fn rank_device() -> candle_core::Device {
+/// GPU trains on CUDA device 0, and one without (the variable empty or unset) on the CPU. A
+/// rank given a GPU never falls back to the CPU: a build without CUDA is a bad config (the
+/// worker's `rank_command` must be a CUDA build), a GPU CUDA cannot open fails the attempt
+/// (retried, perhaps elsewhere). `Err` is the exit code, the reason already printed.
+fn rank_device() -> Result<candle_core::Device, ExitCode> {
     let gpus = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default();
-    if gpus.trim().is_empty() {
-        return candle_core::Device::Cpu;
+    let gpus = gpus.trim();
+    if gpus.is_empty() {
+        return Ok(candle_core::Device::Cpu);
     }
-    match candle_core::Device::new_cuda(0) {
-        Ok(d) => d,
-        Err(e) => {
-            println!(
-                "warning: GPU {gpus} was assigned but cannot be used ({e}); training on the CPU"
-            );
-            candle_core::Device::Cpu
-        }
-    }
+    assigned_gpu(gpus)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn assigned_gpu(gpus: &str) -> Result<candle_core::Device, ExitCode> {
+    Err(bad_config(format!(
+        "the worker gave this rank GPU {gpus} (CUDA_VISIBLE_DEVICES), but this loractl was \
+         built without CUDA: the worker's rank_command for GPU ranks must be a CUDA build of \
+         loractl (scripts/cuda/build.sh)"
+    )))
+}
+
+#[cfg(feature = "cuda")]
+fn assigned_gpu(gpus: &str) -> Result<candle_core::Device, ExitCode> {
+    candle_core::Device::new_cuda(0).map_err(|e| {
+        eprintln!(
+            "error: the worker gave this rank GPU {gpus} (CUDA_VISIBLE_DEVICES), but CUDA cannot \
+             open it: {e}; the GPU is broken or its driver missing (check `nvidia-smi` on this \
+             worker); a retry may run on another GPU"
+        );
+        ExitCode::from(1)
+    })
 }
 
 fn artifact(path: &Path, kind: ArtifactKindName) -> ChildMessage {

@@ -220,3 +220,110 @@ fn a_rank_refuses_a_caption_linked_out_of_its_data_dirs() -> anyhow::Result<()> 
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// A rank the worker gave a GPU never trains on the CPU instead: a build without CUDA is a
+/// bad configuration (exit 78, not retried) that says which build the worker needs.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn a_rank_given_a_gpu_by_a_build_without_cuda_is_a_bad_config() -> anyhow::Result<()> {
+    let (dir, job) = job_dir("rank-nocuda", 2)?;
+    let out_dir = dir.join("rank-output");
+    std::fs::create_dir_all(&out_dir)?;
+    for world in ["1", "2"] {
+        let out = loractl()
+            .arg("rank")
+            .env("LORACTL_SPEC", &job)
+            .env("LORACTL_OUTPUT_DIR", &out_dir)
+            .env("LORACTL_WORLD_SIZE", world)
+            .env("LORACTL_RANK", "0")
+            .env("LORACTL_JOB_ID", "j1")
+            .env("LORACTL_ATTEMPT", "1")
+            .env("CUDA_VISIBLE_DEVICES", "0")
+            .env_remove("LORACTL_RESUME")
+            .env_remove("LORACTL_DATA_DIRS")
+            .stdin(Stdio::null())
+            .output()?;
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert_eq!(out.status.code(), Some(78), "{stdout}\n{stderr}");
+        assert!(
+            stderr.contains("GPU 0")
+                && stderr.contains("built without CUDA")
+                && stderr.contains("rank_command")
+                && stderr.contains("scripts/cuda/build.sh"),
+            "{stderr}"
+        );
+        // It failed before joining any collective or training.
+        assert!(!stdout.contains("rendezvous"), "{stdout}");
+        assert!(!stdout.contains("\"step\""), "{stdout}");
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// The ranks of one job must share a backend: a CPU rank (TCP ring) told at the rendezvous
+/// that rank 1 uses NCCL fails at once, naming that rank, instead of dialling `nccl`.
+#[test]
+fn a_cpu_rank_refuses_a_gpu_peer_at_the_rendezvous() -> anyhow::Result<()> {
+    use loractl_worker::protocol::{parse_line, ChildMessage, Line, ParentMessage};
+    use std::io::Write;
+    let (dir, job) = job_dir("rank-mixed", 2)?;
+    let out_dir = dir.join("rank-output");
+    std::fs::create_dir_all(&out_dir)?;
+    let mut child = loractl()
+        .arg("rank")
+        .env("LORACTL_SPEC", &job)
+        .env("LORACTL_OUTPUT_DIR", &out_dir)
+        .env("LORACTL_WORLD_SIZE", "2")
+        .env("LORACTL_RANK", "0")
+        .env("LORACTL_JOB_ID", "j1")
+        .env("LORACTL_ATTEMPT", "1")
+        .env("LORACTL_RING_HOST", "127.0.0.1")
+        .env("LORACTL_COLLECTIVE_TIMEOUT_SECS", "20")
+        .env("CUDA_VISIBLE_DEVICES", "")
+        .env_remove("LORACTL_RESUME")
+        .env_remove("LORACTL_DATA_DIRS")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let address = loop {
+        let line = lines
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("the rank ended before its rendezvous"))??;
+        if let Line::Message(ChildMessage::Rendezvous { address }) = parse_line(&line) {
+            break address;
+        }
+    };
+    let peers = ParentMessage::Peers {
+        addresses: vec![address, "nccl".into()],
+    };
+    let mut stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdin"))?;
+    writeln!(stdin, "{}", peers.to_line())?;
+    drop(stdin);
+    for line in lines {
+        line?;
+    }
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        std::io::Read::read_to_string(&mut e, &mut stderr)?;
+    }
+    let status = child.wait()?;
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("rank 1 uses NCCL") && stderr.contains("this rank joins a TCP ring"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

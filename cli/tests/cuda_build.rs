@@ -6,7 +6,7 @@
 mod common;
 use common::job_dir;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 /// The CUDA binary and its loader path, or `None` (the test is skipped, saying why) when this
 /// run was not given one.
@@ -99,29 +99,48 @@ fn cuda_train_on_cuda0_without_a_gpu_fails_cleanly() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A rank given a GPU (`CUDA_VISIBLE_DEVICES`) that CUDA cannot open says why in its log.
+/// A rank given a GPU (`CUDA_VISIBLE_DEVICES`) that CUDA cannot open fails (exit 1: retried,
+/// perhaps elsewhere) and says why, rather than training on the CPU. As one rank of a 2-rank
+/// job it fails before the rendezvous, so its peers' attempt fails at once too.
 #[test]
-fn cuda_rank_with_an_unusable_gpu_says_why() -> anyhow::Result<()> {
-    let Some((bin, ld)) = cuda_binary("cuda_rank_with_an_unusable_gpu_says_why") else {
+fn cuda_rank_with_an_unusable_gpu_fails_and_says_why() -> anyhow::Result<()> {
+    let Some((bin, ld)) = cuda_binary("cuda_rank_with_an_unusable_gpu_fails_and_says_why") else {
         return Ok(());
     };
     let (dir, job) = job_dir("cuda-rank", 1)?;
     let output = dir.join("out");
     std::fs::create_dir_all(&output)?;
-    let mut cmd = Command::new(&bin);
-    cmd.arg("rank")
-        .env("LD_LIBRARY_PATH", &ld)
-        .env("CUDA_VISIBLE_DEVICES", "0")
-        .env("LORACTL_SPEC", &job)
-        .env("LORACTL_OUTPUT_DIR", &output)
-        .env("LORACTL_RANK", "0")
-        .env("LORACTL_WORLD_SIZE", "1");
-    let out = cmd.output()?;
-    let all = assert_clean_failure(&out, "rank on an unusable GPU");
-    assert!(
-        all.contains("CUDA_ERROR_NO_DEVICE"),
-        "the rank does not say why its GPU is unusable:\n{all}"
-    );
+    for (world, rank) in [("1", "0"), ("2", "0"), ("2", "1")] {
+        let what = format!("rank {rank} of {world} on an unusable GPU");
+        let out = Command::new(&bin)
+            .arg("rank")
+            .env("LD_LIBRARY_PATH", &ld)
+            .env("CUDA_VISIBLE_DEVICES", "0")
+            .env("LORACTL_SPEC", &job)
+            .env("LORACTL_OUTPUT_DIR", &output)
+            .env("LORACTL_RANK", rank)
+            .env("LORACTL_WORLD_SIZE", world)
+            .env("LORACTL_JOB_ID", "j1")
+            .env("LORACTL_ATTEMPT", "1")
+            .env_remove("LORACTL_RESUME")
+            .env_remove("LORACTL_DATA_DIRS")
+            .stdin(Stdio::null())
+            .output()?;
+        let all = assert_clean_failure(&out, &what);
+        assert_eq!(out.status.code(), Some(1), "{what}:\n{all}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("GPU 0")
+                && stderr.contains("CUDA_ERROR_NO_DEVICE")
+                && stderr.contains("nvidia-smi"),
+            "{what}: the rank does not say why its GPU is unusable:\n{all}"
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !stdout.contains("rendezvous") && !stdout.contains("training on the CPU"),
+            "{what}: the rank went on without its GPU:\n{all}"
+        );
+    }
     let _ = std::fs::remove_dir_all(dir);
     Ok(())
 }

@@ -6,24 +6,35 @@
 //!
 //! - [`Single`]: world size 1, every call a no-op (a plain local run);
 //! - [`TcpRing`]: a ring over TCP for CPU ranks and tests, all-reduce as ring reduce-scatter
-//!   plus all-gather, chunked and pipelined ([`tcp`]).
+//!   plus all-gather, chunked and pipelined ([`tcp`]);
+//! - `Nccl` (with the `cuda` feature): NVIDIA's NCCL between GPU ranks, the host buffers
+//!   staged through device memory ([`nccl`]).
 //!
 //! Buffers are host memory on purpose, and the trait stays object-safe (`Box<dyn Collective>`):
-//! a GPU backend (NCCL behind a `cuda` feature) implements the same calls on host buffers or
-//! adds device-side entry points of its own without changing this trait's callers.
+//! the GPU backend implements the same calls on host buffers, so the trainer does not know
+//! which backend it has. [`rendezvous`] is what each backend's ranks announce to find each
+//! other through the coordinator.
 //!
-//! Nothing here ever waits forever: each call is bounded by the ring's timeout (no progress
-//! from a peer for that long fails it), and a failure on one rank shuts its sockets down so
-//! that its neighbours fail at once and, in turn, theirs. Every error names a peer rank.
+//! Nothing here ever waits forever: each call is bounded by a timeout (no progress from a peer
+//! for that long fails it). A TCP ring rank that fails shuts its sockets down so that its
+//! neighbours fail at once and, in turn, theirs; an NCCL rank aborts its communicator. After a
+//! failure the collective is poisoned.
 
 mod frame;
+#[cfg(feature = "cuda")]
+pub mod nccl;
+pub mod rendezvous;
 pub mod tcp;
 
 use std::time::Duration;
 
+#[cfg(feature = "cuda")]
+pub use nccl::{Nccl, NcclConfig};
+pub use rendezvous::{Announcement, NcclId};
 pub use tcp::{RingConfig, RingListener, TcpRing};
 
-/// What went wrong in a collective. Each variant that involves a peer names its rank.
+/// What went wrong in a collective. Each variant that involves a peer names its rank; the NCCL
+/// variants, where NCCL does not say which peer failed, name this rank.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("invalid collective setup: {0}")]
@@ -69,6 +80,45 @@ pub enum Error {
     },
     #[error("the collective failed earlier and cannot be used again: {0}")]
     Poisoned(String),
+    /// The ranks' rendezvous announcements do not fit together (see [`rendezvous`]).
+    #[error("rendezvous: {0}")]
+    Rendezvous(String),
+    /// A CUDA call of the NCCL backend failed on this rank's own GPU.
+    #[error(
+        "CUDA failed on rank {rank} during {what}: {reason}; the GPU or its driver is unusable \
+         (check `nvidia-smi` on this worker): a retry may run elsewhere"
+    )]
+    Cuda {
+        rank: usize,
+        what: String,
+        reason: String,
+    },
+    /// NCCL reported an error; the communicator was aborted.
+    #[error(
+        "NCCL {what} failed on rank {rank} of {world} after {elapsed:.1?}: {reason}; a peer \
+         rank is dead, stuck or mismatched, or this rank's GPU failed (see every rank's log); \
+         this rank's communicator is shut down"
+    )]
+    Nccl {
+        rank: usize,
+        world: usize,
+        what: String,
+        elapsed: Duration,
+        reason: String,
+    },
+    /// An NCCL call made no progress within the timeout; the communicator was aborted.
+    #[error(
+        "NCCL {what} on rank {rank} of {world} did not finish within {timeout:?}: a peer rank \
+         is dead, stuck or mismatched (in another call, or with another buffer length); the \
+         communicator was aborted. See the other ranks' logs, or raise the collective timeout \
+         if a rank is legitimately that slow"
+    )]
+    NcclTimeout {
+        rank: usize,
+        world: usize,
+        what: String,
+        timeout: Duration,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -4,15 +4,24 @@
 # driver's libcuda, then a release build for one GPU architecture.
 #
 #   scripts/cuda/build.sh
+#   scripts/cuda/build.sh -- COMMAND...   run COMMAND in the build's environment instead of the
+#                                         build, e.g. cargo clippy --features cuda, or the
+#                                         NCCL backend's tests (COMMAND sees
+#                                         LORACTL_CUDA_LD_PATH, the stub and wheel libraries)
 #
 # Environment:
 #   CUDA_COMPUTE_CAP    GPU architecture, e.g. 90 (H100/H200, the default), 89, 80
-#   LORACTL_CUDA_CACHE  toolkit, stub and target folder (default ~/.cache/loractl/cuda);
-#                       outside the clone so CI keeps it between runs
+#   LORACTL_CUDA_CACHE  toolkit and stub (default ~/.cache/loractl/cuda); outside the clone so
+#                       CI keeps it between runs
+#   LORACTL_CUDA_BUILD  target folder, stripped binaries and loractl-cuda.env (default
+#                       $LORACTL_CUDA_CACHE): a second clone on the machine builds into a
+#                       folder of its own and shares the toolkit
 #   LORACTL_CUDA_OUT    also copy the stripped binary here (e.g. to carry it to a GPU machine);
 #                       gzipped when the name ends in .gz (74 MB stripped, 22 MB gzipped)
+#   LORACTL_CUDA_BENCH_OUT  also build the step benchmark `lora-bench` with CUDA and copy it
+#                       here the same way (for scripts/device/gpu-check.sh)
 #
-# Writes $LORACTL_CUDA_CACHE/loractl-cuda.env (LORACTL_CUDA_BIN, LORACTL_CUDA_LD_PATH) for the
+# Writes $LORACTL_CUDA_BUILD/loractl-cuda.env (LORACTL_CUDA_BIN, LORACTL_CUDA_LD_PATH) for the
 # tests that run the binary here. The stub under root/lib/stubs is for linking and for those
 # tests only: on a GPU machine the binary must find the driver's libcuda.so.1, never the stub.
 set -euo pipefail
@@ -23,6 +32,18 @@ cache=${LORACTL_CUDA_CACHE:-$HOME/.cache/loractl/cuda}
 cap=${CUDA_COMPUTE_CAP:-90}
 mkdir -p "$cache"
 cache=$(cd "$cache" && pwd)
+build=${LORACTL_CUDA_BUILD:-$cache}
+mkdir -p "$build"
+build=$(cd "$build" && pwd)
+command=()
+if [[ ${1:-} == -- ]]; then
+    shift
+    command=("$@")
+    [[ ${#command[@]} -gt 0 ]] || { echo "cuda: nothing to run after --" >&2; exit 1; }
+elif [[ $# -gt 0 ]]; then
+    echo "cuda: unknown argument \`$1\`: scripts/cuda/build.sh [-- COMMAND...]" >&2
+    exit 1
+fi
 pip="$cache/pip"
 root="$cache/root"
 
@@ -95,39 +116,58 @@ export CUDARC_CUDA_VERSION=13000
 export CUDA_COMPUTE_CAP="$cap"
 export PATH="$root/bin:$PATH"
 export LIBRARY_PATH="$root/lib:$root/lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
-export CARGO_TARGET_DIR="$cache/target"
+export CARGO_TARGET_DIR="$build/target"
 # PROTOC for etcd-client's build script; the etcd server itself is not needed here.
 LORACTL_SKIP_ETCD=1
 # shellcheck source=../env.sh
 source "$repo/scripts/env.sh"
+ld_path="$root/lib/stubs:$root/lib"
+
+if [[ ${#command[@]} -gt 0 ]]; then
+    export LORACTL_CUDA_LD_PATH="$ld_path"
+    exec "${command[@]}"
+fi
 
 echo "cuda: building loractl --features cuda for CUDA_COMPUTE_CAP=$cap in $CARGO_TARGET_DIR ($("$NVCC" --version | tail -n2 | head -n1))"
 start=$SECONDS
-cargo build --release --locked -p loractl --features cuda
+if [[ -n ${LORACTL_CUDA_BENCH_OUT:-} ]]; then
+    # One cargo call for both, so they share one set of features (one candle, one cudarc).
+    cargo build --release --locked -p loractl -p loractl-trainer \
+        --features loractl/cuda,loractl-trainer/cuda --bin loractl --bin lora-bench
+else
+    cargo build --release --locked -p loractl --features cuda
+fi
 bin="$CARGO_TARGET_DIR/release/loractl"
 echo "cuda: built in $((SECONDS - start)) s"
 
-# A stripped copy is what travels to a GPU machine (about 74 MB, half of it candle's kernels).
-mkdir -p "$cache/bin"
-strip -o "$cache/bin/loractl.tmp" "$bin"
-mv "$cache/bin/loractl.tmp" "$cache/bin/loractl"
-if [[ -n ${LORACTL_CUDA_OUT:-} ]]; then
-    mkdir -p "$(dirname "$LORACTL_CUDA_OUT")"
-    case $LORACTL_CUDA_OUT in
-    *.gz) gzip -6 -c "$cache/bin/loractl" >"$LORACTL_CUDA_OUT" ;;
-    *) cp "$cache/bin/loractl" "$LORACTL_CUDA_OUT" ;;
+# A stripped copy is what travels to a GPU machine (about 74 MB, half of it candle's kernels),
+# gzipped when the destination's name ends in .gz.
+copy_out() {
+    local name=$1 dest=$2
+    mkdir -p "$build/bin"
+    strip -o "$build/bin/$name.tmp" "$CARGO_TARGET_DIR/release/$name"
+    mv "$build/bin/$name.tmp" "$build/bin/$name"
+    [[ -n $dest ]] || return 0
+    mkdir -p "$(dirname "$dest")"
+    case $dest in
+    *.gz) gzip -6 -c "$build/bin/$name" >"$dest" ;;
+    *) cp "$build/bin/$name" "$dest" ;;
     esac
+}
+copy_out loractl "${LORACTL_CUDA_OUT:-}"
+if [[ -n ${LORACTL_CUDA_BENCH_OUT:-} ]]; then
+    copy_out lora-bench "$LORACTL_CUDA_BENCH_OUT"
 fi
 
-ld_path="$root/lib/stubs:$root/lib"
-cat >"$cache/loractl-cuda.env" <<ENV
+cat >"$build/loractl-cuda.env" <<ENV
 LORACTL_CUDA_BIN=$bin
 LORACTL_CUDA_LD_PATH=$ld_path
 ENV
 
 cat <<MSG
 cuda: binary $bin (CUDA_COMPUTE_CAP=$cap)
-      stripped copy $cache/bin/loractl${LORACTL_CUDA_OUT:+, and $LORACTL_CUDA_OUT}
+      stripped copy $build/bin/loractl${LORACTL_CUDA_OUT:+, and $LORACTL_CUDA_OUT}${LORACTL_CUDA_BENCH_OUT:+
+      lora-bench: $build/bin/lora-bench, and $LORACTL_CUDA_BENCH_OUT}
   On a GPU machine (NVIDIA driver >= 580 and the CUDA 13 libraries cudart, cuBLAS, cuRAND,
   NVRTC, NCCL >= 2.30 installed; check with: ldconfig -p | grep -E 'cublas|curand|cudart|nccl'):
       loractl gpu-check

@@ -1,32 +1,51 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU, its driver and the CUDA 13 libraries, but no Rust: checks the
 # CUDA build of loractl carried there (built elsewhere by scripts/cuda/build.sh):
-#   1. `loractl gpu-check`: NCCL version, device, a one-rank NCCL all-reduce, a matmul vs CPU;
+#   1. `loractl gpu-check`: NCCL version, device, a one-rank all-reduce, broadcast and barrier
+#      through the ranks' NCCL backend and a timed all-reduce of 3.4 M floats, a matmul vs CPU;
 #   2. a LoRA training run of 2 steps on the tiny test model, on the GPU and on the CPU, same
-#      seed: per-step losses and the saved LoRA weights compared.
+#      seed: per-step losses and the saved LoRA weights compared;
+#   3. one LoRA training step of the sd15 UNet config on the GPU (`lora-bench --device cuda`)
+#      side by side with diffusers + peft (scripts/bench/torch_step.py --device cuda) when this
+#      machine's Python has torch with CUDA, diffusers and peft (otherwise loractl's alone).
 # Run from the repository root:
-#   LORACTL_CUDA_OUT=target/cuda/loractl.gz scripts/cuda/build.sh  # where Rust is
-#   scripts/device/gpu-check.sh [target/cuda/loractl.gz]           # on the GPU machine
-# (gzipped, 22 MB, because the stripped binary, 74 MB, is more than a device run may carry.)
-# Writes its work to ${OUT:-/tmp}/loractl-gpu-check. Takes about a minute.
+#   LORACTL_CUDA_OUT=target/cuda/loractl.gz LORACTL_CUDA_BENCH_OUT=target/cuda/lora-bench.gz \
+#       scripts/cuda/build.sh                                      # where Rust is
+#   scripts/device/gpu-check.sh [target/cuda/loractl.gz [target/cuda/lora-bench.gz]]
+#                                                                  # on the GPU machine
+# (gzipped, 22 and 15 MB, because the stripped binaries, 74 and 58 MB, are more than a device
+# run may carry.) PYTHON names the interpreter for the PyTorch side; BENCH_STEPS (default 10)
+# the timed steps. Writes its work to ${OUT:-/tmp}/loractl-gpu-check. Takes about three minutes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 bin=${1:-${LORACTL_CUDA_BIN:-target/cuda/loractl.gz}}
-[[ -f $bin ]] || {
-    echo "gpu-check: no CUDA loractl at $bin: build one with LORACTL_CUDA_OUT=$bin scripts/cuda/build.sh" >&2
-    exit 1
-}
+bench=${2:-${LORACTL_BENCH_BIN:-target/cuda/lora-bench.gz}}
+PYTHON=${PYTHON:-python3}
+BENCH_STEPS=${BENCH_STEPS:-10}
+for f in "$bin" "$bench"; do
+    [[ -f $f ]] || {
+        echo "gpu-check: no CUDA build at $f: build both with" \
+            "LORACTL_CUDA_OUT=$bin LORACTL_CUDA_BENCH_OUT=$bench scripts/cuda/build.sh" >&2
+        exit 1
+    }
+done
 work=${OUT:-/tmp}/loractl-gpu-check
 rm -rf "$work"
 mkdir -p "$work"
 work=$(cd "$work" && pwd)
-if [[ $bin == *.gz ]]; then
-    gzip -dc "$bin" >"$work/loractl"
-    chmod +x "$work/loractl"
-    bin="$work/loractl"
-fi
-bin=$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")
+# A gzipped binary is unpacked into the work folder; either way an absolute path comes back.
+unpack() {
+    local f=$1 name=$2
+    if [[ $f == *.gz ]]; then
+        gzip -dc "$f" >"$work/$name"
+        chmod +x "$work/$name"
+        f="$work/$name"
+    fi
+    echo "$(cd "$(dirname "$f")" && pwd)/$(basename "$f")"
+}
+bin=$(unpack "$bin" loractl)
+bench=$(unpack "$bench" lora-bench)
 
 nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv,noheader ||
     echo "gpu-check: nvidia-smi failed (no driver?)" >&2
@@ -35,7 +54,11 @@ nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv
 # CUDA 13. Use the system's when the loader finds them; otherwise look in the usual toolkit and
 # Python wheel folders (PyTorch's CUDA 13 wheels carry them). Never a `stubs` folder: its
 # libcuda sees no GPU.
-missing() { LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-} ldd "$bin" | awk '/not found/ { print $1 }'; }
+missing() {
+    for b in "$bin" "$bench"; do
+        LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-} ldd "$b" | awk '/not found/ { print $1 }'
+    done | sort -u
+}
 if [[ -n $(missing) ]]; then
     candidates=(/usr/local/cuda-13*/lib64 /usr/local/cuda-13*/targets/*/lib /usr/local/cuda/lib64
         /usr/lib/x86_64-linux-gnu)
@@ -155,5 +178,41 @@ for file in sorted(names):
     ok &= rel <= 5e-2 and share >= 0.99
 print("  gpu vs cpu:", "ok" if ok else "FAILED")
 sys.exit(0 if ok else 1)
+PY
+
+echo "== one LoRA training step, sd15 UNet config (batch 1, 32x32 latent, f32): GPU"
+ours=$(timeout 150 "$bench" sd15 --device cuda --steps "$BENCH_STEPS" --warmup 3)
+echo "  loractl: $ours"
+theirs=""
+if "$PYTHON" -c 'import sys, torch, diffusers, peft; sys.exit(0 if torch.cuda.is_available() else 1)' \
+    >"$work/python-check.log" 2>&1; then
+    theirs=$(timeout 150 "$PYTHON" scripts/bench/torch_step.py sd15 --device cuda \
+        --steps "$BENCH_STEPS" --warmup 3)
+    echo "  pytorch: $theirs"
+else
+    echo "  pytorch: skipped: $PYTHON lacks torch with CUDA, diffusers or peft" \
+        "($(tail -n1 "$work/python-check.log"))"
+fi
+"$PYTHON" - "$ours" "$theirs" <<'PY'
+"""loractl's step next to PyTorch's: time ratio (above 1: loractl slower) and GPU memory."""
+import json, sys
+
+a = json.loads(sys.argv[1])
+b = json.loads(sys.argv[2]) if sys.argv[2] else None
+mib = lambda v: "-" if v is None else f"{v:.0f}"
+print(f'  {"config":<6} {"loractl_ms":>10} {"pytorch_ms":>10} {"ratio":>6} '
+      f'{"loractl_gpu_MiB":>15} {"pytorch_gpu_MiB":>15}')
+if b is None:
+    print(f'  {a["config"]:<6} {a["step_ms"]:10.1f} {"-":>10} {"-":>6} '
+          f'{mib(a.get("gpu_used_peak_mib")):>15} {"-":>15}')
+    sys.exit(0)
+print(f'  {a["config"]:<6} {a["step_ms"]:10.1f} {b["step_ms"]:10.1f} '
+      f'{a["step_ms"] / b["step_ms"]:6.2f} {mib(a.get("gpu_used_peak_mib")):>15} '
+      f'{mib(b.get("peak_gpu_mib")):>15}')
+print("  (loractl: the GPU's used memory sampled at the step's peak, context included;"
+      " pytorch: its allocator's peak of live tensors)")
+if a["lora_modules"] != b["lora_modules"]:
+    sys.exit(f'the two steps train different LoRA modules: {a["lora_modules"]} vs '
+             f'{b["lora_modules"]}')
 PY
 echo "gpu-check.sh: ok"

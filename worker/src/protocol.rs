@@ -47,7 +47,8 @@ pub enum ChildMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         name: Option<String>,
     },
-    /// `host:port` where this rank's collective backend listens; the rank then waits for
+    /// What this rank's collective backend announces (`host:port` of a TCP ring listener, or
+    /// `nccl[:<id>]`: see `loractl_collective::rendezvous`); the rank then waits for
     /// [`ParentMessage::Peers`] on stdin.
     Rendezvous { address: String },
 }

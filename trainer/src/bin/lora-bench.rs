@@ -2,8 +2,12 @@
 //! `scripts/bench/unet_configs.json` and prints one JSON line, like `scripts/bench/torch_step.py`
 //! does for diffusers + peft. `scripts/bench/run.sh` runs both side by side.
 //!
-//! Usage: lora-bench CONFIG [--steps N] [--warmup N] [--rank R] [--alpha A]
+//! Usage: lora-bench CONFIG [--steps N] [--warmup N] [--rank R] [--alpha A] [--device D]
 //!        lora-bench --load CHECKPOINT   (load time and memory of a base model)
+//!
+//! `--device cuda` (or `cuda:N`) runs the step on a GPU; that needs the binary built with the
+//! trainer's `cuda` feature (`LORACTL_CUDA_BENCH_OUT=... scripts/cuda/build.sh`). On a GPU each
+//! step ends with a device synchronisation before its time is taken.
 
 use std::time::Instant;
 
@@ -60,6 +64,7 @@ fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let mut name = None;
     let (mut steps, mut warmup, mut rank, mut alpha) = (5usize, 1usize, 8usize, 8f64);
+    let mut device = "cpu".to_string();
     while let Some(a) = args.next() {
         let mut val = |flag: &str| args.next().ok_or_else(|| anyhow!("{flag} needs a value"));
         match a.as_str() {
@@ -67,9 +72,13 @@ fn main() -> anyhow::Result<()> {
             "--warmup" => warmup = val("--warmup")?.parse()?,
             "--rank" => rank = val("--rank")?.parse()?,
             "--alpha" => alpha = val("--alpha")?.parse()?,
+            "--device" => device = val("--device")?,
             "--load" => return load_report(std::path::Path::new(&val("--load")?)),
             "-h" | "--help" => {
-                println!("usage: lora-bench tiny|small|sd15 [--steps N] [--warmup N] [--rank R] [--alpha A]");
+                println!(
+                    "usage: lora-bench tiny|small|sd15 [--steps N] [--warmup N] [--rank R] \
+                     [--alpha A] [--device cpu|cuda|cuda:N]"
+                );
                 return Ok(());
             }
             s if !s.starts_with('-') && name.is_none() => name = Some(s.to_string()),
@@ -94,7 +103,7 @@ fn main() -> anyhow::Result<()> {
     let (h, w) = (dim(&spec["latent"], 0)?, dim(&spec["latent"], 1)?);
     let (seq, ctx_dim) = (dim(&spec["context"], 0)?, dim(&spec["context"], 1)?);
 
-    let dev = Device::Cpu;
+    let dev = open_device(&device)?;
     let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, dev.clone());
     let unet = UNet2DConditionModel::new(&cfg, &Builder::new(vb, "lora_unet"))?;
     let lora_cfg = LoraConfig {
@@ -120,14 +129,20 @@ fn main() -> anyhow::Result<()> {
     let ctx = Tensor::randn(0f32, 1., (1, seq, ctx_dim), &dev)?;
     let target = Tensor::randn(0f32, 1., (1, 4, h, w), &dev)?;
     let mut times = Vec::new();
+    let mut gpu_used = GpuMemory::default();
+    dev.synchronize()?;
     for i in 0..warmup + steps {
         let t = Tensor::new(&[((i * 397) % 1000) as u32], &dev)?;
         let start = Instant::now();
         let out = unet.forward(&x, &t, &ctx)?;
         let loss = (out - &target)?.sqr()?.mean_all()?;
+        // The forward pass's activations are all alive here: the step's memory peak.
+        gpu_used.sample(&dev);
         let grads = loss.backward()?;
+        gpu_used.sample(&dev);
         opt.step(&grads)?;
         drop(grads);
+        dev.synchronize()?;
         if i >= warmup {
             times.push(start.elapsed().as_secs_f64() * 1000.0);
         }
@@ -137,15 +152,64 @@ fn main() -> anyhow::Result<()> {
     let out = serde_json::json!({
         "impl": "loractl",
         "config": name,
+        "device": device,
         "step_ms": median,
         "step_ms_min": times[0],
         "peak_rss_mib": peak_rss_mib(),
+        "gpu_used_peak_mib": gpu_used.peak_mib(),
         "lora_modules": net.modules().len(),
         "lora_params": net.param_count(),
         "threads": rayon_threads(),
     });
     println!("{out}");
     Ok(())
+}
+
+/// `cpu`, `cuda` (GPU 0) or `cuda:N`.
+fn open_device(name: &str) -> anyhow::Result<Device> {
+    if name == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match name.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(n) => n
+            .strip_prefix(':')
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| anyhow!("--device `{name}`: use cpu, cuda or cuda:N"))?,
+        None => bail!("--device `{name}`: use cpu, cuda or cuda:N"),
+    };
+    if !cfg!(feature = "cuda") {
+        bail!(
+            "--device {name}: this lora-bench was built without CUDA; build one with \
+             LORACTL_CUDA_BENCH_OUT=target/cuda/lora-bench.gz scripts/cuda/build.sh"
+        );
+    }
+    Device::new_cuda(ordinal).with_context(|| format!("--device {name}: cannot open the GPU"))
+}
+
+/// The GPU's used memory (all processes, as `nvidia-smi` shows it), sampled at the step's
+/// high points: an upper bound of what the step needs, not an allocator's exact peak.
+#[derive(Default)]
+struct GpuMemory {
+    peak: Option<usize>,
+}
+
+impl GpuMemory {
+    #[cfg(feature = "cuda")]
+    fn sample(&mut self, dev: &Device) {
+        let Device::Cuda(gpu) = dev else { return };
+        if let Ok((free, total)) = gpu.cuda_stream().context().mem_get_info() {
+            let used = total.saturating_sub(free);
+            self.peak = Some(self.peak.map_or(used, |p| p.max(used)));
+        }
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn sample(&mut self, _dev: &Device) {}
+
+    fn peak_mib(&self) -> Option<f64> {
+        self.peak.map(|b| b as f64 / 1048576.0)
+    }
 }
 
 fn rayon_threads() -> usize {
