@@ -273,7 +273,7 @@ impl TryFrom<pb::Job> for Job {
             latest_checkpoint: nested_opt(value.latest_checkpoint, "latest_checkpoint")?,
             updated_at: value.updated_at_unix_ms,
             waiting_reason: value.waiting_reason,
-            progress: nested_opt(value.progress, "progress")?,
+            progress: nested_opt::<_, Progress>(value.progress, "progress")?.map(Box::new),
         })
     }
 }
@@ -297,7 +297,7 @@ impl From<Job> for pb::Job {
             latest_checkpoint: value.latest_checkpoint.map(Into::into),
             updated_at_unix_ms: value.updated_at,
             waiting_reason: value.waiting_reason,
-            progress: value.progress.map(Into::into),
+            progress: value.progress.map(|p| (*p).into()),
         }
     }
 }

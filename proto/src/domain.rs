@@ -283,7 +283,7 @@ pub struct Job {
     /// Live view (not stored): why a pending job is not placed yet; empty otherwise.
     pub waiting_reason: String,
     /// Live view (not stored): the latest progress of the current attempt, from rank 0.
-    pub progress: Option<Progress>,
+    pub progress: Option<Box<Progress>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

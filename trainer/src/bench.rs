@@ -19,6 +19,14 @@ use crate::weights::RandomWeights;
 /// them too.
 pub const CONFIGS: &str = include_str!("../../scripts/bench/unet_configs.json");
 
+/// What one step trains on.
+pub struct BenchInputs {
+    batch: usize,
+    x: Tensor,
+    context: Tensor,
+    target: Tensor,
+}
+
 /// A UNet with a LoRA and its optimizer, ready to time steps.
 pub struct BenchModel {
     pub name: String,
@@ -87,21 +95,29 @@ impl BenchModel {
         })
     }
 
-    /// Forward and backward of an MSE loss on random latents for `batch` samples; step `i`
-    /// picks the timesteps.
-    pub fn forward_backward(&self, batch: usize, i: usize) -> Result<GradStore> {
+    /// Random latents, text context and targets for `batch` samples, made once and reused by
+    /// every step so that the steps time the model alone.
+    pub fn inputs(&self, batch: usize) -> Result<BenchInputs> {
         let (h, w) = self.latent;
         let (seq, dim) = self.context;
-        let x = Tensor::randn(0f32, 1., (batch, 4, h, w), &self.device)?;
-        let ctx = Tensor::randn(0f32, 1., (batch, seq, dim), &self.device)?;
-        let target = Tensor::randn(0f32, 1., (batch, 4, h, w), &self.device)?;
+        Ok(BenchInputs {
+            batch,
+            x: Tensor::randn(0f32, 1., (batch, 4, h, w), &self.device)?,
+            context: Tensor::randn(0f32, 1., (batch, seq, dim), &self.device)?,
+            target: Tensor::randn(0f32, 1., (batch, 4, h, w), &self.device)?,
+        })
+    }
+
+    /// The forward pass and its MSE loss; step `i` picks the timesteps (sample `b` of step
+    /// `i` gets `(i * batch + b) * 397 mod 1000`).
+    pub fn loss(&self, inputs: &BenchInputs, i: usize) -> Result<Tensor> {
+        let batch = inputs.batch;
         let t: Vec<u32> = (0..batch)
             .map(|b| (((i * batch + b) * 397) % 1000) as u32)
             .collect();
         let t = Tensor::new(t.as_slice(), &self.device)?;
-        let out = self.unet.forward(&x, &t, &ctx)?;
-        let loss = (out - &target)?.sqr()?.mean_all()?;
-        Ok(loss.backward()?)
+        let out = self.unet.forward(&inputs.x, &t, &inputs.context)?;
+        Ok((out - &inputs.target)?.sqr()?.mean_all()?)
     }
 
     /// The LoRA gradients of `grads` as one flat buffer (zeros where a variable has none).
@@ -134,6 +150,10 @@ impl BenchModel {
             offset += n;
         }
         Ok(())
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// The optimizer step.

@@ -214,7 +214,7 @@ pub fn job_json(job: &Job) -> Value {
         "batch_per_rank": parallel.as_ref().map(|p| p.batch_per_rank),
         "gradient_accumulation_steps": parallel.as_ref().map(|p| p.accumulation),
         "global_batch": parallel.as_ref().and_then(Parallelism::global_batch),
-        "progress": job.progress.as_ref().map(progress_json),
+        "progress": job.progress.as_deref().map(progress_json),
         "placement": job.placement.iter().map(|r| json!({
             "rank": r.rank,
             "worker_id": r.worker_id.as_str(),

@@ -538,7 +538,7 @@ impl<S: Store> Actor<S> {
         job.progress = self
             .logs
             .get(&job.id)
-            .and_then(|l| l.progress.clone())
+            .and_then(|l| l.progress.clone().map(Box::new))
             .filter(|p| p.attempt == job.attempt);
         job
     }

@@ -197,11 +197,12 @@ fn child(a: &Args, rank: usize, world: usize) -> anyhow::Result<()> {
         Box::new(listener.connect(&peers)?)
     };
     let mut model = BenchModel::build(&a.config, a.lora_rank, a.lora_rank as f64, &Device::Cpu)?;
+    let inputs = model.inputs(a.batch)?;
     let (mut steps, mut reduces) = (Vec::new(), Vec::new());
     for i in 0..a.warmup + a.steps {
         let start = Instant::now();
-        // Every rank draws other samples: rank r takes the r-th share of step i.
-        let mut grads = model.forward_backward(a.batch, i * world + rank)?;
+        // Every rank draws other timesteps: rank r takes the r-th share of step i.
+        let mut grads = model.loss(&inputs, i * world + rank)?.backward()?;
         let reduce = Instant::now();
         if world > 1 {
             let mut flat = model.flatten(&grads)?;

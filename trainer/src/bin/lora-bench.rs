@@ -12,26 +12,8 @@
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context};
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use loractl_trainer::lora::{LoraConfig, LoraNetwork};
-use loractl_trainer::nn::Builder;
-use loractl_trainer::optim::{AdamW, AdamWConfig};
-use loractl_trainer::unet::{UNet2DConditionModel, UNetConfig};
-use loractl_trainer::weights::RandomWeights;
-
-const CONFIGS: &str = include_str!("../../../scripts/bench/unet_configs.json");
-
-/// A `/proc/self/status` figure in MiB (`VmHWM` = peak resident, `RssAnon` = resident
-/// anonymous memory, i.e. not file pages of memory-mapped weights).
-fn status_mib(key: &str) -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
+use candle_core::Device;
+use loractl_trainer::bench::{median, rayon_threads, status_mib, BenchModel};
 
 fn peak_rss_mib() -> f64 {
     status_mib("VmHWM:")
@@ -89,76 +71,38 @@ fn main() -> anyhow::Result<()> {
     if steps == 0 {
         bail!("--steps must be at least 1");
     }
-    let all: serde_json::Value = serde_json::from_str(CONFIGS)?;
-    let spec = all
-        .get(&name)
-        .ok_or_else(|| anyhow!("unknown config `{name}`: tiny, small or sd15"))?;
-    let cfg = UNetConfig::from_json(&spec["unet"].to_string(), &name)?;
-    let dim = |v: &serde_json::Value, i: usize| -> anyhow::Result<usize> {
-        v.get(i)
-            .and_then(|x| x.as_u64())
-            .map(|x| x as usize)
-            .context("bad config dims")
-    };
-    let (h, w) = (dim(&spec["latent"], 0)?, dim(&spec["latent"], 1)?);
-    let (seq, ctx_dim) = (dim(&spec["context"], 0)?, dim(&spec["context"], 1)?);
-
     let dev = open_device(&device)?;
-    let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, dev.clone());
-    let unet = UNet2DConditionModel::new(&cfg, &Builder::new(vb, "lora_unet"))?;
-    let lora_cfg = LoraConfig {
-        rank,
-        alpha,
-        train_text_encoder: false,
-        ..Default::default()
-    };
-    let net = LoraNetwork::new(&unet.sites(), &lora_cfg, &dev, 0)?;
-    // Non-zero up weights so the step does the same work as after the first update.
-    for m in net.modules() {
-        m.up.set(&(m.up.as_tensor().randn_like(0.0, 0.01)?))?;
-    }
-    net.apply();
-    let mut opt = AdamW::new(
-        net.vars(),
-        AdamWConfig {
-            lr: 1e-4,
-            ..Default::default()
-        },
-    )?;
-    let x = Tensor::randn(0f32, 1., (1, 4, h, w), &dev)?;
-    let ctx = Tensor::randn(0f32, 1., (1, seq, ctx_dim), &dev)?;
-    let target = Tensor::randn(0f32, 1., (1, 4, h, w), &dev)?;
+    let mut model = BenchModel::build(&name, rank, alpha, &dev)?;
+    let inputs = model.inputs(1)?;
     let mut times = Vec::new();
     let mut gpu_used = GpuMemory::default();
     dev.synchronize()?;
     for i in 0..warmup + steps {
-        let t = Tensor::new(&[((i * 397) % 1000) as u32], &dev)?;
         let start = Instant::now();
-        let out = unet.forward(&x, &t, &ctx)?;
-        let loss = (out - &target)?.sqr()?.mean_all()?;
+        let loss = model.loss(&inputs, i)?;
         // The forward pass's activations are all alive here: the step's memory peak.
         gpu_used.sample(&dev);
         let grads = loss.backward()?;
         gpu_used.sample(&dev);
-        opt.step(&grads)?;
+        model.update(&grads)?;
         drop(grads);
         dev.synchronize()?;
         if i >= warmup {
             times.push(start.elapsed().as_secs_f64() * 1000.0);
         }
     }
-    times.sort_by(|a, b| a.total_cmp(b));
-    let median = times[times.len() / 2];
+    let step_ms_min = times.iter().copied().fold(f64::INFINITY, f64::min);
+    let step_ms = median(&mut times);
     let out = serde_json::json!({
         "impl": "loractl",
         "config": name,
         "device": device,
-        "step_ms": median,
-        "step_ms_min": times[0],
+        "step_ms": step_ms,
+        "step_ms_min": step_ms_min,
         "peak_rss_mib": peak_rss_mib(),
         "gpu_used_peak_mib": gpu_used.peak_mib(),
-        "lora_modules": net.modules().len(),
-        "lora_params": net.param_count(),
+        "lora_modules": model.net.modules().len(),
+        "lora_params": model.net.param_count(),
         "threads": rayon_threads(),
     });
     println!("{out}");
@@ -210,11 +154,4 @@ impl GpuMemory {
     fn peak_mib(&self) -> Option<f64> {
         self.peak.map(|b| b as f64 / 1048576.0)
     }
-}
-
-fn rayon_threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
