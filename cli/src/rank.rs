@@ -354,7 +354,7 @@ fn rank_device() -> Result<candle_core::Device, ExitCode> {
 fn assigned_gpu(gpus: &str) -> Result<candle_core::Device, ExitCode> {
     Err(bad_config(format!(
         "the worker gave this rank GPU {gpus} (CUDA_VISIBLE_DEVICES), but this loractl was \
-         built without CUDA: the worker's rank_command for GPU ranks must be a CUDA build of \
+         built without CUDA: the worker's gpu_rank_command (else its rank_command) must be a CUDA build of \
          loractl (scripts/cuda/build.sh)"
     )))
 }

@@ -119,7 +119,7 @@ pub async fn start(opts: &UpOptions) -> anyhow::Result<Cluster> {
         }
     }
     let rank = std::env::current_exe().context("finding this loractl binary for `rank`")?;
-    let worker_config = WorkerConfig {
+    let mut worker_config = WorkerConfig {
         coordinator: address.clone(),
         name: Some("local".into()),
         gpus: opts.gpus.clone(),
@@ -132,7 +132,17 @@ pub async fn start(opts: &UpOptions) -> anyhow::Result<Cluster> {
         ..WorkerConfig::default()
     };
     worker_config.validate()?;
-    let gpus = loractl_worker::gpu::discover(&worker_config.gpu_selection(), 0)?;
+    let mut gpus = loractl_worker::gpu::discover(&worker_config.gpu_selection(), 0)?;
+    if !cfg!(feature = "cuda") && !gpus.is_empty() {
+        // Its ranks would refuse them: this binary is also the worker's rank program.
+        eprintln!(
+            "note: this loractl was built without CUDA, so the local worker offers the CPU only \
+             (not its {} GPU(s)); build the CUDA one with scripts/cuda/build.sh",
+            gpus.len()
+        );
+        gpus.clear();
+        worker_config.gpus = "cpu".into();
+    }
     let worker_gpus = gpus.len();
     let daemon = Daemon::new(worker_config, gpus, opts.token.clone(), None)?;
     let (stop_worker, worker_stopped) = oneshot::channel::<()>();
