@@ -149,9 +149,7 @@ fn a_worker_killed_under_a_two_rank_job_fails_the_attempt_and_the_job_resumes() 
     for name in ["one", "two", "three"] {
         let mut setup = WorkerSetup::cpu(name);
         // A silent peer fails the collective after this long (600 s by default).
-        setup
-            .env
-            .push(("LORACTL_COLLECTIVE_TIMEOUT_SECS", "15".to_owned()));
+        setup.config.push("collective_timeout_secs = 15".to_owned());
         cluster.add_worker(setup).unwrap();
     }
     let spec = job(&cluster.path("dp"), 12, 1, 2).unwrap();
@@ -218,12 +216,16 @@ fn a_two_rank_job_on_one_cpu_worker_trains_the_single_rank_lora() {
     assert_two_ranks_train_the_single_rank_lora(&cluster, &id, "2 ranks on one worker");
 }
 
-/// The pid of the rank process running `rank` of job `id`, found by its environment.
-fn rank_pid(id: &str, rank: u32) -> Option<i32> {
+/// The pid of the rank process running `rank` of job `id` of `cluster`, found by its
+/// environment: its output folder lies in the cluster's folder (other tests' clusters number
+/// their jobs from j1 too).
+fn rank_pid(cluster: &Cluster, id: &str, rank: u32) -> Option<i32> {
     let wanted = [
         format!("LORACTL_JOB_ID={id}"),
         format!("LORACTL_RANK={rank}"),
     ];
+    let ours = format!("LORACTL_OUTPUT_DIR={}/", cluster.path("").display());
+    let ours = ours.replace("//", "/");
     std::fs::read_dir("/proc")
         .ok()?
         .flatten()
@@ -231,10 +233,8 @@ fn rank_pid(id: &str, rank: u32) -> Option<i32> {
             let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
             let environ = std::fs::read(entry.path().join("environ")).ok()?;
             let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
-            wanted
-                .iter()
-                .all(|w| vars.contains(&w.as_bytes()))
-                .then_some(pid)
+            let in_cluster = vars.iter().any(|v| v.starts_with(ours.as_bytes()));
+            (in_cluster && wanted.iter().all(|w| vars.contains(&w.as_bytes()))).then_some(pid)
         })
 }
 
@@ -242,17 +242,15 @@ fn rank_pid(id: &str, rank: u32) -> Option<i32> {
 fn a_rank_killed_while_its_worker_lives_fails_the_attempt_and_the_job_resumes() {
     let mut cluster = Cluster::start(Some(TOKEN)).unwrap();
     let mut setup = WorkerSetup::cpu("box");
-    setup
-        .env
-        .push(("LORACTL_COLLECTIVE_TIMEOUT_SECS", "15".to_owned()));
+    setup.config.push("collective_timeout_secs = 15".to_owned());
     cluster.add_worker(setup).unwrap();
     let spec = one_worker_job(&cluster.path("dp"), 12, 2).unwrap();
     let id = submitted_id(&cluster.run(&["submit", spec.to_str().unwrap()]));
     cluster.wait_job(&id, "a checkpoint stored", |j| {
         state(j) == "running" && !j["latest_checkpoint"].is_null()
     });
-    let pid =
-        rank_pid(&id, 1).unwrap_or_else(|| panic!("no process of rank 1\n{}", cluster.logs()));
+    let pid = rank_pid(&cluster, &id, 1)
+        .unwrap_or_else(|| panic!("no process of rank 1\n{}", cluster.logs()));
     let killed = std::process::Command::new("kill")
         .args(["-9", &pid.to_string()])
         .status()
