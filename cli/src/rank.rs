@@ -15,10 +15,8 @@ use loractl_spec::JobSpec;
 use loractl_trainer::confine::AllowedRoots;
 use loractl_trainer::run::{self, RunEvent, RunOptions, RunResult};
 use loractl_trainer::ErrorKind;
-use loractl_worker::protocol::{ArtifactKindName, ChildMessage, ParentMessage};
-
-/// Optimizer steps between checkpoints when the job does not say (`LORACTL_CHECKPOINT_STEPS`).
-const DEFAULT_CHECKPOINT_STEPS: usize = 10;
+use loractl_worker::config::defaults;
+use loractl_worker::protocol::{env, split_paths, ArtifactKindName, ChildMessage, ParentMessage};
 
 fn env_path(name: &str) -> Option<PathBuf> {
     std::env::var_os(name)
@@ -31,29 +29,40 @@ fn bad_config(msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(EXIT_BAD_CONFIG as u8)
 }
 
-/// The base model as the spec names it, else a file or folder of that name in one of the
-/// worker's model directories.
-fn resolve_model(spec_path: &Path, model_dirs: &[PathBuf]) -> Option<PathBuf> {
-    if spec_path.exists() {
-        return Some(spec_path.to_path_buf());
+/// A number the worker set, else `default` when the variable is unset (a rank started by
+/// hand); a value that is not a positive number is an error naming the variable.
+fn env_number(name: &str, default: u64) -> Result<u64, String> {
+    match std::env::var(name) {
+        Err(_) => Ok(default),
+        Ok(v) => v
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| format!("{name} `{v}` is not a positive number")),
     }
-    let name = spec_path.file_name()?;
-    model_dirs.iter().map(|d| d.join(name)).find(|p| p.exists())
 }
 
 pub fn rank() -> anyhow::Result<ExitCode> {
-    let Some(spec_file) = env_path("LORACTL_SPEC") else {
-        return Ok(bad_config(
-            "LORACTL_SPEC is not set: `loractl rank` is started by loractl-worker",
-        ));
+    let Some(spec_file) = env_path(env::SPEC) else {
+        return Ok(bad_config(format!(
+            "{} is not set: `loractl rank` is started by loractl-worker",
+            env::SPEC
+        )));
     };
-    let Some(output_dir) = env_path("LORACTL_OUTPUT_DIR") else {
-        return Ok(bad_config("LORACTL_OUTPUT_DIR is not set"));
+    let Some(output_dir) = env_path(env::OUTPUT_DIR) else {
+        return Ok(bad_config(format!("{} is not set", env::OUTPUT_DIR)));
     };
-    let world: usize = std::env::var("LORACTL_WORLD_SIZE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
+    let numbers = (
+        env_number(env::WORLD_SIZE, 1),
+        env_number(env::CHECKPOINT_STEPS, defaults::CHECKPOINT_EVERY_N_STEPS),
+    );
+    let (world, every) = match numbers {
+        (Ok(world), Ok(every)) => (world as usize, every as usize),
+        (Err(e), _) | (_, Err(e)) => return Ok(bad_config(e)),
+    };
+    // The worker wrote this spec for this rank: every path resolved on this machine and
+    // confined to its folders (`loractl_worker::paths`).
     let spec = match JobSpec::from_file(&spec_file) {
         Ok(s) => s,
         Err(e) => return Ok(bad_config(e)),
@@ -62,36 +71,14 @@ pub fn rank() -> anyhow::Result<ExitCode> {
         Ok(s) => s,
         Err(e) => return Ok(bad_config(e)),
     };
-    let model_dirs: Vec<PathBuf> = std::env::var("LORACTL_MODEL_DIRS")
-        .unwrap_or_default()
-        .split(':')
-        .filter(|s| !s.is_empty())
-        .map(PathBuf::from)
-        .collect();
-    let model = &spec.spec.model.pretrained_model_name_or_path;
-    match resolve_model(model, &model_dirs) {
-        Some(p) => spec.spec.model.pretrained_model_name_or_path = p,
-        None => {
-            return Ok(bad_config(format!(
-                "model.pretrained_model_name_or_path `{}` is neither a path on this worker nor \
-                 in its model_dirs {:?}: give a model the worker can read",
-                model.display(),
-                model_dirs
-            )))
-        }
-    }
     spec.spec.output.output_dir = output_dir.clone();
-    spec.spec.output.resume = env_path("LORACTL_RESUME");
+    spec.spec.output.resume = env_path(env::RESUME);
     // Paths in a cluster job are absolute on the worker; relative ones are taken from the
     // rank's folder.
     let base = spec_file
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    let every = std::env::var("LORACTL_CHECKPOINT_STEPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(DEFAULT_CHECKPOINT_STEPS);
     let device = match rank_device() {
         Ok(d) => d,
         Err(code) => return Ok(code),
@@ -206,11 +193,6 @@ fn exit_code(kind: ErrorKind) -> u8 {
     }
 }
 
-/// Seconds a data-parallel rank waits for a silent peer before the attempt fails
-/// (`LORACTL_COLLECTIVE_TIMEOUT_SECS`). Generous: rank 0 alone writes LoRA files, states and
-/// preview samples while the others wait in the next all-reduce.
-const DEFAULT_COLLECTIVE_TIMEOUT_SECS: u64 = 600;
-
 /// This rank's backend for a world of several ranks: NCCL between GPU ranks (a `cuda`
 /// build), the TCP ring between CPU ranks. Every rank announces what it uses, so a job whose
 /// ranks disagree fails at the rendezvous with a sentence naming the odd rank.
@@ -228,19 +210,18 @@ fn join_collective(
 
 fn env_rank() -> anyhow::Result<usize> {
     use anyhow::Context;
-    let v = std::env::var("LORACTL_RANK").context("LORACTL_RANK is not set")?;
+    let v = std::env::var(env::RANK).with_context(|| format!("{} is not set", env::RANK))?;
     v.parse()
-        .with_context(|| format!("LORACTL_RANK `{v}` is not a number"))
+        .with_context(|| format!("{} `{v}` is not a number", env::RANK))
 }
 
+/// How long a collective waits for a silent peer: the worker's `collective_timeout_secs`.
 fn collective_timeout() -> anyhow::Result<std::time::Duration> {
-    use anyhow::Context;
-    let secs = match std::env::var("LORACTL_COLLECTIVE_TIMEOUT_SECS") {
-        Ok(v) => v
-            .parse()
-            .with_context(|| format!("LORACTL_COLLECTIVE_TIMEOUT_SECS `{v}` is not a number"))?,
-        Err(_) => DEFAULT_COLLECTIVE_TIMEOUT_SECS,
-    };
+    let secs = env_number(
+        env::COLLECTIVE_TIMEOUT_SECS,
+        defaults::COLLECTIVE_TIMEOUT_SECS,
+    )
+    .map_err(anyhow::Error::msg)?;
     Ok(std::time::Duration::from_secs(secs))
 }
 
@@ -263,14 +244,14 @@ fn meet_peers(announcement: &Announcement) -> anyhow::Result<Vec<String>> {
     )
 }
 
-/// Binds this rank's end of the TCP ring on `LORACTL_RING_HOST` (the address the worker's
+/// Binds this rank's end of the TCP ring on the worker's ring host (the address the worker's
 /// peers reach it at), announces it, and connects the ring to every rank's address.
 fn join_ring(world: usize) -> anyhow::Result<TcpRing> {
     use anyhow::Context;
     let var = |name: &str| std::env::var(name).with_context(|| format!("{name} is not set"));
     let rank = env_rank()?;
-    let token = format!("{}/{}", var("LORACTL_JOB_ID")?, var("LORACTL_ATTEMPT")?);
-    let host = std::env::var("LORACTL_RING_HOST")
+    let token = format!("{}/{}", var(env::JOB_ID)?, var(env::ATTEMPT)?);
+    let host = std::env::var(env::RING_HOST)
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "127.0.0.1".into());
@@ -313,14 +294,12 @@ fn join_nccl(
     Ok(Nccl::init(&ctx, &id, config)?)
 }
 
-/// The folders a rank may read data from: the worker's `LORACTL_DATA_DIRS`, else the spec's
+/// The folders a rank may read data from: the worker's data folders, else the spec's
 /// own dataset folders and prompt file. Every file is checked when opened, so a link inside a
 /// dataset cannot lead out.
 fn data_roots(spec: &loractl_spec::ResolvedSpec, base: &Path) -> AllowedRoots {
-    if let Some(dirs) = std::env::var_os("LORACTL_DATA_DIRS") {
-        return AllowedRoots::only(
-            std::env::split_paths(&dirs).filter(|p| !p.as_os_str().is_empty()),
-        );
+    if let Some(dirs) = std::env::var_os(env::DATA_DIRS) {
+        return AllowedRoots::only(split_paths(&dirs));
     }
     let s = &spec.spec;
     let listed = [
@@ -421,6 +400,28 @@ fn die_by_sigterm() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_trainer_reads_the_gpu_memory_the_worker_writes() {
+        assert_eq!(loractl_trainer::run::GPU_MEMORY_ENV, env::GPU_MEMORY_BYTES);
+    }
+
+    #[test]
+    fn numbers_from_the_worker_must_be_positive() {
+        let name = "LORACTL_TEST_NUMBER_OF_RANK_RS";
+        assert_eq!(env_number(name, 7), Ok(7), "unset: the default");
+        for (value, ok) in [("3", Some(3)), ("0", None), ("-1", None), ("two", None)] {
+            // SAFETY: this variable is read by this test only.
+            unsafe { std::env::set_var(name, value) };
+            let got = env_number(name, 7);
+            assert_eq!(got.as_ref().ok().copied(), ok, "{value}: {got:?}");
+            if let Err(e) = got {
+                assert!(e.contains(name) && e.contains(value), "{e}");
+            }
+        }
+        // SAFETY: as above.
+        unsafe { std::env::remove_var(name) };
+    }
     use loractl_trainer::Error;
 
     /// The trainer replaces its state file at every checkpoint (write aside, rename over); the

@@ -153,6 +153,8 @@ pub struct WorkerSetup<'a> {
     pub data_dirs: Vec<PathBuf>,
     /// Extra environment for the worker and its ranks.
     pub env: Vec<(&'a str, String)>,
+    /// Extra lines of the worker's TOML config, e.g. `collective_timeout_secs = 15`.
+    pub config: Vec<String>,
 }
 
 impl<'a> WorkerSetup<'a> {
@@ -163,6 +165,7 @@ impl<'a> WorkerSetup<'a> {
             script: None,
             data_dirs: Vec::new(),
             env: Vec::new(),
+            config: Vec::new(),
         }
     }
 }
@@ -381,13 +384,18 @@ impl Cluster {
             "coordinator = \"{address}\"\nname = \"{name}\"\ngpus = \"{gpus}\"\n\
              simulated_gpus = {simulated}\nwork_dir = {work}\ncache_dir = {cache}\n\
              model_dirs = [{models}]\ndata_dirs = [{data}]\nrank_command = {rank_command}\n\
-             stop_grace_secs = 5\n",
+             stop_grace_secs = 5\ncheckpoint_every_n_steps = 2\n{extra}",
             address = self.address(),
             name = setup.name,
             work = quote(&root.join("work")),
             cache = quote(&root.join("cache")),
             models = quote(&model_dir),
             data = data_dirs.join(", "),
+            extra = setup
+                .config
+                .iter()
+                .map(|line| format!("{line}\n"))
+                .collect::<String>(),
         );
         let config_path = root.join("worker.toml");
         std::fs::write(&config_path, config)?;
@@ -398,9 +406,8 @@ impl Cluster {
             .env_remove("LORACTL_TOKEN")
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
-            // Ranks inherit these: frequent checkpoints, and glibc keeping freed training
-            // buffers instead of faulting them back in every step.
-            .env("LORACTL_CHECKPOINT_STEPS", "2")
+            // Ranks inherit these: glibc keeping freed training buffers instead of faulting
+            // them back in every step.
             .env("MALLOC_MMAP_THRESHOLD_", "4294967296")
             .env("MALLOC_TRIM_THRESHOLD_", "8589934592");
         if let Some(token) = &self.token {

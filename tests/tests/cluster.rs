@@ -162,6 +162,7 @@ fn two_workers_run_two_jobs_at_once_and_a_three_worker_job_waits_for_a_third_wor
         script: Some(HOLD),
         data_dirs: vec![datasets.clone()],
         env: vec![("RELEASE", release.display().to_string())],
+        config: Vec::new(),
     };
     cluster.add_worker(worker("left", 1)).unwrap();
     cluster.add_worker(worker("right", 1)).unwrap();

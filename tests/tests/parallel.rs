@@ -149,9 +149,7 @@ fn a_worker_killed_under_a_two_rank_job_fails_the_attempt_and_the_job_resumes() 
     for name in ["one", "two", "three"] {
         let mut setup = WorkerSetup::cpu(name);
         // A silent peer fails the collective after this long (600 s by default).
-        setup
-            .env
-            .push(("LORACTL_COLLECTIVE_TIMEOUT_SECS", "15".to_owned()));
+        setup.config.push("collective_timeout_secs = 15".to_owned());
         cluster.add_worker(setup).unwrap();
     }
     let spec = job(&cluster.path("dp"), 12, 1, 2).unwrap();
@@ -244,9 +242,7 @@ fn rank_pid(cluster: &Cluster, id: &str, rank: u32) -> Option<i32> {
 fn a_rank_killed_while_its_worker_lives_fails_the_attempt_and_the_job_resumes() {
     let mut cluster = Cluster::start(Some(TOKEN)).unwrap();
     let mut setup = WorkerSetup::cpu("box");
-    setup
-        .env
-        .push(("LORACTL_COLLECTIVE_TIMEOUT_SECS", "15".to_owned()));
+    setup.config.push("collective_timeout_secs = 15".to_owned());
     cluster.add_worker(setup).unwrap();
     let spec = one_worker_job(&cluster.path("dp"), 12, 2).unwrap();
     let id = submitted_id(&cluster.run(&["submit", spec.to_str().unwrap()]));

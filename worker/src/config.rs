@@ -31,6 +31,11 @@ pub mod defaults {
     /// The `loractl` CLI runs one rank of a job (`loractl rank`, reading `LORACTL_*`).
     pub const RANK_COMMAND: &[&str] = &["loractl", "rank"];
     pub const STOP_GRACE_SECS: u64 = 30;
+    /// A resumable checkpoint every 10 optimizer steps: a retry repeats at most 10 steps.
+    pub const CHECKPOINT_EVERY_N_STEPS: u64 = 10;
+    /// Generous: rank 0 alone writes LoRA files, states and preview samples while the other
+    /// ranks wait in the next all-reduce.
+    pub const COLLECTIVE_TIMEOUT_SECS: u64 = 600;
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -74,6 +79,11 @@ pub struct WorkerConfig {
     pub tls_domain: Option<String>,
     /// Seconds a rank gets to exit after SIGTERM before its process group is killed.
     pub stop_grace_secs: u64,
+    /// Optimizer steps between a rank's resumable checkpoints (uploaded; a retry resumes from
+    /// the latest).
+    pub checkpoint_every_n_steps: u64,
+    /// Seconds a data-parallel rank waits for a silent peer before its attempt fails.
+    pub collective_timeout_secs: u64,
     /// Host or IP at which other workers' ranks reach this worker's ranks for the
     /// data-parallel ring (TCP); absent: the local address this machine uses to reach the
     /// coordinator (see [`WorkerConfig::ring_host`]).
@@ -103,6 +113,8 @@ impl Default for WorkerConfig {
                 .collect(),
             gpu_rank_command: None,
             stop_grace_secs: defaults::STOP_GRACE_SECS,
+            checkpoint_every_n_steps: defaults::CHECKPOINT_EVERY_N_STEPS,
+            collective_timeout_secs: defaults::COLLECTIVE_TIMEOUT_SECS,
             ring_host: None,
             labels: BTreeMap::new(),
         }
@@ -182,6 +194,18 @@ impl WorkerConfig {
             problem(
                 "gpus",
                 format!("{e}; use \"all\", \"cpu\" or indices like \"0,2\""),
+            );
+        }
+        if self.checkpoint_every_n_steps == 0 {
+            problem(
+                "checkpoint_every_n_steps",
+                "0: use e.g. 10 (a checkpoint every 10 optimizer steps)".into(),
+            );
+        }
+        if self.collective_timeout_secs == 0 {
+            problem(
+                "collective_timeout_secs",
+                "0: use e.g. 600; a rank waits this long for a silent peer".into(),
             );
         }
         let empty = |c: &[String]| c.first().is_none_or(|p| p.trim().is_empty());

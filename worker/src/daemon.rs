@@ -788,5 +788,7 @@ async fn prepare(
             .collect(),
         ring_host: config.ring_host(),
         gpu_memory_bytes: None,
+        checkpoint_every_n_steps: config.checkpoint_every_n_steps,
+        collective_timeout_secs: config.collective_timeout_secs,
     })
 }

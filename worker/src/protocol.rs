@@ -4,12 +4,69 @@
 //! worker answers on the rank's stdin with `@loractl {json}` lines ([`ParentMessage`]): the
 //! addresses of every rank once all joined. The rank program (the seam where training plugs
 //! in) prints with [`ChildMessage::to_line`] and reads with [`ParentMessage::parse`].
+//!
+//! The rank's environment is the other half of the contract: [`env`] names every variable
+//! the worker sets and the rank reads, and [`join_paths`] / [`split_paths`] write and read
+//! its folder lists, so neither side spells a name or a separator of its own.
 
+use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
 pub const PREFIX: &str = "@loractl ";
+
+/// The variables a rank is started with (see [`crate::rank`] for what the worker puts in
+/// them).
+pub mod env {
+    /// The job spec the rank runs: paths rewritten to this worker's folders and confined.
+    pub const SPEC: &str = "LORACTL_SPEC";
+    /// Where the rank writes (LoRA files, states, samples).
+    pub const OUTPUT_DIR: &str = "LORACTL_OUTPUT_DIR";
+    /// The checkpoint to resume from; unset for a fresh start.
+    pub const RESUME: &str = "LORACTL_RESUME";
+    pub const JOB_ID: &str = "LORACTL_JOB_ID";
+    pub const ATTEMPT: &str = "LORACTL_ATTEMPT";
+    pub const RANK: &str = "LORACTL_RANK";
+    pub const WORLD_SIZE: &str = "LORACTL_WORLD_SIZE";
+    /// The rank's index among the job's ranks on this worker, and their number.
+    pub const LOCAL_RANK: &str = "LORACTL_LOCAL_RANK";
+    pub const LOCAL_WORLD_SIZE: &str = "LORACTL_LOCAL_WORLD_SIZE";
+    /// Folder lists ([`super::join_paths`]): where models are, and the only folders data is
+    /// read from.
+    pub const MODEL_DIRS: &str = "LORACTL_MODEL_DIRS";
+    pub const DATA_DIRS: &str = "LORACTL_DATA_DIRS";
+    /// The host a data-parallel CPU rank binds and announces for the TCP ring.
+    pub const RING_HOST: &str = "LORACTL_RING_HOST";
+    /// The memory of the rank's GPU, for the memory check (the trainer reads it too).
+    pub const GPU_MEMORY_BYTES: &str = "LORACTL_GPU_MEMORY_BYTES";
+    /// Optimizer steps between checkpoints (the worker's `checkpoint_every_n_steps`).
+    pub const CHECKPOINT_STEPS: &str = "LORACTL_CHECKPOINT_STEPS";
+    /// Seconds a collective waits for a silent peer (the worker's `collective_timeout_secs`).
+    pub const COLLECTIVE_TIMEOUT_SECS: &str = "LORACTL_COLLECTIVE_TIMEOUT_SECS";
+    /// The coordinator's token: never passed to a rank.
+    pub const TOKEN: &str = "LORACTL_TOKEN";
+}
+
+/// A folder list as one variable (`:`-separated). A folder whose name holds the separator
+/// cannot be passed: the error names it.
+pub fn join_paths(paths: &[PathBuf]) -> Result<OsString, String> {
+    std::env::join_paths(paths).map_err(|e| {
+        let bad = paths
+            .iter()
+            .find(|p| p.to_string_lossy().contains(':'))
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        format!("folder `{bad}` cannot be passed to a rank: {e}")
+    })
+}
+
+/// The folders of a list written by [`join_paths`], empty entries left out.
+pub fn split_paths(value: &OsStr) -> Vec<PathBuf> {
+    std::env::split_paths(value)
+        .filter(|p| !p.as_os_str().is_empty())
+        .collect()
+}
 
 /// What the artifact is, as the rank announces it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +170,18 @@ pub fn parse_line(line: &str) -> Line {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn folder_lists_round_trip_and_a_separator_in_a_name_is_refused() {
+        let dirs = vec![PathBuf::from("/models"), PathBuf::from("/more models")];
+        let joined = join_paths(&dirs).unwrap();
+        assert_eq!(joined, "/models:/more models");
+        assert_eq!(split_paths(&joined), dirs);
+        assert_eq!(split_paths(OsStr::new("")), Vec::<PathBuf>::new());
+        assert_eq!(split_paths(OsStr::new("/a::/b")).len(), 2);
+        let err = join_paths(&[PathBuf::from("/a:b")]).unwrap_err();
+        assert!(err.contains("/a:b"), "{err}");
+    }
 
     #[test]
     fn messages_round_trip_and_text_stays_text() {

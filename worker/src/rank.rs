@@ -32,7 +32,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 
 use crate::error::{Error, Result};
-use crate::protocol::{self, ChildMessage, Line};
+use crate::protocol::{self, env, ChildMessage, Line};
 
 /// Where and how a rank runs.
 #[derive(Debug, Clone)]
@@ -50,6 +50,10 @@ pub struct Launch {
     /// Memory of the smallest GPU the rank gets, from NVML (`LORACTL_GPU_MEMORY_BYTES`: the
     /// rank refuses a job whose memory estimate exceeds it before loading any weight).
     pub gpu_memory_bytes: Option<u64>,
+    /// Optimizer steps between the rank's checkpoints (`LORACTL_CHECKPOINT_STEPS`).
+    pub checkpoint_every_n_steps: u64,
+    /// Seconds a collective waits for a silent peer (`LORACTL_COLLECTIVE_TIMEOUT_SECS`).
+    pub collective_timeout_secs: u64,
 }
 
 /// How a rank process ended.
@@ -138,38 +142,52 @@ impl RankProcess {
             rank: a.rank,
         };
         let program = launch.command.first().cloned().unwrap_or_default();
+        let folders = |dirs: &[PathBuf]| {
+            protocol::join_paths(dirs).map_err(|why| Error::Spawn {
+                command: launch.command.join(" "),
+                source: std::io::Error::other(why),
+            })
+        };
         let mut command = tokio::process::Command::new(&program);
         command
             .args(launch.command.iter().skip(1))
             .current_dir(&launch.output_dir)
             .env("CUDA_VISIBLE_DEVICES", join(&a.gpu_indices))
             .env("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-            .env("LORACTL_JOB_ID", a.job_id.as_str())
-            .env("LORACTL_ATTEMPT", a.attempt.to_string())
-            .env("LORACTL_RANK", a.rank.to_string())
-            .env("LORACTL_WORLD_SIZE", a.world_size.to_string())
-            .env("LORACTL_LOCAL_RANK", a.local_rank.to_string())
-            .env("LORACTL_LOCAL_WORLD_SIZE", a.local_world_size.to_string())
-            .env("LORACTL_SPEC", &launch.spec_path)
-            .env("LORACTL_OUTPUT_DIR", &launch.output_dir)
-            .env("LORACTL_MODEL_DIRS", join_paths(&launch.model_dirs))
-            .env("LORACTL_DATA_DIRS", join_paths(&launch.data_dirs))
-            .env("LORACTL_RING_HOST", &launch.ring_host)
-            .env_remove("LORACTL_RESUME")
-            .env_remove("LORACTL_TOKEN")
+            .env(env::JOB_ID, a.job_id.as_str())
+            .env(env::ATTEMPT, a.attempt.to_string())
+            .env(env::RANK, a.rank.to_string())
+            .env(env::WORLD_SIZE, a.world_size.to_string())
+            .env(env::LOCAL_RANK, a.local_rank.to_string())
+            .env(env::LOCAL_WORLD_SIZE, a.local_world_size.to_string())
+            .env(env::SPEC, &launch.spec_path)
+            .env(env::OUTPUT_DIR, &launch.output_dir)
+            .env(env::MODEL_DIRS, folders(&launch.model_dirs)?)
+            .env(env::DATA_DIRS, folders(&launch.data_dirs)?)
+            .env(env::RING_HOST, &launch.ring_host)
+            .env(
+                env::CHECKPOINT_STEPS,
+                launch.checkpoint_every_n_steps.to_string(),
+            )
+            .env(
+                env::COLLECTIVE_TIMEOUT_SECS,
+                launch.collective_timeout_secs.to_string(),
+            )
+            .env_remove(env::RESUME)
+            .env_remove(env::TOKEN)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
         if let Some(resume) = &launch.resume {
-            command.env("LORACTL_RESUME", resume);
+            command.env(env::RESUME, resume);
         }
         if let Some(threads) = cpu_threads(a, std::env::var("RAYON_NUM_THREADS").ok()) {
             command.env("RAYON_NUM_THREADS", threads.to_string());
         }
         match launch.gpu_memory_bytes {
-            Some(bytes) => command.env("LORACTL_GPU_MEMORY_BYTES", bytes.to_string()),
-            None => command.env_remove("LORACTL_GPU_MEMORY_BYTES"),
+            Some(bytes) => command.env(env::GPU_MEMORY_BYTES, bytes.to_string()),
+            None => command.env_remove(env::GPU_MEMORY_BYTES),
         };
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
@@ -337,14 +355,6 @@ fn join(indices: &[u32]) -> String {
         .join(",")
 }
 
-fn join_paths(paths: &[PathBuf]) -> String {
-    paths
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 /// Folder of one attempt of one rank under `work_dir`: `<job>/attempt-<n>/rank-<r>`.
 /// The compute threads of a CPU rank that shares this machine with other ranks of its job:
 /// the cores (or the worker's own `RAYON_NUM_THREADS`) split evenly, at least one each, so
@@ -395,6 +405,8 @@ mod tests {
             data_dirs: vec!["/data".into()],
             ring_host: "10.0.0.7".into(),
             gpu_memory_bytes: Some(80 << 30),
+            checkpoint_every_n_steps: 5,
+            collective_timeout_secs: 30,
         }
     }
 
@@ -425,6 +437,7 @@ mod tests {
         let script = r#"echo "gpus=$CUDA_VISIBLE_DEVICES order=$CUDA_DEVICE_ORDER"
 echo "job=$LORACTL_JOB_ID attempt=$LORACTL_ATTEMPT rank=$LORACTL_RANK/$LORACTL_WORLD_SIZE local=$LORACTL_LOCAL_RANK/$LORACTL_LOCAL_WORLD_SIZE"
 echo "models=$LORACTL_MODEL_DIRS data=$LORACTL_DATA_DIRS ring=$LORACTL_RING_HOST gpu_memory=$LORACTL_GPU_MEMORY_BYTES resume=$(basename $LORACTL_RESUME) token=${LORACTL_TOKEN:-none}"
+echo "checkpoints=$LORACTL_CHECKPOINT_STEPS collective_timeout=$LORACTL_COLLECTIVE_TIMEOUT_SECS"
 echo oops >&2
 echo '@loractl {"progress":{"step":4,"total_steps":8,"loss":0.5,"lr":0.001}}'"#;
         let (tx, rx) = mpsc::channel(64);
@@ -446,6 +459,10 @@ echo '@loractl {"progress":{"step":4,"total_steps":8,"loss":0.5,"lr":0.001}}'"#;
                 &"models=/models:/more data=/data ring=10.0.0.7 gpu_memory=85899345920 resume=resume.ckpt token=none"
                     .to_owned()
             ),
+            "{lines:?}"
+        );
+        assert!(
+            lines.contains(&"checkpoints=5 collective_timeout=30".to_owned()),
             "{lines:?}"
         );
         assert!(events.contains(&RankEvent::Log {
