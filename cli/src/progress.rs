@@ -124,6 +124,9 @@ impl Progress {
                     self.line(&format!("sample {}", p.display()));
                 }
             }
+            RunEvent::TrainingLog { path } => {
+                self.line(&format!("TensorBoard log {}", path.display()))
+            }
             RunEvent::Finished { .. } | RunEvent::Stopped { .. } => {}
         }
     }

@@ -132,6 +132,7 @@ pub fn rank() -> anyhow::Result<ExitCode> {
                     None
                 }
             },
+            RunEvent::TrainingLog { path } => Some(artifact(path, ArtifactKindName::TrainingLog)),
             RunEvent::Sampled { paths, .. } => {
                 for p in paths {
                     println!("{}", artifact(p, ArtifactKindName::SampleImage).to_line());

@@ -138,6 +138,7 @@ enum_conversions!(ArtifactKind, ArtifactKind, artifact_kind, [
     Lora <=> Lora,
     SampleImage <=> SampleImage,
     Checkpoint <=> Checkpoint,
+    TrainingLog <=> TrainingLog,
 ]);
 
 impl TryFrom<pb::Failure> for Failure {

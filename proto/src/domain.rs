@@ -363,6 +363,8 @@ pub enum ArtifactKind {
     Lora,
     SampleImage,
     Checkpoint,
+    /// A TensorBoard event file of the run (`logging.logging_dir`).
+    TrainingLog,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

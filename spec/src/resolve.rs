@@ -661,7 +661,6 @@ impl Checker {
         let (output_name, save_precision) = self.check_output(spec);
         let sampler = self.check_sample(spec);
         let gpus = self.check_resources(spec);
-        self.check_logging(spec);
 
         let opt = opt?;
         let (mixed_precision, loss, timesteps) = training?;
@@ -1750,16 +1749,6 @@ impl Checker {
             _ => {}
         }
         sampler
-    }
-
-    fn check_logging(&mut self, spec: &JobSpec) {
-        if spec.logging.logging_dir.is_some() {
-            self.err(
-                "logging.logging_dir",
-                "TensorBoard logs are not implemented yet, so nothing would be written there",
-                "remove logging_dir; `loractl train --json` prints the same scalars (loss/current, loss/average, lr/<group>, lr/d*lr/<group>) as JSON lines",
-            );
-        }
     }
 
     fn check_resources(&mut self, spec: &JobSpec) -> Option<Gpus> {

@@ -554,11 +554,6 @@ fn options_not_implemented_yet_are_refused_at_validation() {
         "not implemented yet",
     );
     refused(
-        &|s| s.logging.logging_dir = Some("log".into()),
-        "logging.logging_dir",
-        "not implemented yet",
-    );
-    refused(
         &|s| s.resources.workers = 65,
         "resources.workers",
         "between 1 and 64",

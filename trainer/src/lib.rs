@@ -35,6 +35,7 @@ pub mod run;
 pub mod sample;
 pub mod schedule;
 pub mod step;
+pub mod tensorboard;
 pub mod tokenizer;
 pub mod train;
 pub mod unet;

@@ -69,6 +69,8 @@ pub enum RunEvent {
     StateSaved { path: PathBuf, step: usize },
     /// Preview images were written.
     Sampled { paths: Vec<PathBuf>, step: usize },
+    /// The run's TensorBoard event file is complete (the run ended or stopped).
+    TrainingLog { path: PathBuf },
     /// The run reached `max_train_steps`; `path` is the final LoRA.
     Finished { path: PathBuf, steps: usize },
     /// The run was asked to stop; `state` resumes it.
@@ -941,10 +943,24 @@ struct RunHooks<'r, 'e> {
     checkpoint_every: Option<usize>,
     /// Rank 0 of a data-parallel run (or a run alone): the one rank that writes files.
     writer: bool,
+    /// The TensorBoard log of `logging.logging_dir` (rank 0 only).
+    tensorboard: Option<crate::tensorboard::EventWriter>,
     events: &'e mut dyn FnMut(&RunEvent),
 }
 
 impl RunHooks<'_, '_> {
+    /// sd-scripts' scalars of one optimizer step, or of an epoch (`epoch` set).
+    fn log_scalars(&mut self, step: usize, scalars: &[(String, f32)]) -> Result<()> {
+        let now = self.now() as f64;
+        let Some(tb) = self.tensorboard.as_mut() else {
+            return Ok(());
+        };
+        for (tag, value) in scalars {
+            tb.scalar(tag, *value, step as i64, now)?;
+        }
+        tb.flush()
+    }
+
     fn now(&self) -> u64 {
         self.fixed_time.unwrap_or_else(|| {
             SystemTime::now()
@@ -1067,6 +1083,15 @@ struct BoundHooks<'r, 'e, 's> {
 impl Hooks for BoundHooks<'_, '_, '_> {
     fn step_end(&mut self, t: &Trainer<'_>, e: &StepEvent) -> Result<Flow> {
         let h = &mut self.inner;
+        let mut scalars = vec![
+            ("loss/current".to_owned(), e.loss),
+            ("loss/average".to_owned(), e.loss_average),
+        ];
+        scalars.extend(e.lrs.iter().map(|(g, lr)| (format!("lr/{g}"), *lr as f32)));
+        for (g, d_lr) in e.d_lrs.iter().flatten() {
+            scalars.push((format!("lr/d*lr/{g}"), *d_lr as f32));
+        }
+        h.log_scalars(e.step, &scalars)?;
         (h.events)(&RunEvent::Step {
             step: e.step,
             total: e.total,
@@ -1102,6 +1127,11 @@ impl Hooks for BoundHooks<'_, '_, '_> {
 
     fn epoch_end(&mut self, t: &Trainer<'_>, e: &EpochEvent) -> Result<Flow> {
         let h = &mut self.inner;
+        // sd-scripts logs the epoch's loss at step = epoch number.
+        h.log_scalars(
+            e.epoch,
+            &[("loss/epoch_average".to_owned(), e.loss_average)],
+        )?;
         (h.events)(&RunEvent::Epoch {
             epoch: e.epoch,
             num_epochs: h.num_epochs,
@@ -1282,6 +1312,17 @@ fn run_with(
         loractl_spec::Sampler::EulerA => sample::SamplerKind::EulerAncestral,
     };
     let sp = &spec.spec.sample;
+    let tensorboard = match &spec.spec.logging.logging_dir {
+        Some(dir) if trainer.rank() == 0 => {
+            let tb =
+                crate::tensorboard::EventWriter::for_run(&resolve_path(base_dir, dir), started_at)?;
+            events(&RunEvent::Status {
+                message: format!("TensorBoard log: {}", tb.path().display()),
+            });
+            Some(tb)
+        }
+        _ => None,
+    };
     let mut hooks = BoundHooks {
         inner: RunHooks {
             spec,
@@ -1305,6 +1346,7 @@ fn run_with(
             state_as_file: ro.state_as_file,
             checkpoint_every: ro.checkpoint_every_n_steps.filter(|n| *n > 0),
             writer: trainer.rank() == 0,
+            tensorboard,
             events,
         },
         sd: &sd,
@@ -1316,6 +1358,11 @@ fn run_with(
     });
     let outcome = trainer.run(&mut hooks)?;
     let h = &mut hooks.inner;
+    if let Some(tb) = h.tensorboard.as_mut() {
+        tb.flush()?;
+        let path = tb.path().to_path_buf();
+        (h.events)(&RunEvent::TrainingLog { path });
+    }
     let pos = trainer.position();
     match outcome {
         Outcome::Finished => {

@@ -659,3 +659,64 @@ fn plan_refuses_a_job_larger_than_the_memory() -> anyhow::Result<()> {
     assert_eq!(run::mem_total("MemFree: 1 kB\n"), None);
     Ok(())
 }
+
+#[test]
+fn logging_dir_gets_a_tensorboard_log_with_kohyas_scalars() -> anyhow::Result<()> {
+    let dir = make_job_dir("tensorboard")?;
+    let text = job_toml("max_train_steps = 4", "[logging]\nlogging_dir = \"logs\"");
+    let (_, events) = run_job(&dir, &text, None)?;
+    let log = events
+        .iter()
+        .find_map(|e| match e {
+            RunEvent::TrainingLog { path } => Some(path.clone()),
+            _ => None,
+        })
+        .expect("the run announces its TensorBoard log");
+    // sd-scripts' layout: a run folder named by the start time, accelerate's project inside.
+    assert!(
+        log.starts_with(dir.join("logs/20231114221320/network_train")),
+        "{}",
+        log.display()
+    );
+    let file = loractl_trainer::tensorboard::read(&log)?;
+    let steps: Vec<(usize, f32, f32)> = events
+        .iter()
+        .filter_map(|e| match e {
+            RunEvent::Step {
+                step,
+                loss,
+                loss_average,
+                ..
+            } => Some((*step, *loss, *loss_average)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(steps.len(), 4);
+    let logged = |tag: &str| -> Vec<(i64, f32)> {
+        file.scalars
+            .iter()
+            .filter(|s| s.tag == tag)
+            .map(|s| (s.step, s.value))
+            .collect()
+    };
+    let current: Vec<(i64, f32)> = steps.iter().map(|(s, l, _)| (*s as i64, *l)).collect();
+    let average: Vec<(i64, f32)> = steps.iter().map(|(s, _, a)| (*s as i64, *a)).collect();
+    assert_eq!(logged("loss/current"), current);
+    assert_eq!(logged("loss/average"), average);
+    for group in ["lr/unet", "lr/textencoder"] {
+        let lrs = logged(group);
+        assert_eq!(lrs.len(), 4, "{group}");
+        assert!(
+            lrs.iter().all(|(_, lr)| lr.is_finite() && *lr >= 0.0),
+            "{group}: {lrs:?}"
+        );
+    }
+    let epochs = logged("loss/epoch_average");
+    assert!(
+        !epochs.is_empty() && epochs.iter().all(|(_, l)| l.is_finite()),
+        "{epochs:?}"
+    );
+    assert!(file.scalars.iter().all(|s| s.wall_time == 1_700_000_000.0));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

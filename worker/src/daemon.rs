@@ -619,6 +619,7 @@ impl Daemon {
             ArtifactKindName::Lora => ArtifactKind::Lora,
             ArtifactKindName::SampleImage => ArtifactKind::SampleImage,
             ArtifactKindName::Checkpoint => ArtifactKind::Checkpoint,
+            ArtifactKindName::TrainingLog => ArtifactKind::TrainingLog,
         };
         let name = name.unwrap_or_else(|| {
             path.file_name()

@@ -75,6 +75,8 @@ pub enum ArtifactKindName {
     Lora,
     SampleImage,
     Checkpoint,
+    /// A TensorBoard event file, announced once the run ended.
+    TrainingLog,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -40,8 +40,10 @@ pub async fn fetch(
     let remote = Remote::connect(target).await?;
     let job = get_job(&remote, id).await?;
     let wanted = |k: ArtifactKind| {
-        matches!(k, ArtifactKind::Lora | ArtifactKind::SampleImage)
-            || (checkpoints && k == ArtifactKind::Checkpoint)
+        matches!(
+            k,
+            ArtifactKind::Lora | ArtifactKind::SampleImage | ArtifactKind::TrainingLog
+        ) || (checkpoints && k == ArtifactKind::Checkpoint)
     };
     // A retried job writes the same names again: the newest of each name wins.
     let mut by_name: BTreeMap<String, ArtifactInfo> = BTreeMap::new();

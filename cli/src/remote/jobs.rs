@@ -136,9 +136,12 @@ pub(super) fn describe(job: &Job, artifacts: &[ArtifactInfo]) -> String {
             .iter()
             .map(|(k, n)| format!("{n} {k}{}", if *n == 1 { "" } else { "s" }))
             .collect();
-        let fetchable = artifacts
-            .iter()
-            .any(|a| matches!(a.kind, ArtifactKind::Lora | ArtifactKind::SampleImage));
+        let fetchable = artifacts.iter().any(|a| {
+            matches!(
+                a.kind,
+                ArtifactKind::Lora | ArtifactKind::SampleImage | ArtifactKind::TrainingLog
+            )
+        });
         lines.push(format!(
             "  artifacts: {}{}",
             parts.join(", "),

@@ -184,6 +184,7 @@ pub fn kind_name(kind: ArtifactKind) -> &'static str {
         ArtifactKind::BaseModel => "base model",
         ArtifactKind::Lora => "LoRA file",
         ArtifactKind::SampleImage => "sample image",
+        ArtifactKind::TrainingLog => "training log",
         ArtifactKind::Checkpoint => "checkpoint",
     }
 }

@@ -319,11 +319,14 @@ impl ArtifactApi {
                 }
                 Ok(None)
             }
-            ArtifactKind::Lora | ArtifactKind::SampleImage | ArtifactKind::Checkpoint => {
+            ArtifactKind::Lora
+            | ArtifactKind::SampleImage
+            | ArtifactKind::Checkpoint
+            | ArtifactKind::TrainingLog => {
                 let Some(job) = info.job_id.clone() else {
                     return Err(convert_error(
                         "header.info.job_id",
-                        "a LoRA file, sample or checkpoint names the job it belongs to",
+                        "a LoRA file, sample, checkpoint or training log names the job it belongs to",
                     ));
                 };
                 if worker_id.is_empty() {
