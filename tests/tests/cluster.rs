@@ -70,7 +70,7 @@ fn a_job_submitted_from_a_local_dataset_trains_and_its_lora_is_fetched() {
         "e2e",
         4,
         &format!(
-            "[sample]\nsample_prompts = {}\nsample_every_n_steps = 4\n",
+            "[sample]\nsample_prompts = {}\nsample_every_n_steps = 4\n[logging]\nlogging_dir = \"logs\"\n",
             serde_json::to_string(&prompts.display().to_string()).unwrap()
         ),
     )
@@ -111,10 +111,27 @@ fn a_job_submitted_from_a_local_dataset_trains_and_its_lora_is_fetched() {
         .collect();
     assert_eq!(
         kinds,
-        BTreeSet::from(["LoRA file", "sample image"]),
+        BTreeSet::from(["LoRA file", "sample image", "training log"]),
         "{files}"
     );
     assert_kohya_lora(&fetched.join("e2e.safetensors"));
+    // Rank 0's TensorBoard log comes back with the LoRA, one loss per step.
+    let log = std::fs::read_dir(&fetched)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("events.out.tfevents."))
+        })
+        .unwrap_or_else(|| panic!("no TensorBoard log in {files}"));
+    let scalars = loractl_trainer::tensorboard::read(&log).unwrap().scalars;
+    let steps: Vec<i64> = scalars
+        .iter()
+        .filter(|s| s.tag == "loss/current" && s.value.is_finite())
+        .map(|s| s.step)
+        .collect();
+    assert_eq!(steps, [1, 2, 3, 4], "{scalars:?}");
     let png = std::fs::read_dir(&fetched)
         .unwrap()
         .filter_map(Result::ok)
