@@ -85,26 +85,10 @@ fn scalar_summary(tag: &str, value: f32) -> Vec<u8> {
     summary
 }
 
-/// `YYYYmmddHHMMSS` of `secs` since the Unix epoch, in UTC.
+/// `YYYYmmddHHMMSS` of `secs` since the Unix epoch, in UTC (sd-scripts names a run folder by
+/// its local start time; UTC needs no time-zone data), as sample files are named.
 pub fn timestamp(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}{month:02}{day:02}{:02}{:02}{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    crate::sample::timestamp(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
 }
 
 /// One event file being written.
