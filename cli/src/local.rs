@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use candle_core::Device;
 use loractl_spec::{JobSpec, ResolvedSpec};
-use loractl_trainer::run::{self, RunEvent, RunOptions, RunResult};
+use loractl_trainer::run::{self, RunOptions, RunResult};
 
 use crate::progress::Progress;
 
@@ -184,10 +184,4 @@ pub fn quickstart(
         job.display()
     );
     Ok(code)
-}
-
-/// The event as one JSON line.
-pub fn event_json(e: &RunEvent) -> String {
-    serde_json::to_string(e)
-        .unwrap_or_else(|err| format!("{{\"kind\":\"error\",\"message\":\"{err}\"}}"))
 }

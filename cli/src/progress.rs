@@ -31,7 +31,7 @@ impl Progress {
 
     pub fn event(&mut self, e: &RunEvent) {
         if self.json {
-            println!("{}", crate::local::event_json(e));
+            println!("{}", event_json(e));
             return;
         }
         match e {
@@ -143,4 +143,10 @@ impl Progress {
             bar.abandon();
         }
     }
+}
+
+/// The event as one JSON line.
+pub fn event_json(e: &RunEvent) -> String {
+    serde_json::to_string(e)
+        .unwrap_or_else(|err| format!("{{\"kind\":\"error\",\"message\":\"{err}\"}}"))
 }

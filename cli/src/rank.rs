@@ -148,7 +148,7 @@ pub fn rank() -> anyhow::Result<ExitCode> {
                 None
             }
             other => {
-                println!("{}", crate::local::event_json(other));
+                println!("{}", crate::progress::event_json(other));
                 None
             }
         };

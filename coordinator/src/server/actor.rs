@@ -278,7 +278,7 @@ struct SessionTx {
 }
 
 /// The rendezvous of one attempt: who joined with which address.
-struct Meeting {
+struct Rendezvous {
     opened: Instant,
     addresses: BTreeMap<u32, String>,
     complete: bool,
@@ -318,7 +318,7 @@ struct Actor<S: Store> {
     logs: HashMap<JobId, JobLog>,
     /// Ended jobs whose logs are still held, oldest first.
     ended_logs: VecDeque<JobId>,
-    meetings: HashMap<(JobId, u32), Meeting>,
+    rendezvous: HashMap<(JobId, u32), Rendezvous>,
 }
 
 /// Starts the loop on `store`: loads jobs and workers, then serves events until every
@@ -362,7 +362,7 @@ pub async fn start<S: Store + Clone>(
         watchers: HashMap::new(),
         logs: HashMap::new(),
         ended_logs: VecDeque::new(),
-        meetings: HashMap::new(),
+        rendezvous: HashMap::new(),
         config,
     };
     let (tx, rx) = mpsc::channel(1024);
@@ -387,7 +387,7 @@ impl<S: Store> Actor<S> {
                     if let Err(e) = self.expire_workers().await {
                         tracing::warn!(error = %e, "checking worker heartbeats failed");
                     }
-                    if let Err(e) = self.expire_meetings().await {
+                    if let Err(e) = self.expire_rendezvous().await {
                         tracing::warn!(error = %e, "checking rendezvous deadlines failed");
                     }
                 }
@@ -577,7 +577,7 @@ impl<S: Store> Actor<S> {
             self.placement.jobs.remove(&job.id);
             self.placement.waited.remove(&job.id);
             self.succeeded.retain(|(id, _), _| id != &job.id);
-            self.meetings.retain(|(id, _), _| id != &job.id);
+            self.rendezvous.retain(|(id, _), _| id != &job.id);
             if let Some(tx) = self.watchers.remove(&job.id) {
                 let _ = tx.send(JobEvent::State(job.clone()));
             }
@@ -794,7 +794,7 @@ impl<S: Store> Actor<S> {
         let reason = format!("attempt {} failed: {failure}", before.attempt);
         let job = self.transition(id, Transition::Fail(failure)).await?;
         self.succeeded.remove(&(id.clone(), before.attempt));
-        self.meetings.remove(&(id.clone(), before.attempt));
+        self.rendezvous.remove(&(id.clone(), before.attempt));
         self.stop_ranks(&before, &reason, ended);
         tracing::info!(job = %id, state = %job.state, %reason, "attempt ended");
         Ok(job)
@@ -999,18 +999,21 @@ impl<S: Store> Actor<S> {
     /// job gets all addresses. A rank joining again (a restarted rank process) gets them too.
     fn join(&mut self, job: &Job, rank: u32, address: String) {
         let key = (job.id.clone(), job.attempt);
-        let meeting = self.meetings.entry(key.clone()).or_insert_with(|| Meeting {
-            opened: Instant::now(),
-            addresses: BTreeMap::new(),
-            complete: false,
-        });
-        meeting.addresses.insert(rank, address);
-        let was_complete = meeting.complete;
-        if meeting.addresses.len() < job.placement.len() {
+        let meet = self
+            .rendezvous
+            .entry(key.clone())
+            .or_insert_with(|| Rendezvous {
+                opened: Instant::now(),
+                addresses: BTreeMap::new(),
+                complete: false,
+            });
+        meet.addresses.insert(rank, address);
+        let was_complete = meet.complete;
+        if meet.addresses.len() < job.placement.len() {
             return;
         }
-        meeting.complete = true;
-        let addresses: Vec<String> = meeting.addresses.values().cloned().collect();
+        meet.complete = true;
+        let addresses: Vec<String> = meet.addresses.values().cloned().collect();
         let mut workers: Vec<WorkerId> = job
             .placement
             .iter()
@@ -1032,10 +1035,10 @@ impl<S: Store> Actor<S> {
     }
 
     /// Fails attempts whose ranks did not all join the rendezvous in time.
-    async fn expire_meetings(&mut self) -> Result<()> {
+    async fn expire_rendezvous(&mut self) -> Result<()> {
         let timeout = self.config.rendezvous_timeout;
         let late: Vec<((JobId, u32), Vec<u32>)> = self
-            .meetings
+            .rendezvous
             .iter()
             .filter(|(_, m)| !m.complete && m.opened.elapsed() > timeout)
             .map(|(key, m)| (key.clone(), m.addresses.keys().copied().collect()))
@@ -1044,7 +1047,7 @@ impl<S: Store> Actor<S> {
             return Ok(());
         }
         for ((id, attempt), joined) in late {
-            self.meetings.remove(&(id.clone(), attempt));
+            self.rendezvous.remove(&(id.clone(), attempt));
             let Some(job) = self.active.get(&id).filter(|j| j.attempt == attempt) else {
                 continue;
             };
