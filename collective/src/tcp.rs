@@ -444,6 +444,35 @@ fn chunk_count(len: usize, chunk: usize) -> usize {
 }
 
 impl TcpRing {
+    /// A ring of one rank per config, every rank in this process on 127.0.0.1 (tests and
+    /// benchmarks): each binds, then all connect at once, each in a thread of its own, as
+    /// separate processes would. Ranks by config order; the first error wins.
+    pub fn loopback(configs: Vec<RingConfig>) -> Result<Vec<TcpRing>> {
+        let listeners = configs
+            .into_iter()
+            .map(|config| RingListener::bind("127.0.0.1:0", config))
+            .collect::<Result<Vec<_>>>()?;
+        let addresses: Vec<String> = listeners
+            .iter()
+            .map(|l| l.local_addr().to_string())
+            .collect();
+        let joins: Vec<_> = listeners
+            .into_iter()
+            .map(|l| {
+                let addresses = addresses.clone();
+                std::thread::spawn(move || l.connect(&addresses))
+            })
+            .collect();
+        joins
+            .into_iter()
+            .map(|j| {
+                j.join().unwrap_or_else(|_| {
+                    Err(Error::Config("a rank's connect thread panicked".into()))
+                })
+            })
+            .collect()
+    }
+
     /// Test hook: after `frames` more chunks are queued, this rank behaves like a process
     /// that died (sockets shut down, calls fail), to exercise the other ranks' failure paths.
     #[doc(hidden)]

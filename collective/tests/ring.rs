@@ -29,19 +29,14 @@ fn addresses(listeners: &[RingListener]) -> Vec<String> {
 
 /// A connected ring of `world` ranks.
 fn ring(world: usize, timeout: Duration, chunk_bytes: usize) -> Vec<TcpRing> {
-    let ls = listeners(world, timeout, chunk_bytes);
-    let addrs = addresses(&ls);
-    let handles: Vec<_> = ls
-        .into_iter()
-        .map(|l| {
-            let addrs = addrs.clone();
-            std::thread::spawn(move || l.connect(&addrs))
+    let configs = (0..world)
+        .map(|rank| {
+            RingConfig::new(rank, world, TOKEN)
+                .with_timeout(timeout)
+                .with_chunk_bytes(chunk_bytes)
         })
         .collect();
-    handles
-        .into_iter()
-        .map(|h| h.join().unwrap().unwrap())
-        .collect()
+    TcpRing::loopback(configs).unwrap()
 }
 
 /// Runs `f` on every rank in its own thread; results by rank.

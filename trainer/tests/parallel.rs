@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
-use loractl_collective::{Collective, RingConfig, RingListener, TcpRing};
+use loractl_collective::{Collective, RingConfig, TcpRing};
 use loractl_trainer::dataset::{Dataset, DatasetConfig};
 use loractl_trainer::loader::{self, LoadOptions};
 use loractl_trainer::lora::LoraConfig;
@@ -151,25 +151,10 @@ fn train_rank(
 }
 
 fn rings(world: usize) -> Vec<TcpRing> {
-    let listeners: Vec<_> = (0..world)
-        .map(|r| {
-            let config =
-                RingConfig::new(r, world, "dp-test").with_timeout(Duration::from_secs(120));
-            RingListener::bind("127.0.0.1:0", config).unwrap()
-        })
+    let configs = (0..world)
+        .map(|r| RingConfig::new(r, world, "dp-test").with_timeout(Duration::from_secs(120)))
         .collect();
-    let addrs: Vec<String> = listeners
-        .iter()
-        .map(|l| l.local_addr().to_string())
-        .collect();
-    let handles: Vec<_> = listeners
-        .into_iter()
-        .map(|l| {
-            let addrs = addrs.clone();
-            std::thread::spawn(move || l.connect(&addrs).unwrap())
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
+    TcpRing::loopback(configs).unwrap()
 }
 
 /// Runs `world` ranks of `batch_size`, each in its own thread; results by rank.

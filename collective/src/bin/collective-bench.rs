@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use loractl_collective::{Collective, RingConfig, RingListener};
+use loractl_collective::{Collective, RingConfig, TcpRing};
 
 fn main() {
     let mut ranks = 2usize;
@@ -71,22 +71,14 @@ fn median(mut v: Vec<Duration>) -> Duration {
 /// Times of rank 0's all-reduce calls (every call ends only when all ranks have the result
 /// in their successor's hands, so rank 0's time is the collective's).
 fn all_reduce_times(ranks: usize, n: usize, iters: usize) -> Vec<Duration> {
-    let listeners: Vec<_> = (0..ranks)
-        .map(|r| {
-            let config = RingConfig::new(r, ranks, "bench").with_timeout(Duration::from_secs(120));
-            RingListener::bind("127.0.0.1:0", config).expect("bind")
-        })
+    let configs = (0..ranks)
+        .map(|r| RingConfig::new(r, ranks, "bench").with_timeout(Duration::from_secs(120)))
         .collect();
-    let addrs: Vec<String> = listeners
-        .iter()
-        .map(|l| l.local_addr().to_string())
-        .collect();
-    let handles: Vec<_> = listeners
+    let rings = TcpRing::loopback(configs).expect("a loopback ring");
+    let handles: Vec<_> = rings
         .into_iter()
-        .map(|l| {
-            let addrs = addrs.clone();
+        .map(|mut ring| {
             std::thread::spawn(move || {
-                let mut ring = l.connect(&addrs).expect("connect");
                 let mut buf: Vec<f32> = (0..n).map(|i| (i % 1000) as f32).collect();
                 let mut times = Vec::new();
                 for i in 0..=iters {
