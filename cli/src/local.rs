@@ -140,14 +140,17 @@ pub fn train(
     }
 }
 
-pub fn quickstart(
+/// The files of a quickstart in `dir`: the model (the bundled tiny one unless given), the
+/// dataset (generated unless given) and `job.toml` with `extra` appended. Returns the
+/// canonical `dir`, the model file and the job spec.
+pub fn write_quickstart(
     dir: &Path,
     model: Option<PathBuf>,
     data: Option<PathBuf>,
     resolution: u32,
     steps: usize,
-    device: &str,
-) -> anyhow::Result<ExitCode> {
+    extra: &str,
+) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
     let abs = |p: PathBuf| -> anyhow::Result<PathBuf> {
@@ -169,11 +172,20 @@ pub fn quickstart(
         }
     };
     let job = dir.join("job.toml");
-    std::fs::write(
-        &job,
-        loractl_trainer::demo::job_toml(&model, &data, resolution, steps),
-    )
-    .with_context(|| format!("writing {}", job.display()))?;
+    let text = loractl_trainer::demo::job_toml(&model, &data, resolution, steps) + extra;
+    std::fs::write(&job, text).with_context(|| format!("writing {}", job.display()))?;
+    Ok((dir, model, job))
+}
+
+pub fn quickstart(
+    dir: &Path,
+    model: Option<PathBuf>,
+    data: Option<PathBuf>,
+    resolution: u32,
+    steps: usize,
+    device: &str,
+) -> anyhow::Result<ExitCode> {
+    let (_, _, job) = write_quickstart(dir, model, data, resolution, steps, "")?;
     eprintln!("job spec: {}\n", job.display());
     plan(&job, false, true)?;
     eprintln!();

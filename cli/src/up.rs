@@ -4,14 +4,13 @@
 //! `loractl quickstart --cluster` runs the quickstart job through such a cluster, started on a
 //! free port for the occasion.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use loractl_coordinator::artifacts::ArtifactConfig;
-use loractl_coordinator::server::{self, CoordinatorConfig, ServerConfig};
+use loractl_coordinator::server::{self, ServerConfig};
+use loractl_coordinator::standalone::Standalone;
 use loractl_coordinator::store::{AnyStore, RedbStore};
 use loractl_worker::config::WorkerConfig;
 use loractl_worker::daemon::Daemon;
@@ -20,7 +19,6 @@ use tokio::task::JoinHandle;
 
 use crate::remote::{self, SubmitOptions, Target};
 
-const GIB: u64 = 1 << 30;
 /// How long a stop waits for the coordinator to close after the worker left.
 const STOP_WAIT: Duration = Duration::from_secs(10);
 
@@ -42,8 +40,7 @@ pub struct Cluster {
     pub worker_gpus: usize,
     stop_worker: oneshot::Sender<()>,
     worker: JoinHandle<loractl_worker::Result<()>>,
-    stop_coordinator: oneshot::Sender<()>,
-    coordinator: JoinHandle<loractl_coordinator::Result<()>>,
+    coordinator: Standalone,
 }
 
 pub async fn start(opts: &UpOptions) -> anyhow::Result<Cluster> {
@@ -66,50 +63,13 @@ pub async fn start(opts: &UpOptions) -> anyhow::Result<Cluster> {
         )
     })?;
     let config = ServerConfig {
-        coordinator: CoordinatorConfig::default(),
-        artifacts: ArtifactConfig {
-            root: dir.join("artifacts"),
-            quota_bytes: 100 * GIB,
-            max_artifact_bytes: 20 * GIB,
-            keep_checkpoints: 2,
-        },
         token: opts.token.clone(),
-        leader_ttl: Duration::from_secs(10),
-        tls: None,
+        ..ServerConfig::new(dir.join("artifacts"))
     };
-    let (ready_tx, ready) = oneshot::channel::<SocketAddr>();
-    let (stop_coordinator, stopped) = oneshot::channel::<()>();
-    let listen = opts.listen.clone();
-    let coordinator = tokio::spawn(async move {
-        let shutdown = async {
-            let _ = stopped.await;
-        };
-        server::run(
-            AnyStore::Redb(store),
-            config,
-            &listen,
-            shutdown,
-            Some(ready_tx),
-        )
+    let coordinator = Standalone::start(AnyStore::Redb(store), config, &opts.listen)
         .await
-    });
-    let addr = match ready.await {
-        Ok(addr) => addr,
-        Err(_) => {
-            // The server ended before it listened: its error says why.
-            return Err(match coordinator.await {
-                Ok(Err(e)) => anyhow::anyhow!("starting the coordinator: {e}"),
-                Ok(Ok(())) => anyhow::anyhow!("the coordinator stopped before it listened"),
-                Err(e) => anyhow::anyhow!("the coordinator task failed: {e}"),
-            });
-        }
-    };
-    let host = if addr.ip().is_unspecified() {
-        "127.0.0.1".to_owned()
-    } else {
-        addr.ip().to_string()
-    };
-    let address = format!("http://{host}:{}", addr.port());
+        .context("starting the coordinator")?;
+    let address = coordinator.url();
 
     let mut model_dirs = opts.model_dirs.clone();
     // The tiny model of `quickstart` (a folder of the source tree this binary was built from).
@@ -154,7 +114,6 @@ pub async fn start(opts: &UpOptions) -> anyhow::Result<Cluster> {
         worker_gpus,
         stop_worker,
         worker,
-        stop_coordinator,
         coordinator,
     })
 }
@@ -165,19 +124,13 @@ impl Cluster {
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.stop_worker.send(());
         let worker = self.worker.await;
-        let _ = self.stop_coordinator.send(());
-        let coordinator = tokio::time::timeout(STOP_WAIT, self.coordinator).await;
+        let coordinator = self.coordinator.stop(STOP_WAIT).await;
         match worker {
             Ok(Err(e)) => return Err(anyhow::anyhow!("worker: {e}")),
             Err(e) => return Err(anyhow::anyhow!("worker task: {e}")),
             Ok(Ok(())) => {}
         }
-        match coordinator {
-            Ok(Ok(Err(e))) => Err(anyhow::anyhow!("coordinator: {e}")),
-            Ok(Err(e)) => Err(anyhow::anyhow!("coordinator task: {e}")),
-            // Watchers still attached keep it open; the process ends anyway.
-            Err(_) | Ok(Ok(Ok(()))) => Ok(()),
-        }
+        coordinator.map_err(|e| anyhow::anyhow!("coordinator: {e}"))
     }
 }
 
@@ -235,31 +188,15 @@ pub async fn quickstart(
     resolution: u32,
     steps: usize,
 ) -> anyhow::Result<ExitCode> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let dir = dir.canonicalize()?;
-    let abs = |p: PathBuf| -> anyhow::Result<PathBuf> {
-        p.canonicalize()
-            .with_context(|| format!("{}: no such file or folder", p.display()))
-    };
-    let model = match model {
-        Some(m) => abs(m)?,
-        None => loractl_trainer::demo::bundled_tiny_model(),
-    };
-    let data = match data {
-        Some(d) => abs(d)?,
-        None => {
-            eprintln!(
-                "writing a generated dataset to {}",
-                dir.join("train").display()
-            );
-            loractl_trainer::demo::write_dataset(&dir, resolution, 8)?
-        }
-    };
-    let job = dir.join("job.toml");
-    // Cluster ranks train on CPU for now: ask for a CPU slot, which every worker has.
-    let text = loractl_trainer::demo::job_toml(&model, &data, resolution, steps)
-        + "\n[resources]\ngpus = \"cpu\"\n";
-    std::fs::write(&job, text).with_context(|| format!("writing {}", job.display()))?;
+    // Any worker has a CPU slot; `up`'s worker offers only the CPU without a CUDA build.
+    let (dir, model, job) = crate::local::write_quickstart(
+        dir,
+        model,
+        data,
+        resolution,
+        steps,
+        "\n[resources]\ngpus = \"cpu\"\n",
+    )?;
     eprintln!("job spec: {}", job.display());
     let job = job.as_path();
     let dir = dir.as_path();

@@ -79,6 +79,9 @@ pub enum Error {
     },
     #[error("the coordinator is shutting down")]
     ShuttingDown,
+    /// The server task of an in-process coordinator ended without an error of its own.
+    #[error("the coordinator {0}")]
+    Stopped(String),
     #[error("{0} (--token or LORACTL_TOKEN)")]
     BadToken(String),
     #[error("--listen {0} is reachable from other machines, but no token is set: anyone who can connect could submit jobs and read artifacts. Set LORACTL_TOKEN (e.g. `openssl rand -hex 32`; TLS with --tls-cert/--tls-key as well off a trusted network), listen on 127.0.0.1, or pass --insecure to serve without a token anyway")]

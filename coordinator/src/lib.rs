@@ -10,7 +10,8 @@
 //!   verified uploads, keep-latest-N checkpoints);
 //! - [`leader`]: leader election among coordinators sharing one etcd;
 //! - [`server`]: the event loop that owns all mutable state, worker liveness, and the gRPC
-//!   services in front of it.
+//!   services in front of it;
+//! - [`standalone`]: every default setting, and a coordinator started in this process.
 
 pub mod artifacts;
 pub mod error;
@@ -18,6 +19,7 @@ pub mod job;
 pub mod leader;
 pub mod placement;
 pub mod server;
+pub mod standalone;
 pub mod state;
 pub mod store;
 

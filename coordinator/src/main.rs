@@ -7,6 +7,7 @@ use clap::Parser;
 use loractl_coordinator::artifacts::ArtifactConfig;
 use loractl_coordinator::placement::Policy;
 use loractl_coordinator::server::{self, CoordinatorConfig, ServerConfig, TlsFiles};
+use loractl_coordinator::standalone::defaults;
 use loractl_coordinator::store::AnyStore;
 
 #[derive(Parser, Debug)]
@@ -16,7 +17,7 @@ use loractl_coordinator::store::AnyStore;
 )]
 struct Args {
     /// Address to serve gRPC on.
-    #[arg(long, default_value = "127.0.0.1:7070")]
+    #[arg(long, default_value = defaults::LISTEN)]
     listen: String,
     /// State store: `redb:PATH` (one local file) or `etcd:URL[,URL...]`.
     #[arg(long, default_value = "redb:loractl.redb")]
@@ -25,22 +26,22 @@ struct Args {
     #[arg(long, default_value = "artifacts")]
     artifacts: PathBuf,
     /// Total size the artifact store may hold, in GiB.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = defaults::ARTIFACT_QUOTA_GIB)]
     artifact_quota_gib: u64,
     /// Largest single artifact, in GiB.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = defaults::MAX_ARTIFACT_GIB)]
     max_artifact_gib: u64,
     /// Checkpoints kept per job; older ones are deleted.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = defaults::KEEP_CHECKPOINTS)]
     keep_checkpoints: usize,
     /// Bearer token every client and worker must present (also read from LORACTL_TOKEN).
     #[arg(long, env = "LORACTL_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Seconds between worker heartbeats.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = defaults::HEARTBEAT_INTERVAL_SECS)]
     heartbeat_interval_secs: u64,
     /// Seconds of silence after which a worker is lost and its jobs are retried.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = defaults::HEARTBEAT_TIMEOUT_SECS)]
     heartbeat_timeout_secs: u64,
     /// TLS certificate (PEM); with --tls-key, the coordinator serves TLS only.
     #[arg(long, requires = "tls_key")]
@@ -52,10 +53,10 @@ struct Args {
     #[arg(long, requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
     /// With etcd: seconds a dead leader keeps leadership before a standby takes over.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = defaults::LEADER_TTL_SECS)]
     leader_ttl_secs: u64,
     /// Placement rounds a job may be passed over before it reserves workers.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = defaults::RESERVE_AFTER_ROUNDS)]
     reserve_after_rounds: u32,
     /// Serve on a non-loopback address without a token (trusted, isolated networks only).
     #[arg(long)]

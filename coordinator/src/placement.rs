@@ -65,7 +65,7 @@ pub struct Policy {
 impl Default for Policy {
     fn default() -> Self {
         Self {
-            reserve_after_rounds: 3,
+            reserve_after_rounds: crate::standalone::defaults::RESERVE_AFTER_ROUNDS,
         }
     }
 }

@@ -1,133 +1,83 @@
 //! Two coordinators on one etcd: one leads and serves, the other waits; when the leader shuts
 //! down or dies, the standby takes over with every job intact.
 
-mod common;
-
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use loractl_coordinator::artifacts::ArtifactConfig;
-use loractl_coordinator::server::{self, CoordinatorConfig, ServerConfig};
+use loractl_coordinator::server::ServerConfig;
+use loractl_coordinator::standalone::Standalone;
 use loractl_coordinator::store::{AnyStore, EtcdStore};
 use loractl_proto::pb;
-use loractl_proto::pb::job_service_client::JobServiceClient;
-use tokio::sync::oneshot;
+use loractl_tests::inproc::{submit, within};
+use loractl_tests::spec::job_spec;
+use loractl_tests::Etcd;
+use loractl_worker::client::Link;
 
-const WAIT: Duration = Duration::from_secs(30);
-
-const SPEC: &str = r#"
-name = "ha"
-[model]
-pretrained_model_name_or_path = "/models/sd15.safetensors"
-[dataset]
-train_data_dir = "train"
-resolution = "512"
-[training]
-max_train_epochs = 1
-"#;
-
-struct Coordinator {
-    stop: Option<oneshot::Sender<()>>,
-    ready: oneshot::Receiver<SocketAddr>,
-    task: tokio::task::JoinHandle<loractl_coordinator::Result<()>>,
-}
-
+/// Starts a coordinator on etcd at `endpoint` under `prefix`; it returns once it leads and
+/// serves.
 async fn start(
-    etcd: &common::Etcd,
-    prefix: &str,
-    dir: &std::path::Path,
-    name: &str,
-) -> Coordinator {
-    let store = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), prefix)
-        .await
-        .unwrap();
+    endpoint: String,
+    prefix: String,
+    dir: std::path::PathBuf,
+) -> loractl_coordinator::Result<Standalone> {
+    let store = EtcdStore::connect(&[endpoint], &prefix).await?;
     let config = ServerConfig {
-        coordinator: CoordinatorConfig::default(),
-        artifacts: ArtifactConfig {
-            root: dir.join(name),
-            quota_bytes: 1 << 20,
-            max_artifact_bytes: 1 << 20,
-            keep_checkpoints: 1,
-        },
-        token: None,
-        tls: None,
         leader_ttl: Duration::from_secs(2),
+        ..ServerConfig::new(dir)
     };
-    let (stop, stopped) = oneshot::channel::<()>();
-    let (ready_tx, ready) = oneshot::channel();
-    let task = tokio::spawn(async move {
-        server::run(
-            AnyStore::Etcd(Box::new(store)),
-            config,
-            "127.0.0.1:0",
-            async {
-                let _ = stopped.await;
-            },
-            Some(ready_tx),
-        )
-        .await
-    });
-    Coordinator {
-        stop: Some(stop),
-        ready,
-        task,
-    }
-}
-
-async fn client(addr: SocketAddr) -> JobServiceClient<tonic::transport::Channel> {
-    JobServiceClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap()
+    Standalone::start(AnyStore::Etcd(Box::new(store)), config, "127.0.0.1:0").await
 }
 
 async fn submit_and_check_takeover(kill: bool) {
-    let Some(etcd) = common::Etcd::start() else {
+    let Some(etcd) = Etcd::start() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
     let prefix = format!("/election-{kill}/");
-    let mut first = start(&etcd, &prefix, dir.path(), "first").await;
-    let first_addr = tokio::time::timeout(WAIT, &mut first.ready)
-        .await
-        .expect("the first coordinator is elected")
-        .unwrap();
-    let mut second = start(&etcd, &prefix, dir.path(), "second").await;
+    let first = within(
+        "the first coordinator's election",
+        start(
+            etcd.endpoint.clone(),
+            prefix.clone(),
+            dir.path().join("first"),
+        ),
+    )
+    .await
+    .unwrap();
+    let second = tokio::spawn(start(
+        etcd.endpoint.clone(),
+        prefix.clone(),
+        dir.path().join("second"),
+    ));
 
-    let mut jobs = client(first_addr).await;
-    let submitted = jobs
-        .submit_job(pb::SubmitJobRequest {
-            spec_toml: SPEC.to_owned(),
-            priority: 0,
-        })
-        .await
+    let mut jobs = Link::new(&first.url(), None, None)
         .unwrap()
-        .into_inner()
-        .job
+        .jobs()
+        .await
         .unwrap();
+    let submitted = submit(&mut jobs, &job_spec("ha", "/models/sd15.safetensors", "")).await;
     assert!(
-        second.ready.try_recv().is_err(),
+        !second.is_finished(),
         "the standby does not serve while the leader holds the lease"
     );
 
     if kill {
         // Like kill -9: no resignation; the lease runs out.
-        first.task.abort();
+        first.abort();
     } else {
-        let _ = first.stop.take().map(|s| s.send(()));
-        tokio::time::timeout(WAIT, &mut first.task)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        first.stop(WAIT).await.unwrap();
     }
-    let second_addr = tokio::time::timeout(WAIT, &mut second.ready)
+    let second = within("the standby taking over", second)
         .await
-        .expect("the standby takes over")
+        .unwrap()
         .unwrap();
-    let mut jobs = client(second_addr).await;
+    let mut jobs = Link::new(&second.url(), None, None)
+        .unwrap()
+        .jobs()
+        .await
+        .unwrap();
     let found = jobs
         .get_job(pb::GetJobRequest {
-            job_id: submitted.id.clone(),
+            job_id: submitted.id.to_string(),
         })
         .await
         .unwrap()
@@ -136,13 +86,10 @@ async fn submit_and_check_takeover(kill: bool) {
         .unwrap();
     assert_eq!(found.name, "ha");
     assert_eq!(found.sequence, submitted.sequence);
-    let _ = second.stop.take().map(|s| s.send(()));
-    tokio::time::timeout(WAIT, second.task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    second.stop(WAIT).await.unwrap();
 }
+
+const WAIT: Duration = loractl_tests::inproc::WAIT;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_takes_over_when_the_leader_shuts_down() {
@@ -157,7 +104,7 @@ async fn a_standby_takes_over_when_the_leader_dies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deposed_leader_cannot_write() {
     use loractl_coordinator::store::{Expect, Store};
-    let Some(etcd) = common::Etcd::start() else {
+    let Some(etcd) = Etcd::start() else {
         return;
     };
     let store = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), "/fence/")

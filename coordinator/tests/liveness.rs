@@ -9,23 +9,15 @@ use loractl_coordinator::server::actor::{self, CoordinatorConfig, Handle, Sessio
 use loractl_coordinator::store::MemoryStore;
 use loractl_coordinator::Error;
 use loractl_proto::domain::{
-    Assignment, CoordinatorMessage, FailureKind, GpuInfo, Job, JobState, Registration, RunningRank,
-    WorkerId, WorkerMessage,
+    Assignment, CoordinatorMessage, FailureKind, Job, JobState, RunningRank, WorkerId,
+    WorkerMessage,
 };
+use loractl_tests::inproc::registration;
+use loractl_tests::spec::{job_spec, resources};
 
-const SPEC: &str = r#"
-name = "liveness"
-[model]
-pretrained_model_name_or_path = "/models/sd15.safetensors"
-[dataset]
-train_data_dir = "train"
-resolution = "512"
-[training]
-max_train_epochs = 1
-[resources]
-gpus = "0"
-max_restarts = 0
-"#;
+fn spec() -> String {
+    job_spec("liveness", "/models/sd15.safetensors", &resources("0", 0))
+}
 
 fn config() -> CoordinatorConfig {
     CoordinatorConfig {
@@ -36,20 +28,7 @@ fn config() -> CoordinatorConfig {
 }
 
 async fn register(handle: &Handle, name: &str) -> (WorkerId, Session) {
-    let registered = handle
-        .register(Registration {
-            protocol_version: loractl_proto::WORKER_PROTOCOL_VERSION,
-            name: name.to_owned(),
-            gpus: vec![GpuInfo {
-                index: 0,
-                uuid: format!("GPU-{name}"),
-                name: "Test GPU".into(),
-                memory_bytes: 16 << 30,
-            }],
-            labels: Default::default(),
-        })
-        .await
-        .unwrap();
+    let registered = handle.register(registration(name, &[0])).await.unwrap();
     let session = handle
         .open_session(registered.worker_id.clone())
         .await
@@ -91,7 +70,7 @@ async fn heartbeat(
 async fn a_silent_worker_is_lost_and_its_job_moves_without_spending_restarts() {
     let (handle, _loop) = actor::start(MemoryStore::new(), config()).await.unwrap();
     let (a, mut a_session) = register(&handle, "a").await;
-    let (submitted, _) = handle.submit(SPEC.to_owned(), 0).await.unwrap();
+    let (submitted, _) = handle.submit(spec(), 0).await.unwrap();
     let first = assignment(a_session.messages.recv().await);
     assert_eq!(first.attempt, 0);
     let rank = RunningRank {
@@ -173,7 +152,7 @@ async fn a_silent_worker_is_lost_and_its_job_moves_without_spending_restarts() {
 async fn a_worker_that_reconnects_within_the_timeout_keeps_its_job() {
     let (handle, _loop) = actor::start(MemoryStore::new(), config()).await.unwrap();
     let (a, session) = register(&handle, "a").await;
-    let (submitted, _) = handle.submit(SPEC.to_owned(), 0).await.unwrap();
+    let (submitted, _) = handle.submit(spec(), 0).await.unwrap();
     // The session drops before the worker read its assignment.
     handle.session_closed(a.clone(), session.id).await.unwrap();
     drop(session);
@@ -213,7 +192,7 @@ async fn a_worker_that_reconnects_within_the_timeout_keeps_its_job() {
 async fn messages_from_a_replaced_session_are_ignored() {
     let (handle, _loop) = actor::start(MemoryStore::new(), config()).await.unwrap();
     let (a, old) = register(&handle, "a").await;
-    let (submitted, _) = handle.submit(SPEC.to_owned(), 0).await.unwrap();
+    let (submitted, _) = handle.submit(spec(), 0).await.unwrap();
     let new = handle.open_session(a.clone()).await.unwrap();
     let rank = RunningRank {
         job_id: submitted.id.clone(),
@@ -237,7 +216,7 @@ async fn a_restarted_coordinator_keeps_jobs_and_gives_workers_time_to_reconnect(
     let store = MemoryStore::new();
     let (handle, event_loop) = actor::start(store.clone(), config()).await.unwrap();
     let (runner, session) = register(&handle, "a").await;
-    let (submitted, _) = handle.submit(SPEC.to_owned(), 0).await.unwrap();
+    let (submitted, _) = handle.submit(spec(), 0).await.unwrap();
     // Registered after the job was placed, and silent from then on.
     let (other, _other_session) = register(&handle, "idle").await;
     let rank = RunningRank {
@@ -289,7 +268,7 @@ async fn an_incomplete_rendezvous_fails_the_attempt() {
     let (handle, _loop) = actor::start(MemoryStore::new(), config).await.unwrap();
     let (a, mut a_session) = register(&handle, "a").await;
     let (b, mut b_session) = register(&handle, "b").await;
-    let spec = SPEC.replace("[resources]", "[resources]\nworkers = 2");
+    let spec = spec().replace("[resources]", "[resources]\nworkers = 2");
     let (job, _) = handle.submit(spec, 0).await.unwrap();
     let to_a = assignment(a_session.messages.recv().await);
     let to_b = assignment(b_session.messages.recv().await);

@@ -3,20 +3,9 @@
 
 use loractl_coordinator::server::actor::{self, CoordinatorConfig};
 use loractl_coordinator::store::MemoryStore;
-use loractl_proto::domain::{
-    GpuInfo, LogLine, LogStream, RankOutcome, Registration, RunningRank, WorkerMessage,
-};
-
-const SPEC: &str = r#"
-name = "logs"
-[model]
-pretrained_model_name_or_path = "/models/sd15.safetensors"
-[dataset]
-train_data_dir = "train"
-resolution = "512"
-[training]
-max_train_epochs = 1
-"#;
+use loractl_proto::domain::{LogLine, LogStream, RankOutcome, RunningRank, WorkerMessage};
+use loractl_tests::inproc::registration;
+use loractl_tests::spec::job_spec;
 
 #[tokio::test]
 async fn logs_are_capped_and_kept_for_recent_jobs_only() {
@@ -26,25 +15,15 @@ async fn logs_are_capped_and_kept_for_recent_jobs_only() {
         ..CoordinatorConfig::default()
     };
     let (handle, _loop) = actor::start(MemoryStore::new(), config).await.unwrap();
-    let registered = handle
-        .register(Registration {
-            protocol_version: loractl_proto::WORKER_PROTOCOL_VERSION,
-            name: "box".into(),
-            gpus: vec![GpuInfo {
-                index: 0,
-                uuid: "GPU-0".into(),
-                name: "GPU".into(),
-                memory_bytes: 0,
-            }],
-            labels: Default::default(),
-        })
-        .await
-        .unwrap();
+    let registered = handle.register(registration("box", &[0])).await.unwrap();
     let worker = registered.worker_id;
     let session = handle.open_session(worker.clone()).await.unwrap();
     let mut ids = Vec::new();
     for _ in 0..2 {
-        let (job, _) = handle.submit(SPEC.to_owned(), 0).await.unwrap();
+        let (job, _) = handle
+            .submit(job_spec("logs", "/models/sd15.safetensors", ""), 0)
+            .await
+            .unwrap();
         let rank = RunningRank {
             job_id: job.id.clone(),
             attempt: 0,

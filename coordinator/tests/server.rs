@@ -2,12 +2,7 @@
 //! gRPC clients: a job is submitted, a worker session registers and receives the assignment,
 //! and the job runs, retries from its checkpoint and succeeds.
 
-use std::net::SocketAddr;
-use std::time::Duration;
-
-use loractl_coordinator::artifacts::{sha256, ArtifactConfig};
-use loractl_coordinator::server::{self, CoordinatorConfig, ServerConfig};
-use loractl_coordinator::store::RedbStore;
+use loractl_coordinator::artifacts::sha256;
 use loractl_proto::domain::{
     ArtifactInfo, ArtifactKind, CoordinatorMessage, Failure, FailureKind, JobEvent, JobId,
     JobState, Progress, RankOutcome, RunningRank, WorkerId, WorkerMessage,
@@ -16,120 +11,36 @@ use loractl_proto::pb;
 use loractl_proto::pb::artifact_service_client::ArtifactServiceClient;
 use loractl_proto::pb::job_service_client::JobServiceClient;
 use loractl_proto::pb::worker_service_client::WorkerServiceClient;
-use tokio::sync::{mpsc, oneshot};
+use loractl_tests::inproc::{registration, within, Coordinator};
+use loractl_tests::spec::{job_spec, resources};
+use loractl_worker::client::Authed;
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
-use tonic::service::interceptor::InterceptedService;
-use tonic::service::Interceptor;
-use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 
 const TOKEN: &str = "test-token";
-/// Bound on any single wait, so a broken server fails the test instead of hanging it.
-const WAIT: Duration = Duration::from_secs(20);
 
-const SPEC: &str = r#"
-name = "sks-dog"
-[model]
-pretrained_model_name_or_path = "/models/v1-5-pruned-emaonly.safetensors"
-[dataset]
-train_data_dir = "train"
-resolution = "512"
-[training]
-max_train_epochs = 1
-[resources]
-gpus = "all"
-max_restarts = 1
-"#;
-
-struct Server {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<loractl_coordinator::Result<()>>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Server {
-    async fn start() -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(dir.path().join("state.redb")).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let config = ServerConfig {
-            coordinator: CoordinatorConfig::default(),
-            artifacts: ArtifactConfig {
-                root: dir.path().join("artifacts"),
-                quota_bytes: 1 << 30,
-                max_artifact_bytes: 1 << 28,
-                keep_checkpoints: 2,
-            },
-            token: Some(TOKEN.to_owned()),
-            tls: None,
-            leader_ttl: Duration::from_secs(10),
-        };
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::serve(store, config, listener, async {
-            let _ = stopped.await;
-        }));
-        Server {
-            addr,
-            stop: Some(stop),
-            task: Some(task),
-            _dir: dir,
-        }
-    }
-
-    async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
-    }
-
-    async fn shutdown(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let result = tokio::time::timeout(WAIT, task).await;
-            assert!(matches!(result, Ok(Ok(Ok(())))), "server stops cleanly");
-        }
-    }
-}
-
-#[derive(Clone)]
-struct Token(Option<&'static str>);
-
-impl Interceptor for Token {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(token) = self.0 {
-            let value = format!("Bearer {token}")
-                .parse()
-                .map_err(|_| Status::internal("token is not ascii"))?;
-            request.metadata_mut().insert("authorization", value);
-        }
-        Ok(request)
-    }
-}
-
-type Jobs = JobServiceClient<InterceptedService<Channel, Token>>;
-type Workers = WorkerServiceClient<InterceptedService<Channel, Token>>;
-type Artifacts = ArtifactServiceClient<InterceptedService<Channel, Token>>;
-
-async fn clients(server: &Server, token: Option<&'static str>) -> (Jobs, Workers, Artifacts) {
-    let channel = server.channel().await;
-    (
-        JobServiceClient::with_interceptor(channel.clone(), Token(token)),
-        WorkerServiceClient::with_interceptor(channel.clone(), Token(token)),
-        ArtifactServiceClient::with_interceptor(channel, Token(token)),
+fn spec() -> String {
+    job_spec(
+        "sks-dog",
+        "/models/v1-5-pruned-emaonly.safetensors",
+        &resources("all", 1),
     )
 }
 
-async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT, fut)
-        .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+type Jobs = JobServiceClient<Authed>;
+type Workers = WorkerServiceClient<Authed>;
+type Artifacts = ArtifactServiceClient<Authed>;
+
+/// Clients of `server` that present `token`.
+async fn clients(server: &Coordinator, token: Option<&str>) -> (Jobs, Workers, Artifacts) {
+    let link = server.link_as(Some(token));
+    (
+        link.jobs().await.unwrap(),
+        link.workers().await.unwrap(),
+        link.artifacts().await.unwrap(),
+    )
 }
 
 /// A worker session as a worker daemon would hold it.
@@ -142,20 +53,7 @@ struct WorkerSession {
 impl WorkerSession {
     async fn open(workers: &mut Workers, name: &str, gpus: &[u32]) -> WorkerSession {
         let registered = workers
-            .register(pb::RegisterRequest {
-                protocol_version: loractl_proto::WORKER_PROTOCOL_VERSION,
-                name: name.to_owned(),
-                gpus: gpus
-                    .iter()
-                    .map(|&index| pb::GpuInfo {
-                        index,
-                        uuid: format!("GPU-{name}-{index}"),
-                        name: "Test GPU".into(),
-                        memory_bytes: 24 << 30,
-                    })
-                    .collect(),
-                labels: Default::default(),
-            })
+            .register(pb::RegisterRequest::from(registration(name, gpus)))
             .await
             .unwrap()
             .into_inner();
@@ -252,13 +150,13 @@ fn step_ten(job: &JobId, rank: u32, loss: f64) -> Progress {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_runs_retries_from_its_checkpoint_and_succeeds() {
-    let server = Server::start().await;
+    let mut server = Coordinator::start(Some(TOKEN)).await;
     let (mut jobs, mut workers, mut artifacts) = clients(&server, Some(TOKEN)).await;
     let mut worker = WorkerSession::open(&mut workers, "box", &[0, 1]).await;
 
     let submitted = jobs
         .submit_job(pb::SubmitJobRequest {
-            spec_toml: SPEC.to_owned(),
+            spec_toml: spec(),
             priority: 0,
         })
         .await
@@ -429,29 +327,24 @@ async fn job_runs_retries_from_its_checkpoint_and_succeeds() {
     assert!(listed[0].alive);
     assert!(listed[0].busy_gpu_indices.is_empty(), "the job ended");
     drop(worker);
-    server.shutdown().await;
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_without_the_right_token_are_refused_and_change_nothing() {
-    let server = Server::start().await;
+    let mut server = Coordinator::start(Some(TOKEN)).await;
     for token in [None, Some("wrong")] {
         let (mut jobs, mut workers, mut artifacts) = clients(&server, token).await;
         let err = jobs
             .submit_job(pb::SubmitJobRequest {
-                spec_toml: SPEC.to_owned(),
+                spec_toml: spec(),
                 priority: 0,
             })
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::Unauthenticated, "{token:?}");
         let err = workers
-            .register(pb::RegisterRequest {
-                protocol_version: loractl_proto::WORKER_PROTOCOL_VERSION,
-                name: "intruder".into(),
-                gpus: vec![],
-                labels: Default::default(),
-            })
+            .register(pb::RegisterRequest::from(registration("intruder", &[])))
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::Unauthenticated);
@@ -469,15 +362,15 @@ async fn calls_without_the_right_token_are_refused_and_change_nothing() {
     assert!(listed.into_inner().jobs.is_empty());
     let workers = jobs.list_workers(pb::ListWorkersRequest {}).await.unwrap();
     assert!(workers.into_inner().workers.is_empty());
-    server.shutdown().await;
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_name_the_field_at_fault() {
-    let server = Server::start().await;
+    let mut server = Coordinator::start(Some(TOKEN)).await;
     let (mut jobs, mut workers, _) = clients(&server, Some(TOKEN)).await;
 
-    let typo = SPEC.replace("max_train_epochs", "max_train_epoch");
+    let typo = spec().replace("max_train_epochs", "max_train_epoch");
     let err = jobs
         .submit_job(pb::SubmitJobRequest {
             spec_toml: typo,
@@ -492,7 +385,7 @@ async fn bad_requests_name_the_field_at_fault() {
         err.message()
     );
 
-    let invalid = SPEC.replace("resolution = \"512\"", "resolution = \"500\"");
+    let invalid = spec().replace("resolution = \"512\"", "resolution = \"500\"");
     let err = jobs
         .submit_job(pb::SubmitJobRequest {
             spec_toml: invalid,
@@ -559,12 +452,12 @@ async fn bad_requests_name_the_field_at_fault() {
         .await
         .unwrap();
     assert!(listed.into_inner().jobs.is_empty(), "nothing was created");
-    server.shutdown().await;
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn artifacts_upload_resume_and_download_verified() {
-    let server = Server::start().await;
+    let mut server = Coordinator::start(Some(TOKEN)).await;
     let (_, _, mut artifacts) = clients(&server, Some(TOKEN)).await;
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
     let info = ArtifactInfo {
@@ -657,18 +550,18 @@ async fn artifacts_upload_resume_and_download_verified() {
         "{}",
         err.message()
     );
-    server.shutdown().await;
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_ends_open_sessions_watches_and_log_follows() {
-    let server = Server::start().await;
+    let mut server = Coordinator::start(Some(TOKEN)).await;
     let (mut jobs, mut workers, _) = clients(&server, Some(TOKEN)).await;
     let mut worker = WorkerSession::open(&mut workers, "box", &[]).await;
     // A GPU job stays queued on a CPU-only worker: its watch and log follow stay open.
     let job = job_from(
         jobs.submit_job(pb::SubmitJobRequest {
-            spec_toml: SPEC.to_owned(),
+            spec_toml: spec(),
             priority: 0,
         })
         .await
@@ -708,7 +601,7 @@ async fn shutdown_ends_open_sessions_watches_and_log_follows() {
         .unwrap()
         .into_inner();
 
-    server.shutdown().await;
+    server.stop().await;
     let watch_end = within("the watch to end", watch.next()).await;
     assert!(
         watch_end.as_ref().is_none_or(|r| r.is_err()),
@@ -744,13 +637,13 @@ async fn latest_checkpoint(jobs: &mut Jobs, id: &str) -> Option<loractl_proto::d
 /// worker running its current attempt: anything else is refused and changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_worker_running_the_attempt_uploads_its_outputs() {
-    let server = Server::start().await;
+    let mut server = Coordinator::start(Some(TOKEN)).await;
     let (mut jobs, mut workers, mut artifacts) = clients(&server, Some(TOKEN)).await;
     let mut worker = WorkerSession::open(&mut workers, "box", &[0]).await;
     let other = WorkerSession::open(&mut workers, "other", &[]).await;
     let job = job_from(
         jobs.submit_job(pb::SubmitJobRequest {
-            spec_toml: SPEC.to_owned(),
+            spec_toml: spec(),
             priority: 0,
         })
         .await
@@ -841,5 +734,5 @@ async fn only_the_worker_running_the_attempt_uploads_its_outputs() {
         ..checkpoint(&data)
     };
     upload(&mut artifacts, dataset, &data, None).await;
-    server.shutdown().await;
+    server.stop().await;
 }

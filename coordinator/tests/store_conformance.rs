@@ -1,7 +1,7 @@
 //! One conformance suite for every `Store` backend: redb in a temp file and etcd started for
 //! real on loopback.
 
-mod common;
+use loractl_tests::Etcd;
 
 use std::future::Future;
 
@@ -243,7 +243,7 @@ async fn redb_backend_conforms() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_backend_conforms() {
-    let Some(etcd) = common::Etcd::start() else {
+    let Some(etcd) = Etcd::start() else {
         return;
     };
     let endpoint = etcd.endpoint.clone();
@@ -291,7 +291,7 @@ async fn etcd_connection_errors_name_the_endpoint() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fenced_etcd_backend_conforms() {
-    let Some(etcd) = common::Etcd::start() else {
+    let Some(etcd) = Etcd::start() else {
         return;
     };
     let endpoint = etcd.endpoint.clone();

@@ -42,14 +42,15 @@ pub struct CoordinatorConfig {
 
 impl Default for CoordinatorConfig {
     fn default() -> Self {
+        use crate::standalone::defaults;
         Self {
-            heartbeat_interval: Duration::from_secs(5),
-            heartbeat_timeout: Duration::from_secs(30),
-            cpu_slots: 1,
+            heartbeat_interval: Duration::from_secs(defaults::HEARTBEAT_INTERVAL_SECS),
+            heartbeat_timeout: Duration::from_secs(defaults::HEARTBEAT_TIMEOUT_SECS),
+            cpu_slots: defaults::CPU_SLOTS,
             policy: Policy::default(),
-            log_lines_per_job: 10_000,
-            ended_jobs_with_logs: 100,
-            rendezvous_timeout: Duration::from_secs(300),
+            log_lines_per_job: defaults::LOG_LINES_PER_JOB,
+            ended_jobs_with_logs: defaults::ENDED_JOBS_WITH_LOGS,
+            rendezvous_timeout: Duration::from_secs(defaults::RENDEZVOUS_TIMEOUT_SECS),
         }
     }
 }
