@@ -1,6 +1,7 @@
 //! A coordinator in this process, started by [`Standalone`] (as `loractl up` starts its own)
 //! on 127.0.0.1:0 with a redb store and artifact folder in a temporary folder; gRPC clients
-//! carrying a token; submitting, watching and reading logs; worker registrations.
+//! carrying a token; submitting, watching and reading logs; worker registrations; worker
+//! daemons whose ranks are shell scripts.
 
 use std::future::Future;
 use std::path::Path;
@@ -15,6 +16,8 @@ use loractl_proto::pb::artifact_service_client::ArtifactServiceClient;
 use loractl_proto::pb::job_service_client::JobServiceClient;
 use loractl_proto::pb::worker_service_client::WorkerServiceClient;
 use loractl_worker::client::{Authed, ClientTls, Link};
+use loractl_worker::config::WorkerConfig;
+use loractl_worker::daemon::Daemon;
 use tokio_stream::StreamExt;
 
 /// Bound on any single wait, so a broken server fails the test instead of hanging it.
@@ -137,31 +140,39 @@ pub async fn submit(jobs: &mut JobServiceClient<Authed>, spec: &str) -> Job {
 pub async fn watch(
     jobs: &mut JobServiceClient<Authed>,
     id: &str,
-) -> impl tokio_stream::Stream<Item = JobEvent> {
+) -> tonic::Streaming<pb::JobEvent> {
     jobs.watch_job(pb::WatchJobRequest {
         job_id: id.to_owned(),
     })
     .await
     .expect("watching the job")
     .into_inner()
-    .map(|event| JobEvent::try_from(event.expect("an event")).expect("a well-formed event"))
 }
 
-/// Watches job `id` until `done` holds for an event (returned with every event seen), failing
-/// after [`WAIT`] or when the watch ends first.
+/// Watches job `id` until `until` holds for its state; returns that state and every event
+/// seen. Fails after [`WAIT`] or when the watch ends first.
 pub async fn watch_until(
     jobs: &mut JobServiceClient<Authed>,
     id: &str,
-    mut done: impl FnMut(&JobEvent) -> bool,
-) -> (JobEvent, Vec<JobEvent>) {
-    let events = watch(jobs, id).await;
-    tokio::pin!(events);
-    let mut seen = Vec::new();
-    let found = within("the watched condition", async {
-        while let Some(event) = events.next().await {
-            seen.push(event.clone());
-            if done(&event) {
-                return Some(event);
+    until: impl Fn(&Job) -> bool,
+) -> (Job, Vec<JobEvent>) {
+    follow_until(&mut watch(jobs, id).await, until).await
+}
+
+/// Reads a watch until `until` holds for the job's state, as [`watch_until`] does.
+pub async fn follow_until(
+    stream: &mut tonic::Streaming<pb::JobEvent>,
+    until: impl Fn(&Job) -> bool,
+) -> (Job, Vec<JobEvent>) {
+    let mut events = Vec::new();
+    let found = within("the watched job", async {
+        while let Some(event) = stream.next().await {
+            let event = JobEvent::try_from(event.expect("an event")).expect("a well-formed event");
+            events.push(event.clone());
+            if let JobEvent::State(job) = event {
+                if until(&job) {
+                    return Some(job);
+                }
             }
         }
         None
@@ -169,7 +180,7 @@ pub async fn watch_until(
     .await;
     (
         found.expect("the watch ended before the condition held"),
-        seen,
+        events,
     )
 }
 
@@ -190,6 +201,32 @@ pub async fn log_lines(jobs: &mut JobServiceClient<Authed>, id: &str) -> Vec<Str
     lines
 }
 
+/// Follows job `id`'s log (lines so far, then new ones) until `find` returns a value for a
+/// line; fails after [`WAIT`] or when the log ends first.
+pub async fn follow_logs<T>(
+    jobs: &mut JobServiceClient<Authed>,
+    id: &str,
+    mut find: impl FnMut(&str) -> Option<T>,
+) -> T {
+    let mut stream = jobs
+        .get_logs(pb::GetLogsRequest {
+            job_id: id.to_owned(),
+            follow: true,
+        })
+        .await
+        .expect("following the logs")
+        .into_inner();
+    within("a log line", async {
+        while let Some(line) = stream.next().await {
+            if let Some(found) = find(&line.expect("a log line").text) {
+                return found;
+            }
+        }
+        panic!("the log ended before the line looked for");
+    })
+    .await
+}
+
 /// GPU `index` of worker `name`: 24 GiB, a UUID unique to the pair.
 pub fn gpu(name: &str, index: u32) -> GpuInfo {
     GpuInfo {
@@ -207,5 +244,75 @@ pub fn registration(name: &str, gpus: &[u32]) -> Registration {
         name: name.to_owned(),
         gpus: gpus.iter().map(|&i| gpu(name, i)).collect(),
         labels: Default::default(),
+    }
+}
+
+/// A worker daemon serving from this process until [`Worker::stop`] or a drop.
+pub struct Worker {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<loractl_worker::Result<()>>>,
+}
+
+impl Worker {
+    /// The config of worker `name` of the coordinator at `url`, its folders under `root`: a
+    /// model folder holding a file `model`, a data folder holding `train/10_dog`, and a work
+    /// and cache folder. Its ranks run `script` with `/bin/sh`; it offers the CPU only.
+    pub fn config(root: &Path, url: &str, name: &str, model: &str, script: &str) -> WorkerConfig {
+        let models = root.join("models");
+        let data = root.join("data");
+        std::fs::create_dir_all(&models).expect("a model folder");
+        std::fs::create_dir_all(data.join("train/10_dog")).expect("a dataset folder");
+        std::fs::write(models.join(model), b"weights").expect("a model file");
+        WorkerConfig {
+            model_dirs: vec![models],
+            data_dirs: vec![data],
+            coordinator: url.to_owned(),
+            name: Some(name.to_owned()),
+            gpus: "cpu".into(),
+            work_dir: root.join("work"),
+            cache_dir: root.join("cache"),
+            rank_command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            ..WorkerConfig::default()
+        }
+    }
+
+    /// Starts a worker on `config` (its GPUs discovered as the daemon would, its TLS files
+    /// read) presenting `token`.
+    pub fn start(config: WorkerConfig, token: Option<&str>) -> Self {
+        config.validate().expect("a valid worker config");
+        let gpus = loractl_worker::gpu::discover(&config.gpu_selection(), config.simulated_gpus)
+            .expect("the worker's GPUs");
+        let tls = config.client_tls().expect("the worker's TLS files");
+        let daemon =
+            Daemon::new(config, gpus, token.map(str::to_owned), tls).expect("the worker daemon");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(daemon.run(async {
+            let _ = stopped.await;
+        }));
+        Self {
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Shuts it down as SIGTERM would (its ranks are stopped) and waits for it.
+    pub async fn stop(mut self) -> loractl_worker::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.task.take() {
+            Some(task) => within("the worker to stop", task)
+                .await
+                .expect("the worker task"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
     }
 }

@@ -533,23 +533,6 @@ echo '@loractl {"progress":{"step":4,"total_steps":8,"loss":0.5,"lr":0.001}}'"#;
         }
     }
 
-    /// Resolves when process `pid` has ended (its pidfd becomes readable), without polling.
-    async fn process_ended(pid: i32) {
-        use std::os::fd::{FromRawFd, OwnedFd};
-        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        if fd < 0 {
-            return; // already reaped
-        }
-        // SAFETY: the syscall returned a fresh fd that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it open and unchanged.
-        let fd = unsafe { tokio::io::unix::AsyncFd::register(fd) }
-            .map_err(|e| e.to_string())
-            .unwrap();
-        let _ = fd.readable().await.unwrap();
-    }
-
     fn alive(pid: i32) -> bool {
         // SAFETY: signal 0 only checks that the process exists.
         unsafe { libc::kill(pid, 0) == 0 }
@@ -580,9 +563,12 @@ echo '@loractl {"progress":{"step":4,"total_steps":8,"loss":0.5,"lr":0.001}}'"#;
         let (_, exit) = collect(rx).await;
         assert_eq!(exit.failure_kind(), Some(FailureKind::Killed));
         // The group was killed when the leader ended; wait for the grandchild's end itself.
-        tokio::time::timeout(Duration::from_secs(10), process_ended(grandchild))
-            .await
-            .unwrap_or_else(|_| panic!("grandchild {grandchild} survived"));
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            loractl_tests::process_ended(grandchild),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("grandchild {grandchild} survived"));
     }
 
     /// A rank the worker stopped is `Killed` (free) however it ends: by the signal, or by an

@@ -3,236 +3,54 @@
 //! progress and artifacts, resume from their checkpoint after a kill, fail without retry on a
 //! bad config, and a cancel or a worker shutdown takes down the rank's whole process group.
 
-use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::time::Duration;
 
-use loractl_coordinator::artifacts::ArtifactConfig;
-use loractl_coordinator::server::{self, CoordinatorConfig, ServerConfig};
-use loractl_coordinator::store::RedbStore;
 use loractl_proto::domain::{ArtifactKind, FailureKind, Job, JobEvent, JobState};
 use loractl_proto::pb;
-use loractl_proto::pb::artifact_service_client::ArtifactServiceClient;
 use loractl_proto::pb::job_service_client::JobServiceClient;
+use loractl_tests::inproc::{
+    self, follow_logs, follow_until, log_lines, watch, Coordinator, Worker,
+};
+use loractl_tests::process_ended;
+use loractl_tests::spec::{job_spec, resources};
 use loractl_worker::client::{self, Authed, Link};
 use loractl_worker::config::WorkerConfig;
-use loractl_worker::daemon::Daemon;
-use loractl_worker::gpu;
-use tokio::sync::oneshot;
-use tokio_stream::StreamExt;
 
 const TOKEN: &str = "worker-test-token";
-
-/// The folders a worker allows, holding the model file and dataset folder the specs name.
-fn allowed_dirs(root: &std::path::Path) -> (Vec<std::path::PathBuf>, Vec<std::path::PathBuf>) {
-    let models = root.join("models");
-    let data = root.join("data");
-    std::fs::create_dir_all(&models).unwrap();
-    std::fs::create_dir_all(data.join("train/10_dog")).unwrap();
-    std::fs::write(models.join("v1-5-pruned-emaonly.safetensors"), b"weights").unwrap();
-    (vec![models], vec![data])
-}
-const WAIT: Duration = Duration::from_secs(30);
+const WAIT: Duration = inproc::WAIT;
+const MODEL: &str = "v1-5-pruned-emaonly.safetensors";
 
 fn spec(gpus: &str) -> String {
-    format!(
-        r#"
-name = "sks-dog"
-[model]
-pretrained_model_name_or_path = "v1-5-pruned-emaonly.safetensors"
-[dataset]
-train_data_dir = "train"
-resolution = "512"
-[training]
-max_train_epochs = 1
-[resources]
-gpus = "{gpus}"
-max_restarts = 0
-"#
-    )
+    job_spec("sks-dog", MODEL, &resources(gpus, 0))
 }
 
-struct Cluster {
-    address: String,
-    dir: tempfile::TempDir,
-    stop_server: Option<oneshot::Sender<()>>,
-}
-
-impl Cluster {
-    async fn start() -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(dir.path().join("state.redb")).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr: SocketAddr = listener.local_addr().unwrap();
-        let config = ServerConfig {
-            coordinator: CoordinatorConfig::default(),
-            artifacts: ArtifactConfig {
-                root: dir.path().join("artifacts"),
-                quota_bytes: 1 << 30,
-                max_artifact_bytes: 1 << 28,
-                keep_checkpoints: 2,
-            },
-            token: Some(TOKEN.to_owned()),
-            tls: None,
-            leader_ttl: Duration::from_secs(10),
-        };
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(server::serve(store, config, listener, async {
-            let _ = stopped.await;
-        }));
-        Cluster {
-            address: format!("http://{addr}"),
-            dir,
-            stop_server: Some(stop),
-        }
-    }
-
-    /// Starts a worker with two simulated GPUs running `script` for every rank; returns the
-    /// trigger of its shutdown and its task.
-    fn worker(
-        &self,
-        name: &str,
-        script: &str,
-    ) -> (
-        oneshot::Sender<()>,
-        tokio::task::JoinHandle<loractl_worker::Result<()>>,
-    ) {
-        let root = self.dir.path().join(name);
-        let (model_dirs, data_dirs) = allowed_dirs(&root);
-        let config = WorkerConfig {
-            model_dirs,
-            data_dirs,
-            coordinator: self.address.clone(),
-            name: Some(name.to_owned()),
-            simulated_gpus: 2,
-            work_dir: root.join("work"),
-            cache_dir: root.join("cache"),
-            rank_command: vec!["/bin/sh".into(), "-c".into(), script.into()],
-            stop_grace_secs: 1,
-            ..WorkerConfig::default()
-        };
-        config.validate().unwrap();
-        let gpus = gpu::discover(&config.gpu_selection(), config.simulated_gpus).unwrap();
-        let daemon = Daemon::new(config, gpus, Some(TOKEN.to_owned()), None).unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(daemon.run(async {
-            let _ = stopped.await;
-        }));
-        (stop, task)
-    }
-
-    async fn jobs(&self) -> JobServiceClient<Authed> {
-        let link = Link::new(&self.address, Some(TOKEN), None).unwrap();
-        link.jobs().await.unwrap()
-    }
-
-    async fn artifacts(&self) -> ArtifactServiceClient<Authed> {
-        let link = Link::new(&self.address, Some(TOKEN), None).unwrap();
-        link.artifacts().await.unwrap()
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop_server.take() {
-            let _ = stop.send(());
-        }
-    }
+/// Starts worker `name` with two simulated GPUs, running `script` for every rank.
+fn worker(cluster: &Coordinator, name: &str, script: &str) -> Worker {
+    let config = WorkerConfig {
+        simulated_gpus: 2,
+        gpus: WorkerConfig::default().gpus,
+        stop_grace_secs: 1,
+        ..Worker::config(
+            &cluster.dir.path().join(name),
+            &cluster.url,
+            name,
+            MODEL,
+            script,
+        )
+    };
+    Worker::start(config, Some(TOKEN))
 }
 
 async fn submit(jobs: &mut JobServiceClient<Authed>, gpus: &str) -> Job {
-    submit_spec(jobs, spec(gpus)).await
+    inproc::submit(jobs, &spec(gpus)).await
 }
 
-async fn submit_spec(jobs: &mut JobServiceClient<Authed>, spec_toml: String) -> Job {
-    let response = jobs
-        .submit_job(pb::SubmitJobRequest {
-            spec_toml,
-            priority: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    Job::try_from(response.job.unwrap()).unwrap()
-}
-
-async fn watch_stream(
-    jobs: &mut JobServiceClient<Authed>,
-    job: &Job,
-) -> tonic::Streaming<pb::JobEvent> {
-    jobs.watch_job(pb::WatchJobRequest {
-        job_id: job.id.to_string(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-}
-
-/// Follows the job until `until` holds for it; returns every event seen.
 async fn watch_until(
     jobs: &mut JobServiceClient<Authed>,
     job: &Job,
     until: impl Fn(&Job) -> bool,
 ) -> (Job, Vec<JobEvent>) {
-    let stream = watch_stream(jobs, job).await;
-    follow_until(stream, until).await
-}
-
-async fn follow_until(
-    mut stream: tonic::Streaming<pb::JobEvent>,
-    until: impl Fn(&Job) -> bool,
-) -> (Job, Vec<JobEvent>) {
-    let mut events = Vec::new();
-    let found = tokio::time::timeout(WAIT, async {
-        while let Some(event) = stream.next().await {
-            let event = JobEvent::try_from(event.unwrap()).unwrap();
-            events.push(event.clone());
-            if let JobEvent::State(j) = event {
-                if until(&j) {
-                    return Some(j);
-                }
-            }
-        }
-        None
-    })
-    .await
-    .expect("timed out watching the job");
-    (
-        found.expect("the watch ended before the condition held"),
-        events,
-    )
-}
-
-async fn log_lines(jobs: &mut JobServiceClient<Authed>, job: &Job) -> Vec<String> {
-    let mut stream = jobs
-        .get_logs(pb::GetLogsRequest {
-            job_id: job.id.to_string(),
-            follow: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut lines = Vec::new();
-    while let Some(line) = stream.next().await {
-        lines.push(line.unwrap().text);
-    }
-    lines
-}
-
-/// Resolves when process `pid` has ended (pidfd becomes readable), without polling.
-async fn process_ended(pid: i32) {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return; // already gone
-    }
-    // SAFETY: the syscall returned a fresh fd that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it open and unchanged.
-    let fd = unsafe { tokio::io::unix::AsyncFd::register(fd) }
-        .map_err(|e| e.to_string())
-        .unwrap();
-    let _ = fd.readable().await.unwrap();
+    inproc::watch_until(jobs, job.id.as_str(), until).await
 }
 
 const TRAIN: &str = r#"
@@ -246,18 +64,18 @@ echo '@loractl {"artifact":{"path":"step2.ckpt","kind":"checkpoint"}}'
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_runs_on_the_worker_and_its_artifacts_are_uploaded() {
-    let cluster = Cluster::start().await;
+    let cluster = Coordinator::start(Some(TOKEN)).await;
     let mut jobs = cluster.jobs().await;
     let job = submit(&mut jobs, "all").await;
     // The watch is open before any worker exists, so it sees every event of the run.
-    let watch = watch_stream(&mut jobs, &job).await;
-    let (stop, worker) = cluster.worker("box", TRAIN);
-    let (done, events) = follow_until(watch, |j| j.state.is_terminal()).await;
+    let mut watch = watch(&mut jobs, job.id.as_str()).await;
+    let worker = worker(&cluster, "box", TRAIN);
+    let (done, events) = follow_until(&mut watch, |j| j.state.is_terminal()).await;
     assert_eq!(done.state, JobState::Succeeded, "{:?}", done.last_failure);
     assert!(events
         .iter()
         .any(|e| matches!(e, JobEvent::Progress(p) if p.step == 1 && p.loss == 0.5)));
-    let logs = log_lines(&mut jobs, &job).await;
+    let logs = log_lines(&mut jobs, job.id.as_str()).await;
     // `all` on a worker with two GPUs: a rank on each.
     for (gpu, rank) in [(0, 0), (1, 1)] {
         assert!(
@@ -292,17 +110,12 @@ async fn a_job_runs_on_the_worker_and_its_artifacts_are_uploaded() {
         done.latest_checkpoint.map(pb::Digest::from),
         checkpoint.digest.clone()
     );
-    let _ = stop.send(());
-    tokio::time::timeout(WAIT, worker)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    worker.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_rank_spends_a_restart_and_resumes_from_its_checkpoint() {
-    let cluster = Cluster::start().await;
+    let cluster = Coordinator::start(Some(TOKEN)).await;
     let script = r#"
 if [ "$LORACTL_ATTEMPT" = 0 ]; then
   printf 'state at step 7' > step7.ckpt
@@ -312,13 +125,9 @@ if [ "$LORACTL_ATTEMPT" = 0 ]; then
 fi
 echo "resumed from: $(cat "$LORACTL_RESUME")"
 "#;
-    let (_stop, _worker) = cluster.worker("box", script);
+    let _worker = worker(&cluster, "box", script);
     let mut jobs = cluster.jobs().await;
-    let job = submit_spec(
-        &mut jobs,
-        spec("0").replace("max_restarts = 0", "max_restarts = 1"),
-    )
-    .await;
+    let job = inproc::submit(&mut jobs, &job_spec("sks-dog", MODEL, &resources("0", 1))).await;
     let (done, _) = watch_until(&mut jobs, &job, |j| j.state.is_terminal()).await;
     assert_eq!(done.state, JobState::Succeeded, "{:?}", done.last_failure);
     // Nobody in loractl sent that SIGKILL: a crash, which spends a restart.
@@ -327,7 +136,7 @@ echo "resumed from: $(cat "$LORACTL_RESUME")"
         done.last_failure.map(|f| f.kind),
         Some(FailureKind::Crashed)
     );
-    let logs = log_lines(&mut jobs, &job).await;
+    let logs = log_lines(&mut jobs, job.id.as_str()).await;
     assert!(
         logs.contains(&"resumed from: state at step 7".to_owned()),
         "{logs:?}"
@@ -338,14 +147,14 @@ echo "resumed from: $(cat "$LORACTL_RESUME")"
 /// attempts in 50 s) fails the job once its restarts are spent, and says it was a loop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rank_that_keeps_aborting_ends_as_a_crash_loop() {
-    let cluster = Cluster::start().await;
-    let (_stop, _worker) = cluster.worker("box", "echo 'allocation failed' >&2; kill -ABRT $$");
+    let cluster = Coordinator::start(Some(TOKEN)).await;
+    let _worker = worker(
+        &cluster,
+        "box",
+        "echo 'allocation failed' >&2; kill -ABRT $$",
+    );
     let mut jobs = cluster.jobs().await;
-    let job = submit_spec(
-        &mut jobs,
-        spec("0").replace("max_restarts = 0", "max_restarts = 2"),
-    )
-    .await;
+    let job = inproc::submit(&mut jobs, &job_spec("sks-dog", MODEL, &resources("0", 2))).await;
     let (done, _) = watch_until(&mut jobs, &job, |j| j.state.is_terminal()).await;
     assert_eq!(done.state, JobState::Failed);
     assert_eq!((done.attempt, done.counted_restarts), (2, 2));
@@ -360,8 +169,9 @@ async fn a_rank_that_keeps_aborting_ends_as_a_crash_loop() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_config_fails_the_job_without_retry() {
-    let cluster = Cluster::start().await;
-    let (_stop, _worker) = cluster.worker(
+    let cluster = Coordinator::start(Some(TOKEN)).await;
+    let _worker = worker(
+        &cluster,
         "box",
         "echo 'train_data_dir `train` does not exist' >&2; exit 78",
     );
@@ -377,30 +187,16 @@ async fn a_bad_config_fails_the_job_without_retry() {
 const LONG: &str = "sleep 1000 & echo \"child $!\"; wait";
 
 async fn child_pid(jobs: &mut JobServiceClient<Authed>, job: &Job) -> i32 {
-    let mut stream = jobs
-        .get_logs(pb::GetLogsRequest {
-            job_id: job.id.to_string(),
-            follow: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    tokio::time::timeout(WAIT, async {
-        while let Some(line) = stream.next().await {
-            if let Some(pid) = line.unwrap().text.strip_prefix("child ") {
-                return pid.parse().unwrap();
-            }
-        }
-        panic!("log ended without the child's pid");
+    follow_logs(jobs, job.id.as_str(), |line| {
+        line.strip_prefix("child ").map(|pid| pid.parse().unwrap())
     })
     .await
-    .expect("timed out waiting for the rank's output")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_kills_the_ranks_process_group() {
-    let cluster = Cluster::start().await;
-    let (_stop, _worker) = cluster.worker("box", LONG);
+    let cluster = Coordinator::start(Some(TOKEN)).await;
+    let _worker = worker(&cluster, "box", LONG);
     let mut jobs = cluster.jobs().await;
     let job = submit(&mut jobs, "1").await;
     let grandchild = child_pid(&mut jobs, &job).await;
@@ -422,17 +218,13 @@ async fn cancel_kills_the_ranks_process_group() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_shutdown_stops_its_ranks_and_the_job_is_retried_uncounted() {
-    let cluster = Cluster::start().await;
-    let (stop, worker) = cluster.worker("box", LONG);
+    let cluster = Coordinator::start(Some(TOKEN)).await;
+    let worker = worker(&cluster, "box", LONG);
     let mut jobs = cluster.jobs().await;
     let job = submit(&mut jobs, "all").await;
     let grandchild = child_pid(&mut jobs, &job).await;
-    let _ = stop.send(());
-    tokio::time::timeout(WAIT, worker)
-        .await
-        .expect("the worker drains within its grace")
-        .unwrap()
-        .unwrap();
+    // It drains within its grace.
+    worker.stop().await.unwrap();
     tokio::time::timeout(WAIT, process_ended(grandchild))
         .await
         .expect("the rank's child outlived the worker");
@@ -450,7 +242,7 @@ async fn worker_shutdown_stops_its_ranks_and_the_job_is_retried_uncounted() {
 /// by the time it streams (which failed the upload and reported a good rank as failed).
 #[tokio::test]
 async fn an_upload_sends_the_file_it_opened_even_if_the_name_is_replaced() {
-    let cluster = Cluster::start().await;
+    let cluster = Coordinator::start(Some(TOKEN)).await;
     let mut artifacts = cluster.artifacts().await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("zenny-state.safetensors");
@@ -483,7 +275,7 @@ async fn an_upload_sends_the_file_it_opened_even_if_the_name_is_replaced() {
 /// gets the verified file (they appended to one `.part` file, which then failed its hash).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_downloads_of_one_blob_all_succeed() {
-    let cluster = Cluster::start().await;
+    let cluster = Coordinator::start(Some(TOKEN)).await;
     let mut artifacts = cluster.artifacts().await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("state.safetensors");
@@ -516,7 +308,7 @@ async fn concurrent_downloads_of_one_blob_all_succeed() {
 
 #[tokio::test]
 async fn artifacts_download_into_the_cache_verified() {
-    let cluster = Cluster::start().await;
+    let cluster = Coordinator::start(Some(TOKEN)).await;
     let mut artifacts = cluster.artifacts().await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("model.safetensors");
@@ -570,99 +362,34 @@ async fn artifacts_download_into_the_cache_verified() {
     assert_eq!(std::fs::read(path).unwrap(), data);
 }
 
-async fn serve_on(
-    listener: tokio::net::TcpListener,
-    db: &std::path::Path,
-    artifacts: &std::path::Path,
-) -> (
-    oneshot::Sender<()>,
-    tokio::task::JoinHandle<loractl_coordinator::Result<()>>,
-) {
-    let store = RedbStore::open(db).unwrap();
-    let config = ServerConfig {
-        coordinator: CoordinatorConfig::default(),
-        artifacts: ArtifactConfig {
-            root: artifacts.to_owned(),
-            quota_bytes: 1 << 20,
-            max_artifact_bytes: 1 << 20,
-            keep_checkpoints: 1,
-        },
-        token: Some(TOKEN.to_owned()),
-        tls: None,
-        leader_ttl: Duration::from_secs(10),
-    };
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(server::serve(store, config, listener, async {
-        let _ = stopped.await;
-    }));
-    (stop, task)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_reconnects_to_a_restarted_coordinator_and_its_job_continues() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("state.redb");
-    let store_dir = dir.path().join("artifacts");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let address = format!("http://{addr}");
-    let (stop, first) = serve_on(listener, &db, &store_dir).await;
+    let mut cluster = Coordinator::start(Some(TOKEN)).await;
+    let dir = cluster.dir.path();
 
     // The rank runs until the test writes to this pipe.
-    let go = dir.path().join("go");
+    let go = dir.join("go");
     let c_path = std::ffi::CString::new(go.display().to_string()).unwrap();
     // SAFETY: a valid NUL-terminated path and a mode.
     assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
     let script = format!("echo started; read x < '{}'; echo finishing", go.display());
-    let (model_dirs, data_dirs) = allowed_dirs(dir.path());
-    let config = WorkerConfig {
-        model_dirs,
-        data_dirs,
-        coordinator: address.clone(),
-        name: Some("box".into()),
-        gpus: "cpu".into(),
-        work_dir: dir.path().join("work"),
-        cache_dir: dir.path().join("cache"),
-        rank_command: vec!["/bin/sh".into(), "-c".into(), script],
-        ..WorkerConfig::default()
-    };
-    let daemon = Daemon::new(config, Vec::new(), Some(TOKEN.to_owned()), None).unwrap();
-    let (_stop_worker, worker_stopped) = oneshot::channel::<()>();
-    tokio::spawn(daemon.run(async {
-        let _ = worker_stopped.await;
-    }));
+    let _worker = Worker::start(
+        Worker::config(dir, &cluster.url, "box", MODEL, &script),
+        Some(TOKEN),
+    );
 
-    let link = Link::new(&address, Some(TOKEN), None).unwrap();
+    let link = Link::new(&cluster.url, Some(TOKEN), None).unwrap();
     let mut jobs = link.jobs().await.unwrap();
     let job = submit(&mut jobs, "cpu").await;
-    let mut follow = jobs
-        .get_logs(pb::GetLogsRequest {
-            job_id: job.id.to_string(),
-            follow: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    tokio::time::timeout(WAIT, async {
-        while let Some(line) = follow.next().await {
-            if line.unwrap().text == "started" {
-                return;
-            }
-        }
-        panic!("log ended before the rank started");
+    // The rank starts.
+    follow_logs(&mut jobs, job.id.as_str(), |line| {
+        (line == "started").then_some(())
     })
-    .await
-    .expect("the rank starts");
+    .await;
 
-    // Restart the coordinator on the same address and state file.
-    let _ = stop.send(());
-    tokio::time::timeout(WAIT, first)
-        .await
-        .expect("the coordinator stops with a worker connected")
-        .unwrap()
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-    let (_stop, _second) = serve_on(listener, &db, &store_dir).await;
+    // Restart the coordinator on the same address and state file; it stops with a worker
+    // connected.
+    cluster.restart().await;
 
     // Let the rank finish; its result reaches the new coordinator through the reconnect.
     tokio::task::spawn_blocking(move || std::fs::write(go, "go\n"))
@@ -680,14 +407,14 @@ async fn the_worker_reconnects_to_a_restarted_coordinator_and_its_job_continues(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ranks_of_a_multi_worker_job_meet_through_the_rendezvous() {
-    let cluster = Cluster::start().await;
+    let cluster = Coordinator::start(Some(TOKEN)).await;
     let script = r#"
 echo '@loractl {"rendezvous":{"address":"rank'"$LORACTL_RANK"'.test:1234"}}'
 read line
 echo "rank $LORACTL_RANK peers: $line"
 "#;
-    let (_stop_a, _a) = cluster.worker("a", script);
-    let (_stop_b, _b) = cluster.worker("b", script);
+    let _a = worker(&cluster, "a", script);
+    let _b = worker(&cluster, "b", script);
     let mut jobs = cluster.jobs().await;
     let spec = spec("cpu").replace("[resources]", "[resources]\nworkers = 2");
     let job = Job::try_from(
@@ -704,7 +431,7 @@ echo "rank $LORACTL_RANK peers: $line"
     .unwrap();
     let (done, _) = watch_until(&mut jobs, &job, |j| j.state.is_terminal()).await;
     assert_eq!(done.state, JobState::Succeeded, "{:?}", done.last_failure);
-    let logs = log_lines(&mut jobs, &job).await;
+    let logs = log_lines(&mut jobs, job.id.as_str()).await;
     let peers = r#"@loractl {"peers":{"addresses":["rank0.test:1234","rank1.test:1234"]}}"#;
     for rank in 0..2 {
         let expected = format!("rank {rank} peers: {peers}");
@@ -714,8 +441,8 @@ echo "rank $LORACTL_RANK peers: $line"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_path_outside_the_allowed_folders_fails_the_job_without_running_it() {
-    let cluster = Cluster::start().await;
-    let (_stop, _worker) = cluster.worker("box", "echo 'must not run'");
+    let cluster = Coordinator::start(Some(TOKEN)).await;
+    let _worker = worker(&cluster, "box", "echo 'must not run'");
     let mut jobs = cluster.jobs().await;
     let escape = spec("all").replace(
         "train_data_dir = \"train\"",
@@ -743,7 +470,7 @@ async fn a_path_outside_the_allowed_folders_fails_the_job_without_running_it() {
         failure.message
     );
     assert!(
-        log_lines(&mut jobs, &job).await.is_empty(),
+        log_lines(&mut jobs, job.id.as_str()).await.is_empty(),
         "the rank never started"
     );
 }
