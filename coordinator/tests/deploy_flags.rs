@@ -6,30 +6,10 @@
 //! exits 0 without starting a server. The rules clap checks only after parsing (flags that
 //! go together, heartbeat timeout longer than the interval) are checked here.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use loractl_tests::deploy::{deploy_dir, read, yaml_block};
 
-fn deploy_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
-}
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-/// Runs the coordinator with `args` and `--help`; Err with clap's message when refused.
 fn parse_with_binary(args: &[String]) -> Result<String, String> {
-    let out = Command::new(env!("CARGO_BIN_EXE_loractl-coordinator"))
-        .args(args)
-        .arg("--help")
-        .env_remove("LORACTL_TOKEN")
-        .output()
-        .expect("run loractl-coordinator");
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
+    loractl_tests::process::help_with(env!("CARGO_BIN_EXE_loractl-coordinator"), args)
 }
 
 /// The value of `--name`, given as `--name value` or `--name=value`.
@@ -150,8 +130,8 @@ fn expand(command: &str, braced: &[(&str, &str)], split: &[(&str, &str)]) -> Vec
 #[test]
 fn systemd_unit_and_coordinator_env_flags_are_accepted() {
     let dir = deploy_dir().join("systemd");
-    let unit = read(&dir.join("loractl-coordinator.service"));
-    let env = read(&dir.join("coordinator.env"));
+    let unit = read(dir.join("loractl-coordinator.service"));
+    let env = read(dir.join("coordinator.env"));
     let command = exec_start(&unit);
     let words: Vec<&str> = command.split_whitespace().collect();
     assert_eq!(words[0], "/usr/local/bin/loractl-coordinator");
@@ -201,21 +181,10 @@ fn systemd_unit_and_coordinator_env_flags_are_accepted() {
 /// The `args:` list of a manifest's container, and the same list with its commented
 /// `# - --flag` items restored.
 fn manifest_args(text: &str) -> (Vec<String>, Vec<String>) {
-    let lines: Vec<&str> = text.lines().collect();
-    let start = lines
-        .iter()
-        .position(|l| l.trim() == "args:")
-        .expect("an args: list");
-    let indent = lines[start].len() - lines[start].trim_start().len();
+    let (_, block) = yaml_block(text, "args:", true);
     let (mut plain, mut all) = (Vec::new(), Vec::new());
-    for line in &lines[start + 1..] {
+    for line in block {
         let trimmed = line.trim();
-        if trimmed.is_empty() {
-            continue;
-        }
-        if line.len() - line.trim_start().len() <= indent && !trimmed.starts_with('#') {
-            break;
-        }
         let unquote = |s: &str| s.trim().trim_matches('"').to_owned();
         if let Some(item) = trimmed.strip_prefix("- ") {
             plain.push(unquote(item));
@@ -232,7 +201,7 @@ fn kubernetes_coordinator_args_are_accepted() {
     let dir = deploy_dir().join("kubernetes");
     let mut checked = 0;
     for file in ["coordinator.yaml", "etcd/coordinator.yaml"] {
-        let text = read(&dir.join(file));
+        let text = read(dir.join(file));
         assert!(text.contains("command: [\"/usr/local/bin/loractl-coordinator\"]"));
         let (plain, all) = manifest_args(&text);
         check(file, &plain);
@@ -255,9 +224,9 @@ fn kubernetes_coordinator_args_are_accepted() {
     assert_eq!(checked, 3, "redb, redb with TLS, etcd");
 
     // One replica with redb; several with etcd.
-    let redb = read(&dir.join("coordinator.yaml"));
+    let redb = read(dir.join("coordinator.yaml"));
     assert!(redb.contains("replicas: 1") && redb.contains("--store=redb:"));
-    let etcd = read(&dir.join("etcd/coordinator.yaml"));
+    let etcd = read(dir.join("etcd/coordinator.yaml"));
     assert!(etcd.contains("replicas: 3") && etcd.contains("--store=etcd:"));
 }
 

@@ -6,8 +6,7 @@ use std::time::Duration;
 use loractl_coordinator::server::ServerConfig;
 use loractl_coordinator::standalone::Standalone;
 use loractl_coordinator::store::{AnyStore, EtcdStore};
-use loractl_proto::pb;
-use loractl_tests::inproc::{submit, within};
+use loractl_tests::inproc::{get_job, submit, within};
 use loractl_tests::spec::job_spec;
 use loractl_tests::Etcd;
 use loractl_worker::client::Link;
@@ -75,15 +74,7 @@ async fn submit_and_check_takeover(kill: bool) {
         .jobs()
         .await
         .unwrap();
-    let found = jobs
-        .get_job(pb::GetJobRequest {
-            job_id: submitted.id.to_string(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .job
-        .unwrap();
+    let found = get_job(&mut jobs, submitted.id.as_str()).await;
     assert_eq!(found.name, "ha");
     assert_eq!(found.sequence, submitted.sequence);
     second.stop(WAIT).await.unwrap();
@@ -107,17 +98,7 @@ async fn a_deposed_leader_cannot_write() {
     let Some(etcd) = Etcd::start() else {
         return;
     };
-    let store = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), "/fence/")
-        .await
-        .unwrap();
-    let leadership = loractl_coordinator::leader::campaign(
-        store.client(),
-        "/fence/leader",
-        "127.0.0.1:1",
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
+    let (store, leadership) = etcd.store_and_leadership("/fence/").await;
     let (key, revision) = leadership.fence().unwrap();
     let fenced = store.fenced(key, revision);
     let version = fenced

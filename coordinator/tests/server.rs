@@ -11,7 +11,9 @@ use loractl_proto::pb;
 use loractl_proto::pb::artifact_service_client::ArtifactServiceClient;
 use loractl_proto::pb::job_service_client::JobServiceClient;
 use loractl_proto::pb::worker_service_client::WorkerServiceClient;
-use loractl_tests::inproc::{registration, within, Coordinator};
+use loractl_tests::inproc::{
+    artifacts_of, assert_retried, get_job, registration, submit, within, Coordinator,
+};
 use loractl_tests::spec::{job_spec, resources};
 use loractl_worker::client::Authed;
 use tokio::sync::mpsc;
@@ -89,10 +91,6 @@ impl WorkerSession {
     }
 }
 
-fn job_from(response: Option<pb::Job>) -> loractl_proto::domain::Job {
-    loractl_proto::domain::Job::try_from(response.expect("job in response")).unwrap()
-}
-
 /// Uploads `data`; a job's output names the worker and attempt it comes from (`producer`).
 async fn try_upload(
     artifacts: &mut Artifacts,
@@ -154,15 +152,7 @@ async fn job_runs_retries_from_its_checkpoint_and_succeeds() {
     let (mut jobs, mut workers, mut artifacts) = clients(&server, Some(TOKEN)).await;
     let mut worker = WorkerSession::open(&mut workers, "box", &[0, 1]).await;
 
-    let submitted = jobs
-        .submit_job(pb::SubmitJobRequest {
-            spec_toml: spec(),
-            priority: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let job = job_from(submitted.job);
+    let job = submit(&mut jobs, &spec()).await;
     assert_eq!(job.name, "sks-dog");
     let mut watch = jobs
         .watch_job(pb::WatchJobRequest {
@@ -242,15 +232,7 @@ async fn job_runs_retries_from_its_checkpoint_and_succeeds() {
     .await;
     // The upload call posts the checkpoint to the coordinator's loop before it returns, so a
     // later call is ordered behind it.
-    let recorded = job_from(
-        jobs.get_job(pb::GetJobRequest {
-            job_id: job.id.to_string(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .job,
-    );
+    let recorded = get_job(&mut jobs, job.id.as_str()).await;
     assert_eq!(recorded.latest_checkpoint, Some(checkpoint.digest));
     let live = recorded.progress.expect("the job shows its progress");
     assert_eq!((live.rank, live.step, live.loss), (0, 10, 0.125));
@@ -312,9 +294,7 @@ async fn job_runs_retries_from_its_checkpoint_and_succeeds() {
         }
     }
     let last = last.expect("a final state");
-    assert_eq!(last.state, JobState::Succeeded);
-    assert_eq!((last.attempt, last.counted_restarts), (1, 0));
-    assert_eq!(last.last_failure.map(|f| f.kind), Some(FailureKind::Killed));
+    assert_retried(&last, JobState::Succeeded, (1, 0), FailureKind::Killed);
 
     let listed = jobs
         .list_workers(pb::ListWorkersRequest {})
@@ -559,16 +539,7 @@ async fn shutdown_ends_open_sessions_watches_and_log_follows() {
     let (mut jobs, mut workers, _) = clients(&server, Some(TOKEN)).await;
     let mut worker = WorkerSession::open(&mut workers, "box", &[]).await;
     // A GPU job stays queued on a CPU-only worker: its watch and log follow stay open.
-    let job = job_from(
-        jobs.submit_job(pb::SubmitJobRequest {
-            spec_toml: spec(),
-            priority: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .job,
-    );
+    let job = submit(&mut jobs, &spec()).await;
     let mut watch = jobs
         .watch_job(pb::WatchJobRequest {
             job_id: job.id.to_string(),
@@ -578,15 +549,7 @@ async fn shutdown_ends_open_sessions_watches_and_log_follows() {
         .into_inner();
     let first = within("the first watch event", watch.next()).await;
     assert!(first.is_some());
-    let queued = job_from(
-        jobs.get_job(pb::GetJobRequest {
-            job_id: job.id.to_string(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .job,
-    );
+    let queued = get_job(&mut jobs, job.id.as_str()).await;
     assert_eq!(queued.state, JobState::Queued);
     assert_eq!(
         queued.waiting_reason,
@@ -620,16 +583,7 @@ async fn shutdown_ends_open_sessions_watches_and_log_follows() {
 }
 
 async fn latest_checkpoint(jobs: &mut Jobs, id: &str) -> Option<loractl_proto::domain::Digest> {
-    job_from(
-        jobs.get_job(pb::GetJobRequest {
-            job_id: id.to_owned(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .job,
-    )
-    .latest_checkpoint
+    get_job(jobs, id).await.latest_checkpoint
 }
 
 /// With only the token, a client uploading a "checkpoint" for a running job could make it the
@@ -641,16 +595,7 @@ async fn only_the_worker_running_the_attempt_uploads_its_outputs() {
     let (mut jobs, mut workers, mut artifacts) = clients(&server, Some(TOKEN)).await;
     let mut worker = WorkerSession::open(&mut workers, "box", &[0]).await;
     let other = WorkerSession::open(&mut workers, "other", &[]).await;
-    let job = job_from(
-        jobs.submit_job(pb::SubmitJobRequest {
-            spec_toml: spec(),
-            priority: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .job,
-    );
+    let job = submit(&mut jobs, &spec()).await;
     let CoordinatorMessage::Assign(assignment) = worker.next().await else {
         panic!("expected an assignment");
     };
@@ -712,14 +657,7 @@ async fn only_the_worker_running_the_attempt_uploads_its_outputs() {
         latest_checkpoint(&mut jobs, &job.id.to_string()).await,
         Some(stored.digest)
     );
-    let listed = artifacts
-        .list_artifacts(pb::ListArtifactsRequest {
-            job_id: job.id.to_string(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .artifacts;
+    let listed = artifacts_of(&mut artifacts, job.id.as_str()).await;
     let digests: Vec<_> = listed
         .into_iter()
         .map(|a| ArtifactInfo::try_from(a).unwrap().digest)

@@ -295,17 +295,7 @@ async fn fenced_etcd_backend_conforms() {
         return;
     };
     let endpoint = etcd.endpoint.clone();
-    let store = EtcdStore::connect(std::slice::from_ref(&endpoint), "/fenced/")
-        .await
-        .unwrap();
-    let leadership = loractl_coordinator::leader::campaign(
-        store.client(),
-        "/fenced/leader",
-        "test",
-        std::time::Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
+    let (_, leadership) = etcd.store_and_leadership("/fenced/").await;
     let (key, revision) = leadership.fence().unwrap();
     run_suite(|case| {
         let endpoints = vec![endpoint.clone()];

@@ -2,6 +2,9 @@
 
 use std::process::Command;
 
+use loractl_coordinator::leader::{campaign, Leadership};
+use loractl_coordinator::store::EtcdStore;
+
 use crate::process::{free_port, poll, Proc, DEADLINE};
 
 /// An etcd server on 127.0.0.1 with a data folder of its own; killed when dropped.
@@ -52,6 +55,23 @@ impl Etcd {
             _dir: dir,
             endpoint: client,
         })
+    }
+
+    /// A store under `prefix` and the leadership of election `{prefix}leader`, won at once
+    /// (nobody else campaigns there): the pieces of a fenced store.
+    pub async fn store_and_leadership(&self, prefix: &str) -> (EtcdStore, Leadership) {
+        let store = EtcdStore::connect(std::slice::from_ref(&self.endpoint), prefix)
+            .await
+            .expect("connecting to etcd");
+        let leadership = campaign(
+            store.client(),
+            &format!("{prefix}leader"),
+            "127.0.0.1:1",
+            std::time::Duration::from_secs(10),
+        )
+        .await
+        .expect("winning an uncontested election");
+        (store, leadership)
     }
 
     pub fn log_tail(&self) -> String {

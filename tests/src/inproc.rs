@@ -10,7 +10,7 @@ use std::time::Duration;
 use loractl_coordinator::server::ServerConfig;
 use loractl_coordinator::standalone::Standalone;
 use loractl_coordinator::store::{AnyStore, RedbStore};
-use loractl_proto::domain::{GpuInfo, Job, JobEvent, Registration};
+use loractl_proto::domain::{FailureKind, GpuInfo, Job, JobEvent, JobState, Registration};
 use loractl_proto::pb;
 use loractl_proto::pb::artifact_service_client::ArtifactServiceClient;
 use loractl_proto::pb::job_service_client::JobServiceClient;
@@ -136,6 +136,35 @@ pub async fn submit(jobs: &mut JobServiceClient<Authed>, spec: &str) -> Job {
     Job::try_from(job).expect("a well-formed job")
 }
 
+/// Job `id` as the coordinator has it now.
+pub async fn get_job(jobs: &mut JobServiceClient<Authed>, id: &str) -> Job {
+    let job = jobs
+        .get_job(pb::GetJobRequest {
+            job_id: id.to_owned(),
+        })
+        .await
+        .expect("the job exists")
+        .into_inner()
+        .job
+        .expect("the job in the answer");
+    Job::try_from(job).expect("a well-formed job")
+}
+
+/// The artifacts stored for job `id`.
+pub async fn artifacts_of(
+    artifacts: &mut ArtifactServiceClient<Authed>,
+    id: &str,
+) -> Vec<pb::ArtifactInfo> {
+    artifacts
+        .list_artifacts(pb::ListArtifactsRequest {
+            job_id: id.to_owned(),
+        })
+        .await
+        .expect("listing the artifacts")
+        .into_inner()
+        .artifacts
+}
+
 /// The events of job `id` from now on.
 pub async fn watch(
     jobs: &mut JobServiceClient<Authed>,
@@ -225,6 +254,23 @@ pub async fn follow_logs<T>(
         panic!("the log ended before the line looked for");
     })
     .await
+}
+
+/// Asserts where a retried job stands: its state, its attempt, the restarts it spent and
+/// the kind of its last failure.
+pub fn assert_retried(
+    job: &Job,
+    state: JobState,
+    (attempt, counted_restarts): (u32, u32),
+    failure: FailureKind,
+) {
+    assert_eq!(job.state, state, "{:?}", job.last_failure);
+    assert_eq!(
+        (job.attempt, job.counted_restarts),
+        (attempt, counted_restarts),
+        "attempt and counted restarts"
+    );
+    assert_eq!(job.last_failure.as_ref().map(|f| f.kind), Some(failure));
 }
 
 /// GPU `index` of worker `name`: 24 GiB, a UUID unique to the pair.

@@ -6,7 +6,8 @@
 //! - [`inproc`]: a coordinator in this process (the same [`Standalone`] starter `loractl up`
 //!   uses), gRPC clients with a token, submit-and-watch, worker registrations;
 //! - [`spec`]: minimal job specs;
-//! - [`cluster`]: the real binaries as a cluster, driven through the `loractl` CLI.
+//! - [`cluster`]: the real binaries as a cluster, driven through the `loractl` CLI;
+//! - [`deploy`]: reading the files of `deploy/`.
 //!
 //! Waiting is polling with a deadline or awaiting an event, never a fixed sleep standing in
 //! for an event.
@@ -14,6 +15,7 @@
 //! [`Standalone`]: loractl_coordinator::standalone::Standalone
 
 pub mod cluster;
+pub mod deploy;
 pub mod etcd;
 pub mod inproc;
 pub mod process;

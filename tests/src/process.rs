@@ -184,3 +184,18 @@ impl Lines {
         self.seen
     }
 }
+
+/// `binary ARGS --help`: its help text when it accepts `args`, clap's complaint when not.
+pub fn help_with(binary: &str, args: &[String]) -> Result<String, String> {
+    let out = Command::new(binary)
+        .args(args)
+        .arg("--help")
+        .env_remove("LORACTL_TOKEN")
+        .output()
+        .unwrap_or_else(|e| panic!("running {binary}: {e}"));
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use loractl_proto::domain::{FailureKind, JobState};
 use loractl_tests::inproc::{
-    self, follow_logs, follow_until, log_lines, submit, watch, within, Coordinator,
+    self, assert_retried, follow_logs, follow_until, log_lines, submit, watch, within, Coordinator,
 };
 use loractl_tests::process_ended;
 use loractl_tests::spec::{job_spec, resources};
@@ -98,12 +98,7 @@ async fn a_killed_worker_process_takes_its_rank_down_and_the_job_resumes_elsewhe
     let _second = start_worker(dir, "second", address);
     // The job finishes on the second worker.
     let (done, _) = follow_until(&mut watch, |j| j.state.is_terminal()).await;
-    assert_eq!(done.state, JobState::Succeeded, "{:?}", done.last_failure);
-    assert_eq!((done.attempt, done.counted_restarts), (1, 0));
-    assert_eq!(
-        done.last_failure.map(|f| f.kind),
-        Some(FailureKind::WorkerLost)
-    );
+    assert_retried(&done, JobState::Succeeded, (1, 0), FailureKind::WorkerLost);
     let lines = log_lines(&mut jobs, job.id.as_str()).await;
     assert!(
         lines.contains(&"resumed from: state at step 5".to_owned()),

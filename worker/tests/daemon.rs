@@ -9,7 +9,8 @@ use loractl_proto::domain::{ArtifactKind, FailureKind, Job, JobEvent, JobState};
 use loractl_proto::pb;
 use loractl_proto::pb::job_service_client::JobServiceClient;
 use loractl_tests::inproc::{
-    self, follow_logs, follow_until, log_lines, watch, Coordinator, Worker,
+    self, artifacts_of, assert_retried, follow_logs, follow_until, log_lines, watch, Coordinator,
+    Worker,
 };
 use loractl_tests::process_ended;
 use loractl_tests::spec::{job_spec, resources};
@@ -87,16 +88,7 @@ async fn a_job_runs_on_the_worker_and_its_artifacts_are_uploaded() {
         );
     }
 
-    let listed = cluster
-        .artifacts()
-        .await
-        .list_artifacts(pb::ListArtifactsRequest {
-            job_id: job.id.to_string(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .artifacts;
+    let listed = artifacts_of(&mut cluster.artifacts().await, job.id.as_str()).await;
     let kinds: Vec<(i32, String)> = listed.iter().map(|a| (a.kind, a.name.clone())).collect();
     assert!(kinds.contains(&(
         pb::ArtifactKind::Lora as i32,
@@ -129,13 +121,8 @@ echo "resumed from: $(cat "$LORACTL_RESUME")"
     let mut jobs = cluster.jobs().await;
     let job = inproc::submit(&mut jobs, &job_spec("sks-dog", MODEL, &resources("0", 1))).await;
     let (done, _) = watch_until(&mut jobs, &job, |j| j.state.is_terminal()).await;
-    assert_eq!(done.state, JobState::Succeeded, "{:?}", done.last_failure);
     // Nobody in loractl sent that SIGKILL: a crash, which spends a restart.
-    assert_eq!((done.attempt, done.counted_restarts), (1, 1));
-    assert_eq!(
-        done.last_failure.map(|f| f.kind),
-        Some(FailureKind::Crashed)
-    );
+    assert_retried(&done, JobState::Succeeded, (1, 1), FailureKind::Crashed);
     let logs = log_lines(&mut jobs, job.id.as_str()).await;
     assert!(
         logs.contains(&"resumed from: state at step 7".to_owned()),
@@ -229,12 +216,7 @@ async fn worker_shutdown_stops_its_ranks_and_the_job_is_retried_uncounted() {
         .await
         .expect("the rank's child outlived the worker");
     let (after, _) = watch_until(&mut jobs, &job, |j| j.attempt == 1).await;
-    assert_eq!(after.state, JobState::Restarting);
-    assert_eq!(after.counted_restarts, 0);
-    assert_eq!(
-        after.last_failure.map(|f| f.kind),
-        Some(FailureKind::Killed)
-    );
+    assert_retried(&after, JobState::Restarting, (1, 0), FailureKind::Killed);
 }
 
 /// The rank rewrites `<name>-state.safetensors` while the worker uploads the previous one:

@@ -4,20 +4,13 @@
 //! (token path, folders, stop grace shorter than the stop timeout), and the worker flags used
 //! there are accepted by the real binary's parser.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
+
+use loractl_tests::deploy::{deploy_dir, read, yaml_block};
 
 use loractl_spec::Gpus;
 use loractl_worker::config::WorkerConfig;
 use loractl_worker::Error;
-
-fn deploy_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
-}
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
 
 fn parse(text: &str, origin: &str) -> WorkerConfig {
     let config = WorkerConfig::from_toml_str(text, origin).unwrap_or_else(|e| panic!("{e}"));
@@ -49,19 +42,8 @@ fn unit_value<'a>(unit: &'a str, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {key}= in the unit"))
 }
 
-/// Runs the worker with `args` and `--help` (clap parses what comes before, then prints the
-/// help and exits 0); Err with clap's message when refused.
 fn parse_with_binary(args: &[String]) -> Result<String, String> {
-    let out = Command::new(env!("CARGO_BIN_EXE_loractl-worker"))
-        .args(args)
-        .arg("--help")
-        .output()
-        .expect("run loractl-worker");
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
+    loractl_tests::process::help_with(env!("CARGO_BIN_EXE_loractl-worker"), args)
 }
 
 fn check_flags(origin: &str, args: &[String]) {
@@ -76,8 +58,8 @@ fn check_flags(origin: &str, args: &[String]) {
 #[test]
 fn systemd_worker_toml_parses_validates_and_matches_the_unit() {
     let dir = deploy_dir().join("systemd");
-    let text = read(&dir.join("worker.toml"));
-    let unit = read(&dir.join("loractl-worker.service"));
+    let text = read(dir.join("worker.toml"));
+    let unit = read(dir.join("loractl-worker.service"));
     let config = parse(&text, "systemd/worker.toml");
 
     assert!(config.coordinator.starts_with("https://"));
@@ -136,17 +118,7 @@ fn systemd_worker_toml_parses_validates_and_matches_the_unit() {
 
 /// The block scalar `worker.toml: |` of the ConfigMap, de-indented.
 fn configmap_worker_toml(yaml: &str) -> String {
-    let lines: Vec<&str> = yaml.lines().collect();
-    let start = lines
-        .iter()
-        .position(|l| l.trim() == "worker.toml: |")
-        .expect("worker.toml: | in the ConfigMap");
-    let key_indent = lines[start].len() - lines[start].trim_start().len();
-    let body: Vec<&str> = lines[start + 1..]
-        .iter()
-        .copied()
-        .take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() > key_indent)
-        .collect();
+    let (_, body) = yaml_block(yaml, "worker.toml: |", false);
     let indent = body
         .iter()
         .filter(|l| !l.trim().is_empty())
@@ -171,9 +143,9 @@ fn yaml_values<'a>(yaml: &'a str, key: &str) -> Vec<&'a str> {
 #[test]
 fn kubernetes_configmap_worker_toml_parses_validates_and_matches_the_daemonset() {
     let dir = deploy_dir().join("kubernetes");
-    let text = configmap_worker_toml(&read(&dir.join("worker-config.yaml")));
+    let text = configmap_worker_toml(&read(dir.join("worker-config.yaml")));
     let config = parse(&text, "worker-config.yaml");
-    let daemonset = read(&dir.join("worker-daemonset.yaml"));
+    let daemonset = read(dir.join("worker-daemonset.yaml"));
 
     assert_eq!(
         config.coordinator,
