@@ -10,13 +10,14 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use loractl_collective::{rendezvous, Announcement, Collective, RingConfig, RingListener, TcpRing};
+use loractl_proto::domain::ArtifactKind;
 use loractl_proto::domain::EXIT_BAD_CONFIG;
 use loractl_spec::JobSpec;
 use loractl_trainer::confine::AllowedRoots;
 use loractl_trainer::run::{self, RunEvent, RunOptions, RunResult};
 use loractl_trainer::ErrorKind;
 use loractl_worker::config::defaults;
-use loractl_worker::protocol::{env, split_paths, ArtifactKindName, ChildMessage, ParentMessage};
+use loractl_worker::protocol::{env, split_paths, ChildMessage, ParentMessage};
 
 fn env_path(name: &str) -> Option<PathBuf> {
     std::env::var_os(name)
@@ -121,9 +122,9 @@ pub fn rank() -> anyhow::Result<ExitCode> {
                     gpu_memory_bytes: 0,
                 })
             }
-            RunEvent::Saved { path, .. } => Some(artifact(path, ArtifactKindName::Lora)),
+            RunEvent::Saved { path, .. } => Some(artifact(path, ArtifactKind::Lora)),
             RunEvent::StateSaved { path, step } => match checkpoint_of_step(path, *step) {
-                Ok(own) => Some(artifact(&own, ArtifactKindName::Checkpoint)),
+                Ok(own) => Some(artifact(&own, ArtifactKind::Checkpoint)),
                 Err(e) => {
                     println!(
                         "warning: checkpoint of step {step} not published ({}: {e})",
@@ -132,10 +133,10 @@ pub fn rank() -> anyhow::Result<ExitCode> {
                     None
                 }
             },
-            RunEvent::TrainingLog { path } => Some(artifact(path, ArtifactKindName::TrainingLog)),
+            RunEvent::TrainingLog { path } => Some(artifact(path, ArtifactKind::TrainingLog)),
             RunEvent::Sampled { paths, .. } => {
                 for p in paths {
-                    println!("{}", artifact(p, ArtifactKindName::SampleImage).to_line());
+                    println!("{}", artifact(p, ArtifactKind::SampleImage).to_line());
                 }
                 None
             }
@@ -351,7 +352,7 @@ fn assigned_gpu(gpus: &str) -> Result<candle_core::Device, ExitCode> {
     })
 }
 
-fn artifact(path: &Path, kind: ArtifactKindName) -> ChildMessage {
+fn artifact(path: &Path, kind: ArtifactKind) -> ChildMessage {
     ChildMessage::Artifact {
         path: path.to_path_buf(),
         kind,

@@ -9,8 +9,7 @@ use loractl_coordinator::server::actor::{self, CoordinatorConfig, Handle, Sessio
 use loractl_coordinator::store::MemoryStore;
 use loractl_coordinator::Error;
 use loractl_proto::domain::{
-    Assignment, CoordinatorMessage, FailureKind, Job, JobState, RunningRank, WorkerId,
-    WorkerMessage,
+    Assignment, CoordinatorMessage, FailureKind, Job, JobState, RankId, WorkerId, WorkerMessage,
 };
 use loractl_tests::inproc::registration;
 use loractl_tests::spec::{job_spec, resources};
@@ -47,12 +46,7 @@ async fn job(handle: &Handle, job: &Job) -> Job {
     handle.get(job.id.clone()).await.unwrap()
 }
 
-async fn heartbeat(
-    handle: &Handle,
-    worker: &WorkerId,
-    session: &Session,
-    running: Vec<RunningRank>,
-) {
+async fn heartbeat(handle: &Handle, worker: &WorkerId, session: &Session, running: Vec<RankId>) {
     handle
         .worker_message(
             worker.clone(),
@@ -73,7 +67,7 @@ async fn a_silent_worker_is_lost_and_its_job_moves_without_spending_restarts() {
     let (submitted, _) = handle.submit(spec(), 0).await.unwrap();
     let first = assignment(a_session.messages.recv().await);
     assert_eq!(first.attempt, 0);
-    let rank = RunningRank {
+    let rank = RankId {
         job_id: submitted.id.clone(),
         attempt: 0,
         rank: 0,
@@ -166,7 +160,7 @@ async fn a_worker_that_reconnects_within_the_timeout_keeps_its_job() {
         (0, 0),
         "the assignment is sent again"
     );
-    let rank = RunningRank {
+    let rank = RankId {
         job_id: submitted.id.clone(),
         attempt: 0,
         rank: 0,
@@ -194,7 +188,7 @@ async fn messages_from_a_replaced_session_are_ignored() {
     let (a, old) = register(&handle, "a").await;
     let (submitted, _) = handle.submit(spec(), 0).await.unwrap();
     let new = handle.open_session(a.clone()).await.unwrap();
-    let rank = RunningRank {
+    let rank = RankId {
         job_id: submitted.id.clone(),
         attempt: 0,
         rank: 0,
@@ -219,7 +213,7 @@ async fn a_restarted_coordinator_keeps_jobs_and_gives_workers_time_to_reconnect(
     let (submitted, _) = handle.submit(spec(), 0).await.unwrap();
     // Registered after the job was placed, and silent from then on.
     let (other, _other_session) = register(&handle, "idle").await;
-    let rank = RunningRank {
+    let rank = RankId {
         job_id: submitted.id.clone(),
         attempt: 0,
         rank: 0,
@@ -278,7 +272,7 @@ async fn an_incomplete_rendezvous_fails_the_attempt() {
     } else {
         (&b, &b_session)
     };
-    let rank0 = RunningRank {
+    let rank0 = RankId {
         job_id: job.id.clone(),
         attempt: 0,
         rank: 0,

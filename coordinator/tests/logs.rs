@@ -3,7 +3,7 @@
 
 use loractl_coordinator::server::actor::{self, CoordinatorConfig};
 use loractl_coordinator::store::MemoryStore;
-use loractl_proto::domain::{LogLine, LogStream, RankOutcome, RunningRank, WorkerMessage};
+use loractl_proto::domain::{LogLine, LogStream, RankId, RankOutcome, WorkerMessage};
 use loractl_tests::inproc::registration;
 use loractl_tests::spec::job_spec;
 
@@ -24,7 +24,7 @@ async fn logs_are_capped_and_kept_for_recent_jobs_only() {
             .submit(job_spec("logs", "/models/sd15.safetensors", ""), 0)
             .await
             .unwrap();
-        let rank = RunningRank {
+        let rank = RankId {
             job_id: job.id.clone(),
             attempt: 0,
             rank: 0,

@@ -5,7 +5,7 @@
 use loractl_coordinator::artifacts::sha256;
 use loractl_proto::domain::{
     ArtifactInfo, ArtifactKind, CoordinatorMessage, Failure, FailureKind, JobEvent, JobId,
-    JobState, Progress, RankOutcome, RunningRank, WorkerId, WorkerMessage,
+    JobState, Progress, RankId, RankOutcome, WorkerId, WorkerMessage,
 };
 use loractl_proto::pb;
 use loractl_proto::pb::artifact_service_client::ArtifactServiceClient;
@@ -182,7 +182,7 @@ async fn job_runs_retries_from_its_checkpoint_and_succeeds() {
         (1, 2, &[1][..])
     );
     assert_eq!((other.local_rank, other.local_world_size), (1, 2));
-    let rank = RunningRank {
+    let rank = RankId {
         job_id: job.id.clone(),
         attempt: 0,
         rank: 0,
@@ -272,7 +272,7 @@ async fn job_runs_retries_from_its_checkpoint_and_succeeds() {
     }
 
     for r in 0..2 {
-        let rank = RunningRank {
+        let rank = RankId {
             job_id: job.id.clone(),
             attempt: 1,
             rank: r,
@@ -600,7 +600,7 @@ async fn only_the_worker_running_the_attempt_uploads_its_outputs() {
         panic!("expected an assignment");
     };
     worker
-        .send(WorkerMessage::Started(RunningRank {
+        .send(WorkerMessage::Started(RankId {
             job_id: job.id.clone(),
             attempt: assignment.attempt,
             rank: 0,

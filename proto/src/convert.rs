@@ -496,10 +496,10 @@ impl From<ArtifactInfo> for pb::ArtifactInfo {
     }
 }
 
-impl TryFrom<pb::RunningRank> for RunningRank {
+impl TryFrom<pb::RankId> for RankId {
     type Error = ConvertError;
 
-    fn try_from(value: pb::RunningRank) -> Result<Self> {
+    fn try_from(value: pb::RankId) -> Result<Self> {
         Ok(Self {
             job_id: job_id(value.job_id, "job_id")?,
             attempt: value.attempt,
@@ -508,8 +508,8 @@ impl TryFrom<pb::RunningRank> for RunningRank {
     }
 }
 
-impl From<RunningRank> for pb::RunningRank {
-    fn from(value: RunningRank) -> Self {
+impl From<RankId> for pb::RankId {
+    fn from(value: RankId) -> Self {
         Self {
             job_id: value.job_id.to_string(),
             attempt: value.attempt,
@@ -824,7 +824,7 @@ mod tests {
 
     #[test]
     fn worker_messages_round_trip() {
-        let rank = RunningRank {
+        let rank = RankId {
             job_id: JobId::new("j1"),
             attempt: 0,
             rank: 1,

@@ -367,6 +367,39 @@ pub enum ArtifactKind {
     TrainingLog,
 }
 
+impl ArtifactKind {
+    pub const ALL: [Self; 6] = [
+        Self::Dataset,
+        Self::BaseModel,
+        Self::Lora,
+        Self::SampleImage,
+        Self::Checkpoint,
+        Self::TrainingLog,
+    ];
+
+    /// Its name in text protocols (`snake_case`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Dataset => "dataset",
+            Self::BaseModel => "base_model",
+            Self::Lora => "lora",
+            Self::SampleImage => "sample_image",
+            Self::Checkpoint => "checkpoint",
+            Self::TrainingLog => "training_log",
+        }
+    }
+
+    /// The kind named `name` (as [`ArtifactKind::as_str`] writes it).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+
+    /// What a training run produces (and a rank may publish), as opposed to its inputs.
+    pub fn is_job_output(self) -> bool {
+        !matches!(self, Self::Dataset | Self::BaseModel)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArtifactInfo {
     pub digest: Digest,
@@ -379,7 +412,7 @@ pub struct ArtifactInfo {
 
 /// One rank of one attempt of a job.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RunningRank {
+pub struct RankId {
     pub job_id: JobId,
     pub attempt: u32,
     pub rank: u32,
@@ -399,20 +432,20 @@ pub enum WorkerMessage {
         worker_id: WorkerId,
     },
     Heartbeat {
-        running: Vec<RunningRank>,
+        running: Vec<RankId>,
         /// Shutting down: send no new work.
         draining: bool,
     },
     Progress(Progress),
     Log(LogLine),
-    Started(RunningRank),
+    Started(RankId),
     Result {
-        rank: RunningRank,
+        rank: RankId,
         outcome: RankOutcome,
     },
     /// A rank's collective-backend address, for the rendezvous of a multi-worker job.
     RendezvousJoin {
-        rank: RunningRank,
+        rank: RankId,
         address: String,
     },
 }
@@ -438,7 +471,7 @@ pub struct Assignment {
 pub enum CoordinatorMessage {
     Assign(Assignment),
     Stop {
-        rank: RunningRank,
+        rank: RankId,
         reason: String,
     },
     /// Every rank's address (by rank) once all ranks of the attempt joined.

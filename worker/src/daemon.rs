@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use loractl_proto::domain::{
     ArtifactKind, Assignment, CoordinatorMessage, Digest, Failure, FailureKind, GpuInfo, LogLine,
-    Progress, RankOutcome, Registration, RunningRank, WorkerId, WorkerMessage,
+    Progress, RankId, RankOutcome, Registration, WorkerId, WorkerMessage,
 };
 use loractl_proto::pb;
 use loractl_proto::pb::worker_service_client::WorkerServiceClient;
@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use crate::client::{self, Authed, Link};
 use crate::config::WorkerConfig;
 use crate::error::{io_error, Error, Result};
-use crate::protocol::{ArtifactKindName, ChildMessage, ParentMessage};
+use crate::protocol::{ChildMessage, ParentMessage};
 use crate::rank::{self, Exit, Launch, RankEvent, RankProcess};
 
 /// Messages kept for the coordinator while disconnected (results first of all).
@@ -49,11 +49,11 @@ struct Rank {
 
 enum Internal {
     Prepared {
-        rank: RunningRank,
+        rank: RankId,
         result: Result<Box<Launch>>,
     },
     Uploaded {
-        rank: RunningRank,
+        rank: RankId,
         result: Result<Digest>,
     },
 }
@@ -71,10 +71,10 @@ pub struct Daemon {
     link: Link,
     worker_id: Option<WorkerId>,
     connection: Option<Connection>,
-    ranks: BTreeMap<RunningRank, Rank>,
+    ranks: BTreeMap<RankId, Rank>,
     outbox: VecDeque<WorkerMessage>,
-    rank_tx: mpsc::Sender<(RunningRank, RankEvent)>,
-    rank_rx: mpsc::Receiver<(RunningRank, RankEvent)>,
+    rank_tx: mpsc::Sender<(RankId, RankEvent)>,
+    rank_rx: mpsc::Receiver<(RankId, RankEvent)>,
     internal_tx: mpsc::Sender<Internal>,
     internal_rx: mpsc::Receiver<Internal>,
     draining: bool,
@@ -374,7 +374,7 @@ impl Daemon {
     }
 
     async fn assign(&mut self, assignment: Assignment) {
-        let id = RunningRank {
+        let id = RankId {
             job_id: assignment.job_id.clone(),
             attempt: assignment.attempt,
             rank: assignment.rank,
@@ -520,7 +520,7 @@ impl Daemon {
         }
     }
 
-    async fn on_rank_event(&mut self, rank: RunningRank, event: RankEvent) {
+    async fn on_rank_event(&mut self, rank: RankId, event: RankEvent) {
         match event {
             RankEvent::Log { stream, text } => {
                 self.send(WorkerMessage::Log(LogLine {
@@ -581,13 +581,7 @@ impl Daemon {
         }
     }
 
-    fn upload(
-        &mut self,
-        rank: RunningRank,
-        path: PathBuf,
-        kind: ArtifactKindName,
-        name: Option<String>,
-    ) {
+    fn upload(&mut self, rank: RankId, path: PathBuf, kind: ArtifactKind, name: Option<String>) {
         let Some(r) = self.ranks.get_mut(&rank) else {
             return;
         };
@@ -615,12 +609,6 @@ impl Daemon {
             attempt: rank.attempt,
         };
         r.uploads_in_flight += 1;
-        let kind = match kind {
-            ArtifactKindName::Lora => ArtifactKind::Lora,
-            ArtifactKindName::SampleImage => ArtifactKind::SampleImage,
-            ArtifactKindName::Checkpoint => ArtifactKind::Checkpoint,
-            ArtifactKindName::TrainingLog => ArtifactKind::TrainingLog,
-        };
         let name = name.unwrap_or_else(|| {
             path.file_name()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -659,7 +647,7 @@ impl Daemon {
     }
 
     /// Reports a rank once its process exited and its uploads are done.
-    async fn finish_if_done(&mut self, rank: &RunningRank) {
+    async fn finish_if_done(&mut self, rank: &RankId) {
         let Some(r) = self.ranks.get(rank) else {
             return;
         };
@@ -753,7 +741,7 @@ fn open_inside(
 async fn prepare(
     config: &WorkerConfig,
     link: &Link,
-    rank: &RunningRank,
+    rank: &RankId,
     assignment: Assignment,
 ) -> Result<Launch> {
     let dir = rank::attempt_dir(&config.work_dir, rank);

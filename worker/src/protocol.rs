@@ -12,6 +12,7 @@
 use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 
+use loractl_proto::domain::ArtifactKind;
 use serde::{Deserialize, Serialize};
 
 pub const PREFIX: &str = "@loractl ";
@@ -68,15 +69,34 @@ pub fn split_paths(value: &OsStr) -> Vec<PathBuf> {
         .collect()
 }
 
-/// What the artifact is, as the rank announces it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ArtifactKindName {
-    Lora,
-    SampleImage,
-    Checkpoint,
-    /// A TensorBoard event file, announced once the run ended.
-    TrainingLog,
+/// An artifact's kind in a rank's announcement: its `snake_case` name (`lora`,
+/// `sample_image`, `checkpoint`, `training_log`); a job's inputs are refused by name.
+mod output_kind {
+    use loractl_proto::domain::ArtifactKind;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(kind: &ArtifactKind, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(kind.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ArtifactKind, D::Error> {
+        let name = String::deserialize(d)?;
+        let outputs = || {
+            ArtifactKind::ALL
+                .into_iter()
+                .filter(|k| k.is_job_output())
+                .map(ArtifactKind::as_str)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match ArtifactKind::from_name(&name) {
+            Some(kind) if kind.is_job_output() => Ok(kind),
+            _ => Err(serde::de::Error::custom(format!(
+                "`{name}` is not an artifact kind a rank publishes (one of: {})",
+                outputs()
+            ))),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -101,7 +121,8 @@ pub enum ChildMessage {
     /// A finished file to upload to the coordinator (the rank must not change it afterwards).
     Artifact {
         path: PathBuf,
-        kind: ArtifactKindName,
+        #[serde(with = "output_kind")]
+        kind: ArtifactKind,
         /// Name shown to people; the file name when absent.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         name: Option<String>,
@@ -201,7 +222,7 @@ mod tests {
         assert_eq!(parse_line(&progress.to_line()), Line::Message(progress));
         let artifact = ChildMessage::Artifact {
             path: "out/a.safetensors".into(),
-            kind: ArtifactKindName::Lora,
+            kind: ArtifactKind::Lora,
             name: None,
         };
         assert_eq!(
@@ -225,5 +246,32 @@ mod tests {
             parse_line(r#"@loractl {"progress":{"step":1}}"#),
             Line::Malformed { .. }
         ));
+    }
+
+    #[test]
+    fn a_rank_publishes_outputs_only() {
+        for kind in ArtifactKind::ALL.into_iter().filter(|k| k.is_job_output()) {
+            let line = format!(
+                r#"@loractl {{"artifact":{{"path":"x","kind":"{}"}}}}"#,
+                kind.as_str()
+            );
+            let Line::Message(ChildMessage::Artifact { kind: parsed, .. }) = parse_line(&line)
+            else {
+                panic!("{line} does not parse");
+            };
+            assert_eq!(parsed, kind);
+        }
+        for name in ["dataset", "base_model", "weights"] {
+            let line = format!(r#"@loractl {{"artifact":{{"path":"x","kind":"{name}"}}}}"#);
+            let Line::Malformed { problem, .. } = parse_line(&line) else {
+                panic!("{line} was accepted");
+            };
+            assert!(
+                problem.contains(&format!(
+                    "`{name}` is not an artifact kind a rank publishes"
+                )) && problem.contains("lora, sample_image, checkpoint, training_log"),
+                "{problem}"
+            );
+        }
     }
 }

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use loractl_proto::domain::{Assignment, FailureKind, LogStream, RunningRank};
+use loractl_proto::domain::{Assignment, FailureKind, LogStream, RankId};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 
@@ -95,7 +95,7 @@ pub enum RankEvent {
 /// A running rank. Dropping it kills the whole process group.
 #[derive(Debug)]
 pub struct RankProcess {
-    pub id: RunningRank,
+    pub id: RankId,
     group: ProcessGroup,
     exited: tokio::sync::watch::Receiver<bool>,
     /// Set before the worker signals the rank, so its exit is known to be a requested stop.
@@ -133,10 +133,10 @@ impl RankProcess {
     /// Starts the rank; its events arrive on `events`, tagged with its id.
     pub fn spawn(
         launch: &Launch,
-        events: mpsc::Sender<(RunningRank, RankEvent)>,
+        events: mpsc::Sender<(RankId, RankEvent)>,
     ) -> Result<RankProcess> {
         let a = &launch.assignment;
-        let id = RunningRank {
+        let id = RankId {
             job_id: a.job_id.clone(),
             attempt: a.attempt,
             rank: a.rank,
@@ -372,7 +372,7 @@ fn cpu_threads(a: &Assignment, worker_setting: Option<String>) -> Option<usize> 
     Some((cores / a.local_world_size as usize).max(1))
 }
 
-pub fn attempt_dir(work_dir: &Path, rank: &RunningRank) -> PathBuf {
+pub fn attempt_dir(work_dir: &Path, rank: &RankId) -> PathBuf {
     work_dir
         .join(rank.job_id.as_str())
         .join(format!("attempt-{}", rank.attempt))
@@ -410,7 +410,7 @@ mod tests {
         }
     }
 
-    async fn collect(mut rx: mpsc::Receiver<(RunningRank, RankEvent)>) -> (Vec<RankEvent>, Exit) {
+    async fn collect(mut rx: mpsc::Receiver<(RankId, RankEvent)>) -> (Vec<RankEvent>, Exit) {
         let mut events = Vec::new();
         while let Some((_, event)) = rx.recv().await {
             if let RankEvent::Exited(exit) = event {
@@ -539,7 +539,7 @@ echo '@loractl {"progress":{"step":4,"total_steps":8,"loss":0.5,"lr":0.001}}'"#;
     }
 
     /// Reads the pid a script wrote, waiting on the rank's own output rather than on time.
-    async fn pid_from(rx: &mut mpsc::Receiver<(RunningRank, RankEvent)>) -> i32 {
+    async fn pid_from(rx: &mut mpsc::Receiver<(RankId, RankEvent)>) -> i32 {
         while let Some((_, event)) = rx.recv().await {
             if let RankEvent::Log { text, .. } = event {
                 if let Some(pid) = text.strip_prefix("child ") {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use loractl_proto::domain::{
     Assignment, CoordinatorMessage, Digest, Failure, FailureKind, Job, JobEvent, JobId, JobState,
-    LogLine, Progress, RankOutcome, Registration, RunningRank, Worker, WorkerId, WorkerMessage,
+    LogLine, Progress, RankId, RankOutcome, Registration, Worker, WorkerId, WorkerMessage,
 };
 use loractl_spec::JobSpec;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -772,7 +772,7 @@ impl<S: Store> Actor<S> {
             if skip == Some(rank.rank) {
                 continue;
             }
-            let running = RunningRank {
+            let running = RankId {
                 job_id: job.id.clone(),
                 attempt: job.attempt,
                 rank: rank.rank,
@@ -895,7 +895,7 @@ impl<S: Store> Actor<S> {
     }
 
     /// Whether `rank` is the current attempt of an active job placed on `worker`.
-    fn expected(&self, worker: &WorkerId, rank: &RunningRank) -> Option<&Job> {
+    fn expected(&self, worker: &WorkerId, rank: &RankId) -> Option<&Job> {
         let job = self.active.get(&rank.job_id)?;
         let placed_here = job
             .placement
