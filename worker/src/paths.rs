@@ -123,18 +123,13 @@ pub fn confine(
 mod tests {
     use super::*;
 
-    const SPEC: &str = r#"
-name = "zenny"
-[model]
-pretrained_model_name_or_path = "sd15.safetensors"
-[dataset]
-train_data_dir = "zenny"
-resolution = "512"
-[training]
-max_train_epochs = 1
-[logging]
-logging_dir = "/var/log/anywhere"
-"#;
+    fn spec_text() -> String {
+        loractl_tests::spec::job_spec(
+            "zenny",
+            "sd15.safetensors",
+            "[logging]\nlogging_dir = \"/var/log/anywhere\"\n",
+        )
+    }
 
     struct Roots {
         _dir: tempfile::TempDir,
@@ -154,7 +149,7 @@ logging_dir = "/var/log/anywhere"
             std::fs::create_dir_all(d).unwrap();
         }
         std::fs::write(models.join("sd15.safetensors"), b"x").unwrap();
-        std::fs::create_dir_all(data.join("zenny/30_zenny")).unwrap();
+        std::fs::create_dir_all(data.join("train/30_zenny")).unwrap();
         std::fs::write(secret.join("key"), b"s").unwrap();
         Roots {
             _dir: dir,
@@ -172,7 +167,7 @@ logging_dir = "/var/log/anywhere"
     #[test]
     fn relative_paths_resolve_inside_the_roots_and_outputs_move() {
         let r = roots();
-        let mut s = spec(SPEC);
+        let mut s = spec(&spec_text());
         confine(
             &mut s,
             std::slice::from_ref(&r.models),
@@ -186,7 +181,7 @@ logging_dir = "/var/log/anywhere"
         );
         assert_eq!(
             s.dataset.train_data_dir,
-            r.data.canonicalize().unwrap().join("zenny")
+            r.data.canonicalize().unwrap().join("train")
         );
         assert_eq!(s.output.output_dir, r.out);
         assert_eq!(s.logging.logging_dir, Some(r.out.join("logs")));
@@ -199,15 +194,15 @@ logging_dir = "/var/log/anywhere"
     fn paths_cannot_escape() {
         let r = roots();
         let escapes = [
-            SPEC.replace(
-                "train_data_dir = \"zenny\"",
+            spec_text().replace(
+                "train_data_dir = \"train\"",
                 "train_data_dir = \"../secret\"",
             ),
-            SPEC.replace(
-                "train_data_dir = \"zenny\"",
+            spec_text().replace(
+                "train_data_dir = \"train\"",
                 &format!("train_data_dir = \"{}\"", r.secret.display()),
             ),
-            SPEC.replace(
+            spec_text().replace(
                 "pretrained_model_name_or_path = \"sd15.safetensors\"",
                 "pretrained_model_name_or_path = \"../secret/key\"",
             ),
@@ -225,7 +220,8 @@ logging_dir = "/var/log/anywhere"
         }
         // A symbolic link inside a root that points outside it does not help.
         std::os::unix::fs::symlink(&r.secret, r.data.join("link")).unwrap();
-        let mut s = spec(&SPEC.replace("train_data_dir = \"zenny\"", "train_data_dir = \"link\""));
+        let mut s =
+            spec(&spec_text().replace("train_data_dir = \"train\"", "train_data_dir = \"link\""));
         let err = confine(
             &mut s,
             std::slice::from_ref(&r.models),
@@ -243,7 +239,7 @@ logging_dir = "/var/log/anywhere"
     #[test]
     fn without_roots_nothing_is_readable() {
         let r = roots();
-        let mut s = spec(SPEC);
+        let mut s = spec(&spec_text());
         let err = confine(&mut s, &[], &[], &r.out).unwrap_err();
         assert!(err.to_string().contains("none configured"), "{err}");
     }
