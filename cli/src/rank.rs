@@ -17,7 +17,7 @@ use loractl_trainer::confine::AllowedRoots;
 use loractl_trainer::run::{self, RunEvent, RunOptions, RunResult};
 use loractl_trainer::ErrorKind;
 use loractl_worker::config::defaults;
-use loractl_worker::protocol::{env, split_paths, ChildMessage, ParentMessage};
+use loractl_worker::protocol::{env, split_paths, ChildMessage, ParentMessage, RankProgress};
 
 fn env_path(name: &str) -> Option<PathBuf> {
     std::env::var_os(name)
@@ -95,6 +95,8 @@ pub fn rank() -> anyhow::Result<ExitCode> {
     ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))?;
     let started = Instant::now();
     let mut first_step: Option<(Instant, usize)> = None;
+    // `loss/epoch_average` of the last finished epoch, sent with every later step.
+    let mut epoch_average: Option<f64> = None;
     let mut emit = |e: &RunEvent| {
         let message = match e {
             RunEvent::Step {
@@ -102,25 +104,35 @@ pub fn rank() -> anyhow::Result<ExitCode> {
                 total,
                 epoch,
                 loss,
+                loss_average,
                 lrs,
                 d_lrs,
                 samples,
-                ..
             } => {
                 let (t0, s0) = *first_step.get_or_insert((started, step - 1));
                 let secs = t0.elapsed().as_secs_f64().max(1e-9);
                 let rate = (*step - s0) as f64 / secs;
-                Some(ChildMessage::Progress {
+                let d_lrs = d_lrs.clone().unwrap_or_default();
+                Some(ChildMessage::Progress(RankProgress {
                     step: *step as u64,
                     total_steps: *total as u64,
                     epoch: *epoch as u32,
                     loss: *loss as f64,
                     lr: lrs.first().map_or(0.0, |(_, l)| *l),
-                    d_lr: d_lrs.as_ref().and_then(|d| d.first()).map(|(_, l)| *l),
+                    d_lr: d_lrs.first().map(|(_, l)| *l),
                     steps_per_second: rate,
                     samples_per_second: rate * *samples as f64,
-                    gpu_memory_bytes: 0,
-                })
+                    loss_average: Some(*loss_average as f64),
+                    loss_epoch_average: epoch_average,
+                    lrs: lrs.clone(),
+                    d_lrs,
+                    ..RankProgress::default()
+                }))
+            }
+            RunEvent::Epoch { loss_average, .. } => {
+                epoch_average = Some(*loss_average as f64);
+                println!("{}", crate::progress::event_json(e));
+                None
             }
             RunEvent::Saved { path, .. } => Some(artifact(path, ArtifactKind::Lora)),
             RunEvent::StateSaved { path, step } => match checkpoint_of_step(path, *step) {

@@ -9,6 +9,7 @@ use loractl_coordinator::placement::Policy;
 use loractl_coordinator::server::{self, CoordinatorConfig, ServerConfig, TlsFiles};
 use loractl_coordinator::standalone::defaults;
 use loractl_coordinator::store::AnyStore;
+use loractl_telemetry::Telemetry;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -61,17 +62,16 @@ struct Args {
     /// Serve on a non-loopback address without a token (trusted, isolated networks only).
     #[arg(long)]
     insecure: bool,
+    /// Address of the Prometheus endpoint (`GET /metrics`); empty for none. OpenTelemetry
+    /// export is configured by the standard OTEL_* variables.
+    #[arg(long, default_value = defaults::METRICS_LISTEN)]
+    metrics_listen: String,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
     let args = Args::parse();
+    let telemetry = Telemetry::init("loractl-coordinator")?;
     if args.heartbeat_timeout_secs <= args.heartbeat_interval_secs {
         anyhow::bail!(
             "--heartbeat-timeout-secs ({}) must be longer than --heartbeat-interval-secs ({})",
@@ -87,6 +87,13 @@ async fn main() -> anyhow::Result<()> {
             tracing::warn!(listen = %args.listen, "serving without TLS: the token crosses the network in clear; use --tls-cert/--tls-key off a trusted network");
         }
     }
+    let metrics_server = match args.metrics_listen.as_str() {
+        "" => None,
+        address => Some(tokio::spawn(loractl_telemetry::serve_metrics(
+            loractl_telemetry::bind_metrics(address).await?,
+            telemetry.registry(),
+        ))),
+    };
     let store = AnyStore::open(&args.store).await?;
     const GIB: u64 = 1 << 30;
     let config = ServerConfig {
@@ -96,6 +103,7 @@ async fn main() -> anyhow::Result<()> {
             policy: Policy {
                 reserve_after_rounds: args.reserve_after_rounds,
             },
+            metrics: telemetry.recorder(),
             ..CoordinatorConfig::default()
         },
         artifacts: ArtifactConfig {
@@ -125,6 +133,11 @@ async fn main() -> anyhow::Result<()> {
         }
         tracing::info!("shutting down");
     };
-    server::run(store, config, &args.listen, shutdown, None).await?;
+    let served = server::run(store, config, &args.listen, shutdown, None).await;
+    if let Some(task) = metrics_server {
+        task.abort();
+    }
+    telemetry.shutdown();
+    served?;
     Ok(())
 }

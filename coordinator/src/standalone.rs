@@ -41,6 +41,8 @@ pub mod defaults {
     pub const RENDEZVOUS_TIMEOUT_SECS: u64 = 300;
     /// Address the binary serves on.
     pub const LISTEN: &str = "127.0.0.1:7070";
+    /// Address of the binary's Prometheus endpoint (`/metrics`).
+    pub const METRICS_LISTEN: &str = "127.0.0.1:9464";
 }
 
 const GIB: u64 = 1 << 30;

@@ -12,6 +12,7 @@ fn coordinator(dir: &std::path::Path, args: &[&str], token: Option<&str>) -> Com
     command
         .arg(format!("--store=redb:{}", dir.join("s.redb").display()))
         .arg(format!("--artifacts={}", dir.join("a").display()))
+        .arg("--metrics-listen=127.0.0.1:0")
         .args(args)
         .env("NO_COLOR", "1");
     match token {

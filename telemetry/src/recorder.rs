@@ -37,6 +37,23 @@ fn attributes(series: &[(&'static str, String)]) -> Vec<KeyValue> {
         .collect()
 }
 
+impl std::fmt::Debug for Recorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recorder").finish_non_exhaustive()
+    }
+}
+
+impl Default for Recorder {
+    /// A recorder nothing reads (no meter provider behind it): for embedded services and tests
+    /// that do not export metrics.
+    fn default() -> Self {
+        let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder().build();
+        Self::new(&opentelemetry::metrics::MeterProvider::meter(
+            &provider, "loractl",
+        ))
+    }
+}
+
 impl Recorder {
     /// Every instrument of [`names::ALL`] on `meter`.
     pub fn new(meter: &Meter) -> Self {

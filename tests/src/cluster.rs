@@ -104,6 +104,10 @@ pub struct Cluster {
     pub workers: Vec<Proc>,
     /// More flags for every coordinator (TLS files).
     coordinator_args: Vec<String>,
+    /// The `/metrics` port of every coordinator started, in order.
+    pub coordinator_metrics: Vec<u16>,
+    /// The `/metrics` port of each worker, by name.
+    pub worker_metrics: std::collections::BTreeMap<String, u16>,
     started: u32,
 }
 
@@ -128,6 +132,8 @@ impl Cluster {
             coordinators: Vec::new(),
             workers: Vec::new(),
             coordinator_args: args.iter().map(|a| a.to_string()).collect(),
+            coordinator_metrics: Vec::new(),
+            worker_metrics: Default::default(),
             started: 0,
         };
         cluster.start_coordinator()?;
@@ -150,6 +156,8 @@ impl Cluster {
             Store::Redb => format!("redb:{}", self.path("state.redb").display()),
             Store::Etcd(endpoint) => format!("etcd:{endpoint}"),
         };
+        let metrics_port = free_port();
+        self.coordinator_metrics.push(metrics_port);
         let mut command = Command::new(bin("loractl-coordinator"));
         command
             .arg("--listen")
@@ -161,6 +169,7 @@ impl Cluster {
             .args(["--heartbeat-interval-secs", "1"])
             .args(["--heartbeat-timeout-secs", "3"])
             .args(["--leader-ttl-secs", "2"])
+            .arg(format!("--metrics-listen=127.0.0.1:{metrics_port}"))
             .env_remove("LORACTL_TOKEN")
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1");
@@ -225,11 +234,15 @@ impl Cluster {
         } else {
             ("cpu", 0)
         };
+        let metrics_port = free_port();
+        self.worker_metrics
+            .insert(setup.name.to_owned(), metrics_port);
         let config = format!(
             "coordinator = \"{address}\"\nname = \"{name}\"\ngpus = \"{gpus}\"\n\
              simulated_gpus = {simulated}\nwork_dir = {work}\ncache_dir = {cache}\n\
              model_dirs = [{models}]\ndata_dirs = [{data}]\nrank_command = {rank_command}\n\
-             stop_grace_secs = 5\ncheckpoint_every_n_steps = 2\n{extra}",
+             stop_grace_secs = 5\ncheckpoint_every_n_steps = 2\n\
+             metrics_listen = \"127.0.0.1:{metrics_port}\"\n{extra}",
             address = self.address(),
             name = setup.name,
             work = quote(&root.join("work")),

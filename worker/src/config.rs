@@ -36,6 +36,8 @@ pub mod defaults {
     /// Generous: rank 0 alone writes LoRA files, states and preview samples while the other
     /// ranks wait in the next all-reduce.
     pub const COLLECTIVE_TIMEOUT_SECS: u64 = 600;
+    /// The Prometheus endpoint (`/metrics`); the coordinator's default is the port before.
+    pub const METRICS_LISTEN: &str = "127.0.0.1:9465";
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -88,6 +90,9 @@ pub struct WorkerConfig {
     /// data-parallel ring (TCP); absent: the local address this machine uses to reach the
     /// coordinator (see [`WorkerConfig::ring_host`]).
     pub ring_host: Option<String>,
+    /// Address of the Prometheus endpoint (`GET /metrics`: training progress of its ranks,
+    /// its GPUs); empty for none. OpenTelemetry export is configured by the OTEL_* variables.
+    pub metrics_listen: String,
     pub labels: BTreeMap<String, String>,
 }
 
@@ -116,6 +121,7 @@ impl Default for WorkerConfig {
             checkpoint_every_n_steps: defaults::CHECKPOINT_EVERY_N_STEPS,
             collective_timeout_secs: defaults::COLLECTIVE_TIMEOUT_SECS,
             ring_host: None,
+            metrics_listen: defaults::METRICS_LISTEN.to_owned(),
             labels: BTreeMap::new(),
         }
     }

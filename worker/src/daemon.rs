@@ -6,6 +6,8 @@
 //! registers again. On shutdown it stops every rank (SIGTERM, then SIGKILL after the grace),
 //! reports them and exits.
 
+use loractl_telemetry::names::{self, label};
+use loractl_telemetry::Recorder;
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::path::PathBuf;
@@ -23,7 +25,8 @@ use tokio::time::Instant;
 use crate::client::{self, Authed, Link};
 use crate::config::WorkerConfig;
 use crate::error::{io_error, Error, Result};
-use crate::protocol::{ChildMessage, ParentMessage};
+use crate::gpu;
+use crate::protocol::{ChildMessage, ParentMessage, RankProgress};
 use crate::rank::{self, Exit, Launch, RankEvent, RankProcess};
 
 /// Messages kept for the coordinator while disconnected (results first of all).
@@ -41,6 +44,8 @@ enum RankState {
 }
 
 struct Rank {
+    /// Its GPU indices (`0`, `0,1`) or `cpu`: the `gpu` label of its metrics.
+    gpus: String,
     state: RankState,
     uploads_in_flight: usize,
     artifacts: Vec<Digest>,
@@ -78,6 +83,8 @@ pub struct Daemon {
     internal_tx: mpsc::Sender<Internal>,
     internal_rx: mpsc::Receiver<Internal>,
     draining: bool,
+    metrics: Recorder,
+    sampler: gpu::Sampler,
 }
 
 fn now_ms() -> i64 {
@@ -127,7 +134,116 @@ impl Daemon {
             internal_tx,
             internal_rx,
             draining: false,
+            metrics: Recorder::default(),
+            sampler: gpu::Sampler::default(),
         })
+    }
+
+    /// Records training progress, GPU samples and uploads into `metrics` (by default into
+    /// nothing).
+    pub fn with_metrics(mut self, metrics: Recorder) -> Self {
+        self.sampler = gpu::Sampler::open(&self.gpus);
+        self.metrics = metrics;
+        self
+    }
+
+    /// The labels of `rank`'s training metrics.
+    fn rank_labels(&self, rank: &RankId) -> Vec<(&'static str, String)> {
+        let gpus = self
+            .ranks
+            .get(rank)
+            .map_or_else(|| "cpu".to_owned(), |r| r.gpus.clone());
+        vec![
+            (label::JOB, rank.job_id.to_string()),
+            (label::ATTEMPT, rank.attempt.to_string()),
+            (label::RANK, rank.rank.to_string()),
+            (label::WORKER, self.config.worker_name()),
+            (label::GPU, gpus),
+        ]
+    }
+
+    fn record_progress(&self, rank: &RankId, p: &RankProgress) {
+        let labels = self.rank_labels(rank);
+        let m = &self.metrics;
+        let optional = [
+            (&names::TRAIN_LOSS, Some(p.loss)),
+            (&names::TRAIN_LOSS_AVERAGE, p.loss_average),
+            (&names::TRAIN_LOSS_EPOCH_AVERAGE, p.loss_epoch_average),
+            (&names::TRAIN_STEP, Some(p.step as f64)),
+            (&names::TRAIN_TOTAL_STEPS, Some(p.total_steps as f64)),
+            (&names::TRAIN_EPOCH, Some(p.epoch as f64)),
+            (
+                &names::TRAIN_STEP_SECONDS,
+                (p.steps_per_second > 0.0).then(|| 1.0 / p.steps_per_second),
+            ),
+            (&names::TRAIN_SAMPLES_PER_SECOND, Some(p.samples_per_second)),
+            (&names::TRAIN_DATA_SECONDS, p.data_seconds),
+            (&names::TRAIN_ALLREDUCE_SECONDS, p.allreduce_seconds),
+        ];
+        for (metric, value) in optional {
+            if let Some(value) = value {
+                m.set(metric, value, &labels);
+            }
+        }
+        // Without per-group values the first group's stands for all.
+        let first = |v: Option<f64>| v.map(|v| vec![("default".to_owned(), v)]);
+        let groups = [
+            (
+                &names::TRAIN_LR,
+                Some(p.lrs.clone())
+                    .filter(|l| !l.is_empty())
+                    .or(first(Some(p.lr))),
+            ),
+            (
+                &names::TRAIN_D_LR,
+                Some(p.d_lrs.clone())
+                    .filter(|l| !l.is_empty())
+                    .or(first(p.d_lr)),
+            ),
+        ];
+        for (metric, values) in groups {
+            for (group, value) in values.into_iter().flatten() {
+                let mut labels = labels.clone();
+                labels.push((label::GROUP, group));
+                m.set(metric, value, &labels);
+            }
+        }
+    }
+
+    /// The worker's own gauges: ranks running, and each pinned GPU's use.
+    fn record_worker(&self) {
+        let worker = self.config.worker_name();
+        let m = &self.metrics;
+        m.set(
+            &names::WORKER_RANKS,
+            self.ranks.len() as f64,
+            &[(label::WORKER, worker.clone())],
+        );
+        for gpu in &self.gpus {
+            let labels = [
+                (label::WORKER, worker.clone()),
+                (label::GPU, gpu.index.to_string()),
+            ];
+            let index = gpu.index.to_string();
+            let assigned = self
+                .ranks
+                .values()
+                .any(|r| r.gpus.split(',').any(|g| g == index));
+            m.set(&names::GPU_ASSIGNED, f64::from(u8::from(assigned)), &labels);
+            if let Some(sample) = self.sampler.sample(gpu.index) {
+                for (metric, value) in [
+                    (&names::GPU_MEMORY_USED_BYTES, sample.memory_used_bytes),
+                    (&names::GPU_MEMORY_TOTAL_BYTES, sample.memory_total_bytes),
+                    (&names::GPU_UTILIZATION_RATIO, sample.utilization),
+                    (&names::GPU_TEMPERATURE_CELSIUS, sample.temperature_celsius),
+                    (&names::GPU_POWER_WATTS, sample.power_watts),
+                ] {
+                    if let Some(value) = value {
+                        m.set(metric, value, &labels);
+                    }
+                }
+            }
+        }
     }
 
     /// Runs until `shutdown` resolves and every rank has been stopped and reported.
@@ -330,6 +446,7 @@ impl Daemon {
     }
 
     async fn heartbeat(&mut self) {
+        self.record_worker();
         let running = self.ranks.keys().cloned().collect();
         let draining = self.draining;
         self.send(WorkerMessage::Heartbeat { running, draining })
@@ -418,9 +535,16 @@ impl Daemon {
             return;
         }
         tracing::info!(job = %id.job_id, rank = id.rank, attempt = id.attempt, gpus = ?assignment.gpu_indices, "assigned");
+        let gpus = if assignment.gpu_indices.is_empty() {
+            "cpu".to_owned()
+        } else {
+            let list: Vec<String> = assignment.gpu_indices.iter().map(u32::to_string).collect();
+            list.join(",")
+        };
         self.ranks.insert(
             id.clone(),
             Rank {
+                gpus,
                 state: RankState::Preparing { cancelled: false },
                 uploads_in_flight: 0,
                 artifacts: Vec::new(),
@@ -533,30 +657,21 @@ impl Daemon {
                 }))
                 .await;
             }
-            RankEvent::Message(ChildMessage::Progress {
-                step,
-                total_steps,
-                epoch,
-                loss,
-                lr,
-                d_lr,
-                steps_per_second,
-                samples_per_second,
-                gpu_memory_bytes,
-            }) => {
+            RankEvent::Message(ChildMessage::Progress(p)) => {
+                self.record_progress(&rank, &p);
                 self.send(WorkerMessage::Progress(Progress {
                     job_id: rank.job_id.clone(),
                     attempt: rank.attempt,
                     rank: rank.rank,
-                    step,
-                    total_steps,
-                    epoch,
-                    loss,
-                    lr,
-                    d_lr,
-                    steps_per_second,
-                    samples_per_second,
-                    gpu_memory_bytes,
+                    step: p.step,
+                    total_steps: p.total_steps,
+                    epoch: p.epoch,
+                    loss: p.loss,
+                    lr: p.lr,
+                    d_lr: p.d_lr,
+                    steps_per_second: p.steps_per_second,
+                    samples_per_second: p.samples_per_second,
+                    gpu_memory_bytes: p.gpu_memory_bytes,
                     at: now_ms(),
                 }))
                 .await;
@@ -616,6 +731,8 @@ impl Daemon {
         });
         let link = self.link.clone();
         let internal = self.internal_tx.clone();
+        let metrics = self.metrics.clone();
+        let worker = self.config.worker_name();
         tokio::spawn(async move {
             let result = async {
                 let mut artifacts = link.artifacts().await?;
@@ -629,6 +746,14 @@ impl Daemon {
                     Some(&producer),
                 )
                 .await?;
+                metrics.add(
+                    &names::WORKER_UPLOADED_BYTES_TOTAL,
+                    info.size,
+                    &[
+                        (label::WORKER, worker),
+                        (label::KIND, kind.as_str().to_owned()),
+                    ],
+                );
                 if kind == ArtifactKind::Checkpoint {
                     // The coordinator holds it now (and the retry downloads it from there);
                     // each checkpoint has a file of its own, so none leaks on the worker.
@@ -661,6 +786,7 @@ impl Daemon {
             return;
         }
         let exit = *exit;
+        self.metrics.forget(label::JOB, rank.job_id.as_str());
         let Some(r) = self.ranks.remove(rank) else {
             return;
         };

@@ -24,6 +24,54 @@ pub fn probe_nvml() -> std::result::Result<Vec<GpuInfo>, String> {
     Ok(gpus)
 }
 
+/// What NVML says of one GPU now; `None` where it cannot tell.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Sample {
+    pub memory_used_bytes: Option<f64>,
+    pub memory_total_bytes: Option<f64>,
+    /// 0 to 1.
+    pub utilization: Option<f64>,
+    pub temperature_celsius: Option<f64>,
+    pub power_watts: Option<f64>,
+}
+
+/// Samples the pinned GPUs through one NVML handle, opened once; samples nothing without NVML
+/// or with simulated GPUs.
+#[derive(Default)]
+pub struct Sampler {
+    nvml: Option<nvml_wrapper::Nvml>,
+}
+
+impl Sampler {
+    /// A sampler for `gpus` (none for simulated GPUs or when NVML cannot be loaded).
+    pub fn open(gpus: &[GpuInfo]) -> Self {
+        let real = !gpus.is_empty() && gpus.iter().all(|g| !g.uuid.starts_with("SIMULATED-"));
+        Self {
+            nvml: real.then(|| nvml_wrapper::Nvml::init().ok()).flatten(),
+        }
+    }
+
+    /// The GPU of NVML index `index` now.
+    pub fn sample(&self, index: u32) -> Option<Sample> {
+        use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
+        let device = self.nvml.as_ref()?.device_by_index(index).ok()?;
+        let memory = device.memory_info().ok();
+        Some(Sample {
+            memory_used_bytes: memory.as_ref().map(|m| m.used as f64),
+            memory_total_bytes: memory.as_ref().map(|m| m.total as f64),
+            utilization: device
+                .utilization_rates()
+                .ok()
+                .map(|u| f64::from(u.gpu) / 100.0),
+            temperature_celsius: device
+                .temperature(TemperatureSensor::Gpu)
+                .ok()
+                .map(f64::from),
+            power_watts: device.power_usage().ok().map(|mw| f64::from(mw) / 1000.0),
+        })
+    }
+}
+
 /// Fake GPUs for placement tests; nothing can run on them.
 pub fn simulated(count: u32) -> Vec<GpuInfo> {
     (0..count)

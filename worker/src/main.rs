@@ -1,5 +1,6 @@
 //! `loractl-worker`: the worker daemon. Config from a TOML file, flags override it.
 
+use loractl_telemetry::Telemetry;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -52,13 +53,8 @@ async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
     let args = Args::parse();
+    let telemetry = Telemetry::init("loractl-worker")?;
     let mut config = match &args.config {
         Some(path) => WorkerConfig::from_file(path)?,
         None => WorkerConfig::default(),
@@ -85,8 +81,21 @@ async fn main() -> anyhow::Result<()> {
     let gpus = gpu::discover(&config.gpu_selection(), config.simulated_gpus)?;
     let token = config.token().context("reading the coordinator token")?;
     let tls = config.client_tls()?;
-    Daemon::new(config, gpus, token, tls)?
+    let metrics_server = match config.metrics_listen.as_str() {
+        "" => None,
+        address => Some(tokio::spawn(loractl_telemetry::serve_metrics(
+            loractl_telemetry::bind_metrics(address).await?,
+            telemetry.registry(),
+        ))),
+    };
+    let ran = Daemon::new(config, gpus, token, tls)?
+        .with_metrics(telemetry.recorder())
         .run(shutdown_signal())
-        .await?;
+        .await;
+    if let Some(task) = metrics_server {
+        task.abort();
+    }
+    telemetry.shutdown();
+    ran?;
     Ok(())
 }

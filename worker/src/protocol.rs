@@ -99,25 +99,51 @@ mod output_kind {
     }
 }
 
+/// A rank's progress after an optimizer step. Only `step`, `total_steps`, `loss` and `lr` are
+/// required; the rest is what the rank knows.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RankProgress {
+    pub step: u64,
+    pub total_steps: u64,
+    #[serde(default)]
+    pub epoch: u32,
+    /// The step's loss (kohya's `loss/current`).
+    pub loss: f64,
+    /// The first parameter group's learning rate.
+    pub lr: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub d_lr: Option<f64>,
+    #[serde(default)]
+    pub steps_per_second: f64,
+    #[serde(default)]
+    pub samples_per_second: f64,
+    #[serde(default)]
+    pub gpu_memory_bytes: u64,
+    /// Moving average of the loss (`loss/average`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_average: Option<f64>,
+    /// Average loss of the last finished epoch (`loss/epoch_average`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_epoch_average: Option<f64>,
+    /// Learning rate of every parameter group (`lr/<group>`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lrs: Vec<(String, f64)>,
+    /// d·lr of every group for D-Adaptation and Prodigy (`lr/d*lr/<group>`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub d_lrs: Vec<(String, f64)>,
+    /// Seconds of the step spent loading and encoding its batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_seconds: Option<f64>,
+    /// Seconds of the step spent all-reducing gradients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allreduce_seconds: Option<f64>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum ChildMessage {
-    Progress {
-        step: u64,
-        total_steps: u64,
-        #[serde(default)]
-        epoch: u32,
-        loss: f64,
-        lr: f64,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        d_lr: Option<f64>,
-        #[serde(default)]
-        steps_per_second: f64,
-        #[serde(default)]
-        samples_per_second: f64,
-        #[serde(default)]
-        gpu_memory_bytes: u64,
-    },
+    Progress(RankProgress),
     /// A finished file to upload to the coordinator (the rank must not change it afterwards).
     Artifact {
         path: PathBuf,
@@ -130,7 +156,9 @@ pub enum ChildMessage {
     /// What this rank's collective backend announces (`host:port` of a TCP ring listener, or
     /// `nccl[:<id>]`: see `loractl_collective::rendezvous`); the rank then waits for
     /// [`ParentMessage::Peers`] on stdin.
-    Rendezvous { address: String },
+    Rendezvous {
+        address: String,
+    },
 }
 
 /// What the worker writes to a rank's stdin.
@@ -208,18 +236,39 @@ mod tests {
 
     #[test]
     fn messages_round_trip_and_text_stays_text() {
-        let progress = ChildMessage::Progress {
+        let progress = ChildMessage::Progress(RankProgress {
             step: 3,
             total_steps: 10,
-            epoch: 0,
             loss: 0.25,
             lr: 1e-4,
-            d_lr: None,
             steps_per_second: 1.5,
             samples_per_second: 3.0,
-            gpu_memory_bytes: 0,
-        };
+            ..RankProgress::default()
+        });
         assert_eq!(parse_line(&progress.to_line()), Line::Message(progress));
+        let full = ChildMessage::Progress(RankProgress {
+            step: 4,
+            total_steps: 10,
+            epoch: 2,
+            loss: 0.25,
+            lr: 1e-4,
+            d_lr: Some(0.5),
+            loss_average: Some(0.3),
+            loss_epoch_average: Some(0.35),
+            lrs: vec![("unet".into(), 1e-4), ("textencoder".into(), 5e-5)],
+            d_lrs: vec![("unet".into(), 0.5)],
+            data_seconds: Some(0.01),
+            allreduce_seconds: Some(0.002),
+            ..RankProgress::default()
+        });
+        assert_eq!(parse_line(&full.to_line()), Line::Message(full));
+        // The short form scripts print still parses.
+        assert!(matches!(
+            parse_line(
+                r#"@loractl {"progress":{"step":1,"total_steps":2,"loss":0.5,"lr":0.0001}}"#
+            ),
+            Line::Message(ChildMessage::Progress(_))
+        ));
         let artifact = ChildMessage::Artifact {
             path: "out/a.safetensors".into(),
             kind: ArtifactKind::Lora,

@@ -382,6 +382,7 @@ pub fn attempt_dir(work_dir: &Path, rank: &RankId) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::RankProgress;
     use loractl_proto::domain::JobId;
 
     fn launch(dir: &Path, script: &str, gpus: Vec<u32>) -> Launch {
@@ -471,7 +472,7 @@ echo '@loractl {"progress":{"step":4,"total_steps":8,"loss":0.5,"lr":0.001}}'"#;
         }));
         assert!(events.iter().any(|e| matches!(
             e,
-            RankEvent::Message(ChildMessage::Progress { step: 4, .. })
+            RankEvent::Message(ChildMessage::Progress(RankProgress { step: 4, .. }))
         )));
     }
 

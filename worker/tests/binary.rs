@@ -46,6 +46,7 @@ model_dirs = ["{models}"]
 data_dirs = ["{data}"]
 cache_dir = "{cache}"
 rank_command = ["/bin/sh", "-c", '''{SCRIPT}''']
+metrics_listen = "127.0.0.1:0"
 "#,
         work = folders.work_dir.display(),
         models = folders.model_dirs[0].display(),

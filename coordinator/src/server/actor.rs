@@ -11,6 +11,8 @@ use loractl_proto::domain::{
     LogLine, Progress, RankId, RankOutcome, Registration, Worker, WorkerId, WorkerMessage,
 };
 use loractl_spec::JobSpec;
+use loractl_telemetry::names::{self, label};
+use loractl_telemetry::Recorder;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
 
@@ -38,6 +40,8 @@ pub struct CoordinatorConfig {
     /// How long the ranks of a multi-worker attempt may take to all join the rendezvous
     /// before the attempt fails.
     pub rendezvous_timeout: Duration,
+    /// Where the cluster's metrics go (jobs and workers by state, queue wait, restarts).
+    pub metrics: Recorder,
 }
 
 impl Default for CoordinatorConfig {
@@ -51,6 +55,7 @@ impl Default for CoordinatorConfig {
             log_lines_per_job: defaults::LOG_LINES_PER_JOB,
             ended_jobs_with_logs: defaults::ENDED_JOBS_WITH_LOGS,
             rendezvous_timeout: Duration::from_secs(defaults::RENDEZVOUS_TIMEOUT_SECS),
+            metrics: Recorder::default(),
         }
     }
 }
@@ -385,6 +390,7 @@ impl<S: Store> Actor<S> {
             tokio::select! {
                 biased;
                 _ = tick.tick() => {
+                    self.count_workers(Instant::now());
                     if let Err(e) = self.expire_workers().await {
                         tracing::warn!(error = %e, "checking worker heartbeats failed");
                     }
@@ -573,6 +579,7 @@ impl<S: Store> Actor<S> {
     }
 
     fn publish(&mut self, job: &Job) {
+        self.count_change(job);
         if job.state.is_terminal() {
             self.active.remove(&job.id);
             self.placement.jobs.remove(&job.id);
@@ -596,6 +603,91 @@ impl<S: Store> Actor<S> {
             if let Some(tx) = self.watchers.get(&job.id) {
                 let _ = tx.send(JobEvent::State(job.clone()));
             }
+        }
+    }
+
+    /// Metrics of a job change (called before the cache holds it): how long it waited when
+    /// it is placed, a restart and its reason, a final state; then the jobs by state.
+    fn count_change(&self, job: &Job) {
+        let m = &self.config.metrics;
+        let before = self.active.get(&job.id).map(|j| (j.state, j.updated_at));
+        let entered = |state: JobState| job.state == state && before.map(|b| b.0) != Some(state);
+        if entered(JobState::Placed) {
+            if let Some((_, since)) = before.filter(|b| b.0.is_pending()) {
+                let waited = (job.updated_at - since).max(0) as f64 / 1000.0;
+                m.record(&names::JOB_QUEUE_WAIT_SECONDS, waited, &[]);
+            }
+        }
+        if entered(JobState::Restarting) {
+            if let Some(failure) = &job.last_failure {
+                m.add(
+                    &names::JOB_RESTARTS_TOTAL,
+                    1,
+                    &[(label::REASON, failure.kind.as_str().to_owned())],
+                );
+            }
+        }
+        if job.state.is_terminal() && before.is_some() {
+            m.add(
+                &names::JOBS_FINISHED_TOTAL,
+                1,
+                &[(label::STATE, job.state.as_str().to_owned())],
+            );
+        }
+        let state_of = |id: &JobId| {
+            if id == &job.id {
+                Some(job.state)
+            } else {
+                self.active.get(id).map(|j| j.state)
+            }
+        };
+        let ids = self.active.keys().chain(std::iter::once(&job.id));
+        let mut counts = [
+            JobState::Queued,
+            JobState::Placed,
+            JobState::Running,
+            JobState::Restarting,
+        ]
+        .map(|s| (s, 0usize));
+        for id in ids.collect::<BTreeSet<_>>() {
+            if let Some(state) = state_of(id) {
+                if let Some((_, n)) = counts.iter_mut().find(|(s, _)| *s == state) {
+                    *n += 1;
+                }
+            }
+        }
+        for (state, n) in counts {
+            m.set(
+                &names::JOBS,
+                n as f64,
+                &[(label::STATE, state.as_str().to_owned())],
+            );
+        }
+    }
+
+    /// Workers by state and the age of each one's last message.
+    fn count_workers(&self, now: Instant) {
+        let m = &self.config.metrics;
+        let (mut ready, mut draining) = (0, 0);
+        m.clear(&names::WORKER_HEARTBEAT_AGE_SECONDS);
+        for (worker, age) in self.registry.ages(now) {
+            if self.draining.contains(&worker.id) {
+                draining += 1;
+            } else {
+                ready += 1;
+            }
+            m.set(
+                &names::WORKER_HEARTBEAT_AGE_SECONDS,
+                age.as_secs_f64(),
+                &[(label::WORKER, worker.name.clone())],
+            );
+        }
+        for (state, n) in [("ready", ready), ("draining", draining)] {
+            m.set(
+                &names::WORKERS,
+                n as f64,
+                &[(label::STATE, state.to_owned())],
+            );
         }
     }
 
@@ -807,6 +899,7 @@ impl<S: Store> Actor<S> {
             self.state.put_worker(&record).await?;
         }
         self.sessions.remove(worker);
+        self.config.metrics.add(&names::WORKERS_LOST_TOTAL, 1, &[]);
         tracing::warn!(worker = %worker, why, "worker lost");
         let affected: Vec<JobId> = self
             .active

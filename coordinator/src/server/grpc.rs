@@ -2,6 +2,8 @@
 //! `InvalidArgument` naming it), a call on the loop's [`Handle`], the reply back to the wire.
 //! Artifact bytes go straight to the [`ArtifactStore`] without passing through the loop.
 
+use loractl_telemetry::names::{self, label};
+use loractl_telemetry::Recorder;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -293,11 +295,20 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
 pub struct ArtifactApi {
     pub store: Arc<ArtifactStore>,
     pub handle: Handle,
+    pub metrics: Recorder,
     /// With mutual TLS: a job's outputs also need the worker's verified client certificate.
     pub outputs_need_client_cert: bool,
 }
 
 impl ArtifactApi {
+    fn count_stored(&self) {
+        self.metrics.set(
+            &names::ARTIFACT_STORED_BYTES,
+            self.store.used_bytes() as f64,
+            &[],
+        );
+    }
+
     /// Who may upload this: anyone with the token for datasets and base models (which belong
     /// to no job); for a job's outputs (LoRA files, samples, checkpoints) only the worker that
     /// runs the job's current attempt, named in the header and checked against the placement.
@@ -391,9 +402,17 @@ impl pb::artifact_service_server::ArtifactService for ArtifactApi {
             }
             Begin::Upload(upload) => upload,
         };
+        let kind = [(label::KIND, upload.info().kind.as_str().to_owned())];
         while let Some(message) = inbound.message().await? {
             match message.message {
-                Some(Message::Chunk(bytes)) => upload.write(&bytes).await?,
+                Some(Message::Chunk(bytes)) => {
+                    upload.write(&bytes).await?;
+                    self.metrics.add(
+                        &names::ARTIFACT_RECEIVED_BYTES_TOTAL,
+                        bytes.len() as u64,
+                        &kind,
+                    );
+                }
                 _ => {
                     return Err(convert_error(
                         "message",
@@ -403,6 +422,7 @@ impl pb::artifact_service_server::ArtifactService for ArtifactApi {
             }
         }
         let info = upload.finish().await?;
+        self.count_stored();
         if let (ArtifactKind::Checkpoint, Some(job), Some((worker_id, attempt))) =
             (info.kind, info.job_id.clone(), producer)
         {
@@ -410,6 +430,7 @@ impl pb::artifact_service_server::ArtifactService for ArtifactApi {
                 .checkpoint_stored(job.clone(), info.digest, worker_id, attempt)
                 .await?;
             let removed = self.store.gc_checkpoints(&job).await?;
+            self.count_stored();
             if !removed.is_empty() {
                 tracing::info!(job = %job, removed = removed.len(), "old checkpoints deleted");
             }
@@ -428,6 +449,8 @@ impl pb::artifact_service_server::ArtifactService for ArtifactApi {
         let request = request.into_inner();
         let digest = convert::digest(request.digest, "digest")?;
         let (info, mut file) = self.store.open_blob(&digest, request.offset).await?;
+        let kind = [(label::KIND, info.kind.as_str().to_owned())];
+        let metrics = self.metrics.clone();
         let (tx, rx) = mpsc::channel(4);
         let mut offset = request.offset;
         tokio::spawn(async move {
@@ -458,6 +481,7 @@ impl pb::artifact_service_server::ArtifactService for ArtifactApi {
                 if tx.send(Ok(chunk)).await.is_err() || n == 0 {
                     return;
                 }
+                metrics.add(&names::ARTIFACT_SENT_BYTES_TOTAL, n as u64, &kind);
             }
         });
         Ok(Response::new(stream_of(rx)))

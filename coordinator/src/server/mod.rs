@@ -86,8 +86,14 @@ where
     }
     // Certificates first: a wrong path fails before anything starts.
     let tls = config.tls.as_ref().map(tls_config).transpose()?;
+    let metrics = config.coordinator.metrics.clone();
     let (handle, event_loop) = actor::start(store, config.coordinator).await?;
     let artifacts = ArtifactStore::open(config.artifacts).await?;
+    metrics.set(
+        &loractl_telemetry::names::ARTIFACT_STORED_BYTES,
+        artifacts.used_bytes() as f64,
+        &[],
+    );
     let auth = BearerAuth::new(config.token.as_deref());
     let mutual_tls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
     let worker_auth = if mutual_tls {
@@ -117,6 +123,7 @@ where
     let artifact_api = pb::artifact_service_server::ArtifactServiceServer::new(grpc::ArtifactApi {
         store: artifacts,
         handle,
+        metrics,
         outputs_need_client_cert: mutual_tls,
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES);

@@ -75,6 +75,14 @@ impl Registry {
         Some(entry.worker.clone())
     }
 
+    /// Every live worker and how long ago it was last heard from.
+    pub fn ages(&self, now: Instant) -> impl Iterator<Item = (&Worker, Duration)> {
+        self.entries
+            .values()
+            .filter(|e| e.worker.alive)
+            .map(move |e| (&e.worker, now.saturating_duration_since(e.last_seen)))
+    }
+
     pub fn get(&self, id: &WorkerId) -> Option<&Worker> {
         self.entries.get(id).map(|e| &e.worker)
     }
