@@ -169,34 +169,22 @@ pub fn resources(spec: &ResolvedSpec) -> Resources {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use loractl_proto::domain::{FailureKind, JobId, WorkerId};
+    use loractl_proto::domain::{FailureKind, WorkerId};
     use proptest::prelude::*;
 
     fn job(max_restarts: u32) -> Job {
-        Job {
-            id: JobId::new("j1"),
+        crate::state::NewJob {
             name: "zenny".into(),
             spec_toml: String::new(),
             priority: 0,
-            sequence: 1,
-            submitted_at: 0,
-            state: JobState::Queued,
             resources: Resources {
                 workers: 1,
                 gpus: GpuRequest::All,
                 max_restarts,
                 ranks_per_worker: 1,
             },
-            attempt: 0,
-            counted_restarts: 0,
-            failure_streak: 0,
-            placement: Vec::new(),
-            last_failure: None,
-            latest_checkpoint: None,
-            updated_at: 0,
-            waiting_reason: String::new(),
-            progress: None,
         }
+        .into_job(1, 0)
     }
 
     fn place() -> Transition {

@@ -3,7 +3,7 @@
 //! response are the same bytes and old records stay readable as fields are added. Every
 //! update is a read-modify-compare-and-swap loop, safe with several coordinators on one etcd.
 
-use loractl_proto::domain::{Job, JobId, JobState, UnixMs, Worker, WorkerId};
+use loractl_proto::domain::{Job, JobId, UnixMs, Worker, WorkerId};
 use loractl_proto::pb;
 use prost::Message;
 
@@ -25,6 +25,21 @@ pub struct NewJob {
     pub spec_toml: String,
     pub priority: i32,
     pub resources: loractl_proto::domain::Resources,
+}
+
+impl NewJob {
+    /// The job `j<sequence>`, queued at `now`, before its first attempt.
+    pub fn into_job(self, sequence: u64, now: UnixMs) -> Job {
+        Job::queued(
+            JobId::new(format!("j{sequence}")),
+            self.name,
+            self.spec_toml,
+            self.priority,
+            sequence,
+            self.resources,
+            now,
+        )
+    }
 }
 
 fn decode<P, D>(key: &str, bytes: &[u8]) -> Result<D>
@@ -107,25 +122,7 @@ impl<S: Store> State<S> {
     /// Stores a new job in state Queued with the next id (`j1`, `j2`, ...).
     pub async fn create_job(&self, new: NewJob, now: UnixMs) -> Result<Job> {
         let sequence = self.next_number(JOB_SEQUENCE).await?;
-        let job = Job {
-            id: JobId::new(format!("j{sequence}")),
-            name: new.name,
-            spec_toml: new.spec_toml,
-            priority: new.priority,
-            sequence,
-            submitted_at: now,
-            state: JobState::Queued,
-            resources: new.resources,
-            attempt: 0,
-            counted_restarts: 0,
-            failure_streak: 0,
-            placement: Vec::new(),
-            last_failure: None,
-            latest_checkpoint: None,
-            updated_at: now,
-            waiting_reason: String::new(),
-            progress: None,
-        };
+        let job = new.into_job(sequence, now);
         let bytes = encode_job(&job);
         self.store
             .put(&job_key(&job.id), bytes, Expect::Absent)

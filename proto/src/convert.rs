@@ -275,6 +275,7 @@ impl TryFrom<pb::Job> for Job {
             updated_at: value.updated_at_unix_ms,
             waiting_reason: value.waiting_reason,
             progress: nested_opt::<_, Progress>(value.progress, "progress")?.map(Box::new),
+            trace_id: value.trace_id,
         })
     }
 }
@@ -299,6 +300,7 @@ impl From<Job> for pb::Job {
             updated_at_unix_ms: value.updated_at,
             waiting_reason: value.waiting_reason,
             progress: value.progress.map(|p| (*p).into()),
+            trace_id: value.trace_id,
         }
     }
 }
@@ -631,6 +633,7 @@ impl TryFrom<pb::Assignment> for Assignment {
             gpu_indices: value.gpu_indices,
             spec_toml: non_empty(value.spec_toml, "spec_toml")?,
             resume_checkpoint: nested_opt(value.resume_checkpoint, "resume_checkpoint")?,
+            trace_parent: value.trace_parent,
         })
     }
 }
@@ -647,6 +650,7 @@ impl From<Assignment> for pb::Assignment {
             gpu_indices: value.gpu_indices,
             spec_toml: value.spec_toml,
             resume_checkpoint: value.resume_checkpoint.map(Into::into),
+            trace_parent: value.trace_parent,
         }
     }
 }
@@ -759,6 +763,7 @@ mod tests {
             latest_checkpoint: Some(Digest([7; 32])),
             updated_at: 1_700_000_000_500,
             waiting_reason: String::new(),
+            trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
             progress: None,
         }
     }
@@ -885,6 +890,7 @@ mod tests {
             gpu_indices: vec![3],
             spec_toml: "name = \"x\"".into(),
             resume_checkpoint: None,
+            trace_parent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
         };
         let message = CoordinatorMessage::Assign(assignment.clone());
         assert_eq!(

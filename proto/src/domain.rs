@@ -284,6 +284,42 @@ pub struct Job {
     pub waiting_reason: String,
     /// Live view (not stored): the latest progress of the current attempt, from rank 0.
     pub progress: Option<Box<Progress>>,
+    /// Live view (not stored): the trace id of the current attempt; empty when unknown.
+    pub trace_id: String,
+}
+
+impl Job {
+    /// Job `id`, queued at `now` before its first attempt.
+    pub fn queued(
+        id: JobId,
+        name: String,
+        spec_toml: String,
+        priority: i32,
+        sequence: u64,
+        resources: Resources,
+        now: UnixMs,
+    ) -> Self {
+        Self {
+            id,
+            name,
+            spec_toml,
+            priority,
+            sequence,
+            submitted_at: now,
+            state: JobState::Queued,
+            resources,
+            attempt: 0,
+            counted_restarts: 0,
+            failure_streak: 0,
+            placement: Vec::new(),
+            last_failure: None,
+            latest_checkpoint: None,
+            updated_at: now,
+            waiting_reason: String::new(),
+            progress: None,
+            trace_id: String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -464,6 +500,8 @@ pub struct Assignment {
     pub gpu_indices: Vec<u32>,
     pub spec_toml: String,
     pub resume_checkpoint: Option<Digest>,
+    /// W3C `traceparent` of the attempt's span; empty when there is none.
+    pub trace_parent: String,
 }
 
 /// What the coordinator sends on a worker's session stream.

@@ -7,11 +7,12 @@
 //! reports them and exits.
 
 use loractl_telemetry::names::{self, label};
-use loractl_telemetry::Recorder;
+use loractl_telemetry::{context, Recorder, TRACE_TARGET};
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
+use tracing::Instrument;
 
 use loractl_proto::domain::{
     ArtifactKind, Assignment, CoordinatorMessage, Digest, Failure, FailureKind, GpuInfo, LogLine,
@@ -46,6 +47,8 @@ enum RankState {
 struct Rank {
     /// Its GPU indices (`0`, `0,1`) or `cpu`: the `gpu` label of its metrics.
     gpus: String,
+    /// Its span in the attempt's trace, parent of preparing and uploading.
+    span: tracing::Span,
     state: RankState,
     uploads_in_flight: usize,
     artifacts: Vec<Digest>,
@@ -541,10 +544,24 @@ impl Daemon {
             let list: Vec<String> = assignment.gpu_indices.iter().map(u32::to_string).collect();
             list.join(",")
         };
+        let span = tracing::info_span!(
+            target: TRACE_TARGET,
+            parent: None,
+            "rank",
+            otel.name = %format!("rank {} on {}", id.rank, self.config.worker_name()),
+            job_id = %id.job_id,
+            attempt = id.attempt,
+            rank = id.rank,
+            gpus = %gpus,
+        );
+        context::set_parent(&span, &assignment.trace_parent);
+        let prepare_span =
+            tracing::info_span!(target: TRACE_TARGET, parent: &span, "prepare inputs");
         self.ranks.insert(
             id.clone(),
             Rank {
                 gpus,
+                span,
                 state: RankState::Preparing { cancelled: false },
                 uploads_in_flight: 0,
                 artifacts: Vec::new(),
@@ -564,6 +581,7 @@ impl Daemon {
             .min();
         tokio::spawn(async move {
             let result = prepare(&config, &link, &id, assignment)
+                .instrument(prepare_span)
                 .await
                 .map(|launch| {
                     Box::new(Launch {
@@ -733,6 +751,13 @@ impl Daemon {
         let internal = self.internal_tx.clone();
         let metrics = self.metrics.clone();
         let worker = self.config.worker_name();
+        let span = tracing::info_span!(
+            target: TRACE_TARGET,
+            parent: &r.span,
+            "upload",
+            otel.name = %format!("upload {}", kind.as_str()),
+            artifact = %name,
+        );
         tokio::spawn(async move {
             let result = async {
                 let mut artifacts = link.artifacts().await?;
@@ -768,7 +793,7 @@ impl Daemon {
                 tracing::warn!(job = %rank.job_id, error = %e, "artifact upload failed");
             }
             let _ = internal.send(Internal::Uploaded { rank, result }).await;
-        });
+        }.instrument(span));
     }
 
     /// Reports a rank once its process exited and its uploads are done.

@@ -398,6 +398,7 @@ mod tests {
                 gpu_indices: gpus,
                 spec_toml: "name = \"x\"".into(),
                 resume_checkpoint: None,
+                trace_parent: String::new(),
             },
             spec_path: dir.join("spec.toml"),
             output_dir: dir.to_owned(),

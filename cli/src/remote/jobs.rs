@@ -110,6 +110,9 @@ pub(super) fn describe(job: &Job, artifacts: &[ArtifactInfo]) -> String {
             show::age(progress.at)
         ));
     }
+    if !job.trace_id.is_empty() {
+        lines.push(format!("  trace: {} (this attempt)", job.trace_id));
+    }
     if !job.waiting_reason.is_empty() {
         lines.push(format!("  waiting: {}", job.waiting_reason));
     }

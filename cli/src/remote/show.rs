@@ -226,6 +226,7 @@ pub fn job_json(job: &Job) -> Value {
         "submitted_at_unix_ms": job.submitted_at,
         "updated_at_unix_ms": job.updated_at,
         "waiting_reason": (!job.waiting_reason.is_empty()).then_some(&job.waiting_reason),
+        "trace_id": (!job.trace_id.is_empty()).then_some(&job.trace_id),
         "spec_toml": job.spec_toml,
     })
 }
@@ -321,32 +322,26 @@ pub fn or_dash(items: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use loractl_proto::domain::{JobId, JobState, RankPlacement, Resources, WorkerId};
+    use loractl_proto::domain::{JobId, RankPlacement, Resources, WorkerId};
 
     fn job(spec_toml: &str, gpus: GpuRequest, placement: Vec<RankPlacement>) -> Job {
+        let resources = Resources {
+            workers: 2,
+            gpus,
+            max_restarts: 3,
+            ranks_per_worker: 1,
+        };
         Job {
-            id: JobId::new("j1"),
-            name: "zenny".into(),
-            spec_toml: spec_toml.into(),
-            priority: 0,
-            sequence: 1,
-            submitted_at: 0,
-            state: JobState::Queued,
-            resources: Resources {
-                workers: 2,
-                gpus,
-                max_restarts: 3,
-                ranks_per_worker: 1,
-            },
-            attempt: 0,
-            counted_restarts: 0,
-            failure_streak: 0,
             placement,
-            last_failure: None,
-            latest_checkpoint: None,
-            updated_at: 0,
-            waiting_reason: String::new(),
-            progress: None,
+            ..Job::queued(
+                JobId::new("j1"),
+                "zenny".into(),
+                spec_toml.into(),
+                0,
+                1,
+                resources,
+                0,
+            )
         }
     }
 

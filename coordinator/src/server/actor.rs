@@ -17,6 +17,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::registry::Registry;
+use super::traces::Traces;
 use crate::error::{Error, Result};
 use crate::job::{self, Transition};
 use crate::placement::{self, JobRequest, Placement, Policy, WorkerSlots};
@@ -325,6 +326,7 @@ struct Actor<S: Store> {
     /// Ended jobs whose logs are still held, oldest first.
     ended_logs: VecDeque<JobId>,
     rendezvous: HashMap<(JobId, u32), Rendezvous>,
+    traces: Traces,
 }
 
 /// Starts the loop on `store`: loads jobs and workers, then serves events until every
@@ -369,6 +371,7 @@ pub async fn start<S: Store + Clone>(
         logs: HashMap::new(),
         ended_logs: VecDeque::new(),
         rendezvous: HashMap::new(),
+        traces: Traces::default(),
         config,
     };
     let (tx, rx) = mpsc::channel(1024);
@@ -547,6 +550,7 @@ impl<S: Store> Actor<S> {
             .get(&job.id)
             .and_then(|l| l.progress.clone().map(Box::new))
             .filter(|p| p.attempt == job.attempt);
+        job.trace_id = self.traces.trace_id(&job.id);
         job
     }
 
@@ -580,6 +584,7 @@ impl<S: Store> Actor<S> {
 
     fn publish(&mut self, job: &Job) {
         self.count_change(job);
+        self.traces.update(job);
         if job.state.is_terminal() {
             self.active.remove(&job.id);
             self.placement.jobs.remove(&job.id);
@@ -852,6 +857,7 @@ impl<S: Store> Actor<S> {
                 gpu_indices: rank.gpu_indices.clone(),
                 spec_toml: job.spec_toml.clone(),
                 resume_checkpoint: job.latest_checkpoint,
+                trace_parent: self.traces.traceparent(&job.id),
             };
             self.send(&rank.worker_id, CoordinatorMessage::Assign(assignment));
         }
@@ -1045,6 +1051,8 @@ impl<S: Store> Actor<S> {
                         .get(&progress.job_id)
                         .is_some_and(|j| j.attempt == progress.attempt);
                 if current {
+                    self.traces
+                        .progress(&progress.job_id, progress.attempt, progress.epoch);
                     self.logs
                         .entry(progress.job_id.clone())
                         .or_insert_with(JobLog::new)

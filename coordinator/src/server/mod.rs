@@ -6,6 +6,7 @@ pub mod actor;
 pub mod auth;
 pub mod grpc;
 pub mod registry;
+pub mod traces;
 
 use std::future::Future;
 
