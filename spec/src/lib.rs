@@ -37,6 +37,7 @@
 
 mod error;
 mod parse;
+pub mod py;
 mod resolve;
 mod spec;
 mod suggest;

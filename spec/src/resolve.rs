@@ -1402,7 +1402,7 @@ impl Checker {
             }
             OptimizerArgs::Table(table) => {
                 for (key, value) in table {
-                    match python_literal(value) {
+                    match crate::py::literal(value) {
                         Some(text) => {
                             out.insert(key.clone(), text);
                         }
@@ -1818,38 +1818,4 @@ struct OptimizerChoice {
     text_encoder_lr: Option<f64>,
     scheduler: LrScheduler,
     warmup: WarmupSpec,
-}
-
-/// A TOML value as sd-scripts' `key=value` text, which it reads with `ast.literal_eval`.
-fn python_literal(value: &toml::Value) -> Option<String> {
-    Some(match value {
-        toml::Value::String(s) => s.clone(),
-        toml::Value::Integer(i) => i.to_string(),
-        toml::Value::Float(f) => python_float(*f),
-        toml::Value::Boolean(true) => "True".to_owned(),
-        toml::Value::Boolean(false) => "False".to_owned(),
-        toml::Value::Array(items) => {
-            let parts = items
-                .iter()
-                .map(|v| match v {
-                    toml::Value::Integer(i) => Some(i.to_string()),
-                    toml::Value::Float(f) => Some(python_float(*f)),
-                    toml::Value::Boolean(b) => Some(if *b { "True" } else { "False" }.to_owned()),
-                    _ => None,
-                })
-                .collect::<Option<Vec<_>>>()?;
-            // A one-element tuple needs its trailing comma.
-            if parts.len() == 1 {
-                format!("({},)", parts[0])
-            } else {
-                format!("({})", parts.join(","))
-            }
-        }
-        toml::Value::Datetime(_) | toml::Value::Table(_) => return None,
-    })
-}
-
-fn python_float(f: f64) -> String {
-    // `{:?}` keeps a decimal point ("1.0", "1e-8"), so the value stays a float in Python.
-    format!("{f:?}")
 }

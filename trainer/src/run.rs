@@ -12,11 +12,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use candle_core::{DType, Device};
 use loractl_spec::{
-    Loss, LrScheduler as SpecScheduler, MixedPrecision, ResolvedSpec, SavePrecision, TrainLength,
+    py, Loss, LrScheduler as SpecScheduler, MixedPrecision, ResolvedSpec, SavePrecision,
+    TrainLength,
 };
 use serde::Serialize;
 
-use crate::dataset::{summary::py_float, BadImagePolicy, Dataset, DatasetConfig};
+use crate::dataset::{BadImagePolicy, Dataset, DatasetConfig};
 use crate::loader::{self, Family, LoadOptions, StableDiffusion};
 use crate::lora::LoraConfig;
 use crate::metadata::{self, BaseModel};
@@ -673,19 +674,6 @@ fn base_model_of(spec: &ResolvedSpec, sd: &StableDiffusion) -> BaseModel {
     }
 }
 
-/// `str()` of an optional number as Python prints it.
-fn py_opt_f64(v: Option<f64>) -> String {
-    v.map_or("None".into(), py_float)
-}
-
-fn py_opt<T: ToString>(v: Option<T>) -> String {
-    v.map_or("None".into(), |x| x.to_string())
-}
-
-fn py_bool(b: bool) -> String {
-    if b { "True" } else { "False" }.into()
-}
-
 /// sd-scripts' module path of each optimizer class (for `ss_optimizer`).
 fn optimizer_class(name: &str) -> &'static str {
     match name.to_ascii_lowercase().as_str() {
@@ -747,14 +735,14 @@ fn meta_base(
     let mut net_args = serde_json::Map::new();
     if let Some(c) = spec.conv {
         net_args.insert("conv_dim".into(), c.dim.to_string().into());
-        net_args.insert("conv_alpha".into(), py_float(c.alpha).into());
+        net_args.insert("conv_alpha".into(), py::float_repr(c.alpha).into());
     }
     let mut minimal: BTreeMap<String, String> = [
-        ("ss_v2", py_bool(s.model.v2)),
+        ("ss_v2", py::bool_str(s.model.v2)),
         ("ss_base_model_version", base.ss_version().to_string()),
         ("ss_network_module", "networks.lora".to_string()),
         ("ss_network_dim", s.network.network_dim.to_string()),
-        ("ss_network_alpha", py_float(spec.network_alpha)),
+        ("ss_network_alpha", py::float_repr(spec.network_alpha)),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -771,18 +759,21 @@ fn meta_base(
     }
     let session_id = opts.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 33;
     put("ss_session_id", session_id.to_string());
-    put("ss_training_started_at", py_float(started_at as f64));
+    put("ss_training_started_at", py::float_repr(started_at as f64));
     put("ss_output_name", spec.output_name.clone());
-    put("ss_learning_rate", py_float(s.optimizer.learning_rate));
+    put(
+        "ss_learning_rate",
+        py::float_repr(s.optimizer.learning_rate),
+    );
     put(
         "ss_text_encoder_lr",
-        py_opt_f64(s.optimizer.text_encoder_lr),
+        py::opt_float_repr(s.optimizer.text_encoder_lr),
     );
-    put("ss_unet_lr", py_opt_f64(s.optimizer.unet_lr));
+    put("ss_unet_lr", py::opt_float_repr(s.optimizer.unet_lr));
     put("ss_num_epochs", num_epochs.to_string());
     put(
         "ss_gradient_checkpointing",
-        py_bool(s.training.gradient_checkpointing),
+        py::bool_str(s.training.gradient_checkpointing),
     );
     put(
         "ss_gradient_accumulation_steps",
@@ -815,18 +806,30 @@ fn meta_base(
         .into(),
     );
     put("ss_full_fp16", "False".into());
-    put("ss_clip_skip", py_opt(s.model.clip_skip));
-    put("ss_max_token_length", py_opt(s.model.max_token_length));
+    put("ss_clip_skip", py::opt_str(s.model.clip_skip));
+    put("ss_max_token_length", py::opt_str(s.model.max_token_length));
     put("ss_seed", opts.seed.to_string());
-    put("ss_noise_offset", py_opt_f64(s.training.noise_offset));
-    put("ss_min_snr_gamma", py_opt_f64(s.training.min_snr_gamma));
-    put("ss_max_grad_norm", py_float(s.optimizer.max_grad_norm));
+    put(
+        "ss_noise_offset",
+        py::opt_float_repr(s.training.noise_offset),
+    );
+    put(
+        "ss_min_snr_gamma",
+        py::opt_float_repr(s.training.min_snr_gamma),
+    );
+    put(
+        "ss_max_grad_norm",
+        py::float_repr(s.optimizer.max_grad_norm),
+    );
     // sd-scripts has no ss_min/max_timestep; the range goes to modelspec.timestep_range.
     put("ss_loss_type", s.training.loss_type.clone());
     put("ss_huber_schedule", s.training.huber_schedule.clone());
-    put("ss_huber_scale", py_float(1.0));
-    put("ss_huber_c", py_float(s.training.huber_c));
-    put("ss_network_dropout", py_opt_f64(s.network.network_dropout));
+    put("ss_huber_scale", py::float_repr(1.0));
+    put("ss_huber_c", py::float_repr(s.training.huber_c));
+    put(
+        "ss_network_dropout",
+        py::opt_float_repr(s.network.network_dropout),
+    );
     put("ss_zero_terminal_snr", "False".into());
     put("ss_debiased_estimation", "False".into());
     put("ss_scale_weight_norms", "None".into());
@@ -852,7 +855,7 @@ fn meta_base(
     put("ss_sd_scripts_commit_hash", "(unknown)".into());
     put(
         "ss_caption_tag_dropout_rate",
-        py_float(s.dataset.caption_tag_dropout_rate),
+        py::float_repr(s.dataset.caption_tag_dropout_rate),
     );
     put(
         "ss_total_batch_size",
@@ -874,7 +877,7 @@ fn meta_base(
     }
     put(
         "ss_training_comment",
-        py_opt(s.output.training_comment.clone()),
+        py::opt_str(s.output.training_comment.clone()),
     );
     for (k, v) in dataset.metadata() {
         put(&k, v);
@@ -978,7 +981,7 @@ impl RunHooks<'_, '_> {
         };
         let now = self.now();
         if !self.meta.no_metadata {
-            m.insert("ss_training_finished_at".into(), py_float(now as f64));
+            m.insert("ss_training_finished_at".into(), py::float_repr(now as f64));
             m.insert("ss_steps".into(), step.to_string());
             m.insert("ss_epoch".into(), epoch.to_string());
         }

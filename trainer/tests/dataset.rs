@@ -186,7 +186,7 @@ fn buckets_cut_batches_separately() {
         format!(
             r#"{{"buckets": {{"0": {{"resolution": [512, 512], "count": 9}}, "1": {{"resolution": [704, 320], "count": 6}}}}, "mean_img_ar_error": {}}}"#,
             // (704/320 - 2) for the two wide images, 0 for the three squares, over 5 images.
-            loractl_trainer::dataset::summary::py_float((704.0 / 320.0 - 2.0) * 2.0 / 5.0)
+            loractl_spec::py::float_repr((704.0 / 320.0 - 2.0) * 2.0 / 5.0)
         )
     );
 }
