@@ -757,3 +757,39 @@ fn output_name_is_a_plain_file_name() {
     spec.dataset.caption_extension = ".txt/../../x".into();
     assert_eq!(paths(&errs(&spec)), ["dataset.caption_extension"]);
 }
+
+#[test]
+fn kohya_args_keep_what_the_job_wrote_and_sections_what_it_runs() {
+    let mut spec = base();
+    spec.optimizer.learning_rate = 2e-4;
+    spec.optimizer.unet_lr = Some(0.0);
+    spec.training.min_timestep = Some(100);
+    spec.training.loss_type = "huber".into();
+    spec.training.huber_schedule = "constant".into();
+    spec.training.huber_c = 0.2;
+    spec.network.network_dropout = Some(0.0);
+    spec.output.resume = Some("out/t-state".into());
+    spec.resources.gpus = "cpu".into();
+    spec.resources.ranks_per_worker = 3;
+    let r = ok(&spec);
+    let k = &r.kohya_args;
+    assert_eq!(k.learning_rate, 2e-4);
+    assert_eq!((k.unet_lr, r.unet_lr), (Some(0.0), None));
+    assert_eq!((k.text_encoder_lr, r.text_encoder_lr), (None, Some(2e-4)));
+    assert_eq!((k.max_token_length, r.max_token_length), (None, 75));
+    assert_eq!((k.min_timestep, k.max_timestep), (Some(100), None));
+    assert_eq!(r.timesteps, 100..1000);
+    assert_eq!(k.loss_type, loractl_spec::LossType::Huber);
+    assert_eq!(k.huber_schedule, HuberSchedule::Constant);
+    assert_eq!(k.huber_c, 0.2);
+    assert_eq!(k.network_dropout, Some(0.0));
+    assert_eq!(r.name, "t");
+    assert_eq!(
+        r.model.pretrained_model_name_or_path,
+        spec.model.pretrained_model_name_or_path
+    );
+    assert_eq!(r.dataset.train_data_dir, spec.dataset.train_data_dir);
+    assert_eq!(r.output.resume, spec.output.resume);
+    assert_eq!(r.resources.ranks_per_worker, 3);
+    assert_eq!(r.world_size(), Some(3));
+}

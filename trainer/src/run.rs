@@ -219,8 +219,9 @@ pub fn check_memory(estimate: u64, limit: Option<&MemoryLimit>) -> Result<()> {
 
 /// The dataset options of `spec`.
 pub fn dataset_config(spec: &ResolvedSpec, base_dir: &Path) -> DatasetConfig {
-    let d = &spec.spec.dataset;
+    let d = &spec.dataset;
     let bs = spec.buckets;
+    let no_buckets = DatasetConfig::default();
     DatasetConfig {
         train_data_dir: resolve_path(base_dir, &d.train_data_dir),
         reg_data_dir: d.reg_data_dir.as_ref().map(|p| resolve_path(base_dir, p)),
@@ -236,14 +237,15 @@ pub fn dataset_config(spec: &ResolvedSpec, base_dir: &Path) -> DatasetConfig {
         caption_tag_dropout_rate: d.caption_tag_dropout_rate,
         resolution: (spec.resolution.width, spec.resolution.height),
         enable_bucket: bs.is_some(),
-        min_bucket_reso: bs.map_or(d.min_bucket_reso, |b| b.min_reso),
-        max_bucket_reso: bs.map_or(d.max_bucket_reso, |b| b.max_reso),
-        bucket_reso_steps: bs.map_or(d.bucket_reso_steps, |b| b.reso_steps),
+        // Without buckets the bucket sizes are not used.
+        min_bucket_reso: bs.map_or(no_buckets.min_bucket_reso, |b| b.min_reso),
+        max_bucket_reso: bs.map_or(no_buckets.max_bucket_reso, |b| b.max_reso),
+        bucket_reso_steps: bs.map_or(no_buckets.bucket_reso_steps, |b| b.reso_steps),
         bucket_no_upscale: bs.is_some_and(|b| b.no_upscale),
         random_crop: d.random_crop,
         flip_aug: d.flip_aug,
         prior_loss_weight: d.prior_loss_weight,
-        train_batch_size: spec.spec.training.train_batch_size as usize,
+        train_batch_size: spec.training.train_batch_size as usize,
         cache_latents: spec.cache_latents,
         cache_latents_to_disk: d.cache_latents_to_disk,
         latent_cache_dir: None,
@@ -254,7 +256,7 @@ pub fn dataset_config(spec: &ResolvedSpec, base_dir: &Path) -> DatasetConfig {
 
 /// Optimizer steps and epochs of the run, kohya's arithmetic (see [`Dataset::total_steps`]).
 pub fn run_length(spec: &ResolvedSpec, dataset: &Dataset, world_size: usize) -> (usize, usize) {
-    let accum = spec.spec.training.gradient_accumulation_steps as usize;
+    let accum = spec.training.gradient_accumulation_steps as usize;
     let (steps, epochs) = match spec.length {
         TrainLength::Steps(n) => (n as usize, None),
         TrainLength::Epochs(e) => (0, Some(e as usize)),
@@ -266,7 +268,6 @@ pub fn run_length(spec: &ResolvedSpec, dataset: &Dataset, world_size: usize) -> 
 
 /// The training options of `spec` for a run of `total_steps`.
 pub fn train_options(spec: &ResolvedSpec, total_steps: usize) -> Result<TrainOptions> {
-    let s = &spec.spec;
     // Validation refuses what the trainer does not implement; a ResolvedSpec built by hand
     // still gets a sentence rather than a panic.
     if !spec.optimizer.is_implemented() {
@@ -296,10 +297,9 @@ pub fn train_options(spec: &ResolvedSpec, total_steps: usize) -> Result<TrainOpt
         SpecScheduler::CosineWithRestarts => "cosine_with_restarts",
         SpecScheduler::Polynomial => "polynomial",
     };
-    let n = &s.network;
     Ok(TrainOptions {
         lora: LoraConfig {
-            rank: n.network_dim as usize,
+            rank: spec.network_dim as usize,
             alpha: spec.network_alpha,
             conv_rank: spec.conv.map(|c| c.dim as usize),
             conv_alpha: spec.conv.map(|c| c.alpha),
@@ -313,17 +313,17 @@ pub fn train_options(spec: &ResolvedSpec, total_steps: usize) -> Result<TrainOpt
         text_encoder_lr: spec.text_encoder_lr,
         lr_scheduler: lr_scheduler.into(),
         lr_warmup_steps: spec.warmup.steps(total_steps as u64) as usize,
-        lr_scheduler_num_cycles: s.optimizer.lr_scheduler_num_cycles as usize,
-        lr_scheduler_power: s.optimizer.lr_scheduler_power,
+        lr_scheduler_num_cycles: spec.lr_scheduler_num_cycles as usize,
+        lr_scheduler_power: spec.lr_scheduler_power,
         max_train_steps: total_steps,
-        gradient_accumulation_steps: s.training.gradient_accumulation_steps as usize,
-        max_grad_norm: s.optimizer.max_grad_norm,
-        seed: s.training.seed.unwrap_or(0),
-        clip_skip: s.model.clip_skip.unwrap_or(1) as usize,
+        gradient_accumulation_steps: spec.training.gradient_accumulation_steps as usize,
+        max_grad_norm: spec.max_grad_norm,
+        seed: spec.training.seed.unwrap_or(0),
+        clip_skip: spec.model.clip_skip.unwrap_or(1) as usize,
         max_token_length: spec.max_token_length as usize,
         step: StepOptions {
-            noise_offset: s.training.noise_offset.unwrap_or(0.0),
-            min_snr_gamma: s.training.min_snr_gamma,
+            noise_offset: spec.training.noise_offset.unwrap_or(0.0),
+            min_snr_gamma: spec.training.min_snr_gamma,
             loss_type,
             min_timestep: spec.timesteps.start as usize,
             max_timestep: spec.timesteps.end as usize,
@@ -332,7 +332,7 @@ pub fn train_options(spec: &ResolvedSpec, total_steps: usize) -> Result<TrainOpt
 }
 
 fn load_options(spec: &ResolvedSpec, base_dir: &Path, device: &Device) -> LoadOptions {
-    let m = &spec.spec.model;
+    let m = &spec.model;
     LoadOptions {
         device: device.clone(),
         dtype: DType::F32,
@@ -344,7 +344,7 @@ fn load_options(spec: &ResolvedSpec, base_dir: &Path, device: &Device) -> LoadOp
 
 /// The model and the spec must agree on SD1 vs SD2, as sd-scripts' `--v2` must.
 fn check_family(spec: &ResolvedSpec, sd: &StableDiffusion) -> Result<()> {
-    let v2 = spec.spec.model.v2;
+    let v2 = spec.model.v2;
     match (v2, sd.family) {
         (true, Family::Sd1) => Err(Error::Config(
             "model.v2 = true but the checkpoint is an SD1.x model: set v2 = false".into(),
@@ -412,26 +412,24 @@ fn plan_on(
     limit: Option<&MemoryLimit>,
 ) -> Result<Plan> {
     // Data-parallel ranks: one per GPU of each worker, or `ranks_per_worker` CPU ranks.
-    let world_size = spec
-        .world_size()
-        .unwrap_or(spec.spec.resources.workers.max(1)) as usize;
+    let world_size = spec.world_size().unwrap_or(spec.resources.workers.max(1)) as usize;
     let (total_steps, num_epochs) = run_length(spec, dataset, world_size);
     let summary = dataset.summary();
-    let accum = spec.spec.training.gradient_accumulation_steps as usize;
+    let accum = spec.training.gradient_accumulation_steps as usize;
     let opts = train_options(spec, total_steps)?;
     let mut warnings: Vec<String> = spec.warnings.iter().map(|w| w.to_string()).collect();
     warnings.extend(summary.warnings.iter().cloned());
     for (p, why) in &summary.skipped_images {
         warnings.push(format!("{}: skipped ({why})", p.display()));
     }
-    let model = resolve_path(base_dir, &spec.spec.model.pretrained_model_name_or_path);
+    let model = resolve_path(base_dir, &spec.model.pretrained_model_name_or_path);
     let (mut base_model, mut mods_u, mut mods_t, mut params, mut file, mut mem) =
         (None, None, None, None, None, None);
     if inspect_model {
         let model = input_path(
             "model.pretrained_model_name_or_path",
             base_dir,
-            &spec.spec.model.pretrained_model_name_or_path,
+            &spec.model.pretrained_model_name_or_path,
         )?;
         check_inputs(spec, base_dir)?;
         let lo = LoadOptions {
@@ -447,7 +445,7 @@ fn plan_on(
             ..opts.lora.clone()
         };
         let sites = sd.sites();
-        if let Some(w) = &spec.spec.network.network_weights {
+        if let Some(w) = &spec.network_weights {
             let store = crate::lora::open_network_weights(&resolve_path(base_dir, w))?;
             crate::lora::check_network_weights(store.as_ref(), &sites, &lora_cfg)?;
         }
@@ -479,7 +477,7 @@ fn plan_on(
         let optim_copies = optimizer_copies(spec);
         let pixels = (spec.resolution.width as u64) * (spec.resolution.height as u64);
         let act = pixels
-            .saturating_mul(spec.spec.training.train_batch_size as u64)
+            .saturating_mul(spec.training.train_batch_size as u64)
             .saturating_mul(9 * 1024);
         let estimate = model_params
             .saturating_mul(4)
@@ -490,12 +488,12 @@ fn plan_on(
         mods_u = Some(u);
         mods_t = Some(t);
         params = Some(p);
-    } else if let Some(w) = &spec.spec.network.network_weights {
+    } else if let Some(w) = &spec.network_weights {
         crate::lora::open_network_weights(&resolve_path(base_dir, w))?;
     }
     let name = spec.output_name.clone();
     let mut outputs = Vec::new();
-    let o = &spec.spec.output;
+    let o = &spec.output;
     if let Some(n) = o.save_every_n_epochs {
         let n = n as usize;
         for e in (n..num_epochs).step_by(n.max(1)).take(3) {
@@ -514,7 +512,7 @@ fn plan_on(
         .global_batches_per_epoch(world_size)
         .div_ceil(accum.max(1));
     Ok(Plan {
-        name: spec.spec.name.clone(),
+        name: spec.name.clone(),
         model,
         base_model,
         dataset: summary.clone(),
@@ -537,15 +535,11 @@ fn plan_on(
 
 /// The spec's other input paths, each checked to exist with an error naming its key.
 fn check_inputs(spec: &ResolvedSpec, base_dir: &Path) -> Result<()> {
-    let s = &spec.spec;
     let inputs = [
-        ("model.vae", s.model.vae.as_ref()),
-        (
-            "network.network_weights",
-            s.network.network_weights.as_ref(),
-        ),
-        ("sample.sample_prompts", s.sample.sample_prompts.as_ref()),
-        ("output.resume", s.output.resume.as_ref()),
+        ("model.vae", spec.model.vae.as_ref()),
+        ("network.network_weights", spec.network_weights.as_ref()),
+        ("sample.sample_prompts", spec.sample.sample_prompts.as_ref()),
+        ("output.resume", spec.output.resume.as_ref()),
     ];
     for (key, p) in inputs {
         if let Some(p) = p {
@@ -667,7 +661,7 @@ impl fmt::Display for Plan {
 }
 
 fn base_model_of(spec: &ResolvedSpec, sd: &StableDiffusion) -> BaseModel {
-    match (sd.family, spec.spec.model.v_parameterization) {
+    match (sd.family, spec.model.v_parameterization) {
         (Family::Sd1, _) => BaseModel::Sd1,
         (Family::Sd2, false) => BaseModel::Sd2,
         (Family::Sd2, true) => BaseModel::Sd2V,
@@ -726,7 +720,7 @@ fn meta_base(
     model_hashes: (String, String),
     vae: Option<(&Path, (String, String))>,
 ) -> MetaBase {
-    let s = &spec.spec;
+    let k = &spec.kohya_args;
     let base = base_model_of(spec, sd);
     let mut m = BTreeMap::new();
     let mut put = |k: &str, v: String| {
@@ -738,10 +732,10 @@ fn meta_base(
         net_args.insert("conv_alpha".into(), py::float_repr(c.alpha).into());
     }
     let mut minimal: BTreeMap<String, String> = [
-        ("ss_v2", py::bool_str(s.model.v2)),
+        ("ss_v2", py::bool_str(spec.model.v2)),
         ("ss_base_model_version", base.ss_version().to_string()),
         ("ss_network_module", "networks.lora".to_string()),
-        ("ss_network_dim", s.network.network_dim.to_string()),
+        ("ss_network_dim", spec.network_dim.to_string()),
         ("ss_network_alpha", py::float_repr(spec.network_alpha)),
     ]
     .into_iter()
@@ -761,20 +755,12 @@ fn meta_base(
     put("ss_session_id", session_id.to_string());
     put("ss_training_started_at", py::float_repr(started_at as f64));
     put("ss_output_name", spec.output_name.clone());
-    put(
-        "ss_learning_rate",
-        py::float_repr(s.optimizer.learning_rate),
-    );
-    put(
-        "ss_text_encoder_lr",
-        py::opt_float_repr(s.optimizer.text_encoder_lr),
-    );
-    put("ss_unet_lr", py::opt_float_repr(s.optimizer.unet_lr));
+    put("ss_learning_rate", py::float_repr(k.learning_rate));
+    put("ss_text_encoder_lr", py::opt_float_repr(k.text_encoder_lr));
+    put("ss_unet_lr", py::opt_float_repr(k.unet_lr));
     put("ss_num_epochs", num_epochs.to_string());
-    put(
-        "ss_gradient_checkpointing",
-        py::bool_str(s.training.gradient_checkpointing),
-    );
+    // Validation refuses gradient_checkpointing.
+    put("ss_gradient_checkpointing", py::bool_str(false));
     put(
         "ss_gradient_accumulation_steps",
         opts.gradient_accumulation_steps.to_string(),
@@ -806,30 +792,24 @@ fn meta_base(
         .into(),
     );
     put("ss_full_fp16", "False".into());
-    put("ss_clip_skip", py::opt_str(s.model.clip_skip));
-    put("ss_max_token_length", py::opt_str(s.model.max_token_length));
+    put("ss_clip_skip", py::opt_str(spec.model.clip_skip));
+    put("ss_max_token_length", py::opt_str(k.max_token_length));
     put("ss_seed", opts.seed.to_string());
     put(
         "ss_noise_offset",
-        py::opt_float_repr(s.training.noise_offset),
+        py::opt_float_repr(spec.training.noise_offset),
     );
     put(
         "ss_min_snr_gamma",
-        py::opt_float_repr(s.training.min_snr_gamma),
+        py::opt_float_repr(spec.training.min_snr_gamma),
     );
-    put(
-        "ss_max_grad_norm",
-        py::float_repr(s.optimizer.max_grad_norm),
-    );
+    put("ss_max_grad_norm", py::float_repr(spec.max_grad_norm));
     // sd-scripts has no ss_min/max_timestep; the range goes to modelspec.timestep_range.
-    put("ss_loss_type", s.training.loss_type.clone());
-    put("ss_huber_schedule", s.training.huber_schedule.clone());
+    put("ss_loss_type", k.loss_type.to_string());
+    put("ss_huber_schedule", k.huber_schedule.to_string());
     put("ss_huber_scale", py::float_repr(1.0));
-    put("ss_huber_c", py::float_repr(s.training.huber_c));
-    put(
-        "ss_network_dropout",
-        py::opt_float_repr(s.network.network_dropout),
-    );
+    put("ss_huber_c", py::float_repr(k.huber_c));
+    put("ss_network_dropout", py::opt_float_repr(k.network_dropout));
     put("ss_zero_terminal_snr", "False".into());
     put("ss_debiased_estimation", "False".into());
     put("ss_scale_weight_norms", "None".into());
@@ -855,11 +835,11 @@ fn meta_base(
     put("ss_sd_scripts_commit_hash", "(unknown)".into());
     put(
         "ss_caption_tag_dropout_rate",
-        py::float_repr(s.dataset.caption_tag_dropout_rate),
+        py::float_repr(spec.dataset.caption_tag_dropout_rate),
     );
     put(
         "ss_total_batch_size",
-        (s.training.train_batch_size as usize * opts.gradient_accumulation_steps).to_string(),
+        (spec.training.train_batch_size as usize * opts.gradient_accumulation_steps).to_string(),
     );
     let file_name = |p: &Path| {
         p.file_name()
@@ -877,7 +857,7 @@ fn meta_base(
     }
     put(
         "ss_training_comment",
-        py::opt_str(s.output.training_comment.clone()),
+        py::opt_str(spec.output.training_comment.as_deref()),
     );
     for (k, v) in dataset.metadata() {
         put(&k, v);
@@ -892,10 +872,10 @@ fn meta_base(
             spec.resolution.height as usize,
         ),
         // As sd-scripts' get_sai_model_spec: only when the job sets them.
-        timestep_range: (s.training.min_timestep.is_some() || s.training.max_timestep.is_some())
+        timestep_range: (k.min_timestep.is_some() || k.max_timestep.is_some())
             .then_some((spec.timesteps.start, spec.timesteps.end)),
-        encoder_layer: s.model.clip_skip,
-        no_metadata: s.output.no_metadata,
+        encoder_layer: spec.model.clip_skip,
+        no_metadata: spec.output.no_metadata,
     }
 }
 
@@ -1106,11 +1086,11 @@ impl Hooks for BoundHooks<'_, '_, '_> {
             samples: e.samples,
         });
         let last = e.step >= e.total;
-        if let Some(n) = h.spec.spec.output.save_every_n_steps {
+        if let Some(n) = h.spec.output.save_every_n_steps {
             if n > 0 && (e.step as u64).is_multiple_of(n) && !last {
                 let stem = format!("{}-step{:08}", h.name, e.step);
                 h.save_lora(t, &stem, e.step, e.epoch)?;
-                if h.spec.spec.output.save_state {
+                if h.spec.output.save_state {
                     h.save_state(t, &format!("{stem}-state"))?;
                 }
             }
@@ -1140,15 +1120,15 @@ impl Hooks for BoundHooks<'_, '_, '_> {
             num_epochs: h.num_epochs,
             loss_average: e.loss_average,
         });
-        if let Some(n) = h.spec.spec.output.save_every_n_epochs {
+        if let Some(n) = h.spec.output.save_every_n_epochs {
             let n = n as usize;
             if n > 0 && e.epoch.is_multiple_of(n) && !e.last && e.epoch < h.num_epochs {
                 let stem = format!("{}-{:06}", h.name, e.epoch);
                 h.save_lora(t, &stem, e.step, e.epoch)?;
-                if h.spec.spec.output.save_state {
+                if h.spec.output.save_state {
                     h.save_state(t, &format!("{stem}-state"))?;
                 }
-                if let Some(keep) = h.spec.spec.output.save_last_n_epochs {
+                if let Some(keep) = h.spec.output.save_last_n_epochs {
                     // sd-scripts removes the file `save_every_n_epochs × keep` epochs back.
                     let old = e.epoch as i64 - (n as i64) * keep as i64;
                     if old > 0 {
@@ -1221,7 +1201,7 @@ fn run_with(
     let model_path = input_path(
         "model.pretrained_model_name_or_path",
         base_dir,
-        &spec.spec.model.pretrained_model_name_or_path,
+        &spec.model.pretrained_model_name_or_path,
     )?;
     check_inputs(spec, base_dir)?;
     let dataset = Dataset::open(DatasetConfig {
@@ -1242,11 +1222,11 @@ fn run_with(
     });
     let sd = loader::load(&model_path, &load_options(spec, base_dir, &ro.device))?;
     check_family(spec, &sd)?;
-    let prompts = match &spec.spec.sample.sample_prompts {
+    let prompts = match &spec.sample.sample_prompts {
         Some(p) => sample::load_prompts_within(&resolve_path(base_dir, p), &ro.allowed_roots)?,
         None => Vec::new(),
     };
-    let initial = match &spec.spec.network.network_weights {
+    let initial = match &spec.network_weights {
         Some(p) => {
             // Checked by names and shapes before a byte is read, with the targets the trainer
             // will build (a learning rate of 0 leaves that model out).
@@ -1278,22 +1258,17 @@ fn run_with(
         tracing::info!(?stats, "latents cached");
         trainer = trainer.with_latent_cache(cache);
     }
-    if let Some(r) = &spec.spec.output.resume {
+    if let Some(r) = &spec.output.resume {
         let dir = resolve_path(base_dir, r);
         events(&RunEvent::Status {
             message: format!("resuming from {}", dir.display()),
         });
         trainer.load_state(&dir)?;
     }
-    let output_dir = resolve_path(base_dir, &spec.spec.output.output_dir);
+    let output_dir = resolve_path(base_dir, &spec.output.output_dir);
     std::fs::create_dir_all(&output_dir).map_err(|e| Error::io(&output_dir, e))?;
     let hashes = model_hashes(&model_path)?;
-    let vae_path = spec
-        .spec
-        .model
-        .vae
-        .as_ref()
-        .map(|v| resolve_path(base_dir, v));
+    let vae_path = spec.model.vae.as_ref().map(|v| resolve_path(base_dir, v));
     let vae = match &vae_path {
         Some(p) => Some((p.as_path(), model_hashes(p)?)),
         None => None,
@@ -1314,8 +1289,8 @@ fn run_with(
         loractl_spec::Sampler::Euler => sample::SamplerKind::Euler,
         loractl_spec::Sampler::EulerA => sample::SamplerKind::EulerAncestral,
     };
-    let sp = &spec.spec.sample;
-    let tensorboard = match &spec.spec.logging.logging_dir {
+    let sp = &spec.sample;
+    let tensorboard = match &spec.logging_dir {
         Some(dir) if trainer.rank() == 0 => {
             let tb =
                 crate::tensorboard::EventWriter::for_run(&resolve_path(base_dir, dir), started_at)?;
@@ -1371,7 +1346,7 @@ fn run_with(
         Outcome::Finished => {
             let epoch = pos.epoch.saturating_sub(1).max(1);
             let path = h.save_lora(&trainer, &h.name.clone(), pos.step, epoch)?;
-            if spec.spec.output.save_state {
+            if spec.output.save_state {
                 h.save_state(&trainer, &format!("{}-state", h.name))?;
             }
             (h.events)(&RunEvent::Finished {
@@ -1401,7 +1376,7 @@ fn run_with(
 /// size and modification time, so replacing either invalidates cached latents.
 fn vae_fingerprint(spec: &ResolvedSpec, base_dir: &Path, model: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
-    let source = match &spec.spec.model.vae {
+    let source = match &spec.model.vae {
         Some(v) => resolve_path(base_dir, v),
         None if model.is_dir() => model.join("vae"),
         None => model.to_path_buf(),
