@@ -429,6 +429,25 @@ fn choices_and_aliases() {
 }
 
 #[test]
+fn choices_parse_from_their_names_as_validation_reads_them() {
+    assert_eq!("k_euler".parse(), Ok(Sampler::Euler));
+    assert_eq!("PRODIGY".parse(), Ok(OptimizerType::Prodigy));
+    assert_eq!("constant".parse(), Ok(LrScheduler::Constant));
+    for s in LrScheduler::ALL {
+        assert_eq!(s.as_str().parse(), Ok(*s));
+    }
+    assert_eq!(
+        "Constant".parse::<LrScheduler>(),
+        Err(
+            "unknown value `Constant`: use one of: linear, cosine, cosine_with_restarts, \
+             polynomial, constant, constant_with_warmup"
+                .to_owned()
+        )
+    );
+    assert!("fp8".parse::<loractl_spec::MixedPrecision>().is_err());
+}
+
+#[test]
 fn model_checks() {
     let mut spec = base();
     spec.model.clip_skip = Some(0);

@@ -11,16 +11,14 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use candle_core::{DType, Device};
-use loractl_spec::{
-    py, Loss, LrScheduler as SpecScheduler, MixedPrecision, ResolvedSpec, SavePrecision,
-    TrainLength,
-};
+use loractl_spec::{py, Loss, ResolvedSpec, SavePrecision, TrainLength};
 use serde::Serialize;
 
 use crate::dataset::{BadImagePolicy, Dataset, DatasetConfig};
 use crate::loader::{self, Family, LoadOptions, StableDiffusion};
 use crate::lora::LoraConfig;
 use crate::metadata::{self, BaseModel};
+use crate::optim::OptimizerKind;
 use crate::sample::{self, LpwPromptEncoder, SampleModels, SamplePrompt, SampleSchedule};
 use crate::step::{LossType, StepOptions};
 use crate::train::{EpochEvent, Flow, Hooks, Outcome, StepEvent, TrainOptions, Trainer};
@@ -268,14 +266,7 @@ pub fn run_length(spec: &ResolvedSpec, dataset: &Dataset, world_size: usize) -> 
 
 /// The training options of `spec` for a run of `total_steps`.
 pub fn train_options(spec: &ResolvedSpec, total_steps: usize) -> Result<TrainOptions> {
-    // Validation refuses what the trainer does not implement; a ResolvedSpec built by hand
-    // still gets a sentence rather than a panic.
-    if !spec.optimizer.is_implemented() {
-        return Err(Error::Config(format!(
-            "optimizer.optimizer_type `{}` is not implemented yet",
-            spec.optimizer
-        )));
-    }
+    let optimizer_type = OptimizerKind::try_from(spec.optimizer)?;
     let loss_type = match spec.loss {
         Loss::L2 => LossType::L2,
         Loss::Huber {
@@ -289,14 +280,6 @@ pub fn train_options(spec: &ResolvedSpec, total_steps: usize) -> Result<TrainOpt
             )))
         }
     };
-    let lr_scheduler = match spec.lr_scheduler {
-        SpecScheduler::Constant => "constant",
-        SpecScheduler::ConstantWithWarmup => "constant_with_warmup",
-        SpecScheduler::Linear => "linear",
-        SpecScheduler::Cosine => "cosine",
-        SpecScheduler::CosineWithRestarts => "cosine_with_restarts",
-        SpecScheduler::Polynomial => "polynomial",
-    };
     Ok(TrainOptions {
         lora: LoraConfig {
             rank: spec.network_dim as usize,
@@ -307,11 +290,11 @@ pub fn train_options(spec: &ResolvedSpec, total_steps: usize) -> Result<TrainOpt
             train_text_encoder: spec.text_encoder_lr.is_some(),
             ..LoraConfig::default()
         },
-        optimizer_type: spec.optimizer.as_str().to_string(),
+        optimizer_type,
         optimizer_args: spec.optimizer_args.clone(),
         unet_lr: spec.unet_lr,
         text_encoder_lr: spec.text_encoder_lr,
-        lr_scheduler: lr_scheduler.into(),
+        lr_scheduler: spec.lr_scheduler,
         lr_warmup_steps: spec.warmup.steps(total_steps as u64) as usize,
         lr_scheduler_num_cycles: spec.lr_scheduler_num_cycles as usize,
         lr_scheduler_power: spec.lr_scheduler_power,
@@ -669,16 +652,15 @@ fn base_model_of(spec: &ResolvedSpec, sd: &StableDiffusion) -> BaseModel {
 }
 
 /// sd-scripts' module path of each optimizer class (for `ss_optimizer`).
-fn optimizer_class(name: &str) -> &'static str {
-    match name.to_ascii_lowercase().as_str() {
-        "adamw" => "torch.optim.adamw.AdamW",
-        "adamw8bit" => "bitsandbytes.optim.adamw.AdamW8bit",
-        "lion" => "lion_pytorch.lion_pytorch.Lion",
-        "sgdnesterov" => "torch.optim.sgd.SGD",
-        "dadaptadam" => "dadaptation.dadapt_adam.DAdaptAdam",
-        "prodigy" => "prodigyopt.prodigy.Prodigy",
-        "adafactor" => "transformers.optimization.Adafactor",
-        _ => "unknown",
+fn optimizer_class(kind: OptimizerKind) -> &'static str {
+    match kind {
+        OptimizerKind::AdamW => "torch.optim.adamw.AdamW",
+        OptimizerKind::AdamW8bit => "bitsandbytes.optim.adamw.AdamW8bit",
+        OptimizerKind::Lion => "lion_pytorch.lion_pytorch.Lion",
+        OptimizerKind::SgdNesterov => "torch.optim.sgd.SGD",
+        OptimizerKind::DAdaptAdam => "dadaptation.dadapt_adam.DAdaptAdam",
+        OptimizerKind::Prodigy => "prodigyopt.prodigy.Prodigy",
+        OptimizerKind::Adafactor => "transformers.optimization.Adafactor",
     }
 }
 
@@ -767,13 +749,13 @@ fn meta_base(
     );
     put("ss_max_train_steps", opts.max_train_steps.to_string());
     put("ss_lr_warmup_steps", opts.lr_warmup_steps.to_string());
-    put("ss_lr_scheduler", opts.lr_scheduler.clone());
+    put("ss_lr_scheduler", opts.lr_scheduler.to_string());
     let args: Vec<String> = opts
         .optimizer_args
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
-    let class = optimizer_class(&opts.optimizer_type);
+    let class = optimizer_class(opts.optimizer_type);
     put(
         "ss_optimizer",
         if args.is_empty() {
@@ -782,15 +764,7 @@ fn meta_base(
             format!("{class}({})", args.join(","))
         },
     );
-    put(
-        "ss_mixed_precision",
-        match spec.mixed_precision {
-            MixedPrecision::No => "no",
-            MixedPrecision::Fp16 => "fp16",
-            MixedPrecision::Bf16 => "bf16",
-        }
-        .into(),
-    );
+    put("ss_mixed_precision", spec.mixed_precision.to_string());
     put("ss_full_fp16", "False".into());
     put("ss_clip_skip", py::opt_str(spec.model.clip_skip));
     put("ss_max_token_length", py::opt_str(k.max_token_length));

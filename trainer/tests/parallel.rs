@@ -13,6 +13,8 @@ use loractl_collective::{Collective, RingConfig, TcpRing};
 use loractl_trainer::dataset::{Dataset, DatasetConfig};
 use loractl_trainer::loader::{self, LoadOptions};
 use loractl_trainer::lora::LoraConfig;
+use loractl_trainer::lr::SchedulerKind;
+use loractl_trainer::optim::OptimizerKind;
 use loractl_trainer::step::StepOptions;
 use loractl_trainer::train::{Flow, Hooks, Outcome, StepEvent, TrainOptions, Trainer};
 
@@ -70,11 +72,11 @@ fn options(steps: usize, accum: usize) -> TrainOptions {
             alpha: 4.0,
             ..Default::default()
         },
-        optimizer_type: "AdamW".into(),
+        optimizer_type: OptimizerKind::AdamW,
         optimizer_args: BTreeMap::new(),
         unet_lr: Some(2e-3),
         text_encoder_lr: Some(1e-3),
-        lr_scheduler: "cosine_with_restarts".into(),
+        lr_scheduler: SchedulerKind::CosineWithRestarts,
         lr_warmup_steps: 1,
         lr_scheduler_num_cycles: 1,
         lr_scheduler_power: 1.0,

@@ -9,6 +9,8 @@ use candle_core::{DType, Device, Tensor};
 use loractl_trainer::dataset::{BatchInput, Dataset, DatasetConfig};
 use loractl_trainer::loader::{self, LoadOptions, StableDiffusion};
 use loractl_trainer::lora::LoraConfig;
+use loractl_trainer::lr::SchedulerKind;
+use loractl_trainer::optim::OptimizerKind;
 use loractl_trainer::step::{training_loss, StepNoise, StepOptions};
 use loractl_trainer::train::{train, TrainOptions};
 use rand::SeedableRng;
@@ -52,11 +54,11 @@ fn options(steps: usize, lr: f64) -> TrainOptions {
             alpha: 8.0,
             ..Default::default()
         },
-        optimizer_type: "AdamW".into(),
+        optimizer_type: OptimizerKind::AdamW,
         optimizer_args: BTreeMap::new(),
         unet_lr: Some(lr),
         text_encoder_lr: Some(lr / 2.0),
-        lr_scheduler: "constant".into(),
+        lr_scheduler: SchedulerKind::Constant,
         lr_warmup_steps: 0,
         lr_scheduler_num_cycles: 1,
         lr_scheduler_power: 1.0,
@@ -163,7 +165,7 @@ fn a_diverging_run_stops_with_the_step_and_no_weights() -> anyhow::Result<()> {
     let sd = model()?;
     let mut opts = options(20, 1e30);
     opts.max_grad_norm = 0.0;
-    opts.optimizer_type = "SGDNesterov".into();
+    opts.optimizer_type = OptimizerKind::SgdNesterov;
     let err = match train(&sd, &ds, &opts, &Device::Cpu, |_| {}) {
         Ok(_) => anyhow::bail!("a learning rate of 1e30 trained without error"),
         Err(e) => e.to_string(),

@@ -32,6 +32,19 @@ macro_rules! choices {
             }
         }
 
+        /// The name as validation reads it; the error lists the names.
+        impl std::str::FromStr for $name {
+            type Err = String;
+
+            fn from_str(text: &str) -> Result<Self, String> {
+                Self::parse(text).ok_or_else(|| {
+                    format!(
+                        "unknown value `{text}`: use one of: {}",
+                        Self::names().collect::<Vec<_>>().join(", ")
+                    )
+                })
+            }
+        }
     };
 }
 
