@@ -3,7 +3,6 @@
 //! epoch/step LoRA files with kohya's names and metadata, resumable states, preview images,
 //! and structured events for whoever watches (the CLI's progress bar, the worker's stream).
 
-use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,13 +10,13 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use candle_core::{DType, Device};
-use loractl_spec::{py, Loss, ResolvedSpec, SavePrecision, TrainLength};
+use loractl_spec::{Loss, ResolvedSpec, SavePrecision, TrainLength};
 use serde::Serialize;
 
 use crate::dataset::{BadImagePolicy, Dataset, DatasetConfig};
 use crate::loader::{self, Family, LoadOptions, StableDiffusion};
 use crate::lora::LoraConfig;
-use crate::metadata::{self, BaseModel};
+use crate::metadata::{self, BaseModel, RunMetadata};
 use crate::optim::OptimizerKind;
 use crate::sample::{self, LpwPromptEncoder, SampleModels, SamplePrompt, SampleSchedule};
 use crate::step::{LossType, StepOptions};
@@ -421,7 +420,11 @@ fn plan_on(
         };
         let sd = loader::load(&model, &lo)?;
         check_family(spec, &sd)?;
-        base_model = Some(base_model_of(spec, &sd).ss_version().to_string());
+        base_model = Some(
+            BaseModel::of(sd.family, spec.model.v_parameterization)
+                .ss_version()
+                .to_string(),
+        );
         let lora_cfg = LoraConfig {
             train_unet: opts.unet_lr.is_some_and(|l| l > 0.0),
             train_text_encoder: opts.text_encoder_lr.is_some_and(|l| l > 0.0),
@@ -643,252 +646,12 @@ impl fmt::Display for Plan {
     }
 }
 
-fn base_model_of(spec: &ResolvedSpec, sd: &StableDiffusion) -> BaseModel {
-    match (sd.family, spec.model.v_parameterization) {
-        (Family::Sd1, _) => BaseModel::Sd1,
-        (Family::Sd2, false) => BaseModel::Sd2,
-        (Family::Sd2, true) => BaseModel::Sd2V,
-    }
-}
-
-/// sd-scripts' module path of each optimizer class (for `ss_optimizer`).
-fn optimizer_class(kind: OptimizerKind) -> &'static str {
-    match kind {
-        OptimizerKind::AdamW => "torch.optim.adamw.AdamW",
-        OptimizerKind::AdamW8bit => "bitsandbytes.optim.adamw.AdamW8bit",
-        OptimizerKind::Lion => "lion_pytorch.lion_pytorch.Lion",
-        OptimizerKind::SgdNesterov => "torch.optim.sgd.SGD",
-        OptimizerKind::DAdaptAdam => "dadaptation.dadapt_adam.DAdaptAdam",
-        OptimizerKind::Prodigy => "prodigyopt.prodigy.Prodigy",
-        OptimizerKind::Adafactor => "transformers.optimization.Adafactor",
-    }
-}
-
-/// Civil UTC date-time `YYYY-MM-DDTHH:MM:SS` for `modelspec.date`.
-fn iso_date(secs: u64) -> String {
-    let ts = sample::timestamp(UNIX_EPOCH + std::time::Duration::from_secs(secs));
-    format!(
-        "{}-{}-{}T{}:{}:{}",
-        &ts[0..4],
-        &ts[4..6],
-        &ts[6..8],
-        &ts[8..10],
-        &ts[10..12],
-        &ts[12..14]
-    )
-}
-
-/// The fixed part of the LoRA metadata for a run (sd-scripts' `train_network.py` keys).
-struct MetaBase {
-    common: BTreeMap<String, String>,
-    minimal: BTreeMap<String, String>,
-    base: BaseModel,
-    title: String,
-    resolution: (usize, usize),
-    timestep_range: Option<(u32, u32)>,
-    encoder_layer: Option<u32>,
-    no_metadata: bool,
-}
-
-#[allow(clippy::too_many_arguments)]
-fn meta_base(
-    spec: &ResolvedSpec,
-    dataset: &Dataset,
-    sd: &StableDiffusion,
-    opts: &TrainOptions,
-    model_path: &Path,
-    num_epochs: usize,
-    started_at: u64,
-    model_hashes: (String, String),
-    vae: Option<(&Path, (String, String))>,
-) -> MetaBase {
-    let k = &spec.kohya_args;
-    let base = base_model_of(spec, sd);
-    let mut m = BTreeMap::new();
-    let mut put = |k: &str, v: String| {
-        m.insert(k.to_string(), v);
-    };
-    let mut net_args = serde_json::Map::new();
-    if let Some(c) = spec.conv {
-        net_args.insert("conv_dim".into(), c.dim.to_string().into());
-        net_args.insert("conv_alpha".into(), py::float_repr(c.alpha).into());
-    }
-    let mut minimal: BTreeMap<String, String> = [
-        ("ss_v2", py::bool_str(spec.model.v2)),
-        ("ss_base_model_version", base.ss_version().to_string()),
-        ("ss_network_module", "networks.lora".to_string()),
-        ("ss_network_dim", spec.network_dim.to_string()),
-        ("ss_network_alpha", py::float_repr(spec.network_alpha)),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    // sd-scripts writes ss_network_args only when network_args were given.
-    if !net_args.is_empty() {
-        minimal.insert(
-            "ss_network_args".into(),
-            serde_json::Value::Object(net_args).to_string(),
-        );
-    }
-    for (k, v) in &minimal {
-        put(k, v.clone());
-    }
-    let session_id = opts.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 33;
-    put("ss_session_id", session_id.to_string());
-    put("ss_training_started_at", py::float_repr(started_at as f64));
-    put("ss_output_name", spec.output_name.clone());
-    put("ss_learning_rate", py::float_repr(k.learning_rate));
-    put("ss_text_encoder_lr", py::opt_float_repr(k.text_encoder_lr));
-    put("ss_unet_lr", py::opt_float_repr(k.unet_lr));
-    put("ss_num_epochs", num_epochs.to_string());
-    // Validation refuses gradient_checkpointing.
-    put("ss_gradient_checkpointing", py::bool_str(false));
-    put(
-        "ss_gradient_accumulation_steps",
-        opts.gradient_accumulation_steps.to_string(),
-    );
-    put("ss_max_train_steps", opts.max_train_steps.to_string());
-    put("ss_lr_warmup_steps", opts.lr_warmup_steps.to_string());
-    put("ss_lr_scheduler", opts.lr_scheduler.to_string());
-    let args: Vec<String> = opts
-        .optimizer_args
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    let class = optimizer_class(opts.optimizer_type);
-    put(
-        "ss_optimizer",
-        if args.is_empty() {
-            class.to_string()
-        } else {
-            format!("{class}({})", args.join(","))
-        },
-    );
-    put("ss_mixed_precision", spec.mixed_precision.to_string());
-    put("ss_full_fp16", "False".into());
-    put("ss_clip_skip", py::opt_str(spec.model.clip_skip));
-    put("ss_max_token_length", py::opt_str(k.max_token_length));
-    put("ss_seed", opts.seed.to_string());
-    put(
-        "ss_noise_offset",
-        py::opt_float_repr(spec.training.noise_offset),
-    );
-    put(
-        "ss_min_snr_gamma",
-        py::opt_float_repr(spec.training.min_snr_gamma),
-    );
-    put("ss_max_grad_norm", py::float_repr(spec.max_grad_norm));
-    // sd-scripts has no ss_min/max_timestep; the range goes to modelspec.timestep_range.
-    put("ss_loss_type", k.loss_type.to_string());
-    put("ss_huber_schedule", k.huber_schedule.to_string());
-    put("ss_huber_scale", py::float_repr(1.0));
-    put("ss_huber_c", py::float_repr(k.huber_c));
-    put("ss_network_dropout", py::opt_float_repr(k.network_dropout));
-    put("ss_zero_terminal_snr", "False".into());
-    put("ss_debiased_estimation", "False".into());
-    put("ss_scale_weight_norms", "None".into());
-    put("ss_ip_noise_gamma", "None".into());
-    put("ss_adaptive_noise_scale", "None".into());
-    put("ss_multires_noise_iterations", "None".into());
-    put("ss_multires_noise_discount", "0.3".into());
-    put("ss_face_crop_aug_range", "None".into());
-    // Options loractl does not have, as sd-scripts writes them when they are off.
-    put("ss_lowram", "False".into());
-    put("ss_fp8_base", "False".into());
-    put("ss_fp8_base_unet", "False".into());
-    put("ss_noise_offset_random_strength", "False".into());
-    put("ss_ip_noise_gamma_random_strength", "False".into());
-    put("ss_resize_interpolation", "None".into());
-    put("ss_num_validation_images", "0".into());
-    put("ss_validation_seed", "None".into());
-    put("ss_validation_split", "0.0".into());
-    put("ss_max_validation_steps", "None".into());
-    put("ss_validate_every_n_epochs", "None".into());
-    put("ss_validate_every_n_steps", "None".into());
-    // sd-scripts' own git revision, "(unknown)" when it cannot tell; loractl is not sd-scripts.
-    put("ss_sd_scripts_commit_hash", "(unknown)".into());
-    put(
-        "ss_caption_tag_dropout_rate",
-        py::float_repr(spec.dataset.caption_tag_dropout_rate),
-    );
-    put(
-        "ss_total_batch_size",
-        (spec.training.train_batch_size as usize * opts.gradient_accumulation_steps).to_string(),
-    );
-    let file_name = |p: &Path| {
-        p.file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default()
-    };
-    put("ss_sd_model_name", file_name(model_path));
-    put("ss_sd_model_hash", model_hashes.0);
-    put("ss_new_sd_model_hash", model_hashes.1);
-    // sd-scripts writes the VAE's name and hashes only when a VAE is given.
-    if let Some((vae_path, (hash, sha256))) = vae {
-        put("ss_vae_name", file_name(vae_path));
-        put("ss_vae_hash", hash);
-        put("ss_new_vae_hash", sha256);
-    }
-    put(
-        "ss_training_comment",
-        py::opt_str(spec.output.training_comment.as_deref()),
-    );
-    for (k, v) in dataset.metadata() {
-        put(&k, v);
-    }
-    MetaBase {
-        common: m,
-        minimal,
-        base,
-        title: spec.output_name.clone(),
-        resolution: (
-            spec.resolution.width as usize,
-            spec.resolution.height as usize,
-        ),
-        // As sd-scripts' get_sai_model_spec: only when the job sets them.
-        timestep_range: (k.min_timestep.is_some() || k.max_timestep.is_some())
-            .then_some((spec.timesteps.start, spec.timesteps.end)),
-        encoder_layer: spec.model.clip_skip,
-        no_metadata: spec.output.no_metadata,
-    }
-}
-
-/// sd-scripts' `model_hash` (A1111's old 8-hex hash of 64 KiB at 1 MiB) and the sha256 of the
-/// whole file; for a diffusers folder both are "IsADirectory", as sd-scripts' hash functions
-/// return on Linux.
-fn model_hashes(path: &Path) -> Result<(String, String)> {
-    use sha2::{Digest, Sha256};
-    use std::io::{Read, Seek, SeekFrom};
-    if path.is_dir() {
-        return Ok(("IsADirectory".into(), "IsADirectory".into()));
-    }
-    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut full = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        full.update(&buf[..n]);
-    }
-    f.seek(SeekFrom::Start(0x100000))
-        .map_err(|e| Error::io(path, e))?;
-    let mut chunk = Vec::new();
-    f.take(0x10000)
-        .read_to_end(&mut chunk)
-        .map_err(|e| Error::io(path, e))?;
-    let legacy = hex(&Sha256::digest(&chunk));
-    Ok((legacy[..8].to_string(), hex(&full.finalize())))
-}
-
 /// Saving, sampling and events at the trainer's boundaries.
 struct RunHooks<'r, 'e> {
     spec: &'r ResolvedSpec,
     output_dir: PathBuf,
     name: String,
-    meta: MetaBase,
+    meta: RunMetadata,
     num_epochs: usize,
     save_dtype: DType,
     prompts: Vec<SamplePrompt>,
@@ -927,33 +690,6 @@ impl RunHooks<'_, '_> {
         })
     }
 
-    fn metadata(&self, step: usize, epoch: usize) -> HashMap<String, String> {
-        let mut m: HashMap<String, String> = if self.meta.no_metadata {
-            self.meta.minimal.clone().into_iter().collect()
-        } else {
-            self.meta.common.clone().into_iter().collect()
-        };
-        let now = self.now();
-        if !self.meta.no_metadata {
-            m.insert("ss_training_finished_at".into(), py::float_repr(now as f64));
-            m.insert("ss_steps".into(), step.to_string());
-            m.insert("ss_epoch".into(), epoch.to_string());
-        }
-        m.extend(metadata::modelspec(
-            self.meta.base,
-            &self.meta.title,
-            self.meta.resolution,
-            &iso_date(now),
-        ));
-        if let Some((lo, hi)) = self.meta.timestep_range {
-            m.insert("modelspec.timestep_range".into(), format!("{lo},{hi}"));
-        }
-        if let Some(layer) = self.meta.encoder_layer {
-            m.insert("modelspec.encoder_layer".into(), layer.to_string());
-        }
-        m
-    }
-
     /// Writes the LoRA as `file_stem.safetensors` with metadata and its sshs hashes.
     fn save_lora(
         &mut self,
@@ -966,7 +702,7 @@ impl RunHooks<'_, '_> {
         if !self.writer {
             return Ok(path);
         }
-        let mut meta = self.metadata(step, epoch);
+        let mut meta = self.meta.at(step, epoch, self.now());
         let tensors = t.network().to_tensors(self.save_dtype)?;
         let (model_hash, legacy) = metadata::sshs_hashes(&tensors, &meta)?;
         meta.insert("sshs_model_hash".into(), model_hash);
@@ -1241,16 +977,16 @@ fn run_with(
     }
     let output_dir = resolve_path(base_dir, &spec.output.output_dir);
     std::fs::create_dir_all(&output_dir).map_err(|e| Error::io(&output_dir, e))?;
-    let hashes = model_hashes(&model_path)?;
+    let hashes = metadata::model_hashes(&model_path)?;
     let vae_path = spec.model.vae.as_ref().map(|v| resolve_path(base_dir, v));
     let vae = match &vae_path {
-        Some(p) => Some((p.as_path(), model_hashes(p)?)),
+        Some(p) => Some((p.as_path(), metadata::model_hashes(p)?)),
         None => None,
     };
-    let meta = meta_base(
+    let meta = RunMetadata::new(
         spec,
         &dataset,
-        &sd,
+        BaseModel::of(sd.family, spec.model.v_parameterization),
         &opts,
         &model_path,
         num_epochs,
