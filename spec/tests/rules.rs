@@ -35,6 +35,20 @@ fn paths(errors: &SpecErrors) -> Vec<&str> {
     errors.iter().map(|e| e.path.as_str()).collect()
 }
 
+/// The problem validation reports at `path` once `change` is applied to the base spec.
+fn problem_at(change: &dyn Fn(&mut JobSpec), path: &str) -> String {
+    let mut spec = base();
+    change(&mut spec);
+    let e = errs(&spec);
+    let problem = e
+        .at(path)
+        .next()
+        .unwrap_or_else(|| panic!("no error at {path}: {e}"))
+        .problem
+        .clone();
+    problem
+}
+
 fn warned(r: &ResolvedSpec, path: &str) -> String {
     r.warnings
         .iter()
@@ -527,17 +541,10 @@ fn round_trip_keeps_written_forms() {
 #[test]
 fn options_not_implemented_yet_are_refused_at_validation() {
     let refused = |change: &dyn Fn(&mut JobSpec), path: &str, words: &str| {
-        let mut spec = base();
-        change(&mut spec);
-        let e = errs(&spec);
-        let found = e
-            .at(path)
-            .next()
-            .unwrap_or_else(|| panic!("no error at {path}: {e}"));
+        let problem = problem_at(change, path);
         assert!(
-            found.problem.contains(words),
-            "{path}: {} does not say {words:?}",
-            found.problem
+            problem.contains(words),
+            "{path}: {problem} does not say {words:?}"
         );
     };
     for name in [
@@ -658,17 +665,10 @@ fn optimizer_args_must_be_arguments_of_the_optimizer() {
 #[test]
 fn numeric_options_have_ranges_named_in_the_error() {
     let out_of_range = |change: &dyn Fn(&mut JobSpec), path: &str, range: &str| {
-        let mut spec = base();
-        change(&mut spec);
-        let e = errs(&spec);
-        let found = e
-            .at(path)
-            .next()
-            .unwrap_or_else(|| panic!("no error at {path}: {e}"));
+        let problem = problem_at(change, path);
         assert!(
-            found.problem.contains(range),
-            "{path}: `{}` does not give the range {range:?}",
-            found.problem
+            problem.contains(range),
+            "{path}: `{problem}` does not give the range {range:?}"
         );
     };
     let big = u32::MAX;

@@ -4,7 +4,6 @@
 //! Plus exact resume through a saved state, detached state, and argument handling.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
 use candle_core::backprop::GradStore;
@@ -15,9 +14,8 @@ use loractl_trainer::optim::{
 };
 use serde_json::Value;
 
-fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/optim")
-}
+mod support;
+use support::{ensure_same_shape, fixture};
 
 struct Fixtures {
     t: HashMap<String, Tensor>,
@@ -26,7 +24,7 @@ struct Fixtures {
 }
 
 fn load() -> Result<Fixtures> {
-    let dir = fixture_dir();
+    let dir = fixture("optim");
     let path = dir.join("optim.safetensors");
     ensure!(path.exists(), "fixture {} missing", path.display());
     let t = candle_core::safetensors::load(&path, &Device::Cpu)?;
@@ -144,12 +142,7 @@ fn lrs_at(fx: &Fixtures, s: &Setup, step: usize) -> Result<Vec<f64>> {
 
 /// max |got - want| / max |want| over one tensor.
 fn rel_err(got: &Tensor, want: &Tensor) -> Result<f64> {
-    ensure!(
-        got.dims() == want.dims(),
-        "{:?} vs {:?}",
-        got.dims(),
-        want.dims()
-    );
+    ensure_same_shape(got, want)?;
     let g = got.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
     let w = want.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
     let scale = w.iter().fold(0f64, |a, b| a.max(b.abs())).max(1e-30);
