@@ -89,7 +89,7 @@ pub fn train(
         } else {
             std::env::current_dir()?.join(r)
         };
-        spec.spec.output.resume = Some(abs);
+        spec.output.resume = Some(abs);
     }
     let ro = RunOptions {
         device: parse_device(device)?,

@@ -72,8 +72,8 @@ pub fn rank() -> anyhow::Result<ExitCode> {
         Ok(s) => s,
         Err(e) => return Ok(bad_config(e)),
     };
-    spec.spec.output.output_dir = output_dir.clone();
-    spec.spec.output.resume = env_path(env::RESUME);
+    spec.output.output_dir = output_dir.clone();
+    spec.output.resume = env_path(env::RESUME);
     // Paths in a cluster job are absolute on the worker; relative ones are taken from the
     // rank's folder.
     let base = spec_file
@@ -315,7 +315,7 @@ fn data_roots(spec: &loractl_spec::ResolvedSpec, base: &Path) -> AllowedRoots {
     if let Some(dirs) = std::env::var_os(env::DATA_DIRS) {
         return AllowedRoots::only(split_paths(&dirs));
     }
-    let s = &spec.spec;
+    let s = spec;
     let listed = [
         Some(&s.dataset.train_data_dir),
         s.dataset.reg_data_dir.as_ref(),

@@ -159,10 +159,10 @@ pub fn resources(spec: &ResolvedSpec) -> Resources {
         Gpus::Ids(ids) => GpuRequest::Ids(ids.clone()),
     };
     Resources {
-        workers: spec.spec.resources.workers,
+        workers: spec.resources.workers,
         gpus,
-        max_restarts: spec.spec.resources.max_restarts,
-        ranks_per_worker: spec.spec.resources.ranks_per_worker.max(1),
+        max_restarts: spec.resources.max_restarts,
+        ranks_per_worker: spec.resources.ranks_per_worker.max(1),
     }
 }
 

@@ -37,6 +37,7 @@
 
 mod error;
 mod parse;
+pub mod py;
 mod resolve;
 mod spec;
 mod suggest;
@@ -46,9 +47,10 @@ pub use toml;
 
 pub use error::{Error, ParseError, ParseErrors, Result, SpecError, SpecErrors, SpecWarning};
 pub use resolve::{
-    limits, optimizer_arg_names, Buckets, ConvLora, Gpus, HuberSchedule, Loss, LossType,
-    LrScheduler, MixedPrecision, OptimizerType, ResolvedSpec, Sampler, SavePrecision, TrainLength,
-    WarmupSpec,
+    limits, optimizer_arg_names, Buckets, ConvLora, Gpus, HuberSchedule, KohyaArgs, Loss, LossType,
+    LrScheduler, MixedPrecision, OptimizerType, ResolvedDataset, ResolvedModel, ResolvedOutput,
+    ResolvedResources, ResolvedSample, ResolvedSpec, ResolvedTraining, Sampler, SavePrecision,
+    TrainLength, WarmupSpec,
 };
 pub use spec::{
     defaults, DatasetConfig, JobSpec, LoggingConfig, LrWarmup, ModelConfig, NetworkArgs,

@@ -35,6 +35,20 @@ fn paths(errors: &SpecErrors) -> Vec<&str> {
     errors.iter().map(|e| e.path.as_str()).collect()
 }
 
+/// The problem validation reports at `path` once `change` is applied to the base spec.
+fn problem_at(change: &dyn Fn(&mut JobSpec), path: &str) -> String {
+    let mut spec = base();
+    change(&mut spec);
+    let e = errs(&spec);
+    let problem = e
+        .at(path)
+        .next()
+        .unwrap_or_else(|| panic!("no error at {path}: {e}"))
+        .problem
+        .clone();
+    problem
+}
+
 fn warned(r: &ResolvedSpec, path: &str) -> String {
     r.warnings
         .iter()
@@ -429,6 +443,25 @@ fn choices_and_aliases() {
 }
 
 #[test]
+fn choices_parse_from_their_names_as_validation_reads_them() {
+    assert_eq!("k_euler".parse(), Ok(Sampler::Euler));
+    assert_eq!("PRODIGY".parse(), Ok(OptimizerType::Prodigy));
+    assert_eq!("constant".parse(), Ok(LrScheduler::Constant));
+    for s in LrScheduler::ALL {
+        assert_eq!(s.as_str().parse(), Ok(*s));
+    }
+    assert_eq!(
+        "Constant".parse::<LrScheduler>(),
+        Err(
+            "unknown value `Constant`: use one of: linear, cosine, cosine_with_restarts, \
+             polynomial, constant, constant_with_warmup"
+                .to_owned()
+        )
+    );
+    assert!("fp8".parse::<loractl_spec::MixedPrecision>().is_err());
+}
+
+#[test]
 fn model_checks() {
     let mut spec = base();
     spec.model.clip_skip = Some(0);
@@ -508,17 +541,10 @@ fn round_trip_keeps_written_forms() {
 #[test]
 fn options_not_implemented_yet_are_refused_at_validation() {
     let refused = |change: &dyn Fn(&mut JobSpec), path: &str, words: &str| {
-        let mut spec = base();
-        change(&mut spec);
-        let e = errs(&spec);
-        let found = e
-            .at(path)
-            .next()
-            .unwrap_or_else(|| panic!("no error at {path}: {e}"));
+        let problem = problem_at(change, path);
         assert!(
-            found.problem.contains(words),
-            "{path}: {} does not say {words:?}",
-            found.problem
+            problem.contains(words),
+            "{path}: {problem} does not say {words:?}"
         );
     };
     for name in [
@@ -639,17 +665,10 @@ fn optimizer_args_must_be_arguments_of_the_optimizer() {
 #[test]
 fn numeric_options_have_ranges_named_in_the_error() {
     let out_of_range = |change: &dyn Fn(&mut JobSpec), path: &str, range: &str| {
-        let mut spec = base();
-        change(&mut spec);
-        let e = errs(&spec);
-        let found = e
-            .at(path)
-            .next()
-            .unwrap_or_else(|| panic!("no error at {path}: {e}"));
+        let problem = problem_at(change, path);
         assert!(
-            found.problem.contains(range),
-            "{path}: `{}` does not give the range {range:?}",
-            found.problem
+            problem.contains(range),
+            "{path}: `{problem}` does not give the range {range:?}"
         );
     };
     let big = u32::MAX;
@@ -756,4 +775,40 @@ fn output_name_is_a_plain_file_name() {
     let mut spec = base();
     spec.dataset.caption_extension = ".txt/../../x".into();
     assert_eq!(paths(&errs(&spec)), ["dataset.caption_extension"]);
+}
+
+#[test]
+fn kohya_args_keep_what_the_job_wrote_and_sections_what_it_runs() {
+    let mut spec = base();
+    spec.optimizer.learning_rate = 2e-4;
+    spec.optimizer.unet_lr = Some(0.0);
+    spec.training.min_timestep = Some(100);
+    spec.training.loss_type = "huber".into();
+    spec.training.huber_schedule = "constant".into();
+    spec.training.huber_c = 0.2;
+    spec.network.network_dropout = Some(0.0);
+    spec.output.resume = Some("out/t-state".into());
+    spec.resources.gpus = "cpu".into();
+    spec.resources.ranks_per_worker = 3;
+    let r = ok(&spec);
+    let k = &r.kohya_args;
+    assert_eq!(k.learning_rate, 2e-4);
+    assert_eq!((k.unet_lr, r.unet_lr), (Some(0.0), None));
+    assert_eq!((k.text_encoder_lr, r.text_encoder_lr), (None, Some(2e-4)));
+    assert_eq!((k.max_token_length, r.max_token_length), (None, 75));
+    assert_eq!((k.min_timestep, k.max_timestep), (Some(100), None));
+    assert_eq!(r.timesteps, 100..1000);
+    assert_eq!(k.loss_type, loractl_spec::LossType::Huber);
+    assert_eq!(k.huber_schedule, HuberSchedule::Constant);
+    assert_eq!(k.huber_c, 0.2);
+    assert_eq!(k.network_dropout, Some(0.0));
+    assert_eq!(r.name, "t");
+    assert_eq!(
+        r.model.pretrained_model_name_or_path,
+        spec.model.pretrained_model_name_or_path
+    );
+    assert_eq!(r.dataset.train_data_dir, spec.dataset.train_data_dir);
+    assert_eq!(r.output.resume, spec.output.resume);
+    assert_eq!(r.resources.ranks_per_worker, 3);
+    assert_eq!(r.world_size(), Some(3));
 }

@@ -6,67 +6,10 @@
 //! and the training loop calls `scheduler.step()` after each `optimizer.step()`, so the first
 //! step of a warmup runs at lr 0, as in sd-scripts.
 
-use std::fmt;
-use std::str::FromStr;
-
 use crate::{Error, Result};
 
-/// The schedules sd-scripts takes as `lr_scheduler`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SchedulerKind {
-    Constant,
-    ConstantWithWarmup,
-    Linear,
-    Cosine,
-    CosineWithRestarts,
-    Polynomial,
-}
-
-impl SchedulerKind {
-    pub const ALL: [SchedulerKind; 6] = [
-        SchedulerKind::Constant,
-        SchedulerKind::ConstantWithWarmup,
-        SchedulerKind::Linear,
-        SchedulerKind::Cosine,
-        SchedulerKind::CosineWithRestarts,
-        SchedulerKind::Polynomial,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SchedulerKind::Constant => "constant",
-            SchedulerKind::ConstantWithWarmup => "constant_with_warmup",
-            SchedulerKind::Linear => "linear",
-            SchedulerKind::Cosine => "cosine",
-            SchedulerKind::CosineWithRestarts => "cosine_with_restarts",
-            SchedulerKind::Polynomial => "polynomial",
-        }
-    }
-}
-
-impl fmt::Display for SchedulerKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for SchedulerKind {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        let l = s.trim().to_ascii_lowercase();
-        Self::ALL
-            .into_iter()
-            .find(|k| k.as_str() == l)
-            .ok_or_else(|| {
-                let names: Vec<&str> = Self::ALL.iter().map(|k| k.as_str()).collect();
-                Error::Config(format!(
-                    "unknown lr_scheduler `{s}`; supported: {}",
-                    names.join(", ")
-                ))
-            })
-    }
-}
+/// The schedules sd-scripts takes as `lr_scheduler`: the job spec's choice, passed through.
+pub use loractl_spec::LrScheduler as SchedulerKind;
 
 /// transformers' polynomial schedule ends at this lr.
 pub const POLYNOMIAL_LR_END: f64 = 1e-7;
@@ -91,14 +34,14 @@ impl LrScheduler {
     /// A warmup with plain `constant` is an error in sd-scripts ("constant does not require
     /// num_warmup_steps"); here it is accepted as `constant_with_warmup`, with a warning.
     pub fn new(
-        kind: &str,
+        kind: SchedulerKind,
         base_lrs: Vec<f64>,
         warmup_steps: usize,
         total_steps: usize,
         num_cycles: usize,
         power: f64,
     ) -> Result<Self> {
-        let mut kind: SchedulerKind = kind.parse()?;
+        let mut kind = kind;
         if kind == SchedulerKind::Constant && warmup_steps > 0 {
             tracing::warn!(
                 warmup_steps,
@@ -265,22 +208,20 @@ mod tests {
 
     #[test]
     fn constant_with_warmup_is_accepted() {
-        let s = LrScheduler::new("constant", vec![1.0, 0.5], 4, 10, 1, 1.0).unwrap();
+        let s = LrScheduler::new(SchedulerKind::Constant, vec![1.0, 0.5], 4, 10, 1, 1.0).unwrap();
         assert_eq!(s.kind(), SchedulerKind::ConstantWithWarmup);
         assert_eq!(s.lr(0), vec![0.0, 0.0]);
         assert_eq!(s.lr(2), vec![0.5, 0.25]);
         assert_eq!(s.lr(4), vec![1.0, 0.5]);
-        let s = LrScheduler::new("Constant", vec![1.0], 0, 10, 1, 1.0).unwrap();
+        let s = LrScheduler::new(SchedulerKind::Constant, vec![1.0], 0, 10, 1, 1.0).unwrap();
         assert_eq!(s.kind(), SchedulerKind::Constant);
     }
 
     #[test]
     fn bad_inputs() {
-        let e = LrScheduler::new("cosine_annealing", vec![1.0], 0, 10, 1, 1.0)
-            .unwrap_err()
-            .to_string();
+        let e = "cosine_annealing".parse::<SchedulerKind>().unwrap_err();
         assert!(e.contains("cosine_with_restarts"), "{e}");
-        assert!(LrScheduler::new("linear", vec![1.0], 11, 10, 1, 1.0).is_err());
-        assert!(LrScheduler::new("polynomial", vec![1e-8], 0, 10, 1, 1.0).is_err());
+        assert!(LrScheduler::new(SchedulerKind::Linear, vec![1.0], 11, 10, 1, 1.0).is_err());
+        assert!(LrScheduler::new(SchedulerKind::Polynomial, vec![1e-8], 0, 10, 1, 1.0).is_err());
     }
 }

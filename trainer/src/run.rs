@@ -3,7 +3,6 @@
 //! epoch/step LoRA files with kohya's names and metadata, resumable states, preview images,
 //! and structured events for whoever watches (the CLI's progress bar, the worker's stream).
 
-use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,15 +10,14 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use candle_core::{DType, Device};
-use loractl_spec::{
-    Loss, LrScheduler as SpecScheduler, MixedPrecision, ResolvedSpec, SavePrecision, TrainLength,
-};
+use loractl_spec::{Loss, ResolvedSpec, SavePrecision, TrainLength};
 use serde::Serialize;
 
-use crate::dataset::{summary::py_float, BadImagePolicy, Dataset, DatasetConfig};
+use crate::dataset::{BadImagePolicy, Dataset, DatasetConfig};
 use crate::loader::{self, Family, LoadOptions, StableDiffusion};
 use crate::lora::LoraConfig;
-use crate::metadata::{self, BaseModel};
+use crate::metadata::{self, BaseModel, RunMetadata};
+use crate::optim::OptimizerKind;
 use crate::sample::{self, LpwPromptEncoder, SampleModels, SamplePrompt, SampleSchedule};
 use crate::step::{LossType, StepOptions};
 use crate::train::{EpochEvent, Flow, Hooks, Outcome, StepEvent, TrainOptions, Trainer};
@@ -218,8 +216,9 @@ pub fn check_memory(estimate: u64, limit: Option<&MemoryLimit>) -> Result<()> {
 
 /// The dataset options of `spec`.
 pub fn dataset_config(spec: &ResolvedSpec, base_dir: &Path) -> DatasetConfig {
-    let d = &spec.spec.dataset;
+    let d = &spec.dataset;
     let bs = spec.buckets;
+    let no_buckets = DatasetConfig::default();
     DatasetConfig {
         train_data_dir: resolve_path(base_dir, &d.train_data_dir),
         reg_data_dir: d.reg_data_dir.as_ref().map(|p| resolve_path(base_dir, p)),
@@ -235,14 +234,15 @@ pub fn dataset_config(spec: &ResolvedSpec, base_dir: &Path) -> DatasetConfig {
         caption_tag_dropout_rate: d.caption_tag_dropout_rate,
         resolution: (spec.resolution.width, spec.resolution.height),
         enable_bucket: bs.is_some(),
-        min_bucket_reso: bs.map_or(d.min_bucket_reso, |b| b.min_reso),
-        max_bucket_reso: bs.map_or(d.max_bucket_reso, |b| b.max_reso),
-        bucket_reso_steps: bs.map_or(d.bucket_reso_steps, |b| b.reso_steps),
+        // Without buckets the bucket sizes are not used.
+        min_bucket_reso: bs.map_or(no_buckets.min_bucket_reso, |b| b.min_reso),
+        max_bucket_reso: bs.map_or(no_buckets.max_bucket_reso, |b| b.max_reso),
+        bucket_reso_steps: bs.map_or(no_buckets.bucket_reso_steps, |b| b.reso_steps),
         bucket_no_upscale: bs.is_some_and(|b| b.no_upscale),
         random_crop: d.random_crop,
         flip_aug: d.flip_aug,
         prior_loss_weight: d.prior_loss_weight,
-        train_batch_size: spec.spec.training.train_batch_size as usize,
+        train_batch_size: spec.training.train_batch_size as usize,
         cache_latents: spec.cache_latents,
         cache_latents_to_disk: d.cache_latents_to_disk,
         latent_cache_dir: None,
@@ -253,7 +253,7 @@ pub fn dataset_config(spec: &ResolvedSpec, base_dir: &Path) -> DatasetConfig {
 
 /// Optimizer steps and epochs of the run, kohya's arithmetic (see [`Dataset::total_steps`]).
 pub fn run_length(spec: &ResolvedSpec, dataset: &Dataset, world_size: usize) -> (usize, usize) {
-    let accum = spec.spec.training.gradient_accumulation_steps as usize;
+    let accum = spec.training.gradient_accumulation_steps as usize;
     let (steps, epochs) = match spec.length {
         TrainLength::Steps(n) => (n as usize, None),
         TrainLength::Epochs(e) => (0, Some(e as usize)),
@@ -265,15 +265,7 @@ pub fn run_length(spec: &ResolvedSpec, dataset: &Dataset, world_size: usize) -> 
 
 /// The training options of `spec` for a run of `total_steps`.
 pub fn train_options(spec: &ResolvedSpec, total_steps: usize) -> Result<TrainOptions> {
-    let s = &spec.spec;
-    // Validation refuses what the trainer does not implement; a ResolvedSpec built by hand
-    // still gets a sentence rather than a panic.
-    if !spec.optimizer.is_implemented() {
-        return Err(Error::Config(format!(
-            "optimizer.optimizer_type `{}` is not implemented yet",
-            spec.optimizer
-        )));
-    }
+    let optimizer_type = OptimizerKind::try_from(spec.optimizer)?;
     let loss_type = match spec.loss {
         Loss::L2 => LossType::L2,
         Loss::Huber {
@@ -287,18 +279,9 @@ pub fn train_options(spec: &ResolvedSpec, total_steps: usize) -> Result<TrainOpt
             )))
         }
     };
-    let lr_scheduler = match spec.lr_scheduler {
-        SpecScheduler::Constant => "constant",
-        SpecScheduler::ConstantWithWarmup => "constant_with_warmup",
-        SpecScheduler::Linear => "linear",
-        SpecScheduler::Cosine => "cosine",
-        SpecScheduler::CosineWithRestarts => "cosine_with_restarts",
-        SpecScheduler::Polynomial => "polynomial",
-    };
-    let n = &s.network;
     Ok(TrainOptions {
         lora: LoraConfig {
-            rank: n.network_dim as usize,
+            rank: spec.network_dim as usize,
             alpha: spec.network_alpha,
             conv_rank: spec.conv.map(|c| c.dim as usize),
             conv_alpha: spec.conv.map(|c| c.alpha),
@@ -306,23 +289,23 @@ pub fn train_options(spec: &ResolvedSpec, total_steps: usize) -> Result<TrainOpt
             train_text_encoder: spec.text_encoder_lr.is_some(),
             ..LoraConfig::default()
         },
-        optimizer_type: spec.optimizer.as_str().to_string(),
+        optimizer_type,
         optimizer_args: spec.optimizer_args.clone(),
         unet_lr: spec.unet_lr,
         text_encoder_lr: spec.text_encoder_lr,
-        lr_scheduler: lr_scheduler.into(),
+        lr_scheduler: spec.lr_scheduler,
         lr_warmup_steps: spec.warmup.steps(total_steps as u64) as usize,
-        lr_scheduler_num_cycles: s.optimizer.lr_scheduler_num_cycles as usize,
-        lr_scheduler_power: s.optimizer.lr_scheduler_power,
+        lr_scheduler_num_cycles: spec.lr_scheduler_num_cycles as usize,
+        lr_scheduler_power: spec.lr_scheduler_power,
         max_train_steps: total_steps,
-        gradient_accumulation_steps: s.training.gradient_accumulation_steps as usize,
-        max_grad_norm: s.optimizer.max_grad_norm,
-        seed: s.training.seed.unwrap_or(0),
-        clip_skip: s.model.clip_skip.unwrap_or(1) as usize,
+        gradient_accumulation_steps: spec.training.gradient_accumulation_steps as usize,
+        max_grad_norm: spec.max_grad_norm,
+        seed: spec.training.seed.unwrap_or(0),
+        clip_skip: spec.model.clip_skip.unwrap_or(1) as usize,
         max_token_length: spec.max_token_length as usize,
         step: StepOptions {
-            noise_offset: s.training.noise_offset.unwrap_or(0.0),
-            min_snr_gamma: s.training.min_snr_gamma,
+            noise_offset: spec.training.noise_offset.unwrap_or(0.0),
+            min_snr_gamma: spec.training.min_snr_gamma,
             loss_type,
             min_timestep: spec.timesteps.start as usize,
             max_timestep: spec.timesteps.end as usize,
@@ -331,7 +314,7 @@ pub fn train_options(spec: &ResolvedSpec, total_steps: usize) -> Result<TrainOpt
 }
 
 fn load_options(spec: &ResolvedSpec, base_dir: &Path, device: &Device) -> LoadOptions {
-    let m = &spec.spec.model;
+    let m = &spec.model;
     LoadOptions {
         device: device.clone(),
         dtype: DType::F32,
@@ -343,7 +326,7 @@ fn load_options(spec: &ResolvedSpec, base_dir: &Path, device: &Device) -> LoadOp
 
 /// The model and the spec must agree on SD1 vs SD2, as sd-scripts' `--v2` must.
 fn check_family(spec: &ResolvedSpec, sd: &StableDiffusion) -> Result<()> {
-    let v2 = spec.spec.model.v2;
+    let v2 = spec.model.v2;
     match (v2, sd.family) {
         (true, Family::Sd1) => Err(Error::Config(
             "model.v2 = true but the checkpoint is an SD1.x model: set v2 = false".into(),
@@ -411,26 +394,24 @@ fn plan_on(
     limit: Option<&MemoryLimit>,
 ) -> Result<Plan> {
     // Data-parallel ranks: one per GPU of each worker, or `ranks_per_worker` CPU ranks.
-    let world_size = spec
-        .world_size()
-        .unwrap_or(spec.spec.resources.workers.max(1)) as usize;
+    let world_size = spec.world_size().unwrap_or(spec.resources.workers.max(1)) as usize;
     let (total_steps, num_epochs) = run_length(spec, dataset, world_size);
     let summary = dataset.summary();
-    let accum = spec.spec.training.gradient_accumulation_steps as usize;
+    let accum = spec.training.gradient_accumulation_steps as usize;
     let opts = train_options(spec, total_steps)?;
     let mut warnings: Vec<String> = spec.warnings.iter().map(|w| w.to_string()).collect();
     warnings.extend(summary.warnings.iter().cloned());
     for (p, why) in &summary.skipped_images {
         warnings.push(format!("{}: skipped ({why})", p.display()));
     }
-    let model = resolve_path(base_dir, &spec.spec.model.pretrained_model_name_or_path);
+    let model = resolve_path(base_dir, &spec.model.pretrained_model_name_or_path);
     let (mut base_model, mut mods_u, mut mods_t, mut params, mut file, mut mem) =
         (None, None, None, None, None, None);
     if inspect_model {
         let model = input_path(
             "model.pretrained_model_name_or_path",
             base_dir,
-            &spec.spec.model.pretrained_model_name_or_path,
+            &spec.model.pretrained_model_name_or_path,
         )?;
         check_inputs(spec, base_dir)?;
         let lo = LoadOptions {
@@ -439,14 +420,18 @@ fn plan_on(
         };
         let sd = loader::load(&model, &lo)?;
         check_family(spec, &sd)?;
-        base_model = Some(base_model_of(spec, &sd).ss_version().to_string());
+        base_model = Some(
+            BaseModel::of(sd.family, spec.model.v_parameterization)
+                .ss_version()
+                .to_string(),
+        );
         let lora_cfg = LoraConfig {
             train_unet: opts.unet_lr.is_some_and(|l| l > 0.0),
             train_text_encoder: opts.text_encoder_lr.is_some_and(|l| l > 0.0),
             ..opts.lora.clone()
         };
         let sites = sd.sites();
-        if let Some(w) = &spec.spec.network.network_weights {
+        if let Some(w) = &spec.network_weights {
             let store = crate::lora::open_network_weights(&resolve_path(base_dir, w))?;
             crate::lora::check_network_weights(store.as_ref(), &sites, &lora_cfg)?;
         }
@@ -478,7 +463,7 @@ fn plan_on(
         let optim_copies = optimizer_copies(spec);
         let pixels = (spec.resolution.width as u64) * (spec.resolution.height as u64);
         let act = pixels
-            .saturating_mul(spec.spec.training.train_batch_size as u64)
+            .saturating_mul(spec.training.train_batch_size as u64)
             .saturating_mul(9 * 1024);
         let estimate = model_params
             .saturating_mul(4)
@@ -489,12 +474,12 @@ fn plan_on(
         mods_u = Some(u);
         mods_t = Some(t);
         params = Some(p);
-    } else if let Some(w) = &spec.spec.network.network_weights {
+    } else if let Some(w) = &spec.network_weights {
         crate::lora::open_network_weights(&resolve_path(base_dir, w))?;
     }
     let name = spec.output_name.clone();
     let mut outputs = Vec::new();
-    let o = &spec.spec.output;
+    let o = &spec.output;
     if let Some(n) = o.save_every_n_epochs {
         let n = n as usize;
         for e in (n..num_epochs).step_by(n.max(1)).take(3) {
@@ -513,7 +498,7 @@ fn plan_on(
         .global_batches_per_epoch(world_size)
         .div_ceil(accum.max(1));
     Ok(Plan {
-        name: spec.spec.name.clone(),
+        name: spec.name.clone(),
         model,
         base_model,
         dataset: summary.clone(),
@@ -536,15 +521,11 @@ fn plan_on(
 
 /// The spec's other input paths, each checked to exist with an error naming its key.
 fn check_inputs(spec: &ResolvedSpec, base_dir: &Path) -> Result<()> {
-    let s = &spec.spec;
     let inputs = [
-        ("model.vae", s.model.vae.as_ref()),
-        (
-            "network.network_weights",
-            s.network.network_weights.as_ref(),
-        ),
-        ("sample.sample_prompts", s.sample.sample_prompts.as_ref()),
-        ("output.resume", s.output.resume.as_ref()),
+        ("model.vae", spec.model.vae.as_ref()),
+        ("network.network_weights", spec.network_weights.as_ref()),
+        ("sample.sample_prompts", spec.sample.sample_prompts.as_ref()),
+        ("output.resume", spec.output.resume.as_ref()),
     ];
     for (key, p) in inputs {
         if let Some(p) = p {
@@ -665,273 +646,12 @@ impl fmt::Display for Plan {
     }
 }
 
-fn base_model_of(spec: &ResolvedSpec, sd: &StableDiffusion) -> BaseModel {
-    match (sd.family, spec.spec.model.v_parameterization) {
-        (Family::Sd1, _) => BaseModel::Sd1,
-        (Family::Sd2, false) => BaseModel::Sd2,
-        (Family::Sd2, true) => BaseModel::Sd2V,
-    }
-}
-
-/// `str()` of an optional number as Python prints it.
-fn py_opt_f64(v: Option<f64>) -> String {
-    v.map_or("None".into(), py_float)
-}
-
-fn py_opt<T: ToString>(v: Option<T>) -> String {
-    v.map_or("None".into(), |x| x.to_string())
-}
-
-fn py_bool(b: bool) -> String {
-    if b { "True" } else { "False" }.into()
-}
-
-/// sd-scripts' module path of each optimizer class (for `ss_optimizer`).
-fn optimizer_class(name: &str) -> &'static str {
-    match name.to_ascii_lowercase().as_str() {
-        "adamw" => "torch.optim.adamw.AdamW",
-        "adamw8bit" => "bitsandbytes.optim.adamw.AdamW8bit",
-        "lion" => "lion_pytorch.lion_pytorch.Lion",
-        "sgdnesterov" => "torch.optim.sgd.SGD",
-        "dadaptadam" => "dadaptation.dadapt_adam.DAdaptAdam",
-        "prodigy" => "prodigyopt.prodigy.Prodigy",
-        "adafactor" => "transformers.optimization.Adafactor",
-        _ => "unknown",
-    }
-}
-
-/// Civil UTC date-time `YYYY-MM-DDTHH:MM:SS` for `modelspec.date`.
-fn iso_date(secs: u64) -> String {
-    let ts = sample::timestamp(UNIX_EPOCH + std::time::Duration::from_secs(secs));
-    format!(
-        "{}-{}-{}T{}:{}:{}",
-        &ts[0..4],
-        &ts[4..6],
-        &ts[6..8],
-        &ts[8..10],
-        &ts[10..12],
-        &ts[12..14]
-    )
-}
-
-/// The fixed part of the LoRA metadata for a run (sd-scripts' `train_network.py` keys).
-struct MetaBase {
-    common: BTreeMap<String, String>,
-    minimal: BTreeMap<String, String>,
-    base: BaseModel,
-    title: String,
-    resolution: (usize, usize),
-    timestep_range: Option<(u32, u32)>,
-    encoder_layer: Option<u32>,
-    no_metadata: bool,
-}
-
-#[allow(clippy::too_many_arguments)]
-fn meta_base(
-    spec: &ResolvedSpec,
-    dataset: &Dataset,
-    sd: &StableDiffusion,
-    opts: &TrainOptions,
-    model_path: &Path,
-    num_epochs: usize,
-    started_at: u64,
-    model_hashes: (String, String),
-    vae: Option<(&Path, (String, String))>,
-) -> MetaBase {
-    let s = &spec.spec;
-    let base = base_model_of(spec, sd);
-    let mut m = BTreeMap::new();
-    let mut put = |k: &str, v: String| {
-        m.insert(k.to_string(), v);
-    };
-    let mut net_args = serde_json::Map::new();
-    if let Some(c) = spec.conv {
-        net_args.insert("conv_dim".into(), c.dim.to_string().into());
-        net_args.insert("conv_alpha".into(), py_float(c.alpha).into());
-    }
-    let mut minimal: BTreeMap<String, String> = [
-        ("ss_v2", py_bool(s.model.v2)),
-        ("ss_base_model_version", base.ss_version().to_string()),
-        ("ss_network_module", "networks.lora".to_string()),
-        ("ss_network_dim", s.network.network_dim.to_string()),
-        ("ss_network_alpha", py_float(spec.network_alpha)),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    // sd-scripts writes ss_network_args only when network_args were given.
-    if !net_args.is_empty() {
-        minimal.insert(
-            "ss_network_args".into(),
-            serde_json::Value::Object(net_args).to_string(),
-        );
-    }
-    for (k, v) in &minimal {
-        put(k, v.clone());
-    }
-    let session_id = opts.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 33;
-    put("ss_session_id", session_id.to_string());
-    put("ss_training_started_at", py_float(started_at as f64));
-    put("ss_output_name", spec.output_name.clone());
-    put("ss_learning_rate", py_float(s.optimizer.learning_rate));
-    put(
-        "ss_text_encoder_lr",
-        py_opt_f64(s.optimizer.text_encoder_lr),
-    );
-    put("ss_unet_lr", py_opt_f64(s.optimizer.unet_lr));
-    put("ss_num_epochs", num_epochs.to_string());
-    put(
-        "ss_gradient_checkpointing",
-        py_bool(s.training.gradient_checkpointing),
-    );
-    put(
-        "ss_gradient_accumulation_steps",
-        opts.gradient_accumulation_steps.to_string(),
-    );
-    put("ss_max_train_steps", opts.max_train_steps.to_string());
-    put("ss_lr_warmup_steps", opts.lr_warmup_steps.to_string());
-    put("ss_lr_scheduler", opts.lr_scheduler.clone());
-    let args: Vec<String> = opts
-        .optimizer_args
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    let class = optimizer_class(&opts.optimizer_type);
-    put(
-        "ss_optimizer",
-        if args.is_empty() {
-            class.to_string()
-        } else {
-            format!("{class}({})", args.join(","))
-        },
-    );
-    put(
-        "ss_mixed_precision",
-        match spec.mixed_precision {
-            MixedPrecision::No => "no",
-            MixedPrecision::Fp16 => "fp16",
-            MixedPrecision::Bf16 => "bf16",
-        }
-        .into(),
-    );
-    put("ss_full_fp16", "False".into());
-    put("ss_clip_skip", py_opt(s.model.clip_skip));
-    put("ss_max_token_length", py_opt(s.model.max_token_length));
-    put("ss_seed", opts.seed.to_string());
-    put("ss_noise_offset", py_opt_f64(s.training.noise_offset));
-    put("ss_min_snr_gamma", py_opt_f64(s.training.min_snr_gamma));
-    put("ss_max_grad_norm", py_float(s.optimizer.max_grad_norm));
-    // sd-scripts has no ss_min/max_timestep; the range goes to modelspec.timestep_range.
-    put("ss_loss_type", s.training.loss_type.clone());
-    put("ss_huber_schedule", s.training.huber_schedule.clone());
-    put("ss_huber_scale", py_float(1.0));
-    put("ss_huber_c", py_float(s.training.huber_c));
-    put("ss_network_dropout", py_opt_f64(s.network.network_dropout));
-    put("ss_zero_terminal_snr", "False".into());
-    put("ss_debiased_estimation", "False".into());
-    put("ss_scale_weight_norms", "None".into());
-    put("ss_ip_noise_gamma", "None".into());
-    put("ss_adaptive_noise_scale", "None".into());
-    put("ss_multires_noise_iterations", "None".into());
-    put("ss_multires_noise_discount", "0.3".into());
-    put("ss_face_crop_aug_range", "None".into());
-    // Options loractl does not have, as sd-scripts writes them when they are off.
-    put("ss_lowram", "False".into());
-    put("ss_fp8_base", "False".into());
-    put("ss_fp8_base_unet", "False".into());
-    put("ss_noise_offset_random_strength", "False".into());
-    put("ss_ip_noise_gamma_random_strength", "False".into());
-    put("ss_resize_interpolation", "None".into());
-    put("ss_num_validation_images", "0".into());
-    put("ss_validation_seed", "None".into());
-    put("ss_validation_split", "0.0".into());
-    put("ss_max_validation_steps", "None".into());
-    put("ss_validate_every_n_epochs", "None".into());
-    put("ss_validate_every_n_steps", "None".into());
-    // sd-scripts' own git revision, "(unknown)" when it cannot tell; loractl is not sd-scripts.
-    put("ss_sd_scripts_commit_hash", "(unknown)".into());
-    put(
-        "ss_caption_tag_dropout_rate",
-        py_float(s.dataset.caption_tag_dropout_rate),
-    );
-    put(
-        "ss_total_batch_size",
-        (s.training.train_batch_size as usize * opts.gradient_accumulation_steps).to_string(),
-    );
-    let file_name = |p: &Path| {
-        p.file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default()
-    };
-    put("ss_sd_model_name", file_name(model_path));
-    put("ss_sd_model_hash", model_hashes.0);
-    put("ss_new_sd_model_hash", model_hashes.1);
-    // sd-scripts writes the VAE's name and hashes only when a VAE is given.
-    if let Some((vae_path, (hash, sha256))) = vae {
-        put("ss_vae_name", file_name(vae_path));
-        put("ss_vae_hash", hash);
-        put("ss_new_vae_hash", sha256);
-    }
-    put(
-        "ss_training_comment",
-        py_opt(s.output.training_comment.clone()),
-    );
-    for (k, v) in dataset.metadata() {
-        put(&k, v);
-    }
-    MetaBase {
-        common: m,
-        minimal,
-        base,
-        title: spec.output_name.clone(),
-        resolution: (
-            spec.resolution.width as usize,
-            spec.resolution.height as usize,
-        ),
-        // As sd-scripts' get_sai_model_spec: only when the job sets them.
-        timestep_range: (s.training.min_timestep.is_some() || s.training.max_timestep.is_some())
-            .then_some((spec.timesteps.start, spec.timesteps.end)),
-        encoder_layer: s.model.clip_skip,
-        no_metadata: s.output.no_metadata,
-    }
-}
-
-/// sd-scripts' `model_hash` (A1111's old 8-hex hash of 64 KiB at 1 MiB) and the sha256 of the
-/// whole file; for a diffusers folder both are "IsADirectory", as sd-scripts' hash functions
-/// return on Linux.
-fn model_hashes(path: &Path) -> Result<(String, String)> {
-    use sha2::{Digest, Sha256};
-    use std::io::{Read, Seek, SeekFrom};
-    if path.is_dir() {
-        return Ok(("IsADirectory".into(), "IsADirectory".into()));
-    }
-    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut full = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        full.update(&buf[..n]);
-    }
-    f.seek(SeekFrom::Start(0x100000))
-        .map_err(|e| Error::io(path, e))?;
-    let mut chunk = Vec::new();
-    f.take(0x10000)
-        .read_to_end(&mut chunk)
-        .map_err(|e| Error::io(path, e))?;
-    let legacy = hex(&Sha256::digest(&chunk));
-    Ok((legacy[..8].to_string(), hex(&full.finalize())))
-}
-
 /// Saving, sampling and events at the trainer's boundaries.
 struct RunHooks<'r, 'e> {
     spec: &'r ResolvedSpec,
     output_dir: PathBuf,
     name: String,
-    meta: MetaBase,
+    meta: RunMetadata,
     num_epochs: usize,
     save_dtype: DType,
     prompts: Vec<SamplePrompt>,
@@ -970,33 +690,6 @@ impl RunHooks<'_, '_> {
         })
     }
 
-    fn metadata(&self, step: usize, epoch: usize) -> HashMap<String, String> {
-        let mut m: HashMap<String, String> = if self.meta.no_metadata {
-            self.meta.minimal.clone().into_iter().collect()
-        } else {
-            self.meta.common.clone().into_iter().collect()
-        };
-        let now = self.now();
-        if !self.meta.no_metadata {
-            m.insert("ss_training_finished_at".into(), py_float(now as f64));
-            m.insert("ss_steps".into(), step.to_string());
-            m.insert("ss_epoch".into(), epoch.to_string());
-        }
-        m.extend(metadata::modelspec(
-            self.meta.base,
-            &self.meta.title,
-            self.meta.resolution,
-            &iso_date(now),
-        ));
-        if let Some((lo, hi)) = self.meta.timestep_range {
-            m.insert("modelspec.timestep_range".into(), format!("{lo},{hi}"));
-        }
-        if let Some(layer) = self.meta.encoder_layer {
-            m.insert("modelspec.encoder_layer".into(), layer.to_string());
-        }
-        m
-    }
-
     /// Writes the LoRA as `file_stem.safetensors` with metadata and its sshs hashes.
     fn save_lora(
         &mut self,
@@ -1009,7 +702,7 @@ impl RunHooks<'_, '_> {
         if !self.writer {
             return Ok(path);
         }
-        let mut meta = self.metadata(step, epoch);
+        let mut meta = self.meta.at(step, epoch, self.now());
         let tensors = t.network().to_tensors(self.save_dtype)?;
         let (model_hash, legacy) = metadata::sshs_hashes(&tensors, &meta)?;
         meta.insert("sshs_model_hash".into(), model_hash);
@@ -1103,11 +796,11 @@ impl Hooks for BoundHooks<'_, '_, '_> {
             samples: e.samples,
         });
         let last = e.step >= e.total;
-        if let Some(n) = h.spec.spec.output.save_every_n_steps {
+        if let Some(n) = h.spec.output.save_every_n_steps {
             if n > 0 && (e.step as u64).is_multiple_of(n) && !last {
                 let stem = format!("{}-step{:08}", h.name, e.step);
                 h.save_lora(t, &stem, e.step, e.epoch)?;
-                if h.spec.spec.output.save_state {
+                if h.spec.output.save_state {
                     h.save_state(t, &format!("{stem}-state"))?;
                 }
             }
@@ -1137,15 +830,15 @@ impl Hooks for BoundHooks<'_, '_, '_> {
             num_epochs: h.num_epochs,
             loss_average: e.loss_average,
         });
-        if let Some(n) = h.spec.spec.output.save_every_n_epochs {
+        if let Some(n) = h.spec.output.save_every_n_epochs {
             let n = n as usize;
             if n > 0 && e.epoch.is_multiple_of(n) && !e.last && e.epoch < h.num_epochs {
                 let stem = format!("{}-{:06}", h.name, e.epoch);
                 h.save_lora(t, &stem, e.step, e.epoch)?;
-                if h.spec.spec.output.save_state {
+                if h.spec.output.save_state {
                     h.save_state(t, &format!("{stem}-state"))?;
                 }
-                if let Some(keep) = h.spec.spec.output.save_last_n_epochs {
+                if let Some(keep) = h.spec.output.save_last_n_epochs {
                     // sd-scripts removes the file `save_every_n_epochs × keep` epochs back.
                     let old = e.epoch as i64 - (n as i64) * keep as i64;
                     if old > 0 {
@@ -1218,7 +911,7 @@ fn run_with(
     let model_path = input_path(
         "model.pretrained_model_name_or_path",
         base_dir,
-        &spec.spec.model.pretrained_model_name_or_path,
+        &spec.model.pretrained_model_name_or_path,
     )?;
     check_inputs(spec, base_dir)?;
     let dataset = Dataset::open(DatasetConfig {
@@ -1239,11 +932,11 @@ fn run_with(
     });
     let sd = loader::load(&model_path, &load_options(spec, base_dir, &ro.device))?;
     check_family(spec, &sd)?;
-    let prompts = match &spec.spec.sample.sample_prompts {
+    let prompts = match &spec.sample.sample_prompts {
         Some(p) => sample::load_prompts_within(&resolve_path(base_dir, p), &ro.allowed_roots)?,
         None => Vec::new(),
     };
-    let initial = match &spec.spec.network.network_weights {
+    let initial = match &spec.network_weights {
         Some(p) => {
             // Checked by names and shapes before a byte is read, with the targets the trainer
             // will build (a learning rate of 0 leaves that model out).
@@ -1275,30 +968,25 @@ fn run_with(
         tracing::info!(?stats, "latents cached");
         trainer = trainer.with_latent_cache(cache);
     }
-    if let Some(r) = &spec.spec.output.resume {
+    if let Some(r) = &spec.output.resume {
         let dir = resolve_path(base_dir, r);
         events(&RunEvent::Status {
             message: format!("resuming from {}", dir.display()),
         });
         trainer.load_state(&dir)?;
     }
-    let output_dir = resolve_path(base_dir, &spec.spec.output.output_dir);
+    let output_dir = resolve_path(base_dir, &spec.output.output_dir);
     std::fs::create_dir_all(&output_dir).map_err(|e| Error::io(&output_dir, e))?;
-    let hashes = model_hashes(&model_path)?;
-    let vae_path = spec
-        .spec
-        .model
-        .vae
-        .as_ref()
-        .map(|v| resolve_path(base_dir, v));
+    let hashes = metadata::model_hashes(&model_path)?;
+    let vae_path = spec.model.vae.as_ref().map(|v| resolve_path(base_dir, v));
     let vae = match &vae_path {
-        Some(p) => Some((p.as_path(), model_hashes(p)?)),
+        Some(p) => Some((p.as_path(), metadata::model_hashes(p)?)),
         None => None,
     };
-    let meta = meta_base(
+    let meta = RunMetadata::new(
         spec,
         &dataset,
-        &sd,
+        BaseModel::of(sd.family, spec.model.v_parameterization),
         &opts,
         &model_path,
         num_epochs,
@@ -1311,8 +999,8 @@ fn run_with(
         loractl_spec::Sampler::Euler => sample::SamplerKind::Euler,
         loractl_spec::Sampler::EulerA => sample::SamplerKind::EulerAncestral,
     };
-    let sp = &spec.spec.sample;
-    let tensorboard = match &spec.spec.logging.logging_dir {
+    let sp = &spec.sample;
+    let tensorboard = match &spec.logging_dir {
         Some(dir) if trainer.rank() == 0 => {
             let tb =
                 crate::tensorboard::EventWriter::for_run(&resolve_path(base_dir, dir), started_at)?;
@@ -1368,7 +1056,7 @@ fn run_with(
         Outcome::Finished => {
             let epoch = pos.epoch.saturating_sub(1).max(1);
             let path = h.save_lora(&trainer, &h.name.clone(), pos.step, epoch)?;
-            if spec.spec.output.save_state {
+            if spec.output.save_state {
                 h.save_state(&trainer, &format!("{}-state", h.name))?;
             }
             (h.events)(&RunEvent::Finished {
@@ -1398,7 +1086,7 @@ fn run_with(
 /// size and modification time, so replacing either invalidates cached latents.
 fn vae_fingerprint(spec: &ResolvedSpec, base_dir: &Path, model: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
-    let source = match &spec.spec.model.vae {
+    let source = match &spec.model.vae {
         Some(v) => resolve_path(base_dir, v),
         None if model.is_dir() => model.join("vae"),
         None => model.to_path_buf(),

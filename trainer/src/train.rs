@@ -31,8 +31,8 @@ use serde::{Deserialize, Serialize};
 use crate::dataset::{plan, BatchInput, Dataset, LatentCache};
 use crate::loader::StableDiffusion;
 use crate::lora::{LoraConfig, LoraNetwork};
-use crate::lr::LrScheduler;
-use crate::optim::{self, Optimizer, OptimizerState, ParamGroup};
+use crate::lr::{LrScheduler, SchedulerKind};
+use crate::optim::{self, Optimizer, OptimizerKind, OptimizerState, ParamGroup};
 use crate::step::{draw_noise, training_loss, StepOptions};
 use crate::{Error, Result};
 
@@ -41,13 +41,13 @@ use crate::{Error, Result};
 pub struct TrainOptions {
     /// `network_dim`, `network_alpha`, `conv_dim`, `conv_alpha`; which models get LoRA.
     pub lora: LoraConfig,
-    pub optimizer_type: String,
+    pub optimizer_type: OptimizerKind,
     pub optimizer_args: BTreeMap<String, String>,
     /// `unet_lr`; `None` or 0 leaves the UNet untrained.
     pub unet_lr: Option<f64>,
     /// `text_encoder_lr`; `None` or 0 leaves the text encoder untrained.
     pub text_encoder_lr: Option<f64>,
-    pub lr_scheduler: String,
+    pub lr_scheduler: SchedulerKind,
     pub lr_warmup_steps: usize,
     pub lr_scheduler_num_cycles: usize,
     pub lr_scheduler_power: f64,
@@ -69,11 +69,11 @@ impl Default for TrainOptions {
     fn default() -> Self {
         Self {
             lora: LoraConfig::default(),
-            optimizer_type: "AdamW".into(),
+            optimizer_type: OptimizerKind::AdamW,
             optimizer_args: BTreeMap::new(),
             unet_lr: Some(1e-4),
             text_encoder_lr: Some(1e-4),
-            lr_scheduler: "constant".into(),
+            lr_scheduler: SchedulerKind::Constant,
             lr_warmup_steps: 0,
             lr_scheduler_num_cycles: 1,
             lr_scheduler_power: 1.0,
@@ -372,9 +372,9 @@ impl<'a> Trainer<'a> {
         let group_names: Vec<String> = base_lrs.iter().map(|(n, _)| n.clone()).collect();
         let train_te = group_names.iter().any(|n| n == "textencoder");
         let vars = net.vars();
-        let optimizer = optim::build(&opts.optimizer_type, &opts.optimizer_args, groups)?;
+        let optimizer = optim::build(opts.optimizer_type, &opts.optimizer_args, groups)?;
         let scheduler = LrScheduler::new(
-            &opts.lr_scheduler,
+            opts.lr_scheduler,
             base_lrs.iter().map(|(_, l)| *l).collect(),
             opts.lr_warmup_steps,
             opts.max_train_steps,

@@ -11,13 +11,7 @@ use loractl_trainer::Error;
 use rand::{Rng, SeedableRng};
 
 mod support;
-use support::{Data, PickledTensor};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/ckpt")
-        .join(name)
-}
+use support::{fixture, Data, PickledTensor};
 
 /// A scratch file unique to this test process and `tag`, removed on drop.
 struct Scratch(PathBuf);
@@ -69,11 +63,11 @@ fn candle_dtype(torch: &str) -> Option<DType> {
 /// Opens `file` and checks names, shapes, dtypes and values against expected.json.
 fn check_against_expected(file: &str) -> anyhow::Result<()> {
     let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("expected.json"))?)?;
+        serde_json::from_str(&std::fs::read_to_string(fixture("ckpt/expected.json"))?)?;
     let expected = expected[file]
         .as_object()
         .with_context(|| format!("expected.json has no {file}"))?;
-    let ckpt = CkptFile::open(&fixture(file))?;
+    let ckpt = CkptFile::open(&fixture(format!("ckpt/{file}")))?;
     let mut names = ckpt.names();
     names.sort();
     let mut want: Vec<&String> = expected.keys().collect();
@@ -162,20 +156,18 @@ fn assert_refused(file: &Path, needles: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[test]
-fn state_dict_checkpoint_matches_torch() -> anyhow::Result<()> {
-    check_against_expected("basic.ckpt")
-}
-
-#[test]
-fn deflated_archive_matches_torch() -> anyhow::Result<()> {
-    check_against_expected("deflated.ckpt")
-}
+support::tests_of!(check_against_expected {
+    state_dict_checkpoint_matches_torch => "basic.ckpt",
+    deflated_archive_matches_torch => "deflated.ckpt",
+    nested_wrappers_join_with_dots => "wrapped.pt",
+    /// float8_e4m3fn and uint16 come through _rebuild_tensor_v3; complex64 cannot load.
+    untyped_storage_dtypes_match_torch => "newdtypes.pt",
+});
 
 #[test]
 fn top_level_state_dict_matches_torch() -> anyhow::Result<()> {
     check_against_expected("toplevel.pt")?;
-    let ckpt = CkptFile::open(&fixture("toplevel.pt"))?;
+    let ckpt = CkptFile::open(&fixture("ckpt/toplevel.pt"))?;
     assert_eq!(
         ckpt.names(),
         ["0.weight", "0.bias", "1.weight", "1.bias"],
@@ -185,19 +177,8 @@ fn top_level_state_dict_matches_torch() -> anyhow::Result<()> {
 }
 
 #[test]
-fn nested_wrappers_join_with_dots() -> anyhow::Result<()> {
-    check_against_expected("wrapped.pt")
-}
-
-#[test]
-fn untyped_storage_dtypes_match_torch() -> anyhow::Result<()> {
-    // float8_e4m3fn and uint16 come through _rebuild_tensor_v3; complex64 cannot load.
-    check_against_expected("newdtypes.pt")
-}
-
-#[test]
 fn state_dict_names_order_and_lookups() -> anyhow::Result<()> {
-    let ckpt = CkptFile::open(&fixture("basic.ckpt"))?;
+    let ckpt = CkptFile::open(&fixture("ckpt/basic.ckpt"))?;
     let names = ckpt.names();
     assert_eq!(names.first().map(String::as_str), Some("model.a"));
     assert_eq!(names.last().map(String::as_str), Some("model.attr"));
@@ -223,7 +204,7 @@ fn ckpt_file_can_be_shared_between_threads() {
 #[test]
 fn pickled_os_system_is_refused() -> anyhow::Result<()> {
     assert_refused(
-        &fixture("evil_system.ckpt"),
+        &fixture("ckpt/evil_system.ckpt"),
         &["refusing to load `posix.system`", "tries to run code"],
     )
 }
@@ -231,7 +212,7 @@ fn pickled_os_system_is_refused() -> anyhow::Result<()> {
 #[test]
 fn pickled_eval_via_stack_global_is_refused() -> anyhow::Result<()> {
     assert_refused(
-        &fixture("evil_eval.pt"),
+        &fixture("ckpt/evil_eval.pt"),
         &[
             "refusing to load `builtins.eval`",
             "not a plain PyTorch checkpoint",
@@ -242,7 +223,7 @@ fn pickled_eval_via_stack_global_is_refused() -> anyhow::Result<()> {
 #[test]
 fn tensor_larger_than_its_storage_is_refused() -> anyhow::Result<()> {
     assert_refused(
-        &fixture("too_many_elements.ckpt"),
+        &fixture("ckpt/too_many_elements.ckpt"),
         &["tensor `w`", "shape [5]", "holds only 16 bytes"],
     )
 }
@@ -250,7 +231,7 @@ fn tensor_larger_than_its_storage_is_refused() -> anyhow::Result<()> {
 #[test]
 fn storage_record_shorter_than_declared_is_refused() -> anyhow::Result<()> {
     assert_refused(
-        &fixture("short_storage.ckpt"),
+        &fixture("ckpt/short_storage.ckpt"),
         &["should hold 16 bytes", "holds 8", "truncated"],
     )
 }
@@ -258,24 +239,24 @@ fn storage_record_shorter_than_declared_is_refused() -> anyhow::Result<()> {
 #[test]
 fn missing_storage_record_is_refused() -> anyhow::Result<()> {
     assert_refused(
-        &fixture("missing_storage.ckpt"),
+        &fixture("ckpt/missing_storage.ckpt"),
         &["tensor `w`", "no record `archive/data/7`"],
     )
 }
 
 #[test]
 fn zip_without_pickle_is_refused() -> anyhow::Result<()> {
-    assert_refused(&fixture("no_pickle.zip"), &["no `data.pkl` record"])
+    assert_refused(&fixture("ckpt/no_pickle.zip"), &["no `data.pkl` record"])
 }
 
 #[test]
 fn deeply_nested_marks_are_refused() -> anyhow::Result<()> {
-    assert_refused(&fixture("deep_marks.ckpt"), &["MARKs more than"])
+    assert_refused(&fixture("ckpt/deep_marks.ckpt"), &["MARKs more than"])
 }
 
 #[test]
 fn legacy_format_is_refused_with_a_hint() -> anyhow::Result<()> {
-    assert_refused(&fixture("legacy.pt"), &["legacy", "re-save"])
+    assert_refused(&fixture("ckpt/legacy.pt"), &["legacy", "re-save"])
 }
 
 #[test]
@@ -303,7 +284,7 @@ fn safetensors_file_is_refused_with_a_hint() -> anyhow::Result<()> {
 
 #[test]
 fn truncated_archives_are_refused() -> anyhow::Result<()> {
-    let bytes = std::fs::read(fixture("basic.ckpt"))?;
+    let bytes = std::fs::read(fixture("ckpt/basic.ckpt"))?;
     for (tag, len) in [("half", bytes.len() / 2), ("tail", bytes.len() - 10)] {
         let file = Scratch::new(&format!("truncated-{tag}"), &bytes[..len]);
         assert_refused(&file.0, &["truncated"])?;
@@ -313,7 +294,7 @@ fn truncated_archives_are_refused() -> anyhow::Result<()> {
 
 #[test]
 fn corrupted_tensor_bytes_fail_their_crc_on_load() -> anyhow::Result<()> {
-    let mut bytes = std::fs::read(fixture("basic.ckpt"))?;
+    let mut bytes = std::fs::read(fixture("ckpt/basic.ckpt"))?;
     // model.a's storage begins with the float16 values 0.0, 0.25, 0.5, 0.75.
     let pattern = [0x00, 0x00, 0x00, 0x34, 0x00, 0x38, 0x00, 0x3a];
     let at = bytes
@@ -336,7 +317,7 @@ fn corrupted_tensor_bytes_fail_their_crc_on_load() -> anyhow::Result<()> {
 /// error, never a panic or an unbounded allocation.
 #[test]
 fn mutated_checkpoints_never_panic() -> anyhow::Result<()> {
-    let original = std::fs::read(fixture("basic.ckpt"))?;
+    let original = std::fs::read(fixture("ckpt/basic.ckpt"))?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0x5eed);
     let file = Scratch::new("fuzz", &original);
     let (mut opened, mut loaded) = (0, 0);

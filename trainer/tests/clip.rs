@@ -4,7 +4,7 @@
 //! (`te.*` in reference.safetensors and grads.safetensors).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -16,42 +16,10 @@ use loractl_trainer::lora::LoraNetwork;
 use loractl_trainer::nn::{Builder, LoraSite};
 use loractl_trainer::weights::{open_safetensors, KeyMap, MemoryStore, TensorStore, Weights};
 
+mod support;
+use support::{get, load_tensors, max_abs_diff, model_fixture};
+
 const TOL: f32 = 1e-4;
-
-fn fixture_dir(config: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(config);
-    assert!(
-        dir.join("reference.safetensors").exists(),
-        "fixtures for {config} missing at {} (regenerate with scripts/fixtures/make_fixtures.py)",
-        dir.display()
-    );
-    dir
-}
-
-fn load(path: &Path) -> Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(path, &Device::Cpu)
-        .with_context(|| format!("loading {}", path.display()))
-}
-
-fn get<'a>(t: &'a HashMap<String, Tensor>, k: &str) -> Result<&'a Tensor> {
-    t.get(k).with_context(|| format!("fixture lacks `{k}`"))
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    anyhow::ensure!(
-        a.dims() == b.dims(),
-        "shape {:?} vs {:?}",
-        a.dims(),
-        b.dims()
-    );
-    Ok((a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()?)
-}
 
 fn build(
     cfg: &ClipTextConfig,
@@ -107,8 +75,8 @@ fn same(a: &[(String, Tensor)], b: &[(String, Tensor)], what: &str) -> Result<()
 }
 
 fn parity(config: &str, v2: bool) -> Result<()> {
-    let dir = fixture_dir(config);
-    let r = load(&dir.join("reference.safetensors"))?;
+    let dir = model_fixture(config);
+    let r = load_tensors(&dir.join("reference.safetensors"))?;
     let cfg = diffusers_config(&dir)?;
 
     // diffusers folder (transformers 4 names).
@@ -137,7 +105,7 @@ fn parity(config: &str, v2: bool) -> Result<()> {
     same(&reference, &ldm, &format!("{config} single file"))?;
 
     // transformers 5 layout: the same tensors without the `text_model.` prefix.
-    let tensors = load(&te_path)?
+    let tensors = load_tensors(&te_path)?
         .into_iter()
         .map(|(k, v)| (k.strip_prefix("text_model.").unwrap_or(&k).to_string(), v))
         .collect();
@@ -176,10 +144,15 @@ fn sd2_text_encoder_parity() -> Result<()> {
     parity("sd2", true)
 }
 
+support::tests_of!(lora_gradients {
+    sd1_lora_gradients => "sd1",
+    sd2_lora_gradients => "sd2",
+});
+
 fn lora_gradients(config: &str) -> Result<()> {
-    let dir = fixture_dir(config);
-    let grads_ref = load(&dir.join("grads.safetensors"))?;
-    let r = load(&dir.join("reference.safetensors"))?;
+    let dir = model_fixture(config);
+    let grads_ref = load_tensors(&dir.join("grads.safetensors"))?;
+    let r = load_tensors(&dir.join("reference.safetensors"))?;
     let cfg = diffusers_config(&dir)?;
     let store = open_safetensors(&dir.join("diffusers/text_encoder/model.safetensors"))?;
     let map = detect_layout(store.as_ref());
@@ -190,7 +163,7 @@ fn lora_gradients(config: &str) -> Result<()> {
         "{config}: LoRA sites"
     );
 
-    let lora = load(&dir.join("lora_te.safetensors"))?;
+    let lora = load_tensors(&dir.join("lora_te.safetensors"))?;
     let net = LoraNetwork::from_tensors(&sites, &lora, 1.0, &Device::Cpu, "lora_te")?;
     let counts: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("../lora_modules.json"))?)?;
@@ -237,18 +210,8 @@ fn lora_gradients(config: &str) -> Result<()> {
 }
 
 #[test]
-fn sd1_lora_gradients() -> Result<()> {
-    lora_gradients("sd1")
-}
-
-#[test]
-fn sd2_lora_gradients() -> Result<()> {
-    lora_gradients("sd2")
-}
-
-#[test]
 fn clip_skip_out_of_range_is_an_error() -> Result<()> {
-    let dir = fixture_dir("sd1");
+    let dir = model_fixture("sd1");
     let cfg = diffusers_config(&dir)?;
     let store = open_safetensors(&dir.join("diffusers/text_encoder/model.safetensors"))?;
     let map = detect_layout(store.as_ref());

@@ -18,6 +18,9 @@ use loractl_trainer::dataset::{BadImagePolicy, BatchInput, Dataset, DatasetConfi
 use loractl_trainer::Result;
 use serde_json::Value;
 
+mod support;
+use support::assert_mentions;
+
 // ---------------------------------------------------------------------------------------------
 // helpers
 
@@ -93,16 +96,8 @@ fn open_err(c: DatasetConfig) -> String {
     }
 }
 
-fn assert_mentions(msg: &str, parts: &[&str]) {
-    for p in parts {
-        assert!(msg.contains(p), "message lacks `{p}`:\n{msg}");
-    }
-}
-
 fn fixture(name: &str) -> Value {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/dataset")
-        .join(name);
+    let p = support::fixture("dataset").join(name);
     let text = fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     serde_json::from_str(&text).unwrap()
 }
@@ -186,7 +181,7 @@ fn buckets_cut_batches_separately() {
         format!(
             r#"{{"buckets": {{"0": {{"resolution": [512, 512], "count": 9}}, "1": {{"resolution": [704, 320], "count": 6}}}}, "mean_img_ar_error": {}}}"#,
             // (704/320 - 2) for the two wide images, 0 for the three squares, over 5 images.
-            loractl_trainer::dataset::summary::py_float((704.0 / 320.0 - 2.0) * 2.0 / 5.0)
+            loractl_spec::py::float_repr((704.0 / 320.0 - 2.0) * 2.0 / 5.0)
         )
     );
 }

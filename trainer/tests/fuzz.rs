@@ -5,7 +5,6 @@
 //! under a bound. Each test prints how many inputs it tried and the peak RSS seen.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::PathBuf;
 
 use candle_core::Device;
 use loractl_trainer::ckpt::CkptFile;
@@ -16,16 +15,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 mod support;
-use support::{Data, PickledTensor, TempDir};
+use support::{fixture, Data, PickledTensor, TempDir};
 
 /// Peak resident memory allowed for the whole test process (the tests of this file share it).
 const MAX_RSS: u64 = 512 << 20;
-
-fn fixture(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(p)
-}
 
 /// One mutation of `seed`.
 fn mutate(seed: &[u8], rng: &mut ChaCha8Rng) -> Vec<u8> {

@@ -4,38 +4,22 @@
 //! saying what it is, and a LoRA saved as `.ckpt` is read as kohya reads it.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::Device;
-use loractl_trainer::clip::ClipTextConfig;
 use loractl_trainer::loader::{self, LoadOptions};
 use loractl_trainer::lora::{self, LoraConfig};
-use loractl_trainer::unet::UNetConfig;
-use loractl_trainer::vae::VaeConfig;
 
 mod support;
-use support::{Data, PickledTensor, TempDir};
-
-fn fixture(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(p)
-}
+use support::{assert_mentions, fixture, tiny_load_options, TempDir};
 
 /// The tiny SD1 model's configurations, as `from_single_file(config=...)` takes them; with
 /// `infer_unet` the UNet's is left to be read from the tensor shapes.
 fn tiny_options(infer_unet: bool) -> LoadOptions {
-    let dir = fixture("sd1/diffusers");
-    let read = |p: &str| std::fs::read_to_string(dir.join(p)).expect("fixture config");
+    let options = tiny_load_options("sd1").expect("fixture configs");
     LoadOptions {
-        unet_config: (!infer_unet).then(|| {
-            UNetConfig::from_json(&read("unet/config.json"), "unet/config.json").expect("unet")
-        }),
-        text_config: Some(
-            ClipTextConfig::from_file(&dir.join("text_encoder/config.json")).expect("clip"),
-        ),
-        vae_config: Some(VaeConfig::from_json(&read("vae/config.json")).expect("vae")),
-        ..LoadOptions::default()
+        unet_config: options.unet_config.filter(|_| !infer_unet),
+        ..options
     }
 }
 
@@ -46,12 +30,6 @@ fn load_err(path: &Path, opts: &LoadOptions) -> String {
         Err(_) => panic!("loading {} panicked", path.display()),
         Ok(Ok(_)) => panic!("{} loaded", path.display()),
         Ok(Err(e)) => e.to_string(),
-    }
-}
-
-fn assert_names(msg: &str, parts: &[&str]) {
-    for p in parts {
-        assert!(msg.contains(p), "`{p}` missing from: {msg}");
     }
 }
 
@@ -86,7 +64,7 @@ fn single_file_unet_tensors_of_the_wrong_rank_are_refused_while_inferring_the_co
                 ..tiny_options(true)
             };
             let msg = load_err(&file, &opts);
-            assert_names(&msg, &[name, &format!("{shape:?}")]);
+            assert_mentions(&msg, &[name, &format!("{shape:?}")]);
         }
     }
 }
@@ -121,7 +99,7 @@ fn every_layout_refuses_a_tensor_of_the_wrong_shape_naming_both_shapes() {
         )
         .expect("write");
         let msg = load_err(&file, &tiny_options(false));
-        assert_names(&msg, &[name, &format!("{shape:?}"), expected]);
+        assert_mentions(&msg, &[name, &format!("{shape:?}"), expected]);
     }
 
     let diffusers: [(&str, &str, &[usize], &str); 3] = [
@@ -153,7 +131,7 @@ fn every_layout_refuses_a_tensor_of_the_wrong_shape_naming_both_shapes() {
         )
         .expect("write");
         let msg = load_err(&folder, &LoadOptions::default());
-        assert_names(&msg, &[name, &format!("{shape:?}"), expected]);
+        assert_mentions(&msg, &[name, &format!("{shape:?}"), expected]);
     }
 }
 
@@ -184,32 +162,13 @@ fn a_ckpt_with_a_tensor_of_the_wrong_rank_is_refused_naming_it() {
                 (name, shape, f32s)
             })
             .collect();
-    let keys: Vec<String> = (0..tensors.len()).map(|i| i.to_string()).collect();
-    let pickled: Vec<PickledTensor> = tensors
-        .iter()
-        .zip(&keys)
-        .map(|((name, shape, bytes), key)| PickledTensor {
-            name,
-            key,
-            storage_numel: bytes.len() as u64 / 4,
-            offset: 0,
-            shape,
-        })
-        .collect();
-    let bytes = support::checkpoint(
-        Data::Stored(support::state_dict_pickle(&pickled)),
-        tensors
-            .iter()
-            .zip(&keys)
-            .map(|((_, _, b), k)| (k.clone(), Data::Stored(b.clone())))
-            .collect(),
-    );
+    let bytes = support::float32_checkpoint(&tensors);
     let file = t.join("model.ckpt");
     std::fs::write(&file, bytes).expect("write");
     let msg = load_err(&file, &tiny_options(true));
-    assert_names(&msg, &[bad, "[2048]"]);
+    assert_mentions(&msg, &[bad, "[2048]"]);
     let msg = load_err(&file, &tiny_options(false));
-    assert_names(&msg, &[bad, "[2048]", "[64, 32]"]);
+    assert_mentions(&msg, &[bad, "[2048]", "[64, 32]"]);
 }
 
 fn sites() -> Vec<loractl_trainer::nn::LoraSite> {
@@ -251,7 +210,7 @@ fn a_lora_tensor_of_the_wrong_rank_is_refused_naming_it() {
         }))
         .expect("no panic")
         .expect_err("wrong shape");
-        assert_names(&err.to_string(), &[name, &format!("{shape:?}")]);
+        assert_mentions(&err.to_string(), &[name, &format!("{shape:?}")]);
         let loaded = catch_unwind(AssertUnwindSafe(|| {
             lora::LoraNetwork::load_file(&sites, &file, 1.0, &Device::Cpu)
         }))
@@ -279,7 +238,7 @@ fn a_base_model_given_as_network_weights_is_refused_saying_so() {
             matches!(err, loractl_trainer::Error::Config(_)),
             "{p}: {err:?}"
         );
-        assert_names(
+        assert_mentions(
             &err.to_string(),
             &[
                 "network_weights",
@@ -290,9 +249,9 @@ fn a_base_model_given_as_network_weights_is_refused_saying_so() {
         );
     }
     let err = refused(&fixture("sd1/diffusers"));
-    assert_names(&err.to_string(), &["is a folder"]);
+    assert_mentions(&err.to_string(), &["is a folder"]);
     let err = refused(&fixture("sd1/diffusers/unet/config.json"));
-    assert_names(
+    assert_mentions(
         &err.to_string(),
         &["network_weights", "not a readable LoRA file"],
     );
@@ -303,32 +262,12 @@ fn a_base_model_given_as_network_weights_is_refused_saying_so() {
 #[test]
 fn a_lora_saved_as_ckpt_reads_like_its_safetensors_twin() {
     let t = TempDir::new("lora-ckpt");
-    let tensors = support::read_safetensors(&fixture("sd1/lora_unet.safetensors"));
-    let shapes: Vec<Vec<u64>> = tensors
-        .iter()
-        .map(|(_, _, s, _)| s.iter().map(|&d| d as u64).collect())
-        .collect();
-    let keys: Vec<String> = (0..tensors.len()).map(|i| i.to_string()).collect();
-    let pickled: Vec<PickledTensor> = tensors
-        .iter()
-        .zip(&shapes)
-        .zip(&keys)
-        .map(|(((name, _, _, bytes), shape), key)| PickledTensor {
-            name,
-            key,
-            storage_numel: bytes.len() as u64 / 4,
-            offset: 0,
-            shape,
-        })
-        .collect();
-    let bytes = support::checkpoint(
-        Data::Stored(support::state_dict_pickle(&pickled)),
-        tensors
-            .iter()
-            .zip(&keys)
-            .map(|((_, _, _, b), k)| (k.clone(), Data::Stored(b.clone())))
-            .collect(),
-    );
+    let tensors: Vec<(String, Vec<u64>, Vec<u8>)> =
+        support::read_safetensors(&fixture("sd1/lora_unet.safetensors"))
+            .into_iter()
+            .map(|(name, _, shape, bytes)| (name, shape.iter().map(|&d| d as u64).collect(), bytes))
+            .collect();
+    let bytes = support::float32_checkpoint(&tensors);
     let file = t.join("lora.ckpt");
     std::fs::write(&file, bytes).expect("write");
     let store = lora::open_network_weights(&file).expect("a .ckpt LoRA");

@@ -3,63 +3,20 @@
 //! and broken, truncated or wrong files fail with a message that names the problem.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use loractl_trainer::clip::ClipTextConfig;
 use loractl_trainer::loader::{self, Family, Layout, LoadOptions, StableDiffusion};
 use loractl_trainer::lora::LoraNetwork;
 use loractl_trainer::schedule::Prediction;
-use loractl_trainer::unet::UNetConfig;
-use loractl_trainer::vae::VaeConfig;
 
-fn fixture(cfg: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(cfg)
-}
+mod support;
+use support::{
+    assert_mentions, fixture, get, load_tensors, max_abs_diff, scratch_dir, tiny_load_options,
+};
 
 fn reference(cfg: &str) -> anyhow::Result<HashMap<String, Tensor>> {
-    Ok(candle_core::safetensors::load(
-        fixture(cfg).join("reference.safetensors"),
-        &Device::Cpu,
-    )?)
-}
-
-fn get<'a>(m: &'a HashMap<String, Tensor>, k: &str) -> anyhow::Result<&'a Tensor> {
-    m.get(k)
-        .ok_or_else(|| anyhow::anyhow!("fixture tensor `{k}` missing"))
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> anyhow::Result<f32> {
-    anyhow::ensure!(a.dims() == b.dims(), "{:?} vs {:?}", a.dims(), b.dims());
-    Ok((a - b)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_dtype(DType::F32)?
-        .to_scalar::<f32>()?)
-}
-
-/// Options for the tiny fixture models: their head counts and VAE group count break the real-model rule the
-/// single-file config inference uses, so the configs are given as diffusers'
-/// `from_single_file(config=...)` would take them.
-fn tiny_options(cfg: &str) -> anyhow::Result<LoadOptions> {
-    let dir = fixture(cfg).join("diffusers");
-    let unet_json = dir.join("unet/config.json");
-    Ok(LoadOptions {
-        unet_config: Some(UNetConfig::from_json(
-            &std::fs::read_to_string(&unet_json)?,
-            &unet_json.display().to_string(),
-        )?),
-        text_config: Some(ClipTextConfig::from_file(
-            &dir.join("text_encoder/config.json"),
-        )?),
-        vae_config: Some(VaeConfig::from_json(&std::fs::read_to_string(
-            dir.join("vae/config.json"),
-        )?)?),
-        ..LoadOptions::default()
-    })
+    load_tensors(&fixture(cfg).join("reference.safetensors"))
 }
 
 struct Outputs {
@@ -87,14 +44,14 @@ fn run(sd: &StableDiffusion, r: &HashMap<String, Tensor>) -> anyhow::Result<Outp
 fn all_three_formats_load_to_identical_models() -> anyhow::Result<()> {
     for (cfg, family) in [("sd1", Family::Sd1), ("sd2", Family::Sd2)] {
         let r = reference(cfg)?;
-        let opts = tiny_options(cfg)?;
+        let opts = tiny_load_options(cfg)?;
         let folder = loader::load(&fixture(cfg).join("diffusers"), &LoadOptions::default())?;
         assert_eq!(folder.layout, Layout::Diffusers);
         assert_eq!(folder.family, family, "{cfg}");
         let base = run(&folder, &r)?;
-        let unet_err = max_abs(&base.unet, get(&r, "unet.out")?)?;
-        let te_err = max_abs(&base.text, get(&r, "te.hidden_clip1")?)?;
-        let vae_err = max_abs(&base.latent_mean, get(&r, "vae.mean")?)?;
+        let unet_err = max_abs_diff(&base.unet, get(&r, "unet.out")?)?;
+        let te_err = max_abs_diff(&base.text, get(&r, "te.hidden_clip1")?)?;
+        let vae_err = max_abs_diff(&base.latent_mean, get(&r, "vae.mean")?)?;
         assert!(unet_err <= 1e-4, "{cfg} unet {unet_err}");
         assert!(te_err <= 1e-4, "{cfg} text encoder {te_err}");
         assert!(vae_err <= 1e-4, "{cfg} vae {vae_err}");
@@ -106,10 +63,14 @@ fn all_three_formats_load_to_identical_models() -> anyhow::Result<()> {
             assert_eq!(sd.layout, layout);
             assert_eq!(sd.family, family, "{cfg} {file}");
             let out = run(&sd, &r)?;
-            assert_eq!(max_abs(&out.unet, &base.unet)?, 0.0, "{cfg} {file} unet");
-            assert_eq!(max_abs(&out.text, &base.text)?, 0.0, "{cfg} {file} te");
             assert_eq!(
-                max_abs(&out.latent_mean, &base.latent_mean)?,
+                max_abs_diff(&out.unet, &base.unet)?,
+                0.0,
+                "{cfg} {file} unet"
+            );
+            assert_eq!(max_abs_diff(&out.text, &base.text)?, 0.0, "{cfg} {file} te");
+            assert_eq!(
+                max_abs_diff(&out.latent_mean, &base.latent_mean)?,
                 0.0,
                 "{cfg} {file} vae"
             );
@@ -127,7 +88,7 @@ fn scheduler_prediction_comes_from_the_folder_or_the_option() -> anyhow::Result<
     assert_eq!(sd1.schedule.prediction(), Prediction::Epsilon);
     let opts = LoadOptions {
         v_parameterization: Some(true),
-        ..tiny_options("sd1")?
+        ..tiny_load_options("sd1")?
     };
     let single = loader::load(&fixture("sd1").join("model.safetensors"), &opts)?;
     assert_eq!(single.schedule.prediction(), Prediction::V);
@@ -145,12 +106,6 @@ fn kohya_lora_files_load_into_the_loaded_model() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn tmp_dir(name: &str) -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("loractl-loader-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
-}
-
 fn load_err(path: &Path, opts: &LoadOptions) -> String {
     match loader::load(path, opts) {
         Ok(_) => panic!("{} loaded but should not", path.display()),
@@ -158,16 +113,10 @@ fn load_err(path: &Path, opts: &LoadOptions) -> String {
     }
 }
 
-fn assert_mentions(msg: &str, needles: &[&str]) {
-    for n in needles {
-        assert!(msg.contains(n), "`{msg}` does not mention `{n}`");
-    }
-}
-
 #[test]
 fn truncated_and_corrupted_files_give_clear_errors() -> anyhow::Result<()> {
-    let dir = tmp_dir("broken")?;
-    let opts = tiny_options("sd1")?;
+    let dir = scratch_dir("loader-broken")?;
+    let opts = tiny_load_options("sd1")?;
     for file in ["model.safetensors", "model.ckpt"] {
         let bytes = std::fs::read(fixture("sd1").join(file))?;
         for (what, data) in [
@@ -210,7 +159,7 @@ fn write_safetensors(path: &Path, names: &[&str]) -> anyhow::Result<()> {
 
 #[test]
 fn wrong_kinds_of_files_are_named() -> anyhow::Result<()> {
-    let dir = tmp_dir("wrong")?;
+    let dir = scratch_dir("loader-wrong")?;
     let opts = LoadOptions::default();
     let lora = fixture("sd1").join("lora_unet.safetensors");
     assert_mentions(&load_err(&lora, &opts), &["LoRA file", "network_weights"]);
@@ -256,8 +205,8 @@ fn wrong_kinds_of_files_are_named() -> anyhow::Result<()> {
 fn a_checkpoint_for_another_architecture_names_the_tensor() -> anyhow::Result<()> {
     // SD2's single file read with SD1's (conv-projection) UNet configuration.
     let opts = LoadOptions {
-        unet_config: tiny_options("sd1")?.unet_config,
-        text_config: tiny_options("sd2")?.text_config,
+        unet_config: tiny_load_options("sd1")?.unet_config,
+        text_config: tiny_load_options("sd2")?.text_config,
         ..LoadOptions::default()
     };
     let msg = load_err(&fixture("sd2").join("model.safetensors"), &opts);

@@ -13,6 +13,9 @@ use loractl_trainer::loader::{self, LoadOptions, StableDiffusion};
 use loractl_trainer::lora::LoraNetwork;
 use sha2::{Digest, Sha256};
 
+mod support;
+use support::{fixture, get, load_tensors, max_abs_diff, norm, sd1_diffusers};
+
 /// Our outputs against diffusers', element-wise.
 const OUTPUT_TOL: f32 = 1e-5;
 /// ‖ours − theirs‖ / ‖theirs‖ for the LoRA's effect (output with LoRA minus output without).
@@ -21,43 +24,12 @@ const DELTA_REL_TOL: f64 = 1e-3;
 const LORA_UNET_MODULES: usize = 48;
 const LORA_TE_MODULES: usize = 18;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
 fn load(path: &Path) -> Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(path, &Device::Cpu).with_context(|| {
-        format!(
-            "loading {} (regenerate with scripts/fixtures/check_diffusers_lora.py)",
-            path.display()
-        )
-    })
-}
-
-fn get<'a>(t: &'a HashMap<String, Tensor>, k: &str) -> Result<&'a Tensor> {
-    t.get(k).with_context(|| format!("reference lacks `{k}`"))
+    load_tensors(path).context("regenerate with scripts/fixtures/check_diffusers_lora.py")
 }
 
 fn f64s(t: &Tensor) -> Result<Tensor> {
     Ok(t.to_dtype(DType::F64)?)
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    ensure!(
-        a.dims() == b.dims(),
-        "shape {:?} vs {:?}",
-        a.dims(),
-        b.dims()
-    );
-    Ok((a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()?)
-}
-
-fn norm(t: &Tensor) -> Result<f64> {
-    Ok(f64s(t)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f64>()?)
 }
 
 /// ‖(ours_lora − ours_base) − (theirs_lora − theirs_base)‖ / ‖theirs_lora − theirs_base‖, and
@@ -113,18 +85,15 @@ const CASES: [Case; 2] = [
 ];
 
 fn lora_file(name: &str) -> PathBuf {
-    fixtures().join(format!("lora_diffusers/{name}.safetensors"))
+    fixture(format!("lora_diffusers/{name}.safetensors"))
 }
 
 fn model() -> Result<StableDiffusion> {
-    Ok(loader::load(
-        &fixtures().join("sd1/diffusers"),
-        &LoadOptions::default(),
-    )?)
+    Ok(loader::load(&sd1_diffusers(), &LoadOptions::default())?)
 }
 
 fn reference() -> Result<HashMap<String, Tensor>> {
-    load(&fixtures().join("lora_diffusers/reference.safetensors"))
+    load(&fixture("lora_diffusers/reference.safetensors"))
 }
 
 /// Whether every `lora_up` of one part (text encoder or UNet) is zero: that part changes nothing.
@@ -144,7 +113,7 @@ fn ups_all_zero(lora: &LoraNetwork, text_encoder: bool) -> Result<bool> {
 fn loads_every_module_diffusers_applied() -> Result<()> {
     let sd = model()?;
     let checks: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("checks.json"))?)?;
+        serde_json::from_str(&std::fs::read_to_string(fixture("checks.json"))?)?;
     let c = &checks["diffusers_load_lora_weights"];
     ensure!(
         c.is_object(),

@@ -37,7 +37,7 @@ fn schedules_match_transformers() -> Result<()> {
         let name = c["name"].as_str().context("name")?;
         let kind = c["kind"].as_str().context("kind")?;
         let s = LrScheduler::new(
-            kind,
+            kind.parse().map_err(anyhow::Error::msg)?,
             base.clone(),
             c["warmup"].as_u64().context("warmup")? as usize,
             c["total"].as_u64().context("total")? as usize,
@@ -63,7 +63,7 @@ fn schedules_match_transformers() -> Result<()> {
         kinds.push(s.kind());
     }
     for k in SchedulerKind::ALL {
-        ensure!(kinds.contains(&k), "no fixture for {k}");
+        ensure!(kinds.contains(k), "no fixture for {k}");
     }
     println!("schedules: max relative error {worst:.3e}");
     Ok(())
@@ -83,7 +83,7 @@ fn warmup_values_as_sd_scripts_reads_them() -> Result<()> {
 /// sd-scripts stops on a warmup with plain `constant`; we run it as constant_with_warmup.
 #[test]
 fn constant_with_a_warmup_warms_up() -> Result<()> {
-    let s = LrScheduler::new("constant", vec![1e-4], 10, 100, 1, 1.0)?;
+    let s = LrScheduler::new(SchedulerKind::Constant, vec![1e-4], 10, 100, 1, 1.0)?;
     assert_eq!(s.kind(), SchedulerKind::ConstantWithWarmup);
     assert_eq!(s.lr(0), vec![0.0]);
     assert!((s.lr(5)[0] - 5e-5).abs() < 1e-18);

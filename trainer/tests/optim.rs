@@ -4,20 +4,18 @@
 //! Plus exact resume through a saved state, detached state, and argument handling.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use loractl_trainer::optim::{
-    all_finite, build, dynamic_map, AdamW8bit, AdamW8bitConfig, Optimizer, OptimizerState,
-    ParamGroup,
+    all_finite, build, dynamic_map, AdamW8bit, AdamW8bitConfig, Optimizer, OptimizerKind,
+    OptimizerState, ParamGroup,
 };
 use serde_json::Value;
 
-fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/optim")
-}
+mod support;
+use support::{ensure_same_shape, fixture};
 
 struct Fixtures {
     t: HashMap<String, Tensor>,
@@ -26,7 +24,7 @@ struct Fixtures {
 }
 
 fn load() -> Result<Fixtures> {
-    let dir = fixture_dir();
+    let dir = fixture("optim");
     let path = dir.join("optim.safetensors");
     ensure!(path.exists(), "fixture {} missing", path.display());
     let t = candle_core::safetensors::load(&path, &Device::Cpu)?;
@@ -119,7 +117,7 @@ fn args_of(c: &Value) -> BTreeMap<String, String> {
 fn build_case(fx: &Fixtures, case: &str, s: &Setup) -> Result<Box<dyn Optimizer>> {
     let c = fx.case(case)?;
     Ok(build(
-        c["optimizer_type"].as_str().context("type")?,
+        c["optimizer_type"].as_str().context("type")?.parse()?,
         &args_of(c),
         s.groups.clone(),
     )?)
@@ -144,12 +142,7 @@ fn lrs_at(fx: &Fixtures, s: &Setup, step: usize) -> Result<Vec<f64>> {
 
 /// max |got - want| / max |want| over one tensor.
 fn rel_err(got: &Tensor, want: &Tensor) -> Result<f64> {
-    ensure!(
-        got.dims() == want.dims(),
-        "{:?} vs {:?}",
-        got.dims(),
-        want.dims()
-    );
+    ensure_same_shape(got, want)?;
     let g = got.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
     let w = want.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
     let scale = w.iter().fold(0f64, |a, b| a.max(b.abs())).max(1e-30);
@@ -525,7 +518,7 @@ fn state_from_another_optimizer_or_network_is_refused() -> Result<()> {
         vars: vec![Var::zeros((2, 2), DType::F32, &Device::Cpu)?],
         lr: 1e-3,
     }];
-    let mut o = build("AdamW", &BTreeMap::new(), other)?;
+    let mut o = build(OptimizerKind::AdamW, &BTreeMap::new(), other)?;
     ensure!(o.load_state(st).is_err());
     Ok(())
 }
@@ -536,7 +529,8 @@ fn state_from_another_optimizer_or_network_is_refused() -> Result<()> {
 #[test]
 fn state_is_detached_and_missing_grads_skip() -> Result<()> {
     let dev = Device::Cpu;
-    for name in loractl_trainer::optim::SUPPORTED {
+    for kind in OptimizerKind::ALL {
+        let name = kind.as_str();
         let a = Var::new(&[[1f32, 2.], [3., 4.]], &dev)?;
         let b = Var::new(&[5f32, 6.], &dev)?;
         let groups = vec![ParamGroup {
@@ -545,10 +539,10 @@ fn state_is_detached_and_missing_grads_skip() -> Result<()> {
             lr: 1e-2,
         }];
         let mut args = BTreeMap::new();
-        if *name == "AdamW8bit" {
+        if kind == OptimizerKind::AdamW8bit {
             args.insert("min_8bit_size".to_string(), "1".to_string());
         }
-        let mut opt = build(name, &args, groups)?;
+        let mut opt = build(kind, &args, groups)?;
         let grads = a.as_tensor().sqr()?.sum_all()?.backward()?;
         ensure!(grads.get(a.as_tensor()).is_some_and(|g| g.track_op()));
         ensure!(all_finite(&grads, &[a.clone(), b.clone()])?);
@@ -573,7 +567,7 @@ fn state_is_detached_and_missing_grads_skip() -> Result<()> {
 #[test]
 fn dadapt_and_prodigy_refuse_different_group_lrs() -> Result<()> {
     let dev = Device::Cpu;
-    for name in ["DAdaptAdam", "Prodigy"] {
+    for kind in [OptimizerKind::DAdaptAdam, OptimizerKind::Prodigy] {
         let groups = vec![
             ParamGroup {
                 name: "textencoder".into(),
@@ -586,7 +580,7 @@ fn dadapt_and_prodigy_refuse_different_group_lrs() -> Result<()> {
                 lr: 1.0,
             },
         ];
-        let e = build(name, &BTreeMap::new(), groups.clone())
+        let e = build(kind, &BTreeMap::new(), groups.clone())
             .err()
             .context("no error")?;
         let e = e.to_string();
@@ -597,7 +591,7 @@ fn dadapt_and_prodigy_refuse_different_group_lrs() -> Result<()> {
         // A frozen group (lr 0) is fine.
         let mut g2 = groups;
         g2[0].lr = 0.0;
-        build(name, &BTreeMap::new(), g2)?;
+        build(kind, &BTreeMap::new(), g2)?;
     }
     Ok(())
 }
@@ -622,7 +616,7 @@ fn optimizer_args_errors_name_the_key() -> Result<()> {
     for (opt, k, v, needles) in cases {
         let mut a = BTreeMap::new();
         a.insert(k.to_string(), v.to_string());
-        let e = build(opt, &a, groups()?)
+        let e = build(opt.parse()?, &a, groups()?)
             .err()
             .context("accepted")?
             .to_string();

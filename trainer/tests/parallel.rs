@@ -4,7 +4,7 @@
 //! resume in the middle. The dataset has two aspect-ratio buckets with short last batches, so
 //! a rank sometimes gets fewer samples than its batch, or none.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -12,38 +12,21 @@ use candle_core::{DType, Device, Tensor};
 use loractl_collective::{Collective, RingConfig, TcpRing};
 use loractl_trainer::dataset::{Dataset, DatasetConfig};
 use loractl_trainer::loader::{self, LoadOptions};
-use loractl_trainer::lora::LoraConfig;
+use loractl_trainer::lr::SchedulerKind;
 use loractl_trainer::step::StepOptions;
 use loractl_trainer::train::{Flow, Hooks, Outcome, StepEvent, TrainOptions, Trainer};
+
+mod support;
+use support::{checkerboards, lora_train_options, scratch_dir};
 
 /// `3_square` (4 images 64×64) and `2_tall` (3 images 64×128), captioned checkerboards:
 /// 12 + 6 samples per epoch, so batches of 4 leave short last batches in both buckets.
 fn make_dataset(name: &str) -> anyhow::Result<PathBuf> {
-    let root = std::env::temp_dir().join(format!("loractl-dp-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    let colours = [
-        ([220u8, 30, 30], "red"),
-        ([30, 200, 40], "green"),
-        ([40, 40, 230], "blue"),
-        ([230, 220, 30], "yellow"),
-    ];
-    for (folder, (w, h), n) in [("3_square", (64u32, 64u32), 4), ("2_tall", (64, 128), 3)] {
-        let dir = root.join(folder);
-        std::fs::create_dir_all(&dir)?;
-        for (i, (rgb, cname)) in colours.iter().enumerate().take(n) {
-            let img = image::RgbImage::from_fn(w, h, |x, y| {
-                if (x / 16 + y / 16) % 2 == (i as u32) % 2 {
-                    image::Rgb(*rgb)
-                } else {
-                    image::Rgb([250, 250, 250])
-                }
-            });
-            img.save(dir.join(format!("{i}.png")))?;
-            std::fs::write(
-                dir.join(format!("{i}.txt")),
-                format!("{cname}, checkers, pattern"),
-            )?;
-        }
+    let root = scratch_dir(&format!("dp-{name}"))?;
+    for (folder, size, n) in [("3_square", (64, 64), 4), ("2_tall", (64, 128), 3)] {
+        checkerboards(&root.join(folder), size, n, |_, colour| {
+            Some(format!("{colour}, checkers, pattern"))
+        })?;
     }
     Ok(root)
 }
@@ -65,29 +48,15 @@ fn dataset(root: &Path, batch_size: usize) -> anyhow::Result<Dataset> {
 
 fn options(steps: usize, accum: usize) -> TrainOptions {
     TrainOptions {
-        lora: LoraConfig {
-            rank: 4,
-            alpha: 4.0,
-            ..Default::default()
-        },
-        optimizer_type: "AdamW".into(),
-        optimizer_args: BTreeMap::new(),
-        unet_lr: Some(2e-3),
-        text_encoder_lr: Some(1e-3),
-        lr_scheduler: "cosine_with_restarts".into(),
+        lr_scheduler: SchedulerKind::CosineWithRestarts,
         lr_warmup_steps: 1,
-        lr_scheduler_num_cycles: 1,
-        lr_scheduler_power: 1.0,
-        max_train_steps: steps,
         gradient_accumulation_steps: accum,
-        max_grad_norm: 1.0,
         seed: 4321,
-        clip_skip: 1,
-        max_token_length: 75,
         step: StepOptions {
             noise_offset: 0.05,
             ..Default::default()
         },
+        ..lora_train_options(4, 2e-3, 1e-3, steps)
     }
 }
 

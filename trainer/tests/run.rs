@@ -12,36 +12,17 @@ use loractl_spec::JobSpec;
 use loractl_trainer::run::{self, RunEvent, RunOptions, RunResult};
 use loractl_trainer::Error;
 
-fn fixture_model() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd1/diffusers")
-}
+mod support;
+use support::{checkerboards, scratch_dir, sd1_diffusers};
 
 /// `root/train/{2_wide,1_tall}` with captioned checkerboards (the tall folder's last image has
 /// no caption file, so its folder name is used).
 fn make_job_dir(name: &str) -> anyhow::Result<PathBuf> {
-    let root = std::env::temp_dir().join(format!("loractl-run-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    let colours = [
-        ([220u8, 30, 30], "red"),
-        ([30, 200, 40], "green"),
-        ([40, 40, 230], "blue"),
-    ];
-    for (folder, (w, h)) in [("2_wide", (128u32, 64u32)), ("1_tall", (64, 128))] {
-        let dir = root.join("train").join(folder);
-        std::fs::create_dir_all(&dir)?;
-        for (i, (rgb, cname)) in colours.iter().enumerate() {
-            let img = image::RgbImage::from_fn(w, h, |x, y| {
-                if (x / 16 + y / 16) % 2 == (i as u32) % 2 {
-                    image::Rgb(*rgb)
-                } else {
-                    image::Rgb([250, 250, 250])
-                }
-            });
-            img.save(dir.join(format!("{i}.png")))?;
-            if !(folder == "1_tall" && i == 2) {
-                std::fs::write(dir.join(format!("{i}.txt")), format!("{cname}, checkers"))?;
-            }
-        }
+    let root = scratch_dir(&format!("run-{name}"))?;
+    for (folder, size) in [("2_wide", (128, 64)), ("1_tall", (64, 128))] {
+        checkerboards(&root.join("train").join(folder), size, 3, |i, colour| {
+            (!(folder == "1_tall" && i == 2)).then(|| format!("{colour}, checkers"))
+        })?;
     }
     Ok(root)
 }
@@ -78,7 +59,7 @@ output_dir = "out"
 save_precision = "fp16"
 {extra_output}
 "#,
-        model = fixture_model().display()
+        model = sd1_diffusers().display()
     )
 }
 
@@ -414,7 +395,7 @@ fn a_job_trains_and_writes_kohya_files() -> anyhow::Result<()> {
     assert_eq!(meta["sshs_legacy_hash"].len(), 8);
 
     // The file loads back as a kohya LoRA onto the model it was trained for.
-    let sd = loractl_trainer::loader::load(&fixture_model(), &Default::default())?;
+    let sd = loractl_trainer::loader::load(&sd1_diffusers(), &Default::default())?;
     let net = loractl_trainer::lora::LoraNetwork::load_file(&sd.sites(), &lora, 1.0, &Device::Cpu)?;
     assert_eq!(net.modules().len(), unet_modules.len() + te_modules);
     Ok(())
@@ -608,7 +589,7 @@ fn a_run_whose_images_all_become_unreadable_fails_naming_them() -> anyhow::Resul
 fn a_missing_base_model_names_its_key_once() -> anyhow::Result<()> {
     let dir = make_job_dir("nomodel")?;
     let text = job_toml("max_train_steps = 1", "").replace(
-        &fixture_model().display().to_string(),
+        &sd1_diffusers().display().to_string(),
         "/nonexistent/sd15.safetensors",
     );
     let spec = resolve(&text)?;

@@ -3,7 +3,7 @@
 //! outputs, emphasis parsing, weighted long-prompt conditioning, whole generations on the tiny
 //! sd1/sd2 models down to the uint8 image; seeded end-to-end generation; prompt files.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -23,17 +23,16 @@ use loractl_trainer::vae::{AutoencoderKL, VaeConfig};
 use loractl_trainer::weights::{open_safetensors, prefixed, Weights};
 use serde_json::Value;
 
+mod support;
+use support::{fixture, get, load_tensors, max_abs_diff, scratch_dir, sd1_diffusers};
+
 /// Scheduler steps (no model): scaled error, see [`scaled_err`].
 const STEP_TOL: f32 = 1e-5;
 /// Model outputs (embeddings abs, latents scaled).
 const TOL: f32 = 1e-4;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
 fn sample_dir() -> PathBuf {
-    let dir = fixtures().join("sample");
+    let dir = fixture("sample");
     assert!(
         dir.join("schedulers.json").exists(),
         "sampling fixtures missing at {} (regenerate with scripts/fixtures/make_sample_fixtures.py)",
@@ -42,26 +41,8 @@ fn sample_dir() -> PathBuf {
     dir
 }
 
-fn load(path: &Path) -> Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(path, &Device::Cpu)
-        .with_context(|| format!("loading {}", path.display()))
-}
-
-fn get<'a>(t: &'a HashMap<String, Tensor>, k: &str) -> Result<&'a Tensor> {
-    t.get(k).with_context(|| format!("fixture lacks `{k}`"))
-}
-
 fn json(path: &Path) -> Result<Value> {
     Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> Result<f32> {
-    anyhow::ensure!(a.dims() == b.dims(), "{:?} vs {:?}", a.dims(), b.dims());
-    Ok((a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()?)
 }
 
 /// Max abs error relative to the reference's scale (Euler latents reach ~60, where one f32 ulp
@@ -73,7 +54,7 @@ fn scaled_err(a: &Tensor, b: &Tensor) -> Result<f32> {
         .flatten_all()?
         .max(0)?
         .to_scalar::<f32>()?;
-    Ok(max_abs(a, b)? / scale.max(1.0))
+    Ok(max_abs_diff(a, b)? / scale.max(1.0))
 }
 
 fn floats(v: &Value) -> Vec<f64> {
@@ -111,7 +92,7 @@ fn schedule_for(prediction: &str) -> Result<DdpmSchedule> {
 fn scheduler_steps_match_diffusers() -> Result<()> {
     let dir = sample_dir();
     let meta = json(&dir.join("schedulers.json"))?;
-    let t = load(&dir.join("schedulers.safetensors"))?;
+    let t = load_tensors(&dir.join("schedulers.safetensors"))?;
     let mut worst = 0f32;
     let mut runs = 0;
     for (config, samplers) in meta.as_object().context("schedulers.json")? {
@@ -222,7 +203,7 @@ struct Tiny {
 }
 
 fn tiny(model: &str) -> Result<Tiny> {
-    let dir = fixtures().join(model).join("diffusers");
+    let dir = fixture(model).join("diffusers");
     let dev = Device::Cpu;
     let weights = |file: PathBuf| -> Result<Weights> {
         Ok(Weights::new(open_safetensors(&file)?, prefixed("")))
@@ -277,7 +258,7 @@ fn opt_str(v: &Value) -> Option<String> {
 fn pipeline_parity(model: &str) -> Result<()> {
     let dir = sample_dir();
     let meta = json(&dir.join("pipeline.json"))?;
-    let t = load(&dir.join("pipeline.safetensors"))?;
+    let t = load_tensors(&dir.join("pipeline.safetensors"))?;
     let m = tiny(model)?;
     let entry = &meta[model];
 
@@ -296,7 +277,7 @@ fn pipeline_parity(model: &str) -> Result<()> {
         let uncond = c.uncond.context("uncond")?;
         for (name, ours) in [("cond", &c.cond), ("uncond", &uncond)] {
             let want = get(&t, &format!("{model}.embed{i}.{name}"))?;
-            let e = max_abs(ours, want)?;
+            let e = max_abs_diff(ours, want)?;
             anyhow::ensure!(
                 e <= TOL,
                 "{model} embedding case {i} {name}: max abs err {e}"
@@ -374,21 +355,16 @@ fn pipeline_parity(model: &str) -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn sd1_pipeline_matches_sd_scripts() -> Result<()> {
-    pipeline_parity("sd1")
-}
-
-#[test]
-fn sd2_v_pipeline_matches_sd_scripts() -> Result<()> {
-    pipeline_parity("sd2")
-}
+support::tests_of!(pipeline_parity {
+    sd1_pipeline_matches_sd_scripts => "sd1",
+    sd2_v_pipeline_matches_sd_scripts => "sd2",
+});
 
 /// A seeded prompt-file line end to end on the tiny sd1 model: size, determinism, seed
 /// sensitivity, PNG files named as sd-scripts names them.
 #[test]
 fn seeded_generation_end_to_end() -> Result<()> {
-    let sd = loader::load(&fixtures().join("sd1/diffusers"), &LoadOptions::default())?;
+    let sd = loader::load(&sd1_diffusers(), &LoadOptions::default())?;
     let enc = LpwPromptEncoder::new(&sd.text_encoder, &sd.tokenizer, 1);
     let models = SampleModels::new(&sd, &enc, Device::Cpu);
     let cfg = SampleConfig {
@@ -417,7 +393,7 @@ fn seeded_generation_end_to_end() -> Result<()> {
         "only {changed} bytes differ"
     );
 
-    let out = tempdir("sample-e2e")?;
+    let out = scratch_dir("sample-e2e")?;
     let paths = models.sample_images(&prompts, &cfg, &out, Some("zenny"), None, 120)?;
     assert_eq!(paths.len(), 2);
     for (p, (idx, seed)) in paths.iter().zip([(0, 7), (1, 8)]) {
@@ -484,15 +460,6 @@ fn closures_encode_and_outputs_are_detached() -> Result<()> {
     );
     assert!(!out.latents.track_op(), "latents carry a graph");
     Ok(())
-}
-
-fn tempdir(name: &str) -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("loractl-{name}-{}", std::process::id()));
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir)?;
-    }
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
 }
 
 #[test]
@@ -625,7 +592,7 @@ fn prompt_json_and_toml_files() -> Result<()> {
         "{e}"
     );
 
-    let dir = tempdir("prompts")?;
+    let dir = scratch_dir("prompts")?;
     for (name, body) in [
         ("a.txt", "x --d 1\n"),
         ("a.json", "[\"x --d 1\"]"),

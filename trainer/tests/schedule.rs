@@ -2,24 +2,15 @@
 //! reference.safetensors, from scripts/fixtures/make_fixtures.py) and min-SNR weights against
 //! the formula sd-scripts applies.
 
-use std::path::Path;
-
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use loractl_trainer::schedule::{Arithmetic, DdpmSchedule, Prediction};
 
+mod support;
+use support::{load_tensors, max_abs_diff_as, model_fixture};
+
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-    anyhow::ensure!(
-        a.dims() == b.dims(),
-        "shape {:?} vs {:?}",
-        a.dims(),
-        b.dims()
-    );
-    Ok((a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f64>()?)
+    max_abs_diff_as(a, b, DType::F64)
 }
 
 fn max_rel_diff(got: &Tensor, want: &Tensor) -> Result<f64> {
@@ -44,16 +35,9 @@ fn sd_schedule_matches_diffusers_fixtures() -> Result<()> {
     let all_t = Tensor::arange(0i64, 1000, &Device::Cpu)?;
     let mut checked = 0;
     for (config, prediction) in [("sd1", Prediction::Epsilon), ("sd2", Prediction::V)] {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures")
-            .join(config);
-        let path = dir.join("reference.safetensors");
-        anyhow::ensure!(path.exists(), "fixture {} missing", path.display());
-        let r = candle_core::safetensors::load(&path, &Device::Cpu)?;
-        let get = |k: &str| {
-            r.get(k)
-                .with_context(|| format!("{config} fixture lacks `{k}`"))
-        };
+        let dir = model_fixture(config);
+        let r = load_tensors(&dir.join("reference.safetensors"))?;
+        let get = |k: &str| support::get(&r, k).with_context(|| format!("{config} fixture"));
         let vec64 =
             |k: &str| -> Result<Vec<f64>> { Ok(get(k)?.to_dtype(DType::F64)?.to_vec1::<f64>()?) };
 

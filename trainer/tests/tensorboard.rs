@@ -3,13 +3,10 @@
 //! TensorBoard read from that file (`scripts/fixtures/read_tensorboard_fixture.py`, committed
 //! as JSON) must be the ones written. `LORACTL_REGENERATE_FIXTURES=1` rewrites the file.
 
-use std::path::PathBuf;
-
 use loractl_trainer::tensorboard::{self, EventWriter};
 
-fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tensorboard")
-}
+mod support;
+use support::fixture;
 
 /// `(tag, step, value, wall_time)`: kohya's tags, a d*lr group, an epoch average, a
 /// non-ASCII tag, a large step and values that need every bit of an f32.
@@ -40,7 +37,7 @@ fn write(path: &std::path::Path) -> anyhow::Result<()> {
 
 #[test]
 fn tensorboard_reads_what_loractl_writes() -> anyhow::Result<()> {
-    let committed = fixture_dir().join("events.out.tfevents.fixture");
+    let committed = fixture("tensorboard/events.out.tfevents.fixture");
     if std::env::var_os("LORACTL_REGENERATE_FIXTURES").is_some() {
         write(&committed)?;
     }
@@ -54,9 +51,9 @@ fn tensorboard_reads_what_loractl_writes() -> anyhow::Result<()> {
         "the writer's bytes changed: regenerate the fixture and read it with TensorBoard again"
     );
 
-    let seen: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
-        fixture_dir().join("read_by_tensorboard.json"),
-    )?)?;
+    let seen: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture(
+        "tensorboard/read_by_tensorboard.json",
+    ))?)?;
     assert_eq!(seen["file_version"], "brain.Event:2");
     assert_eq!(seen["records"], scalars().len() + 1);
     let written = scalars();

@@ -2,11 +2,14 @@
 //! `tests/fixtures/tokenizer_cases.json` (made by scripts/fixtures/make_fixtures.py), for SD1
 //! (pad `<|endoftext|>`) and SD2 (pad `!`), from the diffusers folders and the bundled vocabulary.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use loractl_trainer::tokenizer::ClipTokenizer;
 use serde::Deserialize;
+
+mod support;
+use support::fixture;
 
 #[derive(Deserialize)]
 struct Case {
@@ -17,12 +20,8 @@ struct Case {
     ids_227_unpadded_sd2: Vec<u32>,
 }
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
 fn cases() -> Result<Vec<Case>> {
-    let path = fixtures().join("tokenizer_cases.json");
+    let path = fixture("tokenizer_cases.json");
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("{} (run scripts/fixtures/make_fixtures.py)", path.display()))?;
     Ok(serde_json::from_str(&text)?)
@@ -58,14 +57,14 @@ fn check(tok: &ClipTokenizer, sd2: bool, what: &str) -> Result<()> {
 
 #[test]
 fn sd1_diffusers_tokenizer_matches_transformers() -> Result<()> {
-    let tok = ClipTokenizer::from_dir(&fixtures().join("sd1/diffusers/tokenizer"))?;
+    let tok = ClipTokenizer::from_dir(&fixture("sd1/diffusers/tokenizer"))?;
     assert_eq!((tok.pad_id(), tok.model_max_length()), (49407, 77));
     check(&tok, false, "sd1 folder")
 }
 
 #[test]
 fn sd2_diffusers_tokenizer_matches_transformers() -> Result<()> {
-    let tok = ClipTokenizer::from_dir(&fixtures().join("sd2/diffusers/tokenizer"))?;
+    let tok = ClipTokenizer::from_dir(&fixture("sd2/diffusers/tokenizer"))?;
     assert_eq!(tok.pad_id(), 0);
     check(&tok, true, "sd2 folder")
 }
@@ -84,7 +83,7 @@ fn bundled_sd2_matches_transformers() -> Result<()> {
 fn invalid_vocab_is_a_clear_error() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("loractl-tok-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let merges = fixtures().join("sd1/diffusers/tokenizer/merges.txt");
+    let merges = fixture("sd1/diffusers/tokenizer/merges.txt");
     let vocab = dir.join("vocab.json");
 
     std::fs::write(&vocab, "[1, 2, 3]")?;
@@ -118,7 +117,7 @@ fn kohya_lengths() -> Result<()> {
 /// the fixture's `vocab.json` and `merges.txt`, merges in the given form) and the config JSONs,
 /// without `vocab.json`/`merges.txt`.
 fn tokenizer_json_folder(sd: &str, pairs: bool) -> Result<PathBuf> {
-    let src = fixtures().join(sd).join("diffusers/tokenizer");
+    let src = fixture(sd).join("diffusers/tokenizer");
     let dir = std::env::temp_dir().join(format!(
         "loractl-tokjson-{sd}-{pairs}-{}",
         std::process::id()

@@ -2,71 +2,39 @@
 //! validation loss (fixed noise and timesteps) that drops; a NaN-producing learning rate stops
 //! the run with a message naming the step.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use loractl_trainer::dataset::{BatchInput, Dataset, DatasetConfig};
 use loractl_trainer::loader::{self, LoadOptions, StableDiffusion};
-use loractl_trainer::lora::LoraConfig;
+use loractl_trainer::optim::OptimizerKind;
 use loractl_trainer::step::{training_loss, StepNoise, StepOptions};
 use loractl_trainer::train::{train, TrainOptions};
 use rand::SeedableRng;
 
+mod support;
+use support::{checkerboards, lora_train_options, scratch_dir, sd1_diffusers};
+
+/// `3_square` (64×64) and `2_tall` (64×128), four captioned checkerboards each.
 fn make_dataset(name: &str) -> anyhow::Result<PathBuf> {
-    let root = std::env::temp_dir().join(format!("loractl-train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    let colours = [
-        ([220u8, 30, 30], "red"),
-        ([30, 200, 40], "green"),
-        ([40, 40, 230], "blue"),
-        ([230, 220, 30], "yellow"),
-    ];
-    for (folder, (w, h)) in [("3_square", (64u32, 64u32)), ("2_tall", (64, 128))] {
-        let dir = root.join(folder);
-        std::fs::create_dir_all(&dir)?;
-        for (i, (rgb, cname)) in colours.iter().enumerate() {
-            let img = image::RgbImage::from_fn(w, h, |x, y| {
-                if (x / 16 + y / 16) % 2 == (i as u32) % 2 {
-                    image::Rgb(*rgb)
-                } else {
-                    image::Rgb([250, 250, 250])
-                }
-            });
-            img.save(dir.join(format!("{i}.png")))?;
-            std::fs::write(dir.join(format!("{i}.txt")), format!("{cname}, checkers"))?;
-        }
+    let root = scratch_dir(&format!("train-{name}"))?;
+    for (folder, size) in [("3_square", (64, 64)), ("2_tall", (64, 128))] {
+        checkerboards(&root.join(folder), size, 4, |_, colour| {
+            Some(format!("{colour}, checkers"))
+        })?;
     }
     Ok(root)
 }
 
 fn model() -> anyhow::Result<StableDiffusion> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd1/diffusers");
-    Ok(loader::load(&dir, &LoadOptions::default())?)
+    Ok(loader::load(&sd1_diffusers(), &LoadOptions::default())?)
 }
 
 fn options(steps: usize, lr: f64) -> TrainOptions {
     TrainOptions {
-        lora: LoraConfig {
-            rank: 8,
-            alpha: 8.0,
-            ..Default::default()
-        },
-        optimizer_type: "AdamW".into(),
-        optimizer_args: BTreeMap::new(),
-        unet_lr: Some(lr),
-        text_encoder_lr: Some(lr / 2.0),
-        lr_scheduler: "constant".into(),
-        lr_warmup_steps: 0,
-        lr_scheduler_num_cycles: 1,
-        lr_scheduler_power: 1.0,
-        max_train_steps: steps,
         gradient_accumulation_steps: 2,
-        max_grad_norm: 1.0,
         seed: 1234,
-        clip_skip: 1,
-        max_token_length: 75,
-        step: StepOptions::default(),
+        ..lora_train_options(8, lr, lr / 2.0, steps)
     }
 }
 
@@ -163,7 +131,7 @@ fn a_diverging_run_stops_with_the_step_and_no_weights() -> anyhow::Result<()> {
     let sd = model()?;
     let mut opts = options(20, 1e30);
     opts.max_grad_norm = 0.0;
-    opts.optimizer_type = "SGDNesterov".into();
+    opts.optimizer_type = OptimizerKind::SgdNesterov;
     let err = match train(&sd, &ds, &opts, &Device::Cpu, |_| {}) {
         Ok(_) => anyhow::bail!("a learning rate of 1e30 trained without error"),
         Err(e) => e.to_string(),

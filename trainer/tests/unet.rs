@@ -16,41 +16,11 @@ use loractl_trainer::unet::{
 };
 use loractl_trainer::weights::{open_safetensors, prefixed, TensorStore, Weights};
 
+mod support;
+use support::{fixture, get, load_tensors, max_abs_diff, norm};
+
 const FORWARD_TOL: f32 = 1e-4;
 const GRAD_REL_TOL: f64 = 1e-3;
-
-fn fixture(cfg: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(cfg)
-}
-
-fn load(path: PathBuf) -> anyhow::Result<HashMap<String, Tensor>> {
-    Ok(candle_core::safetensors::load(path, &Device::Cpu)?)
-}
-
-fn get<'a>(m: &'a HashMap<String, Tensor>, k: &str) -> anyhow::Result<&'a Tensor> {
-    m.get(k)
-        .ok_or_else(|| anyhow::anyhow!("fixture tensor `{k}` missing"))
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> anyhow::Result<f32> {
-    anyhow::ensure!(a.dims() == b.dims(), "{:?} vs {:?}", a.dims(), b.dims());
-    Ok((a - b)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_dtype(DType::F32)?
-        .to_scalar::<f32>()?)
-}
-
-fn norm(t: &Tensor) -> anyhow::Result<f64> {
-    Ok(t.to_dtype(DType::F64)?
-        .sqr()?
-        .sum_all()?
-        .sqrt()?
-        .to_scalar::<f64>()?)
-}
 
 fn diffusers_config(cfg: &str) -> anyhow::Result<UNetConfig> {
     let path = fixture(cfg).join("diffusers/unet/config.json");
@@ -147,7 +117,7 @@ fn build_recording<B: SimpleBackend + 'static>(
 
 fn forward_parity(cfg: &str) -> anyhow::Result<()> {
     let unet = diffusers_unet(cfg)?;
-    let r = load(fixture(cfg).join("reference.safetensors"))?;
+    let r = load_tensors(&fixture(cfg).join("reference.safetensors"))?;
     for tag in ["", "_rect"] {
         let out = unet.forward(
             get(&r, &format!("unet.sample{tag}"))?,
@@ -155,7 +125,7 @@ fn forward_parity(cfg: &str) -> anyhow::Result<()> {
             get(&r, &format!("unet.encoder_hidden_states{tag}"))?,
         )?;
         let want = get(&r, &format!("unet.out{tag}"))?;
-        let err = max_abs(&out, want)?;
+        let err = max_abs_diff(&out, want)?;
         println!(
             "{cfg} unet.out{tag}: max abs error {err:.3e} (|ref| max {:.3})",
             want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?
@@ -165,15 +135,10 @@ fn forward_parity(cfg: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[test]
-fn sd1_forward_matches_diffusers() -> anyhow::Result<()> {
-    forward_parity("sd1")
-}
-
-#[test]
-fn sd2_forward_matches_diffusers() -> anyhow::Result<()> {
-    forward_parity("sd2")
-}
+support::tests_of!(forward_parity {
+    sd1_forward_matches_diffusers => "sd1",
+    sd2_forward_matches_diffusers => "sd2",
+});
 
 /// The single-file checkpoint through `ldm_key_map` gives the same model, bit for bit, reads
 /// every UNet tensor of the file, and `infer_ldm_config` recovers the configuration.
@@ -219,7 +184,7 @@ fn single_file_parity(cfg: &str) -> anyhow::Result<()> {
     assert_eq!(used, in_file, "{cfg}: LDM tensors read vs present");
 
     let reference = diffusers_unet(cfg)?;
-    let r = load(fixture(cfg).join("reference.safetensors"))?;
+    let r = load_tensors(&fixture(cfg).join("reference.safetensors"))?;
     for tag in ["", "_rect"] {
         let args = [
             get(&r, &format!("unet.sample{tag}"))?,
@@ -228,30 +193,25 @@ fn single_file_parity(cfg: &str) -> anyhow::Result<()> {
         ];
         let a = unet.forward(args[0], args[1], args[2])?;
         let b = reference.forward(args[0], args[1], args[2])?;
-        let err = max_abs(&a, &b)?;
+        let err = max_abs_diff(&a, &b)?;
         println!("{cfg} single-file vs diffusers folder{tag}: max abs difference {err:e}");
         assert_eq!(err, 0.0, "{cfg}{tag}: single-file output differs");
     }
     Ok(())
 }
 
-#[test]
-fn sd1_single_file_matches_diffusers_folder() -> anyhow::Result<()> {
-    single_file_parity("sd1")
-}
-
-#[test]
-fn sd2_single_file_matches_diffusers_folder() -> anyhow::Result<()> {
-    single_file_parity("sd2")
-}
+support::tests_of!(single_file_parity {
+    sd1_single_file_matches_diffusers_folder => "sd1",
+    sd2_single_file_matches_diffusers_folder => "sd2",
+});
 
 fn lora_gradient_parity(cfg: &str) -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let unet = diffusers_unet(cfg)?;
     let sites = unet.sites();
-    let lora = load(fixture(cfg).join("lora_unet.safetensors"))?;
-    let grads_ref = load(fixture(cfg).join("grads.safetensors"))?;
-    let r = load(fixture(cfg).join("reference.safetensors"))?;
+    let lora = load_tensors(&fixture(cfg).join("lora_unet.safetensors"))?;
+    let grads_ref = load_tensors(&fixture(cfg).join("grads.safetensors"))?;
+    let r = load_tensors(&fixture(cfg).join("reference.safetensors"))?;
 
     let modules_in_file: BTreeSet<&str> = lora
         .keys()
@@ -268,13 +228,13 @@ fn lora_gradient_parity(cfg: &str) -> anyhow::Result<()> {
         get(&r, "unet.timesteps")?,
         get(&r, "unet.encoder_hidden_states")?,
     )?;
-    let out_err = max_abs(&out, get(&grads_ref, "unet.lora_out")?)?;
+    let out_err = max_abs_diff(&out, get(&grads_ref, "unet.lora_out")?)?;
     println!("{cfg} LoRA'd unet output: max abs error {out_err:.3e}");
     assert!(out_err <= FORWARD_TOL, "{cfg}: LoRA output error {out_err}");
     let loss = (out - get(&grads_ref, "unet.lora_target")?)?
         .sqr()?
         .mean_all()?;
-    let loss_err = max_abs(&loss, &get(&grads_ref, "unet.loss")?.reshape(())?)?;
+    let loss_err = max_abs_diff(&loss, &get(&grads_ref, "unet.loss")?.reshape(())?)?;
     assert!(loss_err <= FORWARD_TOL, "{cfg}: loss error {loss_err}");
 
     let grads = loss.backward()?;
@@ -316,15 +276,10 @@ fn lora_gradient_parity(cfg: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[test]
-fn sd1_lora_gradients_match_pytorch() -> anyhow::Result<()> {
-    lora_gradient_parity("sd1")
-}
-
-#[test]
-fn sd2_lora_gradients_match_pytorch() -> anyhow::Result<()> {
-    lora_gradient_parity("sd2")
-}
+support::tests_of!(lora_gradient_parity {
+    sd1_lora_gradients_match_pytorch => "sd1",
+    sd2_lora_gradients_match_pytorch => "sd2",
+});
 
 /// The site names equal the fixture's kohya module list.
 #[test]
@@ -423,9 +378,9 @@ impl TensorStore for ShapeStore {
 #[test]
 fn odd_latent_size_runs_forward_and_backward() -> anyhow::Result<()> {
     let unet = diffusers_unet("sd1")?;
-    let r = load(fixture("sd1").join("reference.safetensors"))?;
+    let r = load_tensors(&fixture("sd1").join("reference.safetensors"))?;
     let sample = get(&r, "unet.sample")?.narrow(2, 0, 7)?.narrow(3, 0, 9)?;
-    let lora = load(fixture("sd1").join("lora_unet.safetensors"))?;
+    let lora = load_tensors(&fixture("sd1").join("lora_unet.safetensors"))?;
     let net = LoraNetwork::from_tensors(&unet.sites(), &lora, 1.0, &Device::Cpu, "lora")?;
     net.apply();
     let out = unet.forward(

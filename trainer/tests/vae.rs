@@ -3,7 +3,6 @@
 //! References come from scripts/fixtures/make_fixtures.py (`vae.*` in reference.safetensors).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -12,33 +11,10 @@ use loractl_trainer::nn::Builder;
 use loractl_trainer::vae::{infer_ldm_config, ldm_key_map, AutoencoderKL, VaeConfig};
 use loractl_trainer::weights::{open_safetensors, prefixed, Fetch, MemoryStore, Weights};
 
+mod support;
+use support::{load_tensors, max_abs_diff, model_fixture};
+
 const TOL: f32 = 1e-4;
-
-fn fixture_dir(config: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(config);
-    assert!(
-        dir.join("reference.safetensors").exists(),
-        "fixtures for {config} missing at {} (regenerate with scripts/fixtures/make_fixtures.py)",
-        dir.display()
-    );
-    dir
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    anyhow::ensure!(
-        a.dims() == b.dims(),
-        "shape {:?} vs {:?}",
-        a.dims(),
-        b.dims()
-    );
-    Ok((a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()?)
-}
 
 fn load_vae(cfg: &VaeConfig, weights: &Weights) -> Result<AutoencoderKL> {
     let vb = weights.var_builder(DType::F32, &Device::Cpu);
@@ -47,11 +23,7 @@ fn load_vae(cfg: &VaeConfig, weights: &Weights) -> Result<AutoencoderKL> {
 
 /// Runs encode (mean, std) and decode(mean), returning the max abs error of each.
 fn check(vae: &AutoencoderKL, reference: &HashMap<String, Tensor>, what: &str) -> Result<[f32; 3]> {
-    let get = |k: &str| {
-        reference
-            .get(k)
-            .with_context(|| format!("fixture lacks `{k}`"))
-    };
+    let get = |k: &str| support::get(reference, k);
     let posterior = vae.encode(get("vae.image")?)?;
     let decoded = vae.decode(get("vae.mean")?)?;
     let errs = [
@@ -70,9 +42,8 @@ fn check(vae: &AutoencoderKL, reference: &HashMap<String, Tensor>, what: &str) -
 }
 
 fn parity(config: &str) -> Result<()> {
-    let dir = fixture_dir(config);
-    let reference =
-        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)?;
+    let dir = model_fixture(config);
+    let reference = load_tensors(&dir.join("reference.safetensors"))?;
 
     let vae_dir = dir.join("diffusers/vae");
     let json = std::fs::read_to_string(vae_dir.join("config.json"))?;
@@ -104,15 +75,10 @@ fn parity(config: &str) -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn sd1_vae_matches_diffusers() -> Result<()> {
-    parity("sd1")
-}
-
-#[test]
-fn sd2_vae_matches_diffusers() -> Result<()> {
-    parity("sd2")
-}
+support::tests_of!(parity {
+    sd1_vae_matches_diffusers => "sd1",
+    sd2_vae_matches_diffusers => "sd2",
+});
 
 /// A tiny VAE with random weights, as a store in diffusers layout.
 fn tiny_random_vae() -> Result<(VaeConfig, MemoryStore)> {

@@ -9,13 +9,15 @@
 //! Prints one line per run and the ratio of the global throughputs.
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context};
 use candle_core::Device;
 use loractl_collective::{Collective, RingConfig, RingListener, Single};
 use loractl_trainer::bench::{median, rayon_threads, BenchModel};
+
+/// Any error ends the benchmark with its message.
+type Result<T, E = Box<dyn std::error::Error + Send + Sync>> = std::result::Result<T, E>;
 
 /// Floats per all-reduce call, as the trainer buckets gradients.
 const BUCKET: usize = 4 << 20;
@@ -31,7 +33,7 @@ struct Args {
     child: Option<(usize, usize)>,
 }
 
-fn args() -> anyhow::Result<Args> {
+fn args() -> Result<Args> {
     let mut a = Args {
         config: "small".into(),
         ranks: 2,
@@ -43,11 +45,10 @@ fn args() -> anyhow::Result<Args> {
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
-        let mut num = |flag: &str| -> anyhow::Result<usize> {
-            it.next()
-                .ok_or_else(|| anyhow!("{flag} needs a number"))?
-                .parse()
-                .with_context(|| format!("{flag} needs a number"))
+        let mut num = |flag: &str| -> Result<usize> {
+            let n = it.next().ok_or_else(|| format!("{flag} needs a number"))?;
+            Ok(n.parse()
+                .map_err(|e| format!("{flag} needs a number ({e})"))?)
         };
         match arg.as_str() {
             "--ranks" => a.ranks = num("--ranks")?,
@@ -68,16 +69,26 @@ fn args() -> anyhow::Result<Args> {
                 std::process::exit(0);
             }
             s if !s.starts_with('-') => a.config = s.to_owned(),
-            s => bail!("unknown argument `{s}`"),
+            s => return Err(format!("unknown argument `{s}`").into()),
         }
     }
     if a.ranks < 2 || a.batch == 0 || a.steps == 0 {
-        bail!("needs --ranks >= 2, --batch >= 1 and --steps >= 1");
+        return Err("needs --ranks >= 2, --batch >= 1 and --steps >= 1".into());
     }
     Ok(a)
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
+    match bench() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dp-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench() -> Result<()> {
     let a = args()?;
     if let Some((rank, world)) = a.child {
         return child(&a, rank, world);
@@ -122,7 +133,7 @@ struct RunResult {
 
 /// Runs `world` rank processes with `batch` samples each and `threads` compute threads;
 /// returns the slowest rank's medians.
-fn run(a: &Args, world: usize, batch: usize, threads: usize) -> anyhow::Result<RunResult> {
+fn run(a: &Args, world: usize, batch: usize, threads: usize) -> Result<RunResult> {
     let exe = std::env::current_exe()?;
     let mut children: Vec<Child> = (0..world)
         .map(|rank| {
@@ -138,14 +149,14 @@ fn run(a: &Args, world: usize, batch: usize, threads: usize) -> anyhow::Result<R
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .spawn()
-                .context("starting a rank process")
+                .map_err(|e| format!("starting a rank process: {e}"))
         })
-        .collect::<anyhow::Result<_>>()?;
+        .collect::<Result<_, String>>()?;
     let mut readers: Vec<_> = children
         .iter_mut()
         .map(|c| c.stdout.take().map(BufReader::new))
         .collect::<Option<_>>()
-        .ok_or_else(|| anyhow!("a rank has no stdout"))?;
+        .ok_or("a rank has no stdout")?;
     // The rendezvous: every rank's address, then all of them to every rank.
     let mut addresses = Vec::new();
     for r in &mut readers {
@@ -154,10 +165,7 @@ fn run(a: &Args, world: usize, batch: usize, threads: usize) -> anyhow::Result<R
         addresses.push(line.trim().to_owned());
     }
     for c in &mut children {
-        let stdin = c
-            .stdin
-            .as_mut()
-            .ok_or_else(|| anyhow!("a rank has no stdin"))?;
+        let stdin = c.stdin.as_mut().ok_or("a rank has no stdin")?;
         writeln!(stdin, "{}", addresses.join(" "))?;
     }
     let mut result = RunResult {
@@ -170,10 +178,10 @@ fn run(a: &Args, world: usize, batch: usize, threads: usize) -> anyhow::Result<R
         r.read_line(&mut line)?;
         let status = c.wait()?;
         if !status.success() {
-            bail!("a rank failed ({status})");
+            return Err(format!("a rank failed ({status})").into());
         }
         let v: serde_json::Value = serde_json::from_str(line.trim())
-            .with_context(|| format!("a rank printed `{}`", line.trim()))?;
+            .map_err(|e| format!("a rank printed `{}`: {e}", line.trim()))?;
         let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
         result.step_ms = result.step_ms.max(f("step_ms"));
         result.reduce_ms = result.reduce_ms.max(f("reduce_ms"));
@@ -182,7 +190,7 @@ fn run(a: &Args, world: usize, batch: usize, threads: usize) -> anyhow::Result<R
 }
 
 /// One rank: bind, print the address, read everyone's, connect, time the steps.
-fn child(a: &Args, rank: usize, world: usize) -> anyhow::Result<()> {
+fn child(a: &Args, rank: usize, world: usize) -> Result<()> {
     let mut collective: Box<dyn Collective> = if world == 1 {
         println!("-");
         let mut line = String::new();

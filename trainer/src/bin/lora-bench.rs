@@ -9,11 +9,14 @@
 //! trainer's `cuda` feature (`LORACTL_CUDA_BENCH_OUT=... scripts/cuda/build.sh`). On a GPU each
 //! step ends with a device synchronisation before its time is taken.
 
+use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context};
 use candle_core::Device;
 use loractl_trainer::bench::{median, rayon_threads, status_mib, BenchModel};
+
+/// Any error ends the benchmark with its message.
+type Result<T, E = Box<dyn std::error::Error + Send + Sync>> = std::result::Result<T, E>;
 
 fn peak_rss_mib() -> f64 {
     status_mib("VmHWM:")
@@ -21,7 +24,7 @@ fn peak_rss_mib() -> f64 {
 
 /// Loads a base model and reports time and memory: with memory-mapped weights the process
 /// should hold one f32 copy of the model (anonymous memory) plus reclaimable file pages.
-fn load_report(path: &std::path::Path) -> anyhow::Result<()> {
+fn load_report(path: &std::path::Path) -> Result<()> {
     let start = Instant::now();
     let sd = loractl_trainer::loader::load(path, &Default::default())?;
     let secs = start.elapsed().as_secs_f64();
@@ -42,13 +45,23 @@ fn load_report(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
+    match bench() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lora-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let mut name = None;
     let (mut steps, mut warmup, mut rank, mut alpha) = (5usize, 1usize, 8usize, 8f64);
     let mut device = "cpu".to_string();
     while let Some(a) = args.next() {
-        let mut val = |flag: &str| args.next().ok_or_else(|| anyhow!("{flag} needs a value"));
+        let mut val = |flag: &str| args.next().ok_or_else(|| format!("{flag} needs a value"));
         match a.as_str() {
             "--steps" => steps = val("--steps")?.parse()?,
             "--warmup" => warmup = val("--warmup")?.parse()?,
@@ -64,12 +77,12 @@ fn main() -> anyhow::Result<()> {
                 return Ok(());
             }
             s if !s.starts_with('-') && name.is_none() => name = Some(s.to_string()),
-            s => bail!("unknown argument `{s}`"),
+            s => return Err(format!("unknown argument `{s}`").into()),
         }
     }
-    let name = name.ok_or_else(|| anyhow!("which config? tiny, small or sd15"))?;
+    let name = name.ok_or("which config? tiny, small or sd15")?;
     if steps == 0 {
-        bail!("--steps must be at least 1");
+        return Err("--steps must be at least 1".into());
     }
     let dev = open_device(&device)?;
     let mut model = BenchModel::build(&name, rank, alpha, &dev)?;
@@ -110,7 +123,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// `cpu`, `cuda` (GPU 0) or `cuda:N`.
-fn open_device(name: &str) -> anyhow::Result<Device> {
+fn open_device(name: &str) -> Result<Device> {
     if name == "cpu" {
         return Ok(Device::Cpu);
     }
@@ -119,16 +132,18 @@ fn open_device(name: &str) -> anyhow::Result<Device> {
         Some(n) => n
             .strip_prefix(':')
             .and_then(|n| n.parse().ok())
-            .ok_or_else(|| anyhow!("--device `{name}`: use cpu, cuda or cuda:N"))?,
-        None => bail!("--device `{name}`: use cpu, cuda or cuda:N"),
+            .ok_or_else(|| format!("--device `{name}`: use cpu, cuda or cuda:N"))?,
+        None => return Err(format!("--device `{name}`: use cpu, cuda or cuda:N").into()),
     };
     if !cfg!(feature = "cuda") {
-        bail!(
+        return Err(format!(
             "--device {name}: this lora-bench was built without CUDA; build one with \
              LORACTL_CUDA_BENCH_OUT=target/cuda/lora-bench.gz scripts/cuda/build.sh"
-        );
+        )
+        .into());
     }
-    Device::new_cuda(ordinal).with_context(|| format!("--device {name}: cannot open the GPU"))
+    Ok(Device::new_cuda(ordinal)
+        .map_err(|e| format!("--device {name}: cannot open the GPU: {e}"))?)
 }
 
 /// The GPU's used memory (all processes, as `nvidia-smi` shows it), sampled at the step's

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use loractl_spec::py;
 use serde::Serialize;
 
 use super::{Dataset, Reso, SkippedImage};
@@ -170,7 +171,7 @@ impl Dataset {
         }
         w.close('}');
         w.key("mean_img_ar_error");
-        w.raw(&py_float(self.mean_ar_error));
+        w.raw(&py::float_repr(self.mean_ar_error));
         w.close('}');
         w.finish()
     }
@@ -198,29 +199,32 @@ impl Dataset {
                 "ss_resolution",
                 format!("({}, {})", c.resolution.0, c.resolution.1),
             ),
-            ("ss_cache_latents", py_bool(c.caches_latents())),
-            ("ss_color_aug", py_bool(false)),
-            ("ss_flip_aug", py_bool(c.flip_aug)),
-            ("ss_random_crop", py_bool(c.random_crop)),
-            ("ss_shuffle_caption", py_bool(c.shuffle_caption)),
-            ("ss_enable_bucket", py_bool(c.enable_bucket)),
+            ("ss_cache_latents", py::bool_str(c.caches_latents())),
+            ("ss_color_aug", py::bool_str(false)),
+            ("ss_flip_aug", py::bool_str(c.flip_aug)),
+            ("ss_random_crop", py::bool_str(c.random_crop)),
+            ("ss_shuffle_caption", py::bool_str(c.shuffle_caption)),
+            ("ss_enable_bucket", py::bool_str(c.enable_bucket)),
             (
                 "ss_bucket_no_upscale",
-                py_bool(c.enable_bucket && c.bucket_no_upscale),
+                py::bool_str(c.enable_bucket && c.bucket_no_upscale),
             ),
             ("ss_min_bucket_reso", bucket_reso(min_reso)),
             ("ss_max_bucket_reso", bucket_reso(max_reso)),
             ("ss_keep_tokens", c.keep_tokens.to_string()),
-            ("ss_caption_dropout_rate", py_float(c.caption_dropout_rate)),
+            (
+                "ss_caption_dropout_rate",
+                py::float_repr(c.caption_dropout_rate),
+            ),
             (
                 "ss_caption_dropout_every_n_epochs",
                 c.caption_dropout_every_n_epochs.to_string(),
             ),
             (
                 "ss_caption_tag_dropout_rate",
-                py_float(c.caption_tag_dropout_rate),
+                py::float_repr(c.caption_tag_dropout_rate),
             ),
-            ("ss_prior_loss_weight", py_float(c.prior_loss_weight)),
+            ("ss_prior_loss_weight", py::float_repr(c.prior_loss_weight)),
             ("ss_dataset_dirs", self.ss_dataset_dirs()),
             ("ss_reg_dataset_dirs", self.ss_reg_dataset_dirs()),
             ("ss_tag_frequency", self.ss_tag_frequency()),
@@ -229,38 +233,6 @@ impl Dataset {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect()
-    }
-}
-
-fn py_bool(b: bool) -> String {
-    if b { "True" } else { "False" }.to_string()
-}
-
-/// Python's `repr(float)`: shortest round-trip digits, ".0" on integral values, exponent form
-/// (at least two exponent digits) below 1e-4 or from 1e16.
-pub fn py_float(x: f64) -> String {
-    if x.is_nan() {
-        return "NaN".into();
-    }
-    if x.is_infinite() {
-        return if x > 0.0 { "Infinity" } else { "-Infinity" }.into();
-    }
-    if x == 0.0 {
-        return if x.is_sign_negative() { "-0.0" } else { "0.0" }.into();
-    }
-    let sci = format!("{x:e}");
-    let (mantissa, exp) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
-    let exp: i32 = exp.parse().unwrap_or(0);
-    if (-4..16).contains(&exp) {
-        let s = format!("{x}");
-        if s.contains('.') {
-            s
-        } else {
-            format!("{s}.0")
-        }
-    } else {
-        let sign = if exp < 0 { '-' } else { '+' };
-        format!("{mantissa}e{sign}{:02}", exp.abs())
     }
 }
 
@@ -301,7 +273,7 @@ impl PyJson {
 
     fn key(&mut self, k: &str) {
         self.element();
-        py_json_string(&mut self.out, k);
+        py::json_string(&mut self.out, k);
         self.out.push_str(": ");
         self.after_key = true;
     }
@@ -313,51 +285,5 @@ impl PyJson {
 
     fn finish(self) -> String {
         self.out
-    }
-}
-
-fn py_json_string(out: &mut String, s: &str) {
-    out.push('"');
-    for ch in s.chars() {
-        match ch {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\u{8}' => out.push_str("\\b"),
-            '\u{c}' => out.push_str("\\f"),
-            c if (c as u32) < 0x20 || (c as u32) > 0x7e => {
-                let mut buf = [0u16; 2];
-                for unit in c.encode_utf16(&mut buf) {
-                    out.push_str(&format!("\\u{unit:04x}"));
-                }
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn python_floats() {
-        assert_eq!(py_float(1.0), "1.0");
-        assert_eq!(py_float(0.05), "0.05");
-        assert_eq!(py_float(1e-5), "1e-05");
-        assert_eq!(py_float(0.0001), "0.0001");
-        assert_eq!(py_float(1e16), "1e+16");
-        assert_eq!(py_float(123456.5), "123456.5");
-        assert_eq!(py_float(0.1 + 0.2), "0.30000000000000004");
-    }
-
-    #[test]
-    fn python_json_strings() {
-        let mut s = String::new();
-        py_json_string(&mut s, "café \"x\"\u{1F600}");
-        assert_eq!(s, r#""caf\u00e9 \"x\"\ud83d\ude00""#);
     }
 }

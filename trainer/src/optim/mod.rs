@@ -2,8 +2,9 @@
 //! Prodigy, Adafactor), each matching the Python package sd-scripts builds it from, with parameter
 //! groups, exact state save/resume, gradient clipping and a finite check.
 //!
-//! [`build`] takes sd-scripts' `optimizer_type` and `optimizer_args`; the learning rate of each
-//! group comes from the scheduler ([`crate::lr`]) on every [`Optimizer::step`].
+//! [`build`] takes the optimizer ([`OptimizerKind`], sd-scripts' `optimizer_type`) and its
+//! `optimizer_args`; the learning rate of each group comes from the scheduler ([`crate::lr`])
+//! on every [`Optimizer::step`].
 
 mod adafactor;
 mod adamw;
@@ -15,7 +16,9 @@ mod prodigy;
 mod sgd;
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 use std::path::Path;
+use std::str::FromStr;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
@@ -111,72 +114,142 @@ impl OptimizerState {
     }
 }
 
-/// The optimizer types [`build`] accepts, as sd-scripts spells them (the job spec's
-/// `OptimizerType::implemented`, checked by a test).
-pub const SUPPORTED: &[&str] = &[
-    "AdamW",
-    "AdamW8bit",
-    "Lion",
-    "SGDNesterov",
-    "DAdaptAdam",
-    "Prodigy",
-    "Adafactor",
-];
+/// The optimizer types [`build`] builds: the job spec's [`loractl_spec::OptimizerType`]s that
+/// loractl implements (`OptimizerType::implemented`, checked by a test).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OptimizerKind {
+    AdamW,
+    AdamW8bit,
+    Lion,
+    SgdNesterov,
+    DAdaptAdam,
+    Prodigy,
+    Adafactor,
+}
 
-/// Builds sd-scripts' `optimizer_type` (case-insensitive) with its `optimizer_args` (`k=v` already
-/// split; values in Python literal syntax as sd-scripts' `ast.literal_eval` reads them: `0.01`,
+impl OptimizerKind {
+    pub const ALL: [OptimizerKind; 7] = [
+        OptimizerKind::AdamW,
+        OptimizerKind::AdamW8bit,
+        OptimizerKind::Lion,
+        OptimizerKind::SgdNesterov,
+        OptimizerKind::DAdaptAdam,
+        OptimizerKind::Prodigy,
+        OptimizerKind::Adafactor,
+    ];
+
+    /// sd-scripts' name (the optimizer's [`Optimizer::name`], and what a saved state records).
+    pub fn as_str(self) -> &'static str {
+        self.spec_type().as_str()
+    }
+
+    /// The job spec's name for this optimizer.
+    pub fn spec_type(self) -> loractl_spec::OptimizerType {
+        use loractl_spec::OptimizerType as T;
+        match self {
+            OptimizerKind::AdamW => T::AdamW,
+            OptimizerKind::AdamW8bit => T::AdamW8bit,
+            OptimizerKind::Lion => T::Lion,
+            OptimizerKind::SgdNesterov => T::SgdNesterov,
+            OptimizerKind::DAdaptAdam => T::DAdaptAdam,
+            OptimizerKind::Prodigy => T::Prodigy,
+            OptimizerKind::Adafactor => T::Adafactor,
+        }
+    }
+
+    fn names() -> String {
+        Self::ALL.map(Self::as_str).join(", ")
+    }
+}
+
+impl fmt::Display for OptimizerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Validation refuses what the trainer does not implement; an optimizer that gets here anyway
+/// (a `ResolvedSpec` built by hand) gets a sentence rather than a panic.
+impl TryFrom<loractl_spec::OptimizerType> for OptimizerKind {
+    type Error = Error;
+
+    fn try_from(t: loractl_spec::OptimizerType) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.spec_type() == t)
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "optimizer.optimizer_type `{t}` is not implemented yet"
+                ))
+            })
+    }
+}
+
+/// sd-scripts' `optimizer_type`, case-insensitive.
+impl FromStr for OptimizerKind {
+    type Err = Error;
+
+    fn from_str(optimizer_type: &str) -> Result<Self> {
+        let t = optimizer_type.trim();
+        let t = if t.is_empty() { "adamw" } else { t };
+        if t.eq_ignore_ascii_case("dadaptation") || t.eq_ignore_ascii_case("dadaptadampreprint") {
+            return Err(Error::Config(format!(
+                "optimizer_type `{optimizer_type}` (dadaptation's experimental DAdaptAdamPreprint) \
+                 is not supported; use DAdaptAdam (or Prodigy) instead. Supported: {}",
+                Self::names()
+            )));
+        }
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str().eq_ignore_ascii_case(t))
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "unknown optimizer_type `{optimizer_type}`; supported (case-insensitive): {}",
+                    Self::names()
+                ))
+            })
+    }
+}
+
+/// Builds the optimizer `kind` with its `optimizer_args` (sd-scripts' `k=v` already split;
+/// values in Python literal syntax as sd-scripts' `ast.literal_eval` reads them: `0.01`,
 /// `True`, `0.9,0.99`, `(0.9, 0.99)`, `None`). Defaults are those of the package sd-scripts uses.
 pub fn build(
-    optimizer_type: &str,
+    kind: OptimizerKind,
     optimizer_args: &BTreeMap<String, String>,
     groups: Vec<ParamGroup>,
 ) -> Result<Box<dyn Optimizer>> {
     check_groups(&groups)?;
-    let t = optimizer_type.trim().to_ascii_lowercase();
-    let t = if t.is_empty() { "adamw".to_string() } else { t };
-    let a = |name, accepted| args::Args::new(name, optimizer_args, accepted);
-    Ok(match t.as_str() {
-        "adamw" => Box::new(AdamW::with_groups(
+    let a = |accepted| args::Args::new(kind.as_str(), optimizer_args, accepted);
+    Ok(match kind {
+        OptimizerKind::AdamW => Box::new(AdamW::with_groups(
             groups,
-            AdamWConfig::from_args(&a("AdamW", AdamWConfig::ARGS)?)?,
+            AdamWConfig::from_args(&a(AdamWConfig::ARGS)?)?,
         )?),
-        "adamw8bit" => Box::new(AdamW8bit::new(
+        OptimizerKind::AdamW8bit => Box::new(AdamW8bit::new(
             groups,
-            AdamW8bitConfig::from_args(&a("AdamW8bit", AdamW8bitConfig::ARGS)?)?,
+            AdamW8bitConfig::from_args(&a(AdamW8bitConfig::ARGS)?)?,
         )?),
-        "lion" => Box::new(Lion::new(
+        OptimizerKind::Lion => Box::new(Lion::new(
             groups,
-            LionConfig::from_args(&a("Lion", LionConfig::ARGS)?)?,
+            LionConfig::from_args(&a(LionConfig::ARGS)?)?,
         )?),
-        "sgdnesterov" => Box::new(SgdNesterov::new(
+        OptimizerKind::SgdNesterov => Box::new(SgdNesterov::new(
             groups,
-            SgdNesterovConfig::from_args(&a("SGDNesterov", SgdNesterovConfig::ARGS)?)?,
+            SgdNesterovConfig::from_args(&a(SgdNesterovConfig::ARGS)?)?,
         )?),
-        "dadaptadam" => Box::new(DAdaptAdam::new(
+        OptimizerKind::DAdaptAdam => Box::new(DAdaptAdam::new(
             groups,
-            DAdaptAdamConfig::from_args(&a("DAdaptAdam", DAdaptAdamConfig::ARGS)?)?,
+            DAdaptAdamConfig::from_args(&a(DAdaptAdamConfig::ARGS)?)?,
         )?),
-        "prodigy" => Box::new(Prodigy::new(
+        OptimizerKind::Prodigy => Box::new(Prodigy::new(
             groups,
-            ProdigyConfig::from_args(&a("Prodigy", ProdigyConfig::ARGS)?)?,
+            ProdigyConfig::from_args(&a(ProdigyConfig::ARGS)?)?,
         )?),
-        "adafactor" => Box::new(Adafactor::new(
+        OptimizerKind::Adafactor => Box::new(Adafactor::new(
             groups,
-            AdafactorConfig::from_args(&a("Adafactor", AdafactorConfig::ARGS)?)?,
+            AdafactorConfig::from_args(&a(AdafactorConfig::ARGS)?)?,
         )?),
-        "dadaptation" | "dadaptadampreprint" => {
-            return Err(Error::Config(format!(
-                "optimizer_type `{optimizer_type}` (dadaptation's experimental DAdaptAdamPreprint) \
-                 is not supported; use DAdaptAdam (or Prodigy) instead. Supported: {}",
-                SUPPORTED.join(", ")
-            )))
-        }
-        _ => {
-            return Err(Error::Config(format!(
-                "unknown optimizer_type `{optimizer_type}`; supported (case-insensitive): {}",
-                SUPPORTED.join(", ")
-            )))
-        }
     })
 }
 
@@ -610,13 +683,24 @@ mod tests {
     /// The spec accepts exactly the optimizers this module builds, with the same arguments.
     #[test]
     fn the_spec_and_the_builder_agree_on_optimizers() {
-        let spec: Vec<&str> = loractl_spec::OptimizerType::implemented()
-            .map(|o| o.as_str())
-            .collect();
-        assert_eq!(spec, SUPPORTED);
+        let spec: Vec<loractl_spec::OptimizerType> =
+            loractl_spec::OptimizerType::implemented().collect();
+        assert_eq!(spec, OptimizerKind::ALL.map(OptimizerKind::spec_type));
+        for o in loractl_spec::OptimizerType::ALL {
+            assert_eq!(
+                OptimizerKind::try_from(*o).is_ok(),
+                o.is_implemented(),
+                "{o}"
+            );
+        }
+        let err = OptimizerKind::try_from(loractl_spec::OptimizerType::Lion8bit)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("`Lion8bit` is not implemented yet"), "{err}");
         let dev = Device::Cpu;
-        for o in loractl_spec::OptimizerType::implemented() {
-            let names = o.arg_names().unwrap_or_default();
+        for o in OptimizerKind::ALL {
+            let names = o.spec_type().arg_names().unwrap_or_default();
             let args: BTreeMap<String, String> = names
                 .iter()
                 .map(|n| (n.to_string(), "x".to_string()))
@@ -627,7 +711,7 @@ mod tests {
                 lr: 1e-3,
             }];
             // Every listed name is known to the builder: it fails on the value, not the name.
-            let err = build(o.as_str(), &args, groups).err().unwrap().to_string();
+            let err = build(o, &args, groups).err().unwrap().to_string();
             assert!(!err.contains("is not an argument"), "{o}: {err}");
         }
     }
@@ -643,12 +727,14 @@ mod tests {
             }]
         };
         let none = BTreeMap::new();
-        let err = build("Adam9000", &none, groups())
+        let err = "Adam9000"
+            .parse::<OptimizerKind>()
             .err()
             .unwrap()
             .to_string();
         assert!(err.contains("Adam9000") && err.contains("Prodigy"), "{err}");
-        let err = build("DAdaptation", &none, groups())
+        let err = "DAdaptation"
+            .parse::<OptimizerKind>()
             .err()
             .unwrap()
             .to_string();
@@ -658,18 +744,23 @@ mod tests {
         );
         let mut bad = BTreeMap::new();
         bad.insert("weight_dacay".to_string(), "0.1".to_string());
-        let err = build("adamw", &bad, groups()).err().unwrap().to_string();
+        let kind = "adamw".parse().unwrap();
+        let err = build(kind, &bad, groups()).err().unwrap().to_string();
         assert!(
             err.contains("weight_dacay") && err.contains("weight_decay") && err.contains("betas"),
             "{err}"
         );
         let mut bad = BTreeMap::new();
         bad.insert("betas".to_string(), "0.9".to_string());
-        let err = build("Lion", &bad, groups()).err().unwrap().to_string();
+        let err = build(OptimizerKind::Lion, &bad, groups())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("betas"), "{err}");
-        for name in SUPPORTED {
-            let o = build(&name.to_uppercase(), &none, groups()).unwrap();
-            assert_eq!(o.name(), *name);
+        for kind in OptimizerKind::ALL {
+            let name = kind.as_str();
+            let o = build(name.to_uppercase().parse().unwrap(), &none, groups()).unwrap();
+            assert_eq!(o.name(), name);
         }
     }
 }

@@ -1,270 +1,18 @@
-//! Validation and the resolved (typed, effective) view of a job spec. Both come out of one pass,
-//! [`JobSpec::resolved`], so every rule lives in one place: it reports every problem with its
-//! key path and a fix, and otherwise yields [`ResolvedSpec`] with kohya's effective values.
+//! The rules of a job spec, section by section: each check reports its problems on the
+//! [`Checker`] and returns the resolved values of its section.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
-use crate::error::{SpecError, SpecErrors, SpecWarning};
+use super::choices::{
+    HuberSchedule, LossType, LrScheduler, MixedPrecision, OptimizerType, Sampler, SavePrecision,
+};
+use super::types::{
+    Buckets, ConvLora, Gpus, KohyaArgs, Loss, ResolvedDataset, ResolvedModel, ResolvedOutput,
+    ResolvedResources, ResolvedSample, ResolvedSpec, ResolvedTraining, TrainLength, WarmupSpec,
+};
+use super::Checker;
 use crate::spec::{defaults, JobSpec, LrWarmup, OptimizerArgs, Resolution, SPEC_VERSION};
 use crate::suggest::closest;
-
-macro_rules! choices {
-    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-        pub enum $name {
-            $($(#[$vmeta])* $variant),+
-        }
-
-        impl $name {
-            pub const ALL: &'static [$name] = &[$($name::$variant),+];
-
-            /// The name as written in a job spec (and in sd-scripts).
-            pub fn as_str(self) -> &'static str {
-                match self {
-                    $($name::$variant => $text),+
-                }
-            }
-
-            fn names() -> impl Iterator<Item = &'static str> + Clone {
-                Self::ALL.iter().map(|v| v.as_str())
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-    };
-}
-
-choices! {
-    /// sd-scripts' optimizer names (Python class paths aside). Validation refuses the ones the
-    /// trainer does not implement yet ([`OptimizerType::is_implemented`]) with a sentence saying
-    /// so, so a job that validates is a job the trainer runs.
-    OptimizerType {
-        AdamW = "AdamW",
-        AdamW8bit = "AdamW8bit",
-        PagedAdamW = "PagedAdamW",
-        PagedAdamW8bit = "PagedAdamW8bit",
-        PagedAdamW32bit = "PagedAdamW32bit",
-        Lion = "Lion",
-        Lion8bit = "Lion8bit",
-        PagedLion8bit = "PagedLion8bit",
-        SgdNesterov = "SGDNesterov",
-        SgdNesterov8bit = "SGDNesterov8bit",
-        /// DAdaptAdamPreprint; `DAdaptAdamPreprint` is accepted as an alias.
-        DAdaptation = "DAdaptation",
-        DAdaptAdaGrad = "DAdaptAdaGrad",
-        DAdaptAdam = "DAdaptAdam",
-        DAdaptAdan = "DAdaptAdan",
-        DAdaptAdanIp = "DAdaptAdanIP",
-        DAdaptLion = "DAdaptLion",
-        DAdaptSgd = "DAdaptSGD",
-        Prodigy = "Prodigy",
-        Adafactor = "Adafactor",
-        AdamWScheduleFree = "AdamWScheduleFree",
-        RAdamScheduleFree = "RAdamScheduleFree",
-        SgdScheduleFree = "SGDScheduleFree",
-    }
-}
-
-impl OptimizerType {
-    /// sd-scripts matches optimizer names case-insensitively.
-    pub fn parse(text: &str) -> Option<Self> {
-        if text.eq_ignore_ascii_case("DAdaptAdamPreprint") {
-            return Some(Self::DAdaptation);
-        }
-        Self::ALL
-            .iter()
-            .copied()
-            .find(|o| o.as_str().eq_ignore_ascii_case(text))
-    }
-
-    /// D-Adaptation and Prodigy estimate the step size; `learning_rate` is a multiplier (~1).
-    pub fn is_adaptive(self) -> bool {
-        use OptimizerType::*;
-        matches!(
-            self,
-            DAdaptation
-                | DAdaptAdaGrad
-                | DAdaptAdam
-                | DAdaptAdan
-                | DAdaptAdanIp
-                | DAdaptLion
-                | DAdaptSgd
-                | Prodigy
-        )
-    }
-
-    /// The `optimizer_args` names this optimizer takes, or `None` when loractl does not
-    /// implement it yet. The lists are those of the Python packages sd-scripts builds each
-    /// optimizer from; the trainer reads them from here.
-    pub fn arg_names(self) -> Option<&'static [&'static str]> {
-        use optimizer_arg_names as a;
-        use OptimizerType::*;
-        Some(match self {
-            AdamW => a::ADAMW,
-            AdamW8bit => a::ADAMW8BIT,
-            Lion => a::LION,
-            SgdNesterov => a::SGD_NESTEROV,
-            DAdaptAdam => a::DADAPT_ADAM,
-            Prodigy => a::PRODIGY,
-            Adafactor => a::ADAFACTOR,
-            _ => return None,
-        })
-    }
-
-    /// Whether the trainer implements this optimizer.
-    pub fn is_implemented(self) -> bool {
-        self.arg_names().is_some()
-    }
-
-    /// The optimizers the trainer implements, as sd-scripts spells them.
-    pub fn implemented() -> impl Iterator<Item = OptimizerType> + Clone {
-        Self::ALL.iter().copied().filter(|o| o.is_implemented())
-    }
-
-    /// Schedule-free optimizers run without an LR scheduler.
-    pub fn is_schedule_free(self) -> bool {
-        use OptimizerType::*;
-        matches!(
-            self,
-            AdamWScheduleFree | RAdamScheduleFree | SgdScheduleFree
-        )
-    }
-}
-
-/// The `optimizer_args` each implemented optimizer accepts (the keyword arguments of the class
-/// sd-scripts builds: torch's AdamW and SGD, bitsandbytes' AdamW8bit, lion-pytorch, dadaptation's
-/// DAdaptAdam, prodigyopt, transformers' Adafactor), less the learning rate, which comes from
-/// the spec. One list per optimizer, read by validation and by the trainer's optimizer builder.
-pub mod optimizer_arg_names {
-    pub const ADAMW: &[&str] = &["betas", "eps", "weight_decay", "amsgrad"];
-    pub const ADAMW8BIT: &[&str] = &["betas", "eps", "weight_decay", "min_8bit_size"];
-    pub const LION: &[&str] = &["betas", "weight_decay", "decoupled_weight_decay"];
-    pub const SGD_NESTEROV: &[&str] = &["momentum", "weight_decay", "dampening"];
-    pub const DADAPT_ADAM: &[&str] = &[
-        "betas",
-        "eps",
-        "weight_decay",
-        "decouple",
-        "use_bias_correction",
-        "d0",
-        "growth_rate",
-        "log_every",
-    ];
-    pub const PRODIGY: &[&str] = &[
-        "betas",
-        "beta3",
-        "eps",
-        "weight_decay",
-        "decouple",
-        "use_bias_correction",
-        "safeguard_warmup",
-        "d0",
-        "d_coef",
-        "growth_rate",
-        "slice_p",
-    ];
-    pub const ADAFACTOR: &[&str] = &[
-        "eps",
-        "clip_threshold",
-        "decay_rate",
-        "beta1",
-        "weight_decay",
-        "scale_parameter",
-        "relative_step",
-        "warmup_init",
-    ];
-}
-
-choices! {
-    /// Learning-rate schedules (diffusers' `get_scheduler` names).
-    LrScheduler {
-        Linear = "linear",
-        Cosine = "cosine",
-        CosineWithRestarts = "cosine_with_restarts",
-        Polynomial = "polynomial",
-        Constant = "constant",
-        ConstantWithWarmup = "constant_with_warmup",
-    }
-}
-
-choices! {
-    MixedPrecision {
-        No = "no",
-        Fp16 = "fp16",
-        Bf16 = "bf16",
-    }
-}
-
-choices! {
-    /// dtype of the saved LoRA file.
-    SavePrecision {
-        Fp16 = "fp16",
-        Bf16 = "bf16",
-        Float = "float",
-    }
-}
-
-choices! {
-    LossType {
-        L2 = "l2",
-        L1 = "l1",
-        Huber = "huber",
-        SmoothL1 = "smooth_l1",
-    }
-}
-
-choices! {
-    /// How the Huber parameter varies with the timestep (sd-scripts' `huber_schedule`).
-    HuberSchedule {
-        Constant = "constant",
-        Exponential = "exponential",
-        Snr = "snr",
-    }
-}
-
-choices! {
-    /// Preview-image samplers.
-    Sampler {
-        Ddim = "ddim",
-        Euler = "euler",
-        EulerA = "euler_a",
-    }
-}
-
-impl Sampler {
-    fn parse(text: &str) -> Option<Self> {
-        // sd-scripts treats the k_ names as the same samplers.
-        let text = text.strip_prefix("k_").unwrap_or(text);
-        Self::ALL.iter().copied().find(|s| s.as_str() == text)
-    }
-}
-
-fn implemented_names() -> impl Iterator<Item = &'static str> + Clone {
-    OptimizerType::implemented().map(OptimizerType::as_str)
-}
-
-macro_rules! exact_parse {
-    ($($name:ident),+) => {$(
-        impl $name {
-            fn parse(text: &str) -> Option<Self> {
-                Self::ALL.iter().copied().find(|v| v.as_str() == text)
-            }
-        }
-    )+};
-}
-exact_parse!(
-    LrScheduler,
-    MixedPrecision,
-    SavePrecision,
-    LossType,
-    HuberSchedule
-);
 
 /// Upper bounds of numeric options. sd-scripts has none, so a typo (or `network_dim =
 /// 4294967295`) used to pass validation and `plan` and abort in the trainer. Each bound is far
@@ -310,338 +58,8 @@ pub mod limits {
     pub const NAME_BYTES: usize = 200;
 }
 
-/// The loss and its parameters.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Loss {
-    L2,
-    /// Only `schedule = Constant` passes validation until the other schedules are implemented.
-    Huber {
-        c: f64,
-        schedule: HuberSchedule,
-    },
-}
-
-/// Warmup length, resolved from `lr_warmup_steps` (percentages become fractions).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum WarmupSpec {
-    Steps(u64),
-    /// Fraction of the scheduler's total steps, in [0, 1].
-    Fraction(f64),
-}
-
-impl WarmupSpec {
-    /// Warmup steps for a schedule of `total_steps` steps; fractions round down as in
-    /// sd-scripts (`int(fraction * total)`).
-    pub fn steps(self, total_steps: u64) -> u64 {
-        match self {
-            Self::Steps(n) => n,
-            Self::Fraction(f) => (f * total_steps as f64).floor() as u64,
-        }
-    }
-}
-
-/// How long to train.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TrainLength {
-    Steps(u64),
-    /// Steps = epochs × ceil(batches per epoch / GPUs / gradient accumulation), known only once
-    /// the dataset is scanned.
-    Epochs(u32),
-}
-
-/// Which devices a job uses on each worker.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Gpus {
-    All,
-    Cpu,
-    /// Distinct GPU ids, in the order written.
-    Ids(Vec<u32>),
-}
-
-impl Gpus {
-    /// `"all"`, `"cpu"` or comma-separated distinct non-negative integers.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let text = text.trim();
-        if text.eq_ignore_ascii_case("all") {
-            return Ok(Self::All);
-        }
-        if text.eq_ignore_ascii_case("cpu") {
-            return Ok(Self::Cpu);
-        }
-        let mut ids = Vec::new();
-        for part in text.split(',') {
-            let part = part.trim();
-            let id: u32 = part
-                .parse()
-                .map_err(|_| format!("`{part}` is not a GPU id (a non-negative integer)"))?;
-            if ids.contains(&id) {
-                return Err(format!("GPU {id} is listed twice"));
-            }
-            ids.push(id);
-        }
-        Ok(Self::Ids(ids))
-    }
-}
-
-impl fmt::Display for Gpus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::All => f.write_str("all"),
-            Self::Cpu => f.write_str("cpu"),
-            Self::Ids(ids) => {
-                let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
-                f.write_str(&ids.join(","))
-            }
-        }
-    }
-}
-
-/// Aspect-ratio bucketing, with min/max already rounded to multiples of `reso_steps` as
-/// sd-scripts does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Buckets {
-    pub min_reso: u32,
-    pub max_reso: u32,
-    pub reso_steps: u32,
-    pub no_upscale: bool,
-}
-
-/// LoRA on 3×3 convolutions (`network_args.conv_dim`).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ConvLora {
-    pub dim: u32,
-    /// Effective alpha (0 already replaced by `dim`).
-    pub alpha: f64,
-}
-
-/// A validated job spec with every effective value worked out. Read the typed fields rather
-/// than their string counterparts in `spec`: some differ on purpose (see `lr_scheduler`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct ResolvedSpec {
-    /// The spec as written, defaults filled in.
-    pub spec: JobSpec,
-    /// `output.output_name`, else the job name.
-    pub output_name: String,
-    pub resolution: Resolution,
-    /// `None` without `enable_bucket`.
-    pub buckets: Option<Buckets>,
-    /// `cache_latents`, also implied by `cache_latents_to_disk`.
-    pub cache_latents: bool,
-    /// 75, 150 or 225.
-    pub max_token_length: u32,
-    /// Effective alpha (0 replaced by `network_dim`).
-    pub network_alpha: f64,
-    pub conv: Option<ConvLora>,
-    /// `None`: the U-Net LoRA is not trained (unet_lr 0 or network_train_text_encoder_only).
-    pub unet_lr: Option<f64>,
-    /// `None`: the text-encoder LoRA is not trained (lr 0 or network_train_unet_only).
-    pub text_encoder_lr: Option<f64>,
-    pub optimizer: OptimizerType,
-    /// `key -> value` as sd-scripts would see `key=value` (values are Python literals).
-    pub optimizer_args: BTreeMap<String, String>,
-    /// Effective schedule: `constant` with a non-zero warmup becomes `constant_with_warmup`.
-    pub lr_scheduler: LrScheduler,
-    pub warmup: WarmupSpec,
-    pub length: TrainLength,
-    pub mixed_precision: MixedPrecision,
-    /// `None`: save in the training dtype.
-    pub save_precision: Option<SavePrecision>,
-    pub loss: Loss,
-    /// Timesteps are drawn uniformly from `min..max`.
-    pub timesteps: std::ops::Range<u32>,
-    pub sampler: Sampler,
-    pub gpus: Gpus,
-    /// Accepted values worth telling the user about.
-    pub warnings: Vec<SpecWarning>,
-}
-
-impl ResolvedSpec {
-    /// Data-parallel ranks on each worker of the job: one per GPU named, `ranks_per_worker`
-    /// CPU ranks, or `None` for `gpus = "all"` (every GPU the worker pinned, known only once
-    /// it is placed).
-    pub fn ranks_per_worker(&self) -> Option<u32> {
-        match &self.gpus {
-            Gpus::All => None,
-            Gpus::Cpu => Some(self.spec.resources.ranks_per_worker.max(1)),
-            Gpus::Ids(ids) => Some(ids.len() as u32),
-        }
-    }
-
-    /// The job's world size when it does not depend on the workers chosen (see
-    /// [`ResolvedSpec::ranks_per_worker`]).
-    pub fn world_size(&self) -> Option<u32> {
-        self.ranks_per_worker()
-            .map(|r| r * self.spec.resources.workers.max(1))
-    }
-}
-
-impl JobSpec {
-    /// Checks everything and returns every problem found, each with its key path and a fix.
-    pub fn validate(&self) -> Result<(), SpecErrors> {
-        self.resolved().map(|_| ())
-    }
-
-    /// Validates and works out the effective values (kohya's defaults and implications).
-    pub fn resolved(&self) -> Result<ResolvedSpec, SpecErrors> {
-        let mut c = Checker::default();
-        let resolved = c.check(self);
-        match resolved {
-            Some(r) if c.errors.is_empty() => Ok(ResolvedSpec {
-                warnings: c.warnings,
-                ..r
-            }),
-            _ => Err(SpecErrors(c.errors)),
-        }
-    }
-
-    /// Non-blocking remarks about the spec (empty if it does not validate).
-    pub fn warnings(&self) -> Vec<SpecWarning> {
-        self.resolved().map(|r| r.warnings).unwrap_or_default()
-    }
-}
-
-#[derive(Default)]
-struct Checker {
-    errors: Vec<SpecError>,
-    warnings: Vec<SpecWarning>,
-}
-
 impl Checker {
-    fn err(&mut self, path: &str, problem: impl Into<String>, fix: impl Into<String>) {
-        self.errors.push(SpecError {
-            path: path.to_owned(),
-            problem: problem.into(),
-            fix: fix.into(),
-        });
-    }
-
-    fn warn(&mut self, path: &str, message: impl Into<String>) {
-        self.warnings.push(SpecWarning {
-            path: path.to_owned(),
-            message: message.into(),
-        });
-    }
-
-    /// A value among fixed names; reports the closest name or the list.
-    fn choice<T: Copy>(
-        &mut self,
-        path: &str,
-        text: &str,
-        parse: impl Fn(&str) -> Option<T>,
-        names: impl Iterator<Item = &'static str> + Clone,
-    ) -> Option<T> {
-        let parsed = parse(text);
-        if parsed.is_none() {
-            let fix = match closest(text, names.clone()) {
-                Some(name) => format!("did you mean `{name}`?"),
-                None => format!("use one of: {}", names.collect::<Vec<_>>().join(", ")),
-            };
-            self.err(path, format!("unknown value `{text}`"), fix);
-        }
-        parsed
-    }
-
-    /// A count of steps or epochs between events: 1..=max.
-    fn interval(&mut self, path: &str, value: u64, max: u64, fix: &str) {
-        self.nonzero(path, value, fix);
-        self.at_most_u(path, value, 1, max, fix);
-    }
-
-    fn nonzero(&mut self, path: &str, value: u64, fix: &str) {
-        if value == 0 {
-            self.err(path, "must be at least 1, got 0", fix);
-        }
-    }
-
-    fn non_negative(&mut self, path: &str, value: f64, fix: &str) -> bool {
-        let ok = value.is_finite() && value >= 0.0;
-        if !ok {
-            self.err(
-                path,
-                format!("must be a finite number >= 0, got {value}"),
-                fix,
-            );
-        }
-        ok
-    }
-
-    fn positive(&mut self, path: &str, value: f64, fix: &str) -> bool {
-        let ok = value.is_finite() && value > 0.0;
-        if !ok {
-            self.err(
-                path,
-                format!("must be a finite number > 0, got {value}"),
-                fix,
-            );
-        }
-        ok
-    }
-
-    /// An integer option's range, `min..=max`, checked after [`Checker::nonzero`] (so 0 keeps
-    /// its own message).
-    fn at_most_u(&mut self, path: &str, value: u64, min: u64, max: u64, fix: &str) -> bool {
-        let ok = value <= max;
-        if !ok {
-            self.err(
-                path,
-                format!("must be between {min} and {max}, got {value}"),
-                fix,
-            );
-        }
-        ok
-    }
-
-    /// A number's upper bound, checked after [`Checker::non_negative`] or [`Checker::positive`].
-    fn at_most(&mut self, path: &str, value: f64, max: f64, fix: &str) -> bool {
-        let ok = !value.is_finite() || value <= max;
-        if !ok {
-            self.err(
-                path,
-                format!("must be between 0 and {max}, got {value}"),
-                fix,
-            );
-        }
-        ok
-    }
-
-    fn rate(&mut self, path: &str, value: f64) {
-        if !(0.0..=1.0).contains(&value) {
-            self.err(
-                path,
-                format!("is a probability and must be between 0 and 1, got {value}"),
-                "use e.g. 0.1 for 10%",
-            );
-        }
-    }
-
-    fn file_stem(&mut self, path: &str, value: &str) {
-        if value.trim().is_empty() {
-            self.err(path, "is empty", "give a name such as \"zenny\"");
-        } else if value.contains(['/', '\\']) || value == "." || value == ".." {
-            self.err(
-                path,
-                format!("`{value}` is used as a file name and must not contain path separators"),
-                "put directories in output.output_dir",
-            );
-        } else if value.chars().any(char::is_control) {
-            self.err(
-                path,
-                format!("{value:?} is used as a file name and must not contain NUL or other control characters"),
-                "use letters, digits, `-` and `_`",
-            );
-        } else if value.len() > limits::NAME_BYTES {
-            self.err(
-                path,
-                format!(
-                    "is {} bytes long; file names made from it must fit in 255 bytes",
-                    value.len()
-                ),
-                format!("use at most {} bytes", limits::NAME_BYTES),
-            );
-        }
-    }
-
-    fn check(&mut self, spec: &JobSpec) -> Option<ResolvedSpec> {
+    pub(super) fn check(&mut self, spec: &JobSpec) -> Option<ResolvedSpec> {
         if spec.version != SPEC_VERSION {
             self.err(
                 "version",
@@ -663,29 +81,108 @@ impl Checker {
         let gpus = self.check_resources(spec);
 
         let opt = opt?;
-        let (mixed_precision, loss, timesteps) = training?;
+        let training = training?;
+        let (m, d, n, o, t, out, smp, r) = (
+            &spec.model,
+            &spec.dataset,
+            &spec.network,
+            &spec.optimizer,
+            &spec.training,
+            &spec.output,
+            &spec.sample,
+            &spec.resources,
+        );
         Some(ResolvedSpec {
-            spec: spec.clone(),
+            name: spec.name.clone(),
             output_name,
+            model: ResolvedModel {
+                pretrained_model_name_or_path: m.pretrained_model_name_or_path.clone(),
+                v2: m.v2,
+                v_parameterization: m.v_parameterization,
+                vae: m.vae.clone(),
+                clip_skip: m.clip_skip,
+            },
+            dataset: ResolvedDataset {
+                train_data_dir: d.train_data_dir.clone(),
+                reg_data_dir: d.reg_data_dir.clone(),
+                caption_extension: d.caption_extension.clone(),
+                shuffle_caption: d.shuffle_caption,
+                caption_separator: d.caption_separator.clone(),
+                keep_tokens: d.keep_tokens,
+                caption_prefix: d.caption_prefix.clone(),
+                caption_suffix: d.caption_suffix.clone(),
+                caption_dropout_rate: d.caption_dropout_rate,
+                caption_dropout_every_n_epochs: d.caption_dropout_every_n_epochs,
+                caption_tag_dropout_rate: d.caption_tag_dropout_rate,
+                random_crop: d.random_crop,
+                flip_aug: d.flip_aug,
+                cache_latents_to_disk: d.cache_latents_to_disk,
+                prior_loss_weight: d.prior_loss_weight,
+            },
             resolution,
             buckets,
             cache_latents,
             max_token_length,
+            network_dim: n.network_dim,
             network_alpha,
             conv,
+            network_weights: n.network_weights.clone(),
             unet_lr: opt.unet_lr,
             text_encoder_lr: opt.text_encoder_lr,
             optimizer: opt.optimizer,
             optimizer_args: opt.args,
             lr_scheduler: opt.scheduler,
             warmup: opt.warmup,
+            lr_scheduler_num_cycles: o.lr_scheduler_num_cycles,
+            lr_scheduler_power: o.lr_scheduler_power,
+            max_grad_norm: o.max_grad_norm,
             length,
-            mixed_precision,
+            training: ResolvedTraining {
+                train_batch_size: t.train_batch_size,
+                gradient_accumulation_steps: t.gradient_accumulation_steps,
+                seed: t.seed,
+                noise_offset: t.noise_offset,
+                min_snr_gamma: t.min_snr_gamma,
+            },
+            mixed_precision: training.mixed_precision,
             save_precision: save_precision?,
-            loss,
-            timesteps,
+            loss: training.loss,
+            timesteps: training.timesteps,
+            output: ResolvedOutput {
+                output_dir: out.output_dir.clone(),
+                save_every_n_epochs: out.save_every_n_epochs,
+                save_every_n_steps: out.save_every_n_steps,
+                save_last_n_epochs: out.save_last_n_epochs,
+                save_state: out.save_state,
+                resume: out.resume.clone(),
+                training_comment: out.training_comment.clone(),
+                no_metadata: out.no_metadata,
+            },
+            sample: ResolvedSample {
+                sample_prompts: smp.sample_prompts.clone(),
+                sample_every_n_epochs: smp.sample_every_n_epochs,
+                sample_every_n_steps: smp.sample_every_n_steps,
+            },
             sampler: sampler?,
+            logging_dir: spec.logging.logging_dir.clone(),
             gpus: gpus?,
+            resources: ResolvedResources {
+                workers: r.workers,
+                ranks_per_worker: r.ranks_per_worker,
+                max_restarts: r.max_restarts,
+            },
+            kohya_args: KohyaArgs {
+                learning_rate: o.learning_rate,
+                unet_lr: o.unet_lr,
+                text_encoder_lr: o.text_encoder_lr,
+                max_token_length: m.max_token_length,
+                network_dropout: n.network_dropout,
+                loss_type: training.loss_type,
+                huber_schedule: training.huber_schedule,
+                huber_c: t.huber_c,
+                min_timestep: t.min_timestep,
+                max_timestep: t.max_timestep,
+            },
             warnings: Vec::new(),
         })
     }
@@ -1402,7 +899,7 @@ impl Checker {
             }
             OptimizerArgs::Table(table) => {
                 for (key, value) in table {
-                    match python_literal(value) {
+                    match crate::py::literal(value) {
                         Some(text) => {
                             out.insert(key.clone(), text);
                         }
@@ -1481,10 +978,7 @@ impl Checker {
         }
     }
 
-    fn check_training(
-        &mut self,
-        spec: &JobSpec,
-    ) -> Option<(MixedPrecision, Loss, std::ops::Range<u32>)> {
+    fn check_training(&mut self, spec: &JobSpec) -> Option<TrainingChoice> {
         let t = &spec.training;
         self.nonzero(
             "training.train_batch_size",
@@ -1614,7 +1108,13 @@ impl Checker {
                 return None;
             }
         };
-        Some((precision?, loss, timesteps_ok.then_some(min..max)?))
+        Some(TrainingChoice {
+            mixed_precision: precision?,
+            loss,
+            timesteps: timesteps_ok.then_some(min..max)?,
+            loss_type: loss_type?,
+            huber_schedule: schedule?,
+        })
     }
 
     fn check_output(&mut self, spec: &JobSpec) -> (String, Option<Option<SavePrecision>>) {
@@ -1820,36 +1320,15 @@ struct OptimizerChoice {
     warmup: WarmupSpec,
 }
 
-/// A TOML value as sd-scripts' `key=value` text, which it reads with `ast.literal_eval`.
-fn python_literal(value: &toml::Value) -> Option<String> {
-    Some(match value {
-        toml::Value::String(s) => s.clone(),
-        toml::Value::Integer(i) => i.to_string(),
-        toml::Value::Float(f) => python_float(*f),
-        toml::Value::Boolean(true) => "True".to_owned(),
-        toml::Value::Boolean(false) => "False".to_owned(),
-        toml::Value::Array(items) => {
-            let parts = items
-                .iter()
-                .map(|v| match v {
-                    toml::Value::Integer(i) => Some(i.to_string()),
-                    toml::Value::Float(f) => Some(python_float(*f)),
-                    toml::Value::Boolean(b) => Some(if *b { "True" } else { "False" }.to_owned()),
-                    _ => None,
-                })
-                .collect::<Option<Vec<_>>>()?;
-            // A one-element tuple needs its trailing comma.
-            if parts.len() == 1 {
-                format!("({},)", parts[0])
-            } else {
-                format!("({})", parts.join(","))
-            }
-        }
-        toml::Value::Datetime(_) | toml::Value::Table(_) => return None,
-    })
+fn implemented_names() -> impl Iterator<Item = &'static str> + Clone {
+    OptimizerType::implemented().map(OptimizerType::as_str)
 }
 
-fn python_float(f: f64) -> String {
-    // `{:?}` keeps a decimal point ("1.0", "1e-8"), so the value stays a float in Python.
-    format!("{f:?}")
+struct TrainingChoice {
+    mixed_precision: MixedPrecision,
+    loss: Loss,
+    timesteps: std::ops::Range<u32>,
+    /// As written, for [`KohyaArgs`].
+    loss_type: LossType,
+    huber_schedule: HuberSchedule,
 }
