@@ -6,6 +6,9 @@
 #   PROTOC is pointed at the vendored one (no apt needed).
 # - etcd: the etcd store tests start a real `etcd` on loopback. Installed with apt when missing
 #   and running as root; LORACTL_SKIP_ETCD=1 skips those tests instead.
+# - prometheus (and promtool): the dashboard test scrapes a real cluster with a real
+#   Prometheus, and CI checks deploy/prometheus with promtool. Installed with apt the same way;
+#   LORACTL_SKIP_PROMETHEUS=1 skips that test instead.
 
 if [ -z "${PROTOC:-}" ] && ! command -v protoc >/dev/null 2>&1; then
   case "$(uname -m)" in
@@ -43,5 +46,21 @@ if [ "${LORACTL_SKIP_ETCD:-0}" != "1" ] && [ -z "${LORACTL_ETCD:-}" ] && ! comma
     rm -f "$apt_log"
   else
     echo "etcd is missing: install it (\`apt-get install -y etcd-server\`) or set LORACTL_SKIP_ETCD=1" >&2
+  fi
+fi
+
+# LORACTL_PROMETHEUS names another prometheus binary; then nothing is installed.
+if [ "${LORACTL_SKIP_PROMETHEUS:-0}" != "1" ] && [ -z "${LORACTL_PROMETHEUS:-}" ] && ! command -v prometheus >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing prometheus for the dashboard test" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt_log=$(mktemp)
+    if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; } >"$apt_log" 2>&1; then
+      cat "$apt_log" >&2
+      echo "installing prometheus failed; set LORACTL_SKIP_PROMETHEUS=1 to run without the dashboard test" >&2
+    fi
+    rm -f "$apt_log"
+  else
+    echo "prometheus is missing: install it (\`apt-get install -y prometheus\`) or set LORACTL_SKIP_PROMETHEUS=1" >&2
   fi
 fi

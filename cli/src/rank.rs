@@ -95,8 +95,10 @@ pub fn rank() -> anyhow::Result<ExitCode> {
     ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))?;
     let started = Instant::now();
     let mut first_step: Option<(Instant, usize)> = None;
-    // `loss/epoch_average` of the last finished epoch, sent with every later step.
+    // `loss/epoch_average` of the last finished epoch, sent with every later step and
+    // at once when the epoch ends (with the last step's figures).
     let mut epoch_average: Option<f64> = None;
+    let mut last_progress: Option<RankProgress> = None;
     let mut emit = |e: &RunEvent| {
         let message = match e {
             RunEvent::Step {
@@ -108,12 +110,14 @@ pub fn rank() -> anyhow::Result<ExitCode> {
                 lrs,
                 d_lrs,
                 samples,
+                data_seconds,
+                allreduce_seconds,
             } => {
                 let (t0, s0) = *first_step.get_or_insert((started, step - 1));
                 let secs = t0.elapsed().as_secs_f64().max(1e-9);
                 let rate = (*step - s0) as f64 / secs;
                 let d_lrs = d_lrs.clone().unwrap_or_default();
-                Some(ChildMessage::Progress(RankProgress {
+                let progress = RankProgress {
                     step: *step as u64,
                     total_steps: *total as u64,
                     epoch: *epoch as u32,
@@ -126,13 +130,22 @@ pub fn rank() -> anyhow::Result<ExitCode> {
                     loss_epoch_average: epoch_average,
                     lrs: lrs.clone(),
                     d_lrs,
+                    data_seconds: Some(*data_seconds),
+                    allreduce_seconds: Some(*allreduce_seconds),
                     ..RankProgress::default()
-                }))
+                };
+                last_progress = Some(progress.clone());
+                Some(ChildMessage::Progress(progress))
             }
             RunEvent::Epoch { loss_average, .. } => {
                 epoch_average = Some(*loss_average as f64);
                 println!("{}", crate::progress::event_json(e));
-                None
+                last_progress.as_ref().map(|p| {
+                    ChildMessage::Progress(RankProgress {
+                        loss_epoch_average: epoch_average,
+                        ..p.clone()
+                    })
+                })
             }
             RunEvent::Saved { path, .. } => Some(artifact(path, ArtifactKind::Lora)),
             RunEvent::StateSaved { path, step } => match checkpoint_of_step(path, *step) {

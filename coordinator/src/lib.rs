@@ -8,6 +8,7 @@
 //!   against starvation);
 //! - [`artifacts`]: the content-addressed artifact store on local disk (quota, resumable
 //!   verified uploads, keep-latest-N checkpoints);
+//! - [`logs`]: job logs on disk, read back after a restart;
 //! - [`leader`]: leader election among coordinators sharing one etcd;
 //! - [`server`]: the event loop that owns all mutable state, worker liveness, and the gRPC
 //!   services in front of it;
@@ -17,6 +18,7 @@ pub mod artifacts;
 pub mod error;
 pub mod job;
 pub mod leader;
+pub mod logs;
 pub mod placement;
 pub mod server;
 pub mod standalone;

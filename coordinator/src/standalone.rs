@@ -35,8 +35,10 @@ pub mod defaults {
     pub const CPU_SLOTS: u32 = 1;
     /// Log lines kept per job.
     pub const LOG_LINES_PER_JOB: usize = 10_000;
-    /// Ended jobs whose logs stay in memory.
+    /// Ended jobs whose logs stay in memory (all stay on disk).
     pub const ENDED_JOBS_WITH_LOGS: usize = 100;
+    /// Bytes of log each job keeps on disk (up to twice this, its latest lines).
+    pub const LOG_BYTES_PER_JOB: u64 = 8 << 20;
     /// Seconds the ranks of a multi-worker attempt may take to all join the rendezvous.
     pub const RENDEZVOUS_TIMEOUT_SECS: u64 = 300;
     /// Address the binary serves on.

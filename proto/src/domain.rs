@@ -157,6 +157,14 @@ pub enum FailureKind {
 }
 
 impl FailureKind {
+    pub const ALL: [Self; 5] = [
+        Self::WorkerLost,
+        Self::Killed,
+        Self::BadConfig,
+        Self::TrainingError,
+        Self::Crashed,
+    ];
+
     /// Whether another attempt may fix it.
     pub fn retryable(self) -> bool {
         !matches!(self, Self::BadConfig)

@@ -104,6 +104,8 @@ pub struct Cluster {
     pub workers: Vec<Proc>,
     /// More flags for every coordinator (TLS files).
     coordinator_args: Vec<String>,
+    /// More environment for every coordinator.
+    coordinator_env: Vec<(String, String)>,
     /// The `/metrics` port of every coordinator started, in order.
     pub coordinator_metrics: Vec<u16>,
     /// The `/metrics` port of each worker, by name.
@@ -124,6 +126,20 @@ impl Cluster {
 
     /// With more coordinator flags, e.g. `--tls-cert`/`--tls-key`.
     pub fn start_with(token: Option<&str>, store: Store, args: &[&str]) -> anyhow::Result<Self> {
+        Self::launch(token, store, args, &[])
+    }
+
+    /// With environment variables for every coordinator (`OTEL_*`, ...).
+    pub fn start_with_env(token: Option<&str>, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::launch(token, Store::Redb, &[], env)
+    }
+
+    fn launch(
+        token: Option<&str>,
+        store: Store,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let mut cluster = Self {
             dir: tempfile::Builder::new().prefix("loractl-e2e-").tempdir()?,
             port: free_port(),
@@ -132,6 +148,10 @@ impl Cluster {
             coordinators: Vec::new(),
             workers: Vec::new(),
             coordinator_args: args.iter().map(|a| a.to_string()).collect(),
+            coordinator_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             coordinator_metrics: Vec::new(),
             worker_metrics: Default::default(),
             started: 0,
@@ -177,6 +197,7 @@ impl Cluster {
             command.arg("--token").arg(token);
         }
         command.args(&self.coordinator_args);
+        command.envs(self.coordinator_env.iter().map(|(k, v)| (k, v)));
         let n = self.started;
         self.started += 1;
         let log = self.path(&format!("coordinator-{n}.log"));
@@ -483,4 +504,25 @@ pub fn events(stdout: &str) -> Vec<Value> {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
+}
+
+/// `GET /metrics` of the process serving it on 127.0.0.1:`port`: the body, empty when it
+/// cannot be read.
+pub fn scrape(port: u16) -> String {
+    use std::io::Write;
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+    if stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+        .is_err()
+    {
+        return String::new();
+    }
+    let mut page = String::new();
+    let _ = stream.read_to_string(&mut page);
+    page.split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default()
 }

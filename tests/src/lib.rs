@@ -5,6 +5,8 @@
 //! - [`etcd`]: a real etcd on loopback;
 //! - [`inproc`]: a coordinator in this process (the same [`Standalone`] starter `loractl up`
 //!   uses), gRPC clients with a token, submit-and-watch, worker registrations;
+//! - [`otlp`]: a real OTLP receiver (metrics and traces) on loopback;
+//! - [`prometheus`]: a real Prometheus scraping given ports, queried over its HTTP API;
 //! - [`spec`]: minimal job specs;
 //! - [`cluster`]: the real binaries as a cluster, driven through the `loractl` CLI;
 //! - [`deploy`]: reading the files of `deploy/`.
@@ -18,7 +20,9 @@ pub mod cluster;
 pub mod deploy;
 pub mod etcd;
 pub mod inproc;
+pub mod otlp;
 pub mod process;
+pub mod prometheus;
 pub mod spec;
 
 pub use cluster::*;

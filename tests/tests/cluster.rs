@@ -325,6 +325,8 @@ fn a_coordinator_killed_mid_run_and_restarted_loses_no_job() {
         state(j) == "running" && !j["latest_checkpoint"].is_null()
     });
     assert_eq!(state(&cluster.job(&two).unwrap()), "queued");
+    let before = cluster.run(&["logs", &one]);
+    assert!(before.ok() && !before.stdout.trim().is_empty(), "{before:?}");
 
     cluster.kill_coordinator();
     cluster.start_coordinator().unwrap();
@@ -369,6 +371,16 @@ fn a_coordinator_killed_mid_run_and_restarted_loses_no_job() {
         .json(&["fetch", &one, "--out", fetched.to_str().unwrap()])
         .unwrap();
     assert_kohya_lora(&fetched.join("first.safetensors"));
+
+    // The logs outlive the coordinator: after one more restart, with every job ended, the
+    // lines written before the first kill are still there.
+    cluster.kill_coordinator();
+    cluster.start_coordinator().unwrap();
+    let after = cluster.run(&["logs", &one]);
+    assert!(after.ok(), "{after:?}");
+    for line in before.stdout.lines() {
+        assert!(after.stdout.contains(line), "`{line}` lost:\n{}", after.stdout);
+    }
 }
 
 #[test]

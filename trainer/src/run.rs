@@ -50,6 +50,9 @@ pub enum RunEvent {
         /// `lr/d*lr/<group>` for D-Adaptation and Prodigy.
         d_lrs: Option<Vec<(String, f64)>>,
         samples: usize,
+        /// Seconds of the step spent on its inputs, and on all-reduces.
+        data_seconds: f64,
+        allreduce_seconds: f64,
     },
     Epoch {
         epoch: usize,
@@ -794,6 +797,8 @@ impl Hooks for BoundHooks<'_, '_, '_> {
             lrs: e.lrs.clone(),
             d_lrs: e.d_lrs.clone(),
             samples: e.samples,
+            data_seconds: e.data_seconds,
+            allreduce_seconds: e.allreduce_seconds,
         });
         let last = e.step >= e.total;
         if let Some(n) = h.spec.output.save_every_n_steps {

@@ -17,9 +17,10 @@
 //! of one rank with batch `w·b` (up to float rounding), even when a bucket's last batch is
 //! short.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
@@ -167,6 +168,11 @@ pub struct StepEvent {
     pub d_lrs: Option<Vec<(String, f64)>>,
     /// Samples (images) this step trained on, all micro-batches together.
     pub samples: usize,
+    /// Seconds of this step spent loading its batches and encoding them (images to latents,
+    /// captions to text embeddings), before the UNet.
+    pub data_seconds: f64,
+    /// Seconds of this step spent all-reducing with the other ranks (0 alone).
+    pub allreduce_seconds: f64,
 }
 
 /// The end of an epoch (also when `max_train_steps` ends the run inside it, as sd-scripts).
@@ -317,6 +323,9 @@ pub struct Trainer<'a> {
     world_size: usize,
     /// The other ranks of a data-parallel run; `None` alone.
     collective: Option<Box<dyn Collective>>,
+    /// Time of the current step spent on its batches' inputs, and on all-reduces.
+    data_time: Cell<Duration>,
+    allreduce_time: Cell<Duration>,
 }
 
 impl<'a> Trainer<'a> {
@@ -399,6 +408,8 @@ impl<'a> Trainer<'a> {
             rank: 0,
             world_size: 1,
             collective: None,
+            data_time: Cell::default(),
+            allreduce_time: Cell::default(),
         })
     }
 
@@ -533,6 +544,7 @@ impl<'a> Trainer<'a> {
         if batch.images.is_empty() {
             return Ok(None);
         }
+        let loading = Instant::now();
         let Some(sb) =
             self.dataset
                 .load_batch(batch, epoch, seed, self.latents.as_ref(), &self.device)?
@@ -574,6 +586,7 @@ impl<'a> Trainer<'a> {
             noise: Tensor::cat(&noises, 0)?,
             timesteps: Tensor::cat(&timesteps, 0)?,
         };
+        self.data_time.set(self.data_time.get() + loading.elapsed());
         let loss = training_loss(
             &self.sd.unet,
             &self.sd.schedule,
@@ -661,6 +674,8 @@ impl<'a> Trainer<'a> {
             lrs: named(used),
             d_lrs: self.optimizer.d_lr().map(named),
             samples,
+            data_seconds: self.data_time.take().as_secs_f64(),
+            allreduce_seconds: self.allreduce_time.take().as_secs_f64(),
         })
     }
 
@@ -741,7 +756,9 @@ impl<'a> Trainer<'a> {
                     continue;
                 }
                 let grads = if parallel {
+                    let reducing = Instant::now();
                     let reduced = self.reduce(acc.take(), &shares, samples, non_finite.take())?;
+                    self.allreduce_time.set(self.allreduce_time.get() + reducing.elapsed());
                     shares.clear();
                     match reduced {
                         Some((grads, sum, n)) => {

@@ -107,6 +107,13 @@ fn training_lowers_the_validation_loss() -> anyhow::Result<()> {
     assert_eq!(events.last().map(|e| e.step), Some(25));
     assert!(events.iter().all(|e| e.loss.is_finite()));
     assert_eq!(events[0].lrs.len(), 2, "unet and text encoder groups");
+    // Each step timed its inputs; alone, it all-reduced nothing.
+    assert!(
+        events
+            .iter()
+            .all(|e| e.data_seconds > 0.0 && e.allreduce_seconds == 0.0),
+        "{events:?}"
+    );
     assert!(
         net.modules().iter().any(|m| m.is_text_encoder()),
         "text encoder LoRA trained"

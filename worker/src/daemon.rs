@@ -146,7 +146,18 @@ impl Daemon {
     /// nothing).
     pub fn with_metrics(mut self, metrics: Recorder) -> Self {
         self.sampler = gpu::Sampler::open(&self.gpus);
+        for kind in ArtifactKind::ALL.into_iter().filter(|k| k.is_job_output()) {
+            metrics.add(
+                &names::WORKER_UPLOADED_BYTES_TOTAL,
+                0,
+                &[
+                    (label::WORKER, self.config.worker_name()),
+                    (label::KIND, kind.as_str().to_owned()),
+                ],
+            );
+        }
         self.metrics = metrics;
+        self.record_worker();
         self
     }
 

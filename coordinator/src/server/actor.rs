@@ -18,6 +18,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use super::registry::Registry;
 use super::traces::Traces;
+use crate::logs::LogFiles;
 use crate::error::{Error, Result};
 use crate::job::{self, Transition};
 use crate::placement::{self, JobRequest, Placement, Policy, WorkerSlots};
@@ -43,6 +44,11 @@ pub struct CoordinatorConfig {
     pub rendezvous_timeout: Duration,
     /// Where the cluster's metrics go (jobs and workers by state, queue wait, restarts).
     pub metrics: Recorder,
+    /// Folder of the job logs on disk (kept across restarts); `None`: in memory only.
+    /// [`super::serve`] puts them under the artifact folder unless set.
+    pub log_dir: Option<std::path::PathBuf>,
+    /// Bytes of log a job keeps on disk (up to twice this, the latest lines).
+    pub log_bytes_per_job: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -57,6 +63,8 @@ impl Default for CoordinatorConfig {
             ended_jobs_with_logs: defaults::ENDED_JOBS_WITH_LOGS,
             rendezvous_timeout: Duration::from_secs(defaults::RENDEZVOUS_TIMEOUT_SECS),
             metrics: Recorder::default(),
+            log_dir: None,
+            log_bytes_per_job: defaults::LOG_BYTES_PER_JOB,
         }
     }
 }
@@ -327,6 +335,7 @@ struct Actor<S: Store> {
     ended_logs: VecDeque<JobId>,
     rendezvous: HashMap<(JobId, u32), Rendezvous>,
     traces: Traces,
+    log_files: Option<LogFiles>,
 }
 
 /// Starts the loop on `store`: loads jobs and workers, then serves events until every
@@ -372,8 +381,13 @@ pub async fn start<S: Store + Clone>(
         ended_logs: VecDeque::new(),
         rendezvous: HashMap::new(),
         traces: Traces::default(),
+        log_files: config
+            .log_dir
+            .as_ref()
+            .map(|dir| LogFiles::new(dir, config.log_bytes_per_job)),
         config,
     };
+    actor.zero_counters();
     let (tx, rx) = mpsc::channel(1024);
     let task = tokio::spawn(actor.run(rx));
     Ok((Handle { tx }, task))
@@ -594,6 +608,9 @@ impl<S: Store> Actor<S> {
             if let Some(tx) = self.watchers.remove(&job.id) {
                 let _ = tx.send(JobEvent::State(job.clone()));
             }
+            if let Some(files) = &mut self.log_files {
+                files.close(&job.id);
+            }
             if let Some(log) = self.logs.get_mut(&job.id) {
                 log.tx = None;
                 self.ended_logs.push_back(job.id.clone());
@@ -639,14 +656,17 @@ impl<S: Store> Actor<S> {
                 &[(label::STATE, job.state.as_str().to_owned())],
             );
         }
-        let state_of = |id: &JobId| {
-            if id == &job.id {
-                Some(job.state)
-            } else {
-                self.active.get(id).map(|j| j.state)
-            }
+        self.count_jobs(Some(job));
+    }
+
+    /// Active jobs by state, `changed` counted in its new state.
+    fn count_jobs(&self, changed: Option<&Job>) {
+        let m = &self.config.metrics;
+        let state_of = |id: &JobId| match changed {
+            Some(job) if id == &job.id => Some(job.state),
+            _ => self.active.get(id).map(|j| j.state),
         };
-        let ids = self.active.keys().chain(std::iter::once(&job.id));
+        let ids = self.active.keys().chain(changed.map(|j| &j.id));
         let mut counts = [
             JobState::Queued,
             JobState::Placed,
@@ -668,6 +688,29 @@ impl<S: Store> Actor<S> {
                 &[(label::STATE, state.as_str().to_owned())],
             );
         }
+    }
+
+    /// Every counter series starts at 0, so that a rate or an alert on a failure that never
+    /// happened reads 0 rather than nothing.
+    fn zero_counters(&self) {
+        let m = &self.config.metrics;
+        for state in [JobState::Succeeded, JobState::Failed, JobState::Cancelled] {
+            m.add(
+                &names::JOBS_FINISHED_TOTAL,
+                0,
+                &[(label::STATE, state.as_str().to_owned())],
+            );
+        }
+        for kind in FailureKind::ALL {
+            m.add(
+                &names::JOB_RESTARTS_TOTAL,
+                0,
+                &[(label::REASON, kind.as_str().to_owned())],
+            );
+        }
+        m.add(&names::WORKERS_LOST_TOTAL, 0, &[]);
+        self.count_jobs(None);
+        self.count_workers(Instant::now());
     }
 
     /// Workers by state and the age of each one's last message.
@@ -736,16 +779,13 @@ impl<S: Store> Actor<S> {
     async fn logs(&mut self, id: &JobId, follow: bool) -> Result<Logs> {
         let job = self.state.job(id).await?;
         if job.state.is_terminal() && !self.logs.contains_key(id) {
-            // Never logged, or dropped with older ended jobs.
+            // Dropped from memory with older ended jobs, or ended before a restart.
             return Ok(Logs {
-                lines: Vec::new(),
+                lines: self.logs_on_disk(id),
                 follow: None,
             });
         }
-        let log = self.logs.entry(id.clone()).or_insert_with(|| JobLog {
-            tx: (!job.state.is_terminal()).then(|| broadcast::channel(4096).0),
-            ..JobLog::new()
-        });
+        let log = self.job_log(id, !job.state.is_terminal());
         let follow = if follow {
             log.tx.as_ref().map(|tx| tx.subscribe())
         } else {
@@ -1183,16 +1223,39 @@ impl<S: Store> Actor<S> {
             return;
         }
         let cap = self.config.log_lines_per_job;
-        let log = self
-            .logs
-            .entry(line.job_id.clone())
-            .or_insert_with(JobLog::new);
+        let id = line.job_id.clone();
+        let log = self.job_log(&id, true);
         if log.lines.len() >= cap {
             log.lines.pop_front();
         }
         if let Some(tx) = &log.tx {
             let _ = tx.send(line.clone());
         }
-        log.lines.push_back(line);
+        log.lines.push_back(line.clone());
+        if let Some(files) = &mut self.log_files {
+            files.append(&line);
+        }
+    }
+
+    /// The last lines of `id` on disk.
+    fn logs_on_disk(&self, id: &JobId) -> Vec<LogLine> {
+        self.log_files
+            .as_ref()
+            .map(|f| f.read(id, self.config.log_lines_per_job))
+            .unwrap_or_default()
+    }
+
+    /// The log of `id` in memory, loaded from disk the first time (after a restart, or once
+    /// dropped); followable while `active`.
+    fn job_log(&mut self, id: &JobId, active: bool) -> &mut JobLog {
+        if !self.logs.contains_key(id) {
+            let log = JobLog {
+                lines: self.logs_on_disk(id).into(),
+                tx: active.then(|| broadcast::channel(4096).0),
+                progress: None,
+            };
+            self.logs.insert(id.clone(), log);
+        }
+        self.logs.entry(id.clone()).or_insert_with(JobLog::new)
     }
 }

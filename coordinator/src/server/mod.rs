@@ -88,13 +88,21 @@ where
     // Certificates first: a wrong path fails before anything starts.
     let tls = config.tls.as_ref().map(tls_config).transpose()?;
     let metrics = config.coordinator.metrics.clone();
-    let (handle, event_loop) = actor::start(store, config.coordinator).await?;
+    let mut coordinator = config.coordinator;
+    if coordinator.log_dir.is_none() {
+        coordinator.log_dir = Some(config.artifacts.root.join("logs"));
+    }
+    let (handle, event_loop) = actor::start(store, coordinator).await?;
     let artifacts = ArtifactStore::open(config.artifacts).await?;
-    metrics.set(
-        &loractl_telemetry::names::ARTIFACT_STORED_BYTES,
-        artifacts.used_bytes() as f64,
-        &[],
-    );
+    {
+        use loractl_telemetry::names::{self, label};
+        metrics.set(&names::ARTIFACT_STORED_BYTES, artifacts.used_bytes() as f64, &[]);
+        for kind in loractl_proto::domain::ArtifactKind::ALL {
+            let kind = [(label::KIND, kind.as_str().to_owned())];
+            metrics.add(&names::ARTIFACT_RECEIVED_BYTES_TOTAL, 0, &kind);
+            metrics.add(&names::ARTIFACT_SENT_BYTES_TOTAL, 0, &kind);
+        }
+    }
     let auth = BearerAuth::new(config.token.as_deref());
     let mutual_tls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
     let worker_auth = if mutual_tls {
