@@ -175,7 +175,7 @@ mod tests {
             job_id: job.clone(),
             attempt: 1,
             rank: 2,
-            stream: if i % 2 == 0 {
+            stream: if i.is_multiple_of(2) {
                 LogStream::Stdout
             } else {
                 LogStream::Stderr

@@ -122,6 +122,7 @@ impl Telemetry {
             .with_registry(registry.clone())
             .without_units()
             .without_counter_suffixes()
+            .scope_info_enabled(false)
             .build()
             .map_err(|e| Error::Setup {
                 what: "Prometheus exporter",

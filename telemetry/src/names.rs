@@ -24,8 +24,13 @@ pub struct Metric {
     pub labels: &'static [&'static str],
 }
 
-/// Label names.
+/// Label names. Values are `snake_case` words (see [`label::value`]) or ids.
 pub mod label {
+    /// A word of a label value in `snake_case` (`training error` -> `training_error`).
+    pub fn value(word: &str) -> String {
+        word.replace([' ', '-'], "_")
+    }
+
     pub const JOB: &str = "job_id";
     pub const ATTEMPT: &str = "attempt";
     pub const RANK: &str = "rank";

@@ -64,7 +64,10 @@ impl Prometheus {
         let mut command = Command::new(&binary);
         command
             .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .arg("--log.level=warn");
         let mut proc = Proc::spawn("prometheus", command, dir.join("prometheus.log"))
@@ -81,7 +84,9 @@ impl Prometheus {
                 "prometheus exited:\n{}",
                 proc.log_tail()
             );
-            get(port, "/-/ready").filter(|(code, _)| *code == 200).map(|_| ())
+            get(port, "/-/ready")
+                .filter(|(code, _)| *code == 200)
+                .map(|_| ())
         });
         Some(Self { proc, port })
     }
@@ -112,7 +117,10 @@ impl Prometheus {
         if answer["status"] != "success" {
             return Err(body);
         }
-        Ok(answer["data"]["result"].as_array().cloned().unwrap_or_default())
+        Ok(answer["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
     }
 
     /// Names of the alert rules Prometheus loaded, with their health.
@@ -143,7 +151,9 @@ impl Prometheus {
 /// A plain HTTP/1.1 GET on 127.0.0.1:`port`: status code and body.
 fn get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .ok()?;
     write!(
         stream,
         "GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n"
@@ -154,10 +164,15 @@ fn get(port: u16, path: &str) -> Option<(u16, String)> {
     let text = String::from_utf8_lossy(&response);
     let (head, body) = text.split_once("\r\n\r\n")?;
     let code = head.split_whitespace().nth(1)?.parse().ok()?;
-    let chunked = head
-        .lines()
-        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding: chunked"));
-    let body = if chunked { dechunk(body) } else { body.to_owned() };
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    });
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
     Some((code, body))
 }
 
@@ -184,6 +199,9 @@ mod tests {
     #[test]
     fn queries_are_encoded_and_chunks_joined() {
         assert_eq!(encode("a{b=\"c\"}[1m]"), "a%7Bb%3D%22c%22%7D%5B1m%5D");
-        assert_eq!(dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"), "hello world");
+        assert_eq!(
+            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
+            "hello world"
+        );
     }
 }

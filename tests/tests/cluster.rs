@@ -326,7 +326,10 @@ fn a_coordinator_killed_mid_run_and_restarted_loses_no_job() {
     });
     assert_eq!(state(&cluster.job(&two).unwrap()), "queued");
     let before = cluster.run(&["logs", &one]);
-    assert!(before.ok() && !before.stdout.trim().is_empty(), "{before:?}");
+    assert!(
+        before.ok() && !before.stdout.trim().is_empty(),
+        "{before:?}"
+    );
 
     cluster.kill_coordinator();
     cluster.start_coordinator().unwrap();
@@ -379,7 +382,11 @@ fn a_coordinator_killed_mid_run_and_restarted_loses_no_job() {
     let after = cluster.run(&["logs", &one]);
     assert!(after.ok(), "{after:?}");
     for line in before.stdout.lines() {
-        assert!(after.stdout.contains(line), "`{line}` lost:\n{}", after.stdout);
+        assert!(
+            after.stdout.contains(line),
+            "`{line}` lost:\n{}",
+            after.stdout
+        );
     }
 }
 

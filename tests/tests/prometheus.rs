@@ -208,7 +208,7 @@ fn every_panel_and_alert_rule_has_data_from_a_real_cluster() {
         // wrong, which it is not here).
         for name in metric_names(&expr) {
             let selector = expr[expr.find(name).unwrap_or(0)..]
-                .split_once(|c: char| c == ')' || c == ' ' || c == '[')
+                .split_once([')', ' ', '['])
                 .map_or(expr.as_str(), |(s, _)| s)
                 .to_owned();
             if gpu_only(&selector) {

@@ -35,7 +35,10 @@ fn otel_env(endpoint: &str) -> Vec<(&'static str, String)> {
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.to_owned()),
         ("OTEL_METRIC_EXPORT_INTERVAL", "200".to_owned()),
         ("OTEL_BSP_SCHEDULE_DELAY", "200".to_owned()),
-        ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=e2e".to_owned()),
+        (
+            "OTEL_RESOURCE_ATTRIBUTES",
+            "deployment.environment=e2e".to_owned(),
+        ),
     ]
 }
 
@@ -123,7 +126,10 @@ fn a_job_exports_its_metrics_and_its_trace() {
         );
     }
     let loss = series(&points, names::TRAIN_LOSS.name, &rank);
-    assert!(loss.iter().all(|p| p.value > 0.0 && p.value < 10.0), "{loss:?}");
+    assert!(
+        loss.iter().all(|p| p.value > 0.0 && p.value < 10.0),
+        "{loss:?}"
+    );
     for group in ["unet", "textencoder"] {
         let lr = series(&points, names::TRAIN_LR.name, &[("group", group)]);
         assert!(lr.iter().any(|p| p.value > 0.0), "lr of {group}: {lr:?}");
@@ -136,14 +142,29 @@ fn a_job_exports_its_metrics_and_its_trace() {
         }
     }
     assert_eq!(averages.len(), 3, "one average per epoch: {averages:?}");
-    assert!(averages[2] < averages[0], "the loss did not fall: {averages:?}");
+    assert!(
+        averages[2] < averages[0],
+        "the loss did not fall: {averages:?}"
+    );
     let coordinator = [("resource.service.name", "loractl-coordinator")];
     for (metric, with, at_least) in [
-        (&names::JOBS_FINISHED_TOTAL, vec![("state", "succeeded")], 1.0),
+        (
+            &names::JOBS_FINISHED_TOTAL,
+            vec![("state", "succeeded")],
+            1.0,
+        ),
         (&names::JOB_QUEUE_WAIT_SECONDS, vec![], 1.0),
         (&names::WORKERS, vec![("state", "ready")], 1.0),
-        (&names::WORKER_HEARTBEAT_AGE_SECONDS, vec![("worker", "otel")], 0.0),
-        (&names::ARTIFACT_RECEIVED_BYTES_TOTAL, vec![("kind", "lora")], 1.0),
+        (
+            &names::WORKER_HEARTBEAT_AGE_SECONDS,
+            vec![("worker", "otel")],
+            0.0,
+        ),
+        (
+            &names::ARTIFACT_RECEIVED_BYTES_TOTAL,
+            vec![("kind", "lora")],
+            1.0,
+        ),
         (&names::ARTIFACT_STORED_BYTES, vec![], 1.0),
         (&names::JOBS, vec![("state", "queued")], 0.0),
     ] {
@@ -156,7 +177,10 @@ fn a_job_exports_its_metrics_and_its_trace() {
         });
         assert!(last.is_finite(), "{}: {last}", metric.name);
     }
-    let worker = [("resource.service.name", "loractl-worker"), ("worker", "otel")];
+    let worker = [
+        ("resource.service.name", "loractl-worker"),
+        ("worker", "otel"),
+    ];
     assert!(!series(&points, names::WORKER_RANKS.name, &worker).is_empty());
     poll("the worker's uploaded bytes", DEADLINE, || {
         let uploaded = receiver.points();
@@ -178,13 +202,22 @@ fn a_job_exports_its_metrics_and_its_trace() {
     let root = span(&spans, &root_name);
     assert_eq!(root.trace_id, trace_id);
     assert!(root.parent_span_id.is_empty(), "{root:?}");
-    assert_eq!(root.attributes.get("outcome").map(String::as_str), Some("succeeded"));
     assert_eq!(
-        root.attributes.get("resource.service.name").map(String::as_str),
+        root.attributes.get("outcome").map(String::as_str),
+        Some("succeeded")
+    );
+    assert_eq!(
+        root.attributes
+            .get("resource.service.name")
+            .map(String::as_str),
         Some("loractl-coordinator")
     );
     let child_of = |child: &SpanRecord, parent: &SpanRecord| {
-        assert_eq!(child.trace_id, parent.trace_id, "{} in another trace", child.name);
+        assert_eq!(
+            child.trace_id, parent.trace_id,
+            "{} in another trace",
+            child.name
+        );
         assert_eq!(
             child.parent_span_id, parent.span_id,
             "{} is not a child of {}",
@@ -201,7 +234,10 @@ fn a_job_exports_its_metrics_and_its_trace() {
     let rank_span = span(&spans, "rank 0 on otel");
     child_of(rank_span, root);
     assert_eq!(
-        rank_span.attributes.get("resource.service.name").map(String::as_str),
+        rank_span
+            .attributes
+            .get("resource.service.name")
+            .map(String::as_str),
         Some("loractl-worker")
     );
     child_of(span(&spans, "prepare inputs"), rank_span);
@@ -220,8 +256,17 @@ fn an_unreachable_collector_changes_nothing() {
     for proc in cluster.workers.iter().chain(&cluster.coordinators) {
         proc.terminate();
     }
-    for proc in cluster.workers.iter_mut().chain(cluster.coordinators.iter_mut()) {
+    for proc in cluster
+        .workers
+        .iter_mut()
+        .chain(cluster.coordinators.iter_mut())
+    {
         let status = poll("a graceful exit", DEADLINE, || proc.exited());
-        assert!(status.success(), "{} exited {status}:\n{}", proc.name, proc.log_tail());
+        assert!(
+            status.success(),
+            "{} exited {status}:\n{}",
+            proc.name,
+            proc.log_tail()
+        );
     }
 }

@@ -758,7 +758,8 @@ impl<'a> Trainer<'a> {
                 let grads = if parallel {
                     let reducing = Instant::now();
                     let reduced = self.reduce(acc.take(), &shares, samples, non_finite.take())?;
-                    self.allreduce_time.set(self.allreduce_time.get() + reducing.elapsed());
+                    self.allreduce_time
+                        .set(self.allreduce_time.get() + reducing.elapsed());
                     shares.clear();
                     match reduced {
                         Some((grads, sum, n)) => {

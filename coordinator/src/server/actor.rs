@@ -18,9 +18,9 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use super::registry::Registry;
 use super::traces::Traces;
-use crate::logs::LogFiles;
 use crate::error::{Error, Result};
 use crate::job::{self, Transition};
+use crate::logs::LogFiles;
 use crate::placement::{self, JobRequest, Placement, Policy, WorkerSlots};
 use crate::state::{NewJob, State};
 use crate::store::Store;
@@ -645,7 +645,7 @@ impl<S: Store> Actor<S> {
                 m.add(
                     &names::JOB_RESTARTS_TOTAL,
                     1,
-                    &[(label::REASON, failure.kind.as_str().to_owned())],
+                    &[(label::REASON, label::value(failure.kind.as_str()))],
                 );
             }
         }
@@ -705,7 +705,7 @@ impl<S: Store> Actor<S> {
             m.add(
                 &names::JOB_RESTARTS_TOTAL,
                 0,
-                &[(label::REASON, kind.as_str().to_owned())],
+                &[(label::REASON, label::value(kind.as_str()))],
             );
         }
         m.add(&names::WORKERS_LOST_TOTAL, 0, &[]);

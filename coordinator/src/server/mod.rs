@@ -96,7 +96,11 @@ where
     let artifacts = ArtifactStore::open(config.artifacts).await?;
     {
         use loractl_telemetry::names::{self, label};
-        metrics.set(&names::ARTIFACT_STORED_BYTES, artifacts.used_bytes() as f64, &[]);
+        metrics.set(
+            &names::ARTIFACT_STORED_BYTES,
+            artifacts.used_bytes() as f64,
+            &[],
+        );
         for kind in loractl_proto::domain::ArtifactKind::ALL {
             let kind = [(label::KIND, kind.as_str().to_owned())];
             metrics.add(&names::ARTIFACT_RECEIVED_BYTES_TOTAL, 0, &kind);
