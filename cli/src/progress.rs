@@ -127,7 +127,7 @@ impl Progress {
             RunEvent::TrainingLog { path } => {
                 self.line(&format!("TensorBoard log {}", path.display()))
             }
-            RunEvent::Finished { .. } | RunEvent::Stopped { .. } => {}
+            RunEvent::Finished { .. } | RunEvent::Stopped { .. } | RunEvent::Phase { .. } => {}
         }
     }
 

@@ -165,6 +165,10 @@ pub fn rank() -> anyhow::Result<ExitCode> {
                 }
                 None
             }
+            RunEvent::Phase { name, done } => Some(ChildMessage::Phase {
+                name: name.clone(),
+                done: *done,
+            }),
             RunEvent::Status { message } => {
                 println!("{message}");
                 None

@@ -142,12 +142,17 @@ impl Recorder {
         }
     }
 
-    /// Forgets every gauge series whose label `key` is `value` (a job that ended, a worker
-    /// that left).
-    pub fn forget(&self, key: &str, value: &str) {
+    /// Forgets every gauge series that has all the label values `matching` (the ranks of a job
+    /// attempt that ended, a worker that left).
+    pub fn forget(&self, matching: &[(&str, &str)]) {
+        let matches = |labels: &Series| {
+            matching
+                .iter()
+                .all(|(key, value)| labels.iter().any(|(k, v)| k == key && v == value))
+        };
         if let Ok(mut table) = self.gauges.lock() {
             for series in table.values_mut() {
-                series.retain(|labels, _| !labels.iter().any(|(k, v)| *k == key && v == value));
+                series.retain(|labels, _| !matches(labels));
             }
         }
     }
@@ -189,7 +194,7 @@ mod tests {
         recorder.set(&names::TRAIN_LOSS, 0.5, &series("j1"));
         recorder.set(&names::TRAIN_LOSS, 0.25, &series("j2"));
         recorder.set(&names::JOBS, 1.0, &[(STATE, "running".to_owned())]);
-        recorder.forget(JOB, "j1");
+        recorder.forget(&[(JOB, "j1"), (names::label::ATTEMPT, "0")]);
         assert_eq!(recorder.gauge(&names::TRAIN_LOSS, &series("j1")), None);
         assert_eq!(
             recorder.gauge(&names::TRAIN_LOSS, &series("j2")),

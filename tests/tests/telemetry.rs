@@ -241,6 +241,8 @@ fn a_job_exports_its_metrics_and_its_trace() {
         Some("loractl-worker")
     );
     child_of(span(&spans, "prepare inputs"), rank_span);
+    child_of(span(&spans, "load model"), rank_span);
+    child_of(span(&spans, "cache latents"), rank_span);
     child_of(span(&spans, "upload lora"), rank_span);
 }
 

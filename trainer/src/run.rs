@@ -29,6 +29,9 @@ use crate::{Error, Result};
 pub enum RunEvent {
     /// Something slow started (loading the model, caching latents).
     Status { message: String },
+    /// A phase before the first step (`load model`, `cache latents`) started, or ended
+    /// (`done`); a cluster rank's worker makes each a span of the job's trace.
+    Phase { name: String, done: bool },
     /// A non-fatal remark (skipped image, option adjusted).
     Warning { message: String },
     /// Training is about to start (or continue from `resumed_at`).
@@ -935,7 +938,13 @@ fn run_with(
     events(&RunEvent::Status {
         message: format!("loading {}", model_path.display()),
     });
+    let phase = |name: &str, done: bool| RunEvent::Phase {
+        name: name.to_owned(),
+        done,
+    };
+    events(&phase("load model", false));
     let sd = loader::load(&model_path, &load_options(spec, base_dir, &ro.device))?;
+    events(&phase("load model", true));
     check_family(spec, &sd)?;
     let prompts = match &spec.sample.sample_prompts {
         Some(p) => sample::load_prompts_within(&resolve_path(base_dir, p), &ro.allowed_roots)?,
@@ -969,7 +978,9 @@ fn run_with(
         events(&RunEvent::Status {
             message: format!("caching latents of {} images", dataset.images().len()),
         });
+        events(&phase("cache latents", false));
         let stats = Trainer::cache_latents(&sd, &dataset, &cache, opts.seed, &ro.device)?;
+        events(&phase("cache latents", true));
         tracing::info!(?stats, "latents cached");
         trainer = trainer.with_latent_cache(cache);
     }

@@ -8,7 +8,7 @@
 
 use loractl_telemetry::names::{self, label};
 use loractl_telemetry::{context, Recorder, TRACE_TARGET};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -49,6 +49,8 @@ struct Rank {
     gpus: String,
     /// Its span in the attempt's trace, parent of preparing and uploading.
     span: tracing::Span,
+    /// Spans of the phases the rank said started and not yet ended.
+    phases: HashMap<String, tracing::Span>,
     state: RankState,
     uploads_in_flight: usize,
     artifacts: Vec<Digest>,
@@ -88,7 +90,14 @@ pub struct Daemon {
     draining: bool,
     metrics: Recorder,
     sampler: gpu::Sampler,
+    /// Ranks that ended, and when: their training series are forgotten [`METRICS_KEPT`]
+    /// later.
+    ended: Vec<(RankId, std::time::Instant)>,
 }
+
+/// How long the training series of an ended rank are still reported (its final loss and step
+/// reach Prometheus and OTLP, whose intervals are longer than a rank's last moments).
+const METRICS_KEPT: Duration = Duration::from_secs(300);
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -139,6 +148,7 @@ impl Daemon {
             draining: false,
             metrics: Recorder::default(),
             sampler: gpu::Sampler::default(),
+            ended: Vec::new(),
         })
     }
 
@@ -224,8 +234,21 @@ impl Daemon {
         }
     }
 
-    /// The worker's own gauges: ranks running, and each pinned GPU's use.
-    fn record_worker(&self) {
+    /// The worker's own gauges: ranks running, and each pinned GPU's use; ended ranks'
+    /// series forgotten once kept long enough.
+    fn record_worker(&mut self) {
+        let metrics = self.metrics.clone();
+        self.ended.retain(|(rank, at)| {
+            let keep = at.elapsed() < METRICS_KEPT;
+            if !keep {
+                metrics.forget(&[
+                    (label::JOB, rank.job_id.as_str()),
+                    (label::ATTEMPT, &rank.attempt.to_string()),
+                    (label::RANK, &rank.rank.to_string()),
+                ]);
+            }
+            keep
+        });
         let worker = self.config.worker_name();
         let m = &self.metrics;
         m.set(
@@ -573,6 +596,7 @@ impl Daemon {
             Rank {
                 gpus,
                 span,
+                phases: HashMap::new(),
                 state: RankState::Preparing { cancelled: false },
                 uploads_in_flight: 0,
                 artifacts: Vec::new(),
@@ -708,6 +732,16 @@ impl Daemon {
             RankEvent::Message(ChildMessage::Artifact { path, kind, name }) => {
                 self.upload(rank, path, kind, name);
             }
+            RankEvent::Message(ChildMessage::Phase { name, done }) => {
+                if let Some(r) = self.ranks.get_mut(&rank) {
+                    if done {
+                        r.phases.remove(&name);
+                    } else {
+                        let span = tracing::info_span!(target: TRACE_TARGET, parent: &r.span, "phase", otel.name = %name);
+                        r.phases.insert(name, span);
+                    }
+                }
+            }
             RankEvent::Message(ChildMessage::Rendezvous { address }) => {
                 self.send(WorkerMessage::RendezvousJoin { rank, address })
                     .await;
@@ -822,7 +856,8 @@ impl Daemon {
             return;
         }
         let exit = *exit;
-        self.metrics.forget(label::JOB, rank.job_id.as_str());
+        // Its last values stay a while, for the next scrape and export to see them.
+        self.ended.push((rank.clone(), std::time::Instant::now()));
         let Some(r) = self.ranks.remove(rank) else {
             return;
         };

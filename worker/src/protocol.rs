@@ -153,6 +153,13 @@ pub enum ChildMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         name: Option<String>,
     },
+    /// A phase of the rank before training (`load model`, `cache latents`) started, or
+    /// ended (`done`): a span of the job's trace.
+    Phase {
+        name: String,
+        #[serde(default)]
+        done: bool,
+    },
     /// What this rank's collective backend announces (`host:port` of a TCP ring listener, or
     /// `nccl[:<id>]`: see `loractl_collective::rendezvous`); the rank then waits for
     /// [`ParentMessage::Peers`] on stdin.
