@@ -50,6 +50,13 @@ pub enum Error {
     },
 }
 
+fn setup_error<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> Error {
+    move |e| Error::Setup {
+        what,
+        message: e.to_string(),
+    }
+}
+
 /// Where OTLP goes, from the standard variables.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OtlpConfig {
@@ -124,10 +131,7 @@ impl Telemetry {
             .without_counter_suffixes()
             .scope_info_enabled(false)
             .build()
-            .map_err(|e| Error::Setup {
-                what: "Prometheus exporter",
-                message: e.to_string(),
-            })?;
+            .map_err(setup_error("Prometheus exporter"))?;
         let mut meters = SdkMeterProvider::builder()
             .with_resource(resource.clone())
             .with_reader(prometheus);
@@ -135,10 +139,7 @@ impl Telemetry {
             let exporter = opentelemetry_otlp::MetricExporter::builder()
                 .with_tonic()
                 .build()
-                .map_err(|e| Error::Setup {
-                    what: "OTLP metric exporter",
-                    message: e.to_string(),
-                })?;
+                .map_err(setup_error("OTLP metric exporter"))?;
             meters = meters.with_reader(PeriodicReader::builder(exporter).build());
         }
         let meters = meters.build();
@@ -147,10 +148,7 @@ impl Telemetry {
             let exporter = opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
                 .build()
-                .map_err(|e| Error::Setup {
-                    what: "OTLP span exporter",
-                    message: e.to_string(),
-                })?;
+                .map_err(setup_error("OTLP span exporter"))?;
             tracers = tracers.with_batch_exporter(exporter);
         }
         let tracers = tracers.build();

@@ -79,13 +79,7 @@ fn args() -> Result<Args> {
 }
 
 fn main() -> ExitCode {
-    match bench() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("dp-bench: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    loractl_trainer::bench::exit("dp-bench", bench())
 }
 
 fn bench() -> Result<()> {

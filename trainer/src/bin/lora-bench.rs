@@ -46,13 +46,7 @@ fn load_report(path: &std::path::Path) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    match bench() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("lora-bench: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    loractl_trainer::bench::exit("lora-bench", bench())
 }
 
 fn bench() -> Result<()> {
