@@ -11,11 +11,11 @@ use loractl_proto::domain::{
     LogLine, Progress, RankId, RankOutcome, Registration, Worker, WorkerId, WorkerMessage,
 };
 use loractl_spec::JobSpec;
-use loractl_telemetry::names::{self, label};
 use loractl_telemetry::Recorder;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
 
+use super::metrics::ClusterMetrics;
 use super::registry::Registry;
 use super::traces::Traces;
 use crate::error::{Error, Result};
@@ -336,6 +336,7 @@ struct Actor<S: Store> {
     rendezvous: HashMap<(JobId, u32), Rendezvous>,
     traces: Traces,
     log_files: Option<LogFiles>,
+    metrics: ClusterMetrics,
 }
 
 /// Starts the loop on `store`: loads jobs and workers, then serves events until every
@@ -381,13 +382,16 @@ pub async fn start<S: Store + Clone>(
         ended_logs: VecDeque::new(),
         rendezvous: HashMap::new(),
         traces: Traces::default(),
+        metrics: ClusterMetrics(config.metrics.clone()),
         log_files: config
             .log_dir
             .as_ref()
             .map(|dir| LogFiles::new(dir, config.log_bytes_per_job)),
         config,
     };
-    actor.zero_counters();
+    actor.metrics.start_counters();
+    actor.metrics.jobs(actor.active.values().map(|j| j.state));
+    actor.count_workers(Instant::now());
     let (tx, rx) = mpsc::channel(1024);
     let task = tokio::spawn(actor.run(rx));
     Ok((Handle { tx }, task))
@@ -628,115 +632,21 @@ impl<S: Store> Actor<S> {
         }
     }
 
-    /// Metrics of a job change (called before the cache holds it): how long it waited when
-    /// it is placed, a restart and its reason, a final state; then the jobs by state.
+    /// Metrics of a job change (called before the cache holds it), then the jobs by state.
     fn count_change(&self, job: &Job) {
-        let m = &self.config.metrics;
         let before = self.active.get(&job.id).map(|j| (j.state, j.updated_at));
-        let entered = |state: JobState| job.state == state && before.map(|b| b.0) != Some(state);
-        if entered(JobState::Placed) {
-            if let Some((_, since)) = before.filter(|b| b.0.is_pending()) {
-                let waited = (job.updated_at - since).max(0) as f64 / 1000.0;
-                m.record(&names::JOB_QUEUE_WAIT_SECONDS, waited, &[]);
-            }
-        }
-        if entered(JobState::Restarting) {
-            if let Some(failure) = &job.last_failure {
-                m.add(
-                    &names::JOB_RESTARTS_TOTAL,
-                    1,
-                    &[(label::REASON, label::value(failure.kind.as_str()))],
-                );
-            }
-        }
-        if job.state.is_terminal() && before.is_some() {
-            m.add(
-                &names::JOBS_FINISHED_TOTAL,
-                1,
-                &[(label::STATE, job.state.as_str().to_owned())],
-            );
-        }
-        self.count_jobs(Some(job));
+        self.metrics.job_changed(before, job);
+        let others = self.active.values().filter(|j| j.id != job.id);
+        self.metrics
+            .jobs(others.map(|j| j.state).chain(std::iter::once(job.state)));
     }
 
-    /// Active jobs by state, `changed` counted in its new state.
-    fn count_jobs(&self, changed: Option<&Job>) {
-        let m = &self.config.metrics;
-        let state_of = |id: &JobId| match changed {
-            Some(job) if id == &job.id => Some(job.state),
-            _ => self.active.get(id).map(|j| j.state),
-        };
-        let ids = self.active.keys().chain(changed.map(|j| &j.id));
-        let mut counts = [
-            JobState::Queued,
-            JobState::Placed,
-            JobState::Running,
-            JobState::Restarting,
-        ]
-        .map(|s| (s, 0usize));
-        for id in ids.collect::<BTreeSet<_>>() {
-            if let Some(state) = state_of(id) {
-                if let Some((_, n)) = counts.iter_mut().find(|(s, _)| *s == state) {
-                    *n += 1;
-                }
-            }
-        }
-        for (state, n) in counts {
-            m.set(
-                &names::JOBS,
-                n as f64,
-                &[(label::STATE, state.as_str().to_owned())],
-            );
-        }
-    }
-
-    /// Every counter series starts at 0, so that a rate or an alert on a failure that never
-    /// happened reads 0 rather than nothing.
-    fn zero_counters(&self) {
-        let m = &self.config.metrics;
-        for state in [JobState::Succeeded, JobState::Failed, JobState::Cancelled] {
-            m.add(
-                &names::JOBS_FINISHED_TOTAL,
-                0,
-                &[(label::STATE, state.as_str().to_owned())],
-            );
-        }
-        for kind in FailureKind::ALL {
-            m.add(
-                &names::JOB_RESTARTS_TOTAL,
-                0,
-                &[(label::REASON, label::value(kind.as_str()))],
-            );
-        }
-        m.add(&names::WORKERS_LOST_TOTAL, 0, &[]);
-        self.count_jobs(None);
-        self.count_workers(Instant::now());
-    }
-
-    /// Workers by state and the age of each one's last message.
     fn count_workers(&self, now: Instant) {
-        let m = &self.config.metrics;
-        let (mut ready, mut draining) = (0, 0);
-        m.clear(&names::WORKER_HEARTBEAT_AGE_SECONDS);
-        for (worker, age) in self.registry.ages(now) {
-            if self.draining.contains(&worker.id) {
-                draining += 1;
-            } else {
-                ready += 1;
-            }
-            m.set(
-                &names::WORKER_HEARTBEAT_AGE_SECONDS,
-                age.as_secs_f64(),
-                &[(label::WORKER, worker.name.clone())],
-            );
-        }
-        for (state, n) in [("ready", ready), ("draining", draining)] {
-            m.set(
-                &names::WORKERS,
-                n as f64,
-                &[(label::STATE, state.to_owned())],
-            );
-        }
+        self.metrics.workers(
+            self.registry
+                .ages(now)
+                .map(|(w, age)| (w, age, self.draining.contains(&w.id))),
+        );
     }
 
     async fn submit(&mut self, spec_toml: String, priority: i32) -> Result<(Job, Vec<String>)> {
@@ -945,7 +855,7 @@ impl<S: Store> Actor<S> {
             self.state.put_worker(&record).await?;
         }
         self.sessions.remove(worker);
-        self.config.metrics.add(&names::WORKERS_LOST_TOTAL, 1, &[]);
+        self.metrics.worker_lost();
         tracing::warn!(worker = %worker, why, "worker lost");
         let affected: Vec<JobId> = self
             .active

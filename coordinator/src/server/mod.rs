@@ -5,6 +5,7 @@
 pub mod actor;
 pub mod auth;
 pub mod grpc;
+pub mod metrics;
 pub mod registry;
 pub mod traces;
 
