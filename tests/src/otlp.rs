@@ -18,6 +18,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
+use opentelemetry_proto::tonic::resource::v1::Resource;
 use tonic::{Request, Response, Status};
 
 /// One exported value of one series.
@@ -88,10 +89,14 @@ fn text(value: &KeyValue) -> String {
     }
 }
 
-fn attributes(list: &[KeyValue], prefix: &str, into: &mut BTreeMap<String, String>) {
-    for kv in list {
-        into.insert(format!("{prefix}{}", kv.key), text(kv));
-    }
+/// A point's or span's own attributes with its process's resource attributes, the latter
+/// prefixed `resource.`.
+fn attributes(resource: &Option<Resource>, own: &[KeyValue]) -> BTreeMap<String, String> {
+    let resource = resource.iter().flat_map(|r| &r.attributes);
+    resource
+        .map(|kv| (format!("resource.{}", kv.key), text(kv)))
+        .chain(own.iter().map(|kv| (kv.key.clone(), text(kv))))
+        .collect()
 }
 
 /// An OTLP/gRPC receiver; stops when dropped.
@@ -134,17 +139,11 @@ impl Receiver {
         let mut points = Vec::new();
         for request in &received.metrics {
             for rm in &request.resource_metrics {
-                let mut resource = BTreeMap::new();
-                if let Some(r) = &rm.resource {
-                    attributes(&r.attributes, "resource.", &mut resource);
-                }
                 for metric in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
                     let mut push = |attrs: &[KeyValue], value: f64, time: u64| {
-                        let mut all = resource.clone();
-                        attributes(attrs, "", &mut all);
                         points.push(Point {
                             metric: metric.name.clone(),
-                            attributes: all,
+                            attributes: attributes(&rm.resource, attrs),
                             value,
                             time_unix_nano: time,
                         });
@@ -188,19 +187,13 @@ impl Receiver {
         let mut spans = Vec::new();
         for request in &received.traces {
             for rs in &request.resource_spans {
-                let mut resource = BTreeMap::new();
-                if let Some(r) = &rs.resource {
-                    attributes(&r.attributes, "resource.", &mut resource);
-                }
                 for span in rs.scope_spans.iter().flat_map(|s| &s.spans) {
-                    let mut all = resource.clone();
-                    attributes(&span.attributes, "", &mut all);
                     spans.push(SpanRecord {
                         name: span.name.clone(),
                         trace_id: hex::encode(&span.trace_id),
                         span_id: hex::encode(&span.span_id),
                         parent_span_id: hex::encode(&span.parent_span_id),
-                        attributes: all,
+                        attributes: attributes(&rs.resource, &span.attributes),
                     });
                 }
             }
