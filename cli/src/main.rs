@@ -267,19 +267,6 @@ enum Command {
     },
 }
 
-/// Training allocates and frees the same large activation buffers every step. glibc's default
-/// returns each one to the kernel and faults it back in at the next step, which doubled step
-/// times on CPU; keep freed memory in the process instead (the same as `MALLOC_MMAP_THRESHOLD_`
-/// and `MALLOC_TRIM_THRESHOLD_`, which the test script sets).
-fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
-}
-
 /// Whether an error is stdout's reader having gone away (written with `writeln!`).
 fn closed_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
@@ -289,7 +276,7 @@ fn closed_pipe(e: &anyhow::Error) -> bool {
 }
 
 fn main() -> ExitCode {
-    tune_allocator();
+    loractl_trainer::tune_allocator();
     let cli = Cli::parse();
     // `up` is a server: say what it does.
     let level = match &cli.command {

@@ -46,6 +46,7 @@ fn load_report(path: &std::path::Path) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    loractl_trainer::tune_allocator();
     loractl_trainer::bench::exit("lora-bench", bench())
 }
 
@@ -82,6 +83,9 @@ fn bench() -> Result<()> {
     let mut model = BenchModel::build(&name, rank, alpha, &dev)?;
     let inputs = model.inputs(1)?;
     let mut times = Vec::new();
+    // Forward, backward and optimizer parts of each step (ms); on a GPU each part ends with
+    // a synchronisation, which the step time does not pay.
+    let mut parts = [Vec::new(), Vec::new(), Vec::new()];
     let mut gpu_used = GpuMemory::default();
     dev.synchronize()?;
     for i in 0..warmup + steps {
@@ -89,15 +93,22 @@ fn bench() -> Result<()> {
         let loss = model.loss(&inputs, i)?;
         // The forward pass's activations are all alive here: the step's memory peak.
         gpu_used.sample(&dev);
+        let forward = start.elapsed();
         let grads = loss.backward()?;
         gpu_used.sample(&dev);
+        let backward = start.elapsed();
         model.update(&grads)?;
         drop(grads);
         dev.synchronize()?;
+        let end = start.elapsed();
         if i >= warmup {
-            times.push(start.elapsed().as_secs_f64() * 1000.0);
+            times.push(end.as_secs_f64() * 1000.0);
+            parts[0].push(forward.as_secs_f64() * 1000.0);
+            parts[1].push((backward - forward).as_secs_f64() * 1000.0);
+            parts[2].push((end - backward).as_secs_f64() * 1000.0);
         }
     }
+    let [forward_ms, backward_ms, optimizer_ms] = parts.map(|mut p| median(&mut p));
     let step_ms_min = times.iter().copied().fold(f64::INFINITY, f64::min);
     let step_ms = median(&mut times);
     let out = serde_json::json!({
@@ -106,6 +117,9 @@ fn bench() -> Result<()> {
         "device": device,
         "step_ms": step_ms,
         "step_ms_min": step_ms_min,
+        "forward_ms": forward_ms,
+        "backward_ms": backward_ms,
+        "optimizer_ms": optimizer_ms,
         "peak_rss_mib": peak_rss_mib(),
         "gpu_used_peak_mib": gpu_used.peak_mib(),
         "lora_modules": model.net.modules().len(),
