@@ -24,6 +24,7 @@ pub mod confine;
 pub mod dataset;
 pub mod demo;
 pub mod error;
+pub mod fused;
 pub mod loader;
 pub mod lora;
 pub mod lr;

@@ -552,6 +552,25 @@ impl GroupNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, false)
+    }
+
+    /// `silu(group_norm(x))`, fused into one op where [`crate::fused`] applies.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, true)
+    }
+
+    fn forward_with(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        if crate::fused::applies(x) {
+            return Ok(crate::fused::group_norm(
+                x,
+                &self.weight,
+                &self.bias,
+                self.groups,
+                self.eps,
+                silu,
+            )?);
+        }
         let dims = x.dims().to_vec();
         let (bsz, c) = (dims[0], dims[1]);
         let dtype = x.dtype();
@@ -563,9 +582,10 @@ impl GroupNorm {
         let mut shape = vec![1, c];
         shape.extend(std::iter::repeat_n(1, dims.len() - 2));
         let xn = xn.reshape(dims)?.to_dtype(dtype)?;
-        Ok(xn
+        let y = xn
             .broadcast_mul(&self.weight.reshape(shape.clone())?)?
-            .broadcast_add(&self.bias.reshape(shape)?)?)
+            .broadcast_add(&self.bias.reshape(shape)?)?;
+        Ok(if silu { y.silu()? } else { y })
     }
 }
 
@@ -587,6 +607,14 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if crate::fused::applies(x) {
+            return Ok(crate::fused::layer_norm(
+                x,
+                &self.weight,
+                &self.bias,
+                self.eps,
+            )?);
+        }
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
         let mean = xf.mean_keepdim(D::Minus1)?;
@@ -604,10 +632,7 @@ impl LayerNorm {
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let y = candle_nn::ops::softmax_last_dim(&x.detach())?;
     let y2 = y.clone();
-    attach_grad(x, y, move |g| {
-        let s = (g * &y2)?.sum_keepdim(D::Minus1)?;
-        y2.mul(&g.broadcast_sub(&s)?)
-    })
+    attach_grad(x, y, move |g| crate::fused::softmax_backward(&y2, g))
 }
 
 /// Nearest-neighbour 2× upsampling of [B, C, H, W] written with broadcast so its gradient sums.

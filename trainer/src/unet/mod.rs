@@ -93,7 +93,7 @@ impl ResnetBlock2D {
 
     /// `temb_act` is `silu(temb)`, shared by every block.
     fn forward(&self, x: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
-        let h = self.norm1.forward(x)?.silu()?;
+        let h = self.norm1.forward_silu(x)?;
         let h = self.conv1.forward(&h)?;
         let t = self
             .time_emb_proj
@@ -101,7 +101,7 @@ impl ResnetBlock2D {
             .unsqueeze(2)?
             .unsqueeze(3)?;
         let h = h.broadcast_add(&t)?;
-        let h = self.norm2.forward(&h)?.silu()?;
+        let h = self.norm2.forward_silu(&h)?;
         let h = self.conv2.forward(&h)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
@@ -172,9 +172,13 @@ impl FeedForward {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(x)?;
-        let a = h.narrow(D::Minus1, 0, self.inner)?;
-        let g = h.narrow(D::Minus1, self.inner, self.inner)?;
-        let h = (a * g.gelu_erf()?)?;
+        let h = if crate::fused::applies(&h) {
+            crate::fused::geglu(&h)?
+        } else {
+            let a = h.narrow(D::Minus1, 0, self.inner)?;
+            let g = h.narrow(D::Minus1, self.inner, self.inner)?;
+            (a * g.gelu_erf()?)?
+        };
         self.out.forward(&h)
     }
 }
@@ -635,7 +639,7 @@ impl UNet2DConditionModel {
             }
         }
 
-        let x = self.conv_norm_out.forward(&x)?.silu()?;
+        let x = self.conv_norm_out.forward_silu(&x)?;
         self.conv_out.forward(&x)
     }
 }
