@@ -194,6 +194,116 @@ pub fn attach_grad2(
     )?)
 }
 
+type Backward3Fn = dyn Fn(&Tensor) -> candle_core::Result<[Option<Tensor>; 3]> + Send + Sync;
+
+/// Like [`AttachGrad`] with three inputs; the value is handed over in the op itself (taken
+/// by the forward, so the graph does not hold a second copy of it).
+struct AttachGrad3 {
+    value: Mutex<Option<Tensor>>,
+    backward: Box<Backward3Fn>,
+}
+
+impl AttachGrad3 {
+    fn take(&self) -> candle_core::Result<Tensor> {
+        let value = match self.value.lock() {
+            Ok(mut v) => v.take(),
+            Err(p) => p.into_inner().take(),
+        };
+        value.ok_or_else(|| candle_core::Error::Msg("attach-grad3: value taken twice".into()))
+    }
+}
+
+impl candle_core::CustomOp3 for AttachGrad3 {
+    fn name(&self) -> &'static str {
+        "attach-grad3"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        _l1: &Layout,
+        _s2: &CpuStorage,
+        _l2: &Layout,
+        _s3: &CpuStorage,
+        _l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let value = self.take()?;
+        let (storage, layout) = value.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cpu(s) => {
+                Ok((copy_storage_cpu(s, layout)?, layout.shape().clone()))
+            }
+            _ => Err(candle_core::Error::Msg(
+                "attach-grad3: value is not on the CPU".into(),
+            )),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _s1: &candle_core::CudaStorage,
+        _l1: &Layout,
+        _s2: &candle_core::CudaStorage,
+        _l2: &Layout,
+        _s3: &candle_core::CudaStorage,
+        _l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let value = self.take()?;
+        let (storage, layout) = value.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cuda(s) => {
+                Ok((copy_storage_cuda(s, layout)?, layout.shape().clone()))
+            }
+            _ => Err(candle_core::Error::Msg(
+                "attach-grad3: value is not on the GPU".into(),
+            )),
+        }
+    }
+
+    fn bwd(
+        &self,
+        _arg1: &Tensor,
+        _arg2: &Tensor,
+        _arg3: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [a, b, c] = (self.backward)(grad_res)?;
+        Ok((a, b, c))
+    }
+}
+
+/// `value` as a function of `a`, `b` and `c`; `backward` maps d(out) to their gradients and
+/// is told which of them carry a graph (the others need none).
+pub fn attach_grad3(
+    [a, b, c]: [&Tensor; 3],
+    value: Tensor,
+    backward: impl Fn(&Tensor, [bool; 3]) -> candle_core::Result<[Option<Tensor>; 3]>
+        + Send
+        + Sync
+        + 'static,
+) -> Result<Tensor> {
+    let need = [a.track_op(), b.track_op(), c.track_op()];
+    if need == [false; 3] {
+        return Ok(value);
+    }
+    let value = value.contiguous()?;
+    let value = if value.layout().start_offset() != 0 {
+        value.copy()?
+    } else {
+        value
+    };
+    Ok(a.apply_op3(
+        b,
+        c,
+        AttachGrad3 {
+            value: Mutex::new(Some(value)),
+            backward: Box::new(move |g| backward(g, need)),
+        },
+    )?)
+}
+
 /// A convolution of `x` with a trainable kernel `w` (square, no groups/dilation) whose input
 /// gradient is right for any H/W parity (candle's own backward sizes it from the height only).
 pub fn conv2d_trainable(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
@@ -406,43 +516,78 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let in_f = self.weight.dim(1)?;
-        let out_f = self.weight.dim(0)?;
-        let rows = x.elem_count() / in_f.max(1);
-        let x2 = x.reshape((rows, in_f))?;
-        let mut y = x2.detach().matmul(&self.weight.t()?)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
-        let w = self.weight.clone();
-        let mut y = attach_grad(&x2, y, move |g| g.matmul(&w))?;
-        for a in adapters(&self.slot) {
-            let h = x2.matmul(&a.down.t()?)?.matmul(&a.up.t()?)?;
-            y = (y + (h * a.scale)?)?;
-        }
-        let mut out_dims = dims;
-        if let Some(last) = out_dims.last_mut() {
-            *last = out_f;
-        }
-        Ok(y.reshape(out_dims)?)
+        linear(x, &self.weight, self.bias.as_ref(), adapters(&self.slot))
     }
+}
+
+/// `x·Wᵀ + b` over the last dimension of `x` plus the LoRA `adapters` (2-D down and up
+/// weights); the frozen `W` gets no gradient.
+fn linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    adapters: Vec<Adapter>,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (out_f, in_f) = weight.dims2()?;
+    let rows = x.elem_count() / in_f.max(1);
+    let x2 = x.reshape((rows, in_f))?;
+    let mut y = x2.detach().matmul(&weight.t()?)?;
+    if let Some(b) = bias {
+        y = y.broadcast_add(b)?;
+    }
+    let w = weight.clone();
+    let mut y = match adapters.as_slice() {
+        [a] => return Ok(lora_linear(&x2, &w, y, a)?.reshape(out_shape(&dims, out_f))?),
+        _ => attach_grad(&x2, y, move |g| g.matmul(&w))?,
+    };
+    for a in adapters {
+        let h = x2.matmul(&a.down.t()?)?.matmul(&a.up.t()?)?;
+        y = (y + (h * a.scale)?)?;
+    }
+    Ok(y.reshape(out_shape(&dims, out_f))?)
+}
+
+/// `dims` with the last one replaced by `last`.
+fn out_shape(dims: &[usize], last: usize) -> Vec<usize> {
+    let mut out = dims.to_vec();
+    if let Some(l) = out.last_mut() {
+        *l = last;
+    }
+    out
+}
+
+/// A frozen linear layer with one LoRA adapter as one graph node: `base` is `x·Wᵀ + b`
+/// (computed without a graph) and the result is `base + s·(x·Dᵀ)·Uᵀ` with the gradients
+/// `dX = g·W + s·(g·U)·D`, `dD = s·(g·U)ᵀ·x`, `dU = s·gᵀ·(x·Dᵀ)`. The rank-sized product
+/// `x·Dᵀ` is recomputed in backward instead of kept.
+fn lora_linear(x: &Tensor, w: &Tensor, base: Tensor, a: &Adapter) -> Result<Tensor> {
+    let (xd, down, up, s) = (x.detach(), a.down.detach(), a.up.detach(), a.scale);
+    let h = (xd.matmul(&down.t()?)? * s)?.matmul(&up.t()?)?;
+    let y = (base + h)?;
+    let w = w.clone();
+    attach_grad3([x, &a.down, &a.up], y, move |g, need| {
+        let gu = (g.matmul(&up)? * s)?;
+        let dx = match need[0] {
+            true => Some((g.matmul(&w)? + gu.matmul(&down)?)?),
+            false => None,
+        };
+        let dd = match need[1] {
+            true => Some(gu.t()?.matmul(&xd)?),
+            false => None,
+        };
+        let du = match need[2] {
+            true => Some(g.t()?.matmul(&(xd.matmul(&down.t()?)? * s)?)?),
+            false => None,
+        };
+        Ok([dx, dd, du])
+    })
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         Linear::forward(self, x).map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
-}
-
-/// Reverses a tensor along dims 2 and 3 (kernel flip for the input gradient of a convolution).
-fn flip_hw(w: &Tensor) -> candle_core::Result<Tensor> {
-    let (_, _, kh, kw) = w.dims4()?;
-    let dev = w.device();
-    let ih: Vec<u32> = (0..kh as u32).rev().collect();
-    let iw: Vec<u32> = (0..kw as u32).rev().collect();
-    let w = w.index_select(&Tensor::new(ih.as_slice(), dev)?, 2)?;
-    w.index_select(&Tensor::new(iw.as_slice(), dev)?, 3)
 }
 
 /// Input gradient of a frozen 2-D convolution with square kernel `w` [out, in, k, k].
@@ -455,8 +600,8 @@ fn conv2d_input_grad(
 ) -> candle_core::Result<Tensor> {
     let (_, _, k, _) = w.dims4()?;
     if stride == 1 && padding <= k.saturating_sub(1) {
-        let wt = flip_hw(&w.transpose(0, 1)?.contiguous()?)?.contiguous()?;
-        return g.conv2d(&wt, k - 1 - padding, 1, 1, 1);
+        let wt = crate::fused::flip_transpose_kernel(w)?;
+        return crate::fused::conv2d(g, &wt, 1, k - 1 - padding);
     }
     let (_, _, gh, gw) = g.dims4()?;
     let out_h = (gh - 1) * stride + k - 2 * padding;
@@ -505,11 +650,34 @@ impl Conv2d {
         })
     }
 
+    /// A 1×1, stride-1 convolution applied to channels-last tokens `[.., C]`: the same
+    /// layer as a linear one, without the layout changes to and from [B, C, H, W].
+    pub fn forward_tokens(&self, t: &Tensor) -> Result<Tensor> {
+        let (out_c, in_c, k, _) = self.weight.dims4()?;
+        if k != 1 || self.stride != 1 || self.padding != 0 {
+            return Err(crate::Error::Internal(format!(
+                "a {k}×{k} convolution with stride {} and padding {} is not per-token",
+                self.stride, self.padding
+            )));
+        }
+        let adapters = adapters(&self.slot)
+            .into_iter()
+            .map(|a| {
+                let rank = a.down.dim(0)?;
+                Ok(Adapter {
+                    down: a.down.reshape((rank, in_c))?,
+                    up: a.up.reshape((out_c, rank))?,
+                    scale: a.scale,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let weight = self.weight.reshape((out_c, in_c))?;
+        linear(t, &weight, self.bias.as_ref(), adapters)
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
-        let mut y = x
-            .detach()
-            .conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        let mut y = crate::fused::conv2d(&x.detach(), &self.weight, self.stride, self.padding)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
         }
@@ -630,7 +798,7 @@ impl LayerNorm {
 /// Softmax over the last dimension: candle's fast kernel forward, exact gradient
 /// `y * (g - sum(g * y))`.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let y = candle_nn::ops::softmax_last_dim(&x.detach())?;
+    let y = crate::fused::softmax_last_dim(&x.detach())?;
     let y2 = y.clone();
     attach_grad(x, y, move |g| crate::fused::softmax_backward(&y2, g))
 }
@@ -665,28 +833,67 @@ pub fn upsample_nearest(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor
 /// every step (a 512² SD1.5 sample has 4096×4096 scores per head, 512 MiB in one piece).
 const ATTENTION_BLOCK_BYTES: usize = 16 << 20;
 
-/// Scaled dot-product attention on [B, heads, L, d] tensors.
+/// Scaled dot-product attention on [B, heads, L, d] tensors, as one graph node.
+///
+/// Forward and backward go through the queries in blocks (see [`ATTENTION_BLOCK_BYTES`]);
+/// the softmax probabilities are not kept for backward but recomputed block by block, so the
+/// graph holds only q, k and v. With `P = softmax(s·q·kᵀ)` and `O = P·v`:
+/// `dv = Pᵀ·dO`, `dS = P ∘ (dO·vᵀ − rowsum(P ∘ dO·vᵀ))`, `dq = s·dS·k`, `dk = s·dSᵀ·q`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let (b, h, lq, d) = q.dims4()?;
     let lk = k.dim(2)?;
     let scale = 1.0 / (d as f64).sqrt();
-    let kt = k.t()?.contiguous()?;
-    let v = v.contiguous()?;
-    let block = |q: &Tensor| -> Result<Tensor> {
-        let att = (q.contiguous()?.matmul(&kt)? * scale)?;
-        let att = softmax_last_dim(&att)?;
-        Ok(att.matmul(&v)?)
-    };
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    let kt = kd.t()?.contiguous()?;
     let row_bytes = (b * h * lk * q.dtype().size_in_bytes()).max(1);
-    let rows = (ATTENTION_BLOCK_BYTES / row_bytes).max(1);
-    if rows >= lq {
-        return block(q);
+    let rows = (ATTENTION_BLOCK_BYTES / row_bytes).clamp(1, lq.max(1));
+    let blocks: Vec<(usize, usize)> = (0..lq)
+        .step_by(rows)
+        .map(|start| (start, rows.min(lq - start)))
+        .collect();
+    let probs = move |qb: &Tensor| -> candle_core::Result<Tensor> {
+        crate::fused::softmax_last_dim(&(qb * scale)?.matmul(&kt)?)
+    };
+    let mut parts = Vec::with_capacity(blocks.len());
+    for &(start, n) in &blocks {
+        parts.push(probs(&qd.narrow(2, start, n)?)?.matmul(&vd)?);
     }
-    let mut parts = Vec::with_capacity(lq.div_ceil(rows));
-    for start in (0..lq).step_by(rows) {
-        parts.push(block(&q.narrow(2, start, rows.min(lq - start))?)?);
-    }
-    Ok(Tensor::cat(&parts, 2)?)
+    let out = Tensor::cat(&parts, 2)?;
+    drop(parts);
+    attach_grad3([&q, &k, &v], out, move |g, need| {
+        let g = g.contiguous()?;
+        let vt = vd.t()?;
+        let (mut dq, mut dk, mut dv) = (Vec::new(), None::<Tensor>, None::<Tensor>);
+        let acc = |sum: Option<Tensor>, t: Tensor| match sum {
+            Some(s) => s + t,
+            None => Ok(t),
+        };
+        for &(start, n) in &blocks {
+            let qb = qd.narrow(2, start, n)?;
+            let gb = g.narrow(2, start, n)?;
+            let p = probs(&qb)?;
+            if need[2] {
+                dv = Some(acc(dv, p.t()?.matmul(&gb)?)?);
+            }
+            if !need[0] && !need[1] {
+                continue;
+            }
+            let ds = crate::fused::softmax_backward(&p, &gb.matmul(&vt)?)?;
+            drop(p);
+            if need[0] {
+                dq.push((ds.matmul(&kd)? * scale)?);
+            }
+            if need[1] {
+                dk = Some(acc(dk, (ds.t()?.matmul(&qb)? * scale)?)?);
+            }
+        }
+        let dq = match need[0] {
+            true => Some(Tensor::cat(&dq, 2)?),
+            false => None,
+        };
+        Ok([dq, dk, dv])
+    })
 }
 
 #[cfg(test)]
@@ -708,27 +915,74 @@ mod tests {
         assert!(d <= tol, "max abs diff {d} > {tol}");
     }
 
-    #[test]
-    fn blocked_attention_equals_one_block_with_gradients() -> anyhow::Result<()> {
-        let dev = Device::Cpu;
-        // 1 × 2 heads × 3000 queries × 2800 keys × 4 bytes = 67 MB of scores: five blocks.
-        let q = Var::from_tensor(&Tensor::randn(0f32, 1., (1, 2, 3000, 4), &dev)?)?;
-        let k = Tensor::randn(0f32, 1., (1, 2, 2800, 4), &dev)?;
-        let v = Tensor::randn(0f32, 1., (1, 2, 2800, 4), &dev)?;
-        let blocked = attention(q.as_tensor(), &k, &v)?;
-        let whole = {
-            let att = (q.as_tensor().matmul(&k.t()?.contiguous()?)? * 0.5)?;
-            softmax_last_dim(&att)?.matmul(&v)?
-        };
-        assert_close(&blocked, &whole, 1e-5);
-        let g1 = blocked.sum_all()?.backward()?;
-        let g2 = whole.sum_all()?.backward()?;
-        let (a, b) = (g1.get(q.as_tensor()), g2.get(q.as_tensor()));
-        match (a, b) {
-            (Some(a), Some(b)) => assert_close(a, b, 1e-4),
-            _ => anyhow::bail!("no gradient for q"),
+    /// The gradients of `<out, g>` for `vars` under two computations of `out`.
+    fn same_gradients(
+        vars: &[&Var],
+        fused: &Tensor,
+        composed: &Tensor,
+        tol: f32,
+    ) -> anyhow::Result<()> {
+        assert_close(fused, composed, tol);
+        let g = Tensor::randn(0f32, 1., composed.shape(), composed.device())?;
+        let gf = (fused * &g)?.sum_all()?.backward()?;
+        let gc = (composed * &g)?.sum_all()?.backward()?;
+        for (i, v) in vars.iter().enumerate() {
+            match (gf.get(v.as_tensor()), gc.get(v.as_tensor())) {
+                (Some(a), Some(b)) => {
+                    let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                    assert!(scale > 0.0, "input {i}: reference gradient is zero");
+                    assert_close(a, b, tol * scale.max(1.0));
+                }
+                _ => anyhow::bail!("input {i}: no gradient"),
+            }
         }
         Ok(())
+    }
+
+    #[test]
+    fn blocked_attention_equals_composed_attention_with_gradients() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        // 1 × 2 heads × 3000 queries × 2800 keys × 4 bytes = 67 MB of scores: five blocks.
+        let var = |l| -> anyhow::Result<Var> {
+            Ok(Var::from_tensor(&Tensor::randn(
+                0f32,
+                1.,
+                (1, 2, l, 4),
+                &dev,
+            )?)?)
+        };
+        let (q, k, v) = (var(3000)?, var(2800)?, var(2800)?);
+        let blocked = attention(q.as_tensor(), k.as_tensor(), v.as_tensor())?;
+        let att = (q.as_tensor().matmul(&k.as_tensor().t()?)? * 0.5)?;
+        let whole = candle_nn::ops::softmax(&att, D::Minus1)?.matmul(v.as_tensor())?;
+        same_gradients(&[&q, &k, &v], &blocked, &whole, 1e-4)
+    }
+
+    #[test]
+    fn lora_linear_equals_composed_ops_with_gradients() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (37, 24), &dev)?)?;
+        let down = Var::from_tensor(&Tensor::randn(0f32, 0.2, (4, 24), &dev)?)?;
+        let up = Var::from_tensor(&Tensor::randn(0f32, 0.2, (16, 4), &dev)?)?;
+        let w = Tensor::randn(0f32, 0.2, (16, 24), &dev)?;
+        let bias = Tensor::randn(0f32, 0.2, 16, &dev)?;
+        let adapter = Adapter {
+            down: down.as_tensor().clone(),
+            up: up.as_tensor().clone(),
+            scale: 0.75,
+        };
+        let base = x
+            .as_tensor()
+            .detach()
+            .matmul(&w.t()?)?
+            .broadcast_add(&bias)?;
+        let fused = lora_linear(x.as_tensor(), &w, base, &adapter)?;
+        let lora = x
+            .as_tensor()
+            .matmul(&down.as_tensor().t()?)?
+            .matmul(&up.as_tensor().t()?)?;
+        let composed = (x.as_tensor().matmul(&w.t()?)?.broadcast_add(&bias)? + (lora * 0.75)?)?;
+        same_gradients(&[&x, &down, &up], &fused, &composed, 1e-5)
     }
 
     #[test]

@@ -281,7 +281,7 @@ impl Transformer2DModel {
             Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, ch))?)
         };
         let mut t = match &self.proj_in {
-            Projection::Conv(conv) => to_tokens(conv.forward(&n)?)?,
+            Projection::Conv(conv) => conv.forward_tokens(&to_tokens(n)?)?,
             Projection::Linear(lin) => lin.forward(&to_tokens(n)?)?,
         };
         for blk in &self.blocks {
@@ -294,7 +294,7 @@ impl Transformer2DModel {
                 .contiguous()?)
         };
         let out = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(&to_image(t)?)?,
+            Projection::Conv(conv) => to_image(conv.forward_tokens(&t)?)?,
             Projection::Linear(lin) => to_image(lin.forward(&t)?)?,
         };
         Ok((out + x)?)
