@@ -10,6 +10,8 @@ import sys
 
 # First match wins: (kind, pattern over the symbol name).
 KINDS = [
+    # loractl's fused kernels run as rayon loop bodies, inlined into these.
+    ("fused loractl kernels (norms, softmax, geglu, im2col)", r"loractl_trainer::fused|ForEachConsumer"),
     ("gemm (matmul, conv)", r"gemm|microkernel"),
     ("page faults, zeroing new pages", r"clear_page|page_fault|do_anonymous_page|handle_mm_fault|folio|lru|alloc_pages|__rmqueue|get_page_from_freelist|memcg|_raw_spin|zap_|unmap|free_pages|free_unref|release_pages|tlb|sync_regs|native_irq|irqentry|error_entry|asm_exc"),
     ("conv im2col / copies", r"im2col|copy_strided|copy2d|memmove|memcpy|copy_storage|Tensor::copy|contiguous"),
@@ -20,7 +22,6 @@ KINDS = [
     # candle's per-element closures (unary and binary maps) when not inlined
     ("elementwise closures", r"FnMut<A> for &F>::call_mut|FnOnce"),
     ("reductions (sum, mean, max)", r"reduce|Reduce|sum_|ReduceSum|fast_sum|fast_max|vec_dot"),
-    ("fused loractl ops", r"loractl_trainer::fused"),
     ("allocator", r"malloc|free|_int_|cfree|realloc|brk|mmap"),
     ("threads (rayon, futex, scheduler)", r"rayon|crossbeam|futex|sched|schedule|switch|__lll|pthread|syscall|entry_SYSCALL|do_syscall|idle|wake|spin"),
     ("random init (setup)", r"rand|Normal|chacha|distr"),

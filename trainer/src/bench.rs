@@ -152,6 +152,16 @@ impl BenchModel {
         Ok(())
     }
 
+    /// See [`UNet2DConditionModel::set_gradient_checkpointing`].
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.unet.set_gradient_checkpointing(on);
+    }
+
+    /// The trained LoRA tensors.
+    pub fn vars(&self) -> &[Var] {
+        &self.vars
+    }
+
     pub fn device(&self) -> &Device {
         &self.device
     }

@@ -79,7 +79,11 @@ pub fn exp_f32(x: f32) -> f32 {
     // Adding and subtracting 1.5·2^23 rounds to the nearest integer without a call.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.336_54, 88.722_84);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
+    // The rounded integer sits in the low mantissa bits of `t` (a bit cast, unlike `as i32`,
+    // whose saturating conversion does not vectorize).
+    let ni = t.to_bits() as i32 - ROUND.to_bits() as i32;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.987_569_1e-4_f32;
     let p = p * r + 1.398_199_9e-3;
@@ -89,7 +93,6 @@ pub fn exp_f32(x: f32) -> f32 {
     let p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
     // n ∈ [-126, 128]: 2^n as bits, split in two factors so n = 128 does not overflow early.
-    let ni = n as i32;
     let half = ni >> 1;
     let a = f32::from_bits(((half + 127) as u32) << 23);
     let b = f32::from_bits(((ni - half + 127) as u32) << 23);

@@ -18,6 +18,7 @@
 //! - [`train`] — the resumable training loop; [`run`] — a job spec run end to end (plan,
 //!   caching, saving with kohya's names and metadata, states, samples, events).
 pub mod bench;
+pub mod checkpoint;
 pub mod ckpt;
 pub mod clip;
 pub mod confine;

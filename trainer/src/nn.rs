@@ -518,6 +518,18 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         linear(x, &self.weight, self.bias.as_ref(), adapters(&self.slot))
     }
+
+    /// The LoRA tensors attached to this layer.
+    pub fn lora_tensors(&self) -> Vec<Tensor> {
+        lora_tensors(&self.slot)
+    }
+}
+
+fn lora_tensors(slot: &Option<AdapterSlot>) -> Vec<Tensor> {
+    adapters(slot)
+        .into_iter()
+        .flat_map(|a| [a.down, a.up])
+        .collect()
 }
 
 /// `x·Wᵀ + b` over the last dimension of `x` plus the LoRA `adapters` (2-D down and up
@@ -648,6 +660,11 @@ impl Conv2d {
             padding,
             slot,
         })
+    }
+
+    /// The LoRA tensors attached to this layer.
+    pub fn lora_tensors(&self) -> Vec<Tensor> {
+        lora_tensors(&self.slot)
     }
 
     /// A 1×1, stride-1 convolution applied to channels-last tokens `[.., C]`: the same

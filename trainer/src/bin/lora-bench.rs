@@ -3,6 +3,7 @@
 //! does for diffusers + peft. `scripts/bench/run.sh` runs both side by side.
 //!
 //! Usage: lora-bench CONFIG [--steps N] [--warmup N] [--rank R] [--alpha A] [--device D]
+//!                   [--gradient-checkpointing]
 //!        lora-bench --load CHECKPOINT   (load time and memory of a base model)
 //!
 //! `--device cuda` (or `cuda:N`) runs the step on a GPU; that needs the binary built with the
@@ -55,6 +56,7 @@ fn bench() -> Result<()> {
     let mut name = None;
     let (mut steps, mut warmup, mut rank, mut alpha) = (5usize, 1usize, 8usize, 8f64);
     let mut device = "cpu".to_string();
+    let mut checkpointing = false;
     while let Some(a) = args.next() {
         let mut val = |flag: &str| args.next().ok_or_else(|| format!("{flag} needs a value"));
         match a.as_str() {
@@ -63,11 +65,12 @@ fn bench() -> Result<()> {
             "--rank" => rank = val("--rank")?.parse()?,
             "--alpha" => alpha = val("--alpha")?.parse()?,
             "--device" => device = val("--device")?,
+            "--gradient-checkpointing" => checkpointing = true,
             "--load" => return load_report(std::path::Path::new(&val("--load")?)),
             "-h" | "--help" => {
                 println!(
                     "usage: lora-bench tiny|small|sd15 [--steps N] [--warmup N] [--rank R] \
-                     [--alpha A] [--device cpu|cuda|cuda:N]"
+                     [--alpha A] [--device cpu|cuda|cuda:N] [--gradient-checkpointing]"
                 );
                 return Ok(());
             }
@@ -81,6 +84,7 @@ fn bench() -> Result<()> {
     }
     let dev = open_device(&device)?;
     let mut model = BenchModel::build(&name, rank, alpha, &dev)?;
+    model.set_gradient_checkpointing(checkpointing);
     let inputs = model.inputs(1)?;
     let mut times = Vec::new();
     // Forward, backward and optimizer parts of each step (ms); on a GPU each part ends with
@@ -125,6 +129,7 @@ fn bench() -> Result<()> {
         "lora_modules": model.net.modules().len(),
         "lora_params": model.net.param_count(),
         "threads": rayon_threads(),
+        "gradient_checkpointing": checkpointing,
     });
     println!("{out}");
     Ok(())

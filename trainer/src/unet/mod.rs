@@ -10,9 +10,14 @@ pub use ldm::{infer_ldm_config, ldm_key_map, LDM_UNET_PREFIX};
 
 use candle_core::{DType, Tensor, D};
 
+use crate::checkpoint::checkpoint;
 use crate::nn::{attention, upsample_nearest, Builder, Conv2d, GroupNorm, LayerNorm, Linear};
 use crate::nn::{LoraSite, Scope, Sites};
 use crate::{Error, Result};
+
+fn candle_error(e: Error) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
 
 /// `TimestepEmbedding`: `linear_2(silu(linear_1(t)))`.
 #[derive(Debug, Clone)]
@@ -91,6 +96,16 @@ impl ResnetBlock2D {
         })
     }
 
+    fn lora_tensors(&self) -> Vec<Tensor> {
+        let mut t = self.conv1.lora_tensors();
+        t.extend(self.time_emb_proj.lora_tensors());
+        t.extend(self.conv2.lora_tensors());
+        if let Some(c) = &self.conv_shortcut {
+            t.extend(c.lora_tensors());
+        }
+        t
+    }
+
     /// `temb_act` is `silu(temb)`, shared by every block.
     fn forward(&self, x: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
         let h = self.norm1.forward_silu(x)?;
@@ -132,6 +147,13 @@ impl Attention {
         })
     }
 
+    fn lora_tensors(&self) -> Vec<Tensor> {
+        [&self.to_q, &self.to_k, &self.to_v, &self.to_out]
+            .into_iter()
+            .flat_map(Linear::lora_tensors)
+            .collect()
+    }
+
     /// [B, L, heads * d] -> [B, heads, L, d].
     fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, l, c) = x.dims3()?;
@@ -168,6 +190,12 @@ impl FeedForward {
             out: Linear::new(inner, dim, true, &b.pp("net").pp(2))?,
             inner,
         })
+    }
+
+    fn lora_tensors(&self) -> Vec<Tensor> {
+        let mut t = self.proj.lora_tensors();
+        t.extend(self.out.lora_tensors());
+        t
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -208,6 +236,13 @@ impl BasicTransformerBlock {
         })
     }
 
+    fn lora_tensors(&self) -> Vec<Tensor> {
+        let mut t = self.attn1.lora_tensors();
+        t.extend(self.attn2.lora_tensors());
+        t.extend(self.ff.lora_tensors());
+        t
+    }
+
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
         let x = (self
@@ -232,6 +267,13 @@ impl Projection {
         } else {
             Projection::Conv(Conv2d::new(in_dim, out_dim, 1, 1, 0, b)?)
         })
+    }
+
+    fn lora_tensors(&self) -> Vec<Tensor> {
+        match self {
+            Projection::Conv(c) => c.lora_tensors(),
+            Projection::Linear(l) => l.lora_tensors(),
+        }
     }
 }
 
@@ -271,6 +313,15 @@ impl Transformer2DModel {
             blocks,
             proj_out: Projection::new(linear, channels, channels, &b.pp("proj_out"))?,
         })
+    }
+
+    fn lora_tensors(&self) -> Vec<Tensor> {
+        let mut t = self.proj_in.lora_tensors();
+        for blk in &self.blocks {
+            t.extend(blk.lora_tensors());
+        }
+        t.extend(self.proj_out.lora_tensors());
+        t
     }
 
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
@@ -378,6 +429,7 @@ fn transformer(
 #[derive(Debug, Clone)]
 pub struct UNet2DConditionModel {
     cfg: UNetConfig,
+    checkpointing: bool,
     time_embedding: TimestepEmbedding,
     conv_in: Conv2d,
     down_blocks: Vec<DownBlock>,
@@ -488,6 +540,7 @@ impl UNet2DConditionModel {
             conv_out: Conv2d::new(ch[0], cfg.out_channels, 3, 1, 1, &b.pp("conv_out"))?,
             sites: b.sites().clone(),
             dtype: b.dtype(),
+            checkpointing: false,
         })
     }
 
@@ -540,6 +593,33 @@ impl UNet2DConditionModel {
         out
     }
 
+    /// Recompute each resnet and transformer block's activations in backward instead of
+    /// keeping them (`gradient_checkpointing`): gradients are the same, memory is lower and a
+    /// step does one more forward pass of the blocks.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on;
+    }
+
+    fn resnet(&self, r: &ResnetBlock2D, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        if !self.checkpointing {
+            return r.forward(x, temb);
+        }
+        let blk = r.clone();
+        checkpoint(x, temb, r.lora_tensors(), move |x, t| {
+            blk.forward(x, t).map_err(candle_error)
+        })
+    }
+
+    fn transformer(&self, a: &Transformer2DModel, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        if !self.checkpointing {
+            return a.forward(x, context);
+        }
+        let blk = a.clone();
+        checkpoint(x, context, a.lora_tensors(), move |x, c| {
+            blk.forward(x, c).map_err(candle_error)
+        })
+    }
+
     /// Predicts the noise (or v) for `sample` [B, in_channels, H, W] at `timesteps` [B] (one per
     /// sample, any integer or float dtype; a single value is used for the whole batch) given
     /// the text encoder's `encoder_hidden_states` [B, L, cross_attention_dim].
@@ -590,9 +670,9 @@ impl UNet2DConditionModel {
         let mut skips = vec![x.clone()];
         for blk in &self.down_blocks {
             for (j, r) in blk.resnets.iter().enumerate() {
-                x = r.forward(&x, &temb_act)?;
+                x = self.resnet(r, &x, &temb_act)?;
                 if let Some(a) = blk.attentions.get(j) {
-                    x = a.forward(&x, &context)?;
+                    x = self.transformer(a, &x, &context)?;
                 }
                 skips.push(x.clone());
             }
@@ -602,15 +682,15 @@ impl UNet2DConditionModel {
             }
         }
 
-        x = self.mid_block.resnets[0].forward(&x, &temb_act)?;
+        x = self.resnet(&self.mid_block.resnets[0], &x, &temb_act)?;
         for (a, r) in self
             .mid_block
             .attentions
             .iter()
             .zip(&self.mid_block.resnets[1..])
         {
-            x = a.forward(&x, &context)?;
-            x = r.forward(&x, &temb_act)?;
+            x = self.transformer(a, &x, &context)?;
+            x = self.resnet(r, &x, &temb_act)?;
         }
 
         for blk in &self.up_blocks {
@@ -619,9 +699,9 @@ impl UNet2DConditionModel {
                     Error::Config("UNet up path ran out of skip connections".into())
                 })?;
                 x = Tensor::cat(&[&x, &skip], 1)?;
-                x = r.forward(&x, &temb_act)?;
+                x = self.resnet(r, &x, &temb_act)?;
                 if let Some(a) = blk.attentions.get(j) {
-                    x = a.forward(&x, &context)?;
+                    x = self.transformer(a, &x, &context)?;
                 }
             }
             if let Some(u) = &blk.upsampler {
