@@ -30,8 +30,8 @@
 //!
 //! What validation accepts, the trainer runs: options sd-scripts has but loractl does not
 //! implement yet (optimizers other than the seven of [`OptimizerType::implemented`], `l1` and
-//! `smooth_l1` losses, huber schedules other than `constant`, `gradient_checkpointing`,
-//! `color_aug`, `network_dropout`) are refused with
+//! `smooth_l1` losses, huber schedules other than `constant`, `color_aug`,
+//! `network_dropout`) are refused with
 //! a sentence saying so, `optimizer_args` names are checked against the chosen optimizer, and
 //! every number has a range ([`limits`]).
 

@@ -575,11 +575,6 @@ fn options_not_implemented_yet_are_refused_at_validation() {
         "not implemented yet",
     );
     refused(
-        &|s| s.training.gradient_checkpointing = true,
-        "training.gradient_checkpointing",
-        "not implemented yet",
-    );
-    refused(
         &|s| s.resources.workers = 65,
         "resources.workers",
         "between 1 and 64",
@@ -611,9 +606,9 @@ fn options_not_implemented_yet_are_refused_at_validation() {
         "not implemented yet",
     );
 
-    // The same options switched off are fine.
+    // The same options switched off are fine, and gradient checkpointing is implemented.
     let mut spec = base();
-    spec.training.gradient_checkpointing = false;
+    spec.training.gradient_checkpointing = true;
     spec.network.network_dropout = Some(0.0);
     spec.resources.gpus = "1".into();
     ok(&spec);

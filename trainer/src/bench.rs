@@ -153,7 +153,7 @@ impl BenchModel {
     }
 
     /// See [`UNet2DConditionModel::set_gradient_checkpointing`].
-    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+    pub fn set_gradient_checkpointing(&self, on: bool) {
         self.unet.set_gradient_checkpointing(on);
     }
 

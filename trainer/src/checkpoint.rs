@@ -78,7 +78,7 @@ mod tests {
 
     #[test]
     fn checkpointed_unet_gives_the_same_lora_gradients() -> anyhow::Result<()> {
-        let mut model = BenchModel::build("tiny", 4, 4.0, &Device::Cpu)?;
+        let model = BenchModel::build("tiny", 4, 4.0, &Device::Cpu)?;
         let inputs = model.inputs(2)?;
         let plain = model.loss(&inputs, 3)?;
         let plain_grads = plain.backward()?;

@@ -209,8 +209,10 @@ impl RunMetadata {
         put("ss_text_encoder_lr", py::opt_float_repr(k.text_encoder_lr));
         put("ss_unet_lr", py::opt_float_repr(k.unet_lr));
         put("ss_num_epochs", num_epochs.to_string());
-        // Validation refuses gradient_checkpointing.
-        put("ss_gradient_checkpointing", py::bool_str(false));
+        put(
+            "ss_gradient_checkpointing",
+            py::bool_str(spec.training.gradient_checkpointing),
+        );
         put(
             "ss_gradient_accumulation_steps",
             opts.gradient_accumulation_steps.to_string(),

@@ -309,6 +309,7 @@ pub fn train_options(spec: &ResolvedSpec, total_steps: usize) -> Result<TrainOpt
         seed: spec.training.seed.unwrap_or(0),
         clip_skip: spec.model.clip_skip.unwrap_or(1) as usize,
         max_token_length: spec.max_token_length as usize,
+        gradient_checkpointing: spec.training.gradient_checkpointing,
         step: StepOptions {
             noise_offset: spec.training.noise_offset.unwrap_or(0.0),
             min_snr_gamma: spec.training.min_snr_gamma,

@@ -61,6 +61,8 @@ pub struct TrainOptions {
     pub clip_skip: usize,
     /// `max_token_length`: 75, 150 or 225.
     pub max_token_length: usize,
+    /// Recompute the UNet blocks' activations in backward (`gradient_checkpointing`).
+    pub gradient_checkpointing: bool,
     pub step: StepOptions,
 }
 
@@ -84,6 +86,7 @@ impl Default for TrainOptions {
             seed: 0,
             clip_skip: 1,
             max_token_length: 75,
+            gradient_checkpointing: false,
             step: StepOptions::default(),
         }
     }
@@ -355,6 +358,8 @@ impl<'a> Trainer<'a> {
             ..opts.lora.clone()
         };
         let mut net = LoraNetwork::new(&sd.sites(), &lora_cfg, device, opts.seed)?;
+        sd.unet
+            .set_gradient_checkpointing(opts.gradient_checkpointing);
         if let Some(init) = initial {
             net.load_values(init, "network_weights")?;
         }

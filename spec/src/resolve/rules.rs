@@ -143,6 +143,7 @@ impl Checker {
                 seed: t.seed,
                 noise_offset: t.noise_offset,
                 min_snr_gamma: t.min_snr_gamma,
+                gradient_checkpointing: t.gradient_checkpointing,
             },
             mixed_precision: training.mixed_precision,
             save_precision: save_precision?,
@@ -1004,13 +1005,6 @@ impl Checker {
             limits::GRADIENT_ACCUMULATION_STEPS,
             "use 1 for no accumulation, or a few",
         );
-        if t.gradient_checkpointing {
-            self.err(
-                "training.gradient_checkpointing",
-                "is not implemented yet: activations are kept for the backward pass",
-                "set gradient_checkpointing = false (or remove it); lower train_batch_size or resolution to save memory",
-            );
-        }
         let precision = self.choice(
             "training.mixed_precision",
             &t.mixed_precision,

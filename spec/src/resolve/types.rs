@@ -223,6 +223,8 @@ pub struct ResolvedTraining {
     pub seed: Option<u64>,
     pub noise_offset: Option<f64>,
     pub min_snr_gamma: Option<f64>,
+    /// Recompute the UNet blocks' activations in backward instead of keeping them.
+    pub gradient_checkpointing: bool,
 }
 
 /// `[output]`, resolved, less `output_name` and `save_precision` ([`ResolvedSpec`]).

@@ -8,6 +8,9 @@ mod ldm;
 pub use config::{PerBlock, UNetConfig};
 pub use ldm::{infer_ldm_config, ldm_key_map, LDM_UNET_PREFIX};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use candle_core::{DType, Tensor, D};
 
 use crate::checkpoint::checkpoint;
@@ -429,7 +432,8 @@ fn transformer(
 #[derive(Debug, Clone)]
 pub struct UNet2DConditionModel {
     cfg: UNetConfig,
-    checkpointing: bool,
+    /// Shared by the clones of a model, so a run can switch it on a model it borrows.
+    checkpointing: Arc<AtomicBool>,
     time_embedding: TimestepEmbedding,
     conv_in: Conv2d,
     down_blocks: Vec<DownBlock>,
@@ -540,7 +544,7 @@ impl UNet2DConditionModel {
             conv_out: Conv2d::new(ch[0], cfg.out_channels, 3, 1, 1, &b.pp("conv_out"))?,
             sites: b.sites().clone(),
             dtype: b.dtype(),
-            checkpointing: false,
+            checkpointing: Arc::default(),
         })
     }
 
@@ -596,12 +600,12 @@ impl UNet2DConditionModel {
     /// Recompute each resnet and transformer block's activations in backward instead of
     /// keeping them (`gradient_checkpointing`): gradients are the same, memory is lower and a
     /// step does one more forward pass of the blocks.
-    pub fn set_gradient_checkpointing(&mut self, on: bool) {
-        self.checkpointing = on;
+    pub fn set_gradient_checkpointing(&self, on: bool) {
+        self.checkpointing.store(on, Ordering::Relaxed);
     }
 
     fn resnet(&self, r: &ResnetBlock2D, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        if !self.checkpointing {
+        if !self.checkpointing.load(Ordering::Relaxed) {
             return r.forward(x, temb);
         }
         let blk = r.clone();
@@ -611,7 +615,7 @@ impl UNet2DConditionModel {
     }
 
     fn transformer(&self, a: &Transformer2DModel, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        if !self.checkpointing {
+        if !self.checkpointing.load(Ordering::Relaxed) {
             return a.forward(x, context);
         }
         let blk = a.clone();
