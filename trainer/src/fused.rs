@@ -297,6 +297,40 @@ pub fn conv2d(
     w2.broadcast_matmul(&cols)?.reshape((b, o, oh, ow))
 }
 
+/// A fused op's backward kernel: `(x, d(y))` → `d(x)`, both contiguous f32 (for the softmax,
+/// `x` is its output `y`).
+trait Grad: Clone + Send + Sync + 'static {
+    const NAME: &'static str;
+    fn grad(&self, x: &[f32], lx: &Layout, g: &[f32]) -> candle_core::Result<Vec<f32>>;
+}
+
+/// Runs a [`Grad`] kernel as a candle op (no graph of its own).
+struct GradOp<T>(T);
+
+impl<T: Grad> CustomOp2 for GradOp<T> {
+    fn name(&self) -> &'static str {
+        T::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, T::NAME)?;
+        let g = slice(s2, l2, T::NAME)?;
+        Ok((CpuStorage::F32(self.0.grad(x, l1, g)?), l1.shape().clone()))
+    }
+}
+
+/// `d(x)` of `x` under the incoming gradient `g`.
+fn grad_of<T: Grad>(kernel: &T, x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?
+        .apply_op2_no_bwd(&g.contiguous()?, &GradOp(kernel.clone()))
+}
+
 /// The frozen affine of a norm, read once when the op is built.
 #[derive(Clone)]
 struct Affine {
@@ -371,29 +405,15 @@ impl CustomOp1 for GroupNormOp {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let g = grad_res.contiguous()?;
-        Ok(Some(arg.apply_op2_no_bwd(&g, &GroupNormBwd(self.clone()))?))
+        Ok(Some(grad_of(self, arg, grad_res)?))
     }
 }
 
-/// d(x) of [`GroupNormOp`] from (x, d(y)).
-struct GroupNormBwd(GroupNormOp);
+impl Grad for GroupNormOp {
+    const NAME: &'static str = "fused-group-norm-bwd";
 
-impl CustomOp2 for GroupNormBwd {
-    fn name(&self) -> &'static str {
-        "fused-group-norm-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let op = &self.0;
-        let x = slice(s1, l1, "group norm backward")?;
-        let g = slice(s2, l2, "group norm backward")?;
+    fn grad(&self, x: &[f32], l1: &Layout, g: &[f32]) -> candle_core::Result<Vec<f32>> {
+        let op = self;
         let (c, hw) = op.geometry(l1)?;
         let per_group = c / op.groups;
         let group_len = per_group * hw;
@@ -437,7 +457,7 @@ impl CustomOp2 for GroupNormBwd {
                     *dx = rstd * (*dx - m1 - xn * m2);
                 }
             });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok(out)
     }
 }
 
@@ -509,29 +529,15 @@ impl CustomOp1 for LayerNormOp {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let g = grad_res.contiguous()?;
-        Ok(Some(arg.apply_op2_no_bwd(&g, &LayerNormBwd(self.clone()))?))
+        Ok(Some(grad_of(self, arg, grad_res)?))
     }
 }
 
-/// d(x) of [`LayerNormOp`] from (x, d(y)).
-struct LayerNormBwd(LayerNormOp);
+impl Grad for LayerNormOp {
+    const NAME: &'static str = "fused-layer-norm-bwd";
 
-impl CustomOp2 for LayerNormBwd {
-    fn name(&self) -> &'static str {
-        "fused-layer-norm-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let op = &self.0;
-        let x = slice(s1, l1, "layer norm backward")?;
-        let g = slice(s2, l2, "layer norm backward")?;
+    fn grad(&self, x: &[f32], l1: &Layout, g: &[f32]) -> candle_core::Result<Vec<f32>> {
+        let op = self;
         let d = op.width(l1)?;
         let task = rows_per_task(d) * d;
         let w = &op.affine.weight;
@@ -556,7 +562,7 @@ impl CustomOp2 for LayerNormBwd {
                     }
                 }
             });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok(out)
     }
 }
 
@@ -575,6 +581,7 @@ pub fn layer_norm(
 }
 
 /// `a * gelu_erf(g)` where `[a, g]` are the halves of the last dimension.
+#[derive(Clone)]
 struct GegluOp;
 
 #[inline]
@@ -629,28 +636,14 @@ impl CustomOp1 for GegluOp {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let g = grad_res.contiguous()?;
-        Ok(Some(arg.apply_op2_no_bwd(&g, &GegluBwd)?))
+        Ok(Some(grad_of(self, arg, grad_res)?))
     }
 }
 
-/// d(h) of [`GegluOp`] from (h, d(y)).
-struct GegluBwd;
+impl Grad for GegluOp {
+    const NAME: &'static str = "fused-geglu-bwd";
 
-impl CustomOp2 for GegluBwd {
-    fn name(&self) -> &'static str {
-        "fused-geglu-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let h = slice(s1, l1, "geglu backward")?;
-        let dy = slice(s2, l2, "geglu backward")?;
+    fn grad(&self, h: &[f32], l1: &Layout, dy: &[f32]) -> candle_core::Result<Vec<f32>> {
         let (half, _) = geglu_halves(l1)?;
         let rows = rows_per_task(half);
         let mut out = vec![0f32; h.len()];
@@ -676,7 +669,7 @@ impl CustomOp2 for GegluBwd {
                     }
                 }
             });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok(out)
     }
 }
 
@@ -686,22 +679,13 @@ pub fn geglu(h: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// The softmax gradient over the last dimension from (y, d(y)).
+#[derive(Clone)]
 struct SoftmaxBwd;
 
-impl CustomOp2 for SoftmaxBwd {
-    fn name(&self) -> &'static str {
-        "fused-softmax-bwd"
-    }
+impl Grad for SoftmaxBwd {
+    const NAME: &'static str = "fused-softmax-bwd";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = slice(s1, l1, "softmax backward")?;
-        let g = slice(s2, l2, "softmax backward")?;
+    fn grad(&self, y: &[f32], l1: &Layout, g: &[f32]) -> candle_core::Result<Vec<f32>> {
         let d = l1.dims().last().copied().unwrap_or(1).max(1);
         let task = rows_per_task(d) * d;
         let mut out = vec![0f32; y.len()];
@@ -715,7 +699,7 @@ impl CustomOp2 for SoftmaxBwd {
                     }
                 }
             });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok(out)
     }
 }
 
@@ -723,9 +707,7 @@ impl CustomOp2 for SoftmaxBwd {
 /// output is `y`. Fused on CPU f32, composed elsewhere.
 pub fn softmax_backward(y: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
     if applies(y) && g.dtype() == DType::F32 {
-        return y
-            .contiguous()?
-            .apply_op2_no_bwd(&g.contiguous()?, &SoftmaxBwd);
+        return grad_of(&SoftmaxBwd, y, g);
     }
     let s = (g * y)?.sum_keepdim(candle_core::D::Minus1)?;
     y.mul(&g.broadcast_sub(&s)?)

@@ -9,18 +9,10 @@
 
 use std::sync::{Arc, Mutex, RwLock};
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor, D};
+use candle_core::{CpuStorage, DType, Layout, Module, Shape, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::Result;
-
-type BackwardFn = dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync;
-
-/// `out = value` (computed without a graph); the gradient reaching `out` is turned into the
-/// gradient of `input` by `backward`. `value` is copied once so the op owns its output.
-struct AttachGrad {
-    backward: Box<BackwardFn>,
-}
 
 fn copy_storage_cpu(s: &CpuStorage, l: &Layout) -> candle_core::Result<CpuStorage> {
     fn slice<T: Copy>(v: &[T], l: &Layout) -> candle_core::Result<Vec<T>> {
@@ -58,43 +50,6 @@ fn copy_storage_cuda(
     }
 }
 
-impl CustomOp2 for AttachGrad {
-    fn name(&self) -> &'static str {
-        "attach-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _s1: &CpuStorage,
-        _l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Ok((copy_storage_cpu(s2, l2)?, l2.shape().clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _s1: &candle_core::CudaStorage,
-        _l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        Ok((copy_storage_cuda(s2, l2)?, l2.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _arg1: &Tensor,
-        _arg2: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some((self.backward)(grad_res)?), None))
-    }
-}
-
 /// Returns `value` as a function of `input`, with `backward` mapping d(out) to d(input).
 /// When `input` carries no graph, `value` is returned as is.
 pub fn attach_grad(
@@ -102,71 +57,9 @@ pub fn attach_grad(
     value: Tensor,
     backward: impl Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync + 'static,
 ) -> Result<Tensor> {
-    if !input.track_op() {
-        return Ok(value);
-    }
-    let value = value.contiguous()?;
-    let value = if value.layout().start_offset() != 0 {
-        value.copy()?
-    } else {
-        value
-    };
-    Ok(input.apply_op2(
-        &value,
-        AttachGrad {
-            backward: Box::new(backward),
-        },
-    )?)
-}
-
-type Backward2Fn = dyn Fn(&Tensor) -> candle_core::Result<(Tensor, Tensor)> + Send + Sync;
-
-/// Like [`AttachGrad`] with two inputs (activation and trainable weight).
-struct AttachGrad2 {
-    backward: Box<Backward2Fn>,
-}
-
-impl candle_core::CustomOp3 for AttachGrad2 {
-    fn name(&self) -> &'static str {
-        "attach-grad2"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _s1: &CpuStorage,
-        _l1: &Layout,
-        _s2: &CpuStorage,
-        _l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Ok((copy_storage_cpu(s3, l3)?, l3.shape().clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _s1: &candle_core::CudaStorage,
-        _l1: &Layout,
-        _s2: &candle_core::CudaStorage,
-        _l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        Ok((copy_storage_cuda(s3, l3)?, l3.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _arg1: &Tensor,
-        _arg2: &Tensor,
-        _arg3: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (ga, gb) = (self.backward)(grad_res)?;
-        Ok((Some(ga), Some(gb), None))
-    }
+    attach_grad3([input, input, input], value, move |g, _| {
+        Ok([Some(backward(g)?), None, None])
+    })
 }
 
 /// `value` as a function of `a` and `b`; `backward` maps d(out) to (d(a), d(b)).
@@ -176,46 +69,35 @@ pub fn attach_grad2(
     value: Tensor,
     backward: impl Fn(&Tensor) -> candle_core::Result<(Tensor, Tensor)> + Send + Sync + 'static,
 ) -> Result<Tensor> {
-    if !a.track_op() && !b.track_op() {
-        return Ok(value);
-    }
-    let value = value.contiguous()?;
-    let value = if value.layout().start_offset() != 0 {
-        value.copy()?
-    } else {
-        value
-    };
-    Ok(a.apply_op3(
-        b,
-        &value,
-        AttachGrad2 {
-            backward: Box::new(backward),
-        },
-    )?)
+    attach_grad3([a, b, b], value, move |g, _| {
+        let (ga, gb) = backward(g)?;
+        Ok([Some(ga), Some(gb), None])
+    })
 }
 
-type Backward3Fn = dyn Fn(&Tensor) -> candle_core::Result<[Option<Tensor>; 3]> + Send + Sync;
+type BackwardFn = dyn Fn(&Tensor) -> candle_core::Result<[Option<Tensor>; 3]> + Send + Sync;
 
-/// Like [`AttachGrad`] with three inputs; the value is handed over in the op itself (taken
-/// by the forward, so the graph does not hold a second copy of it).
-struct AttachGrad3 {
+/// `out = value` (computed without a graph) as a function of up to three inputs; the gradient
+/// reaching `out` is turned into the inputs' gradients by `backward`. The value is handed over
+/// in the op itself and taken by the forward, so the graph does not hold a second copy of it.
+struct AttachGrad {
     value: Mutex<Option<Tensor>>,
-    backward: Box<Backward3Fn>,
+    backward: Box<BackwardFn>,
 }
 
-impl AttachGrad3 {
+impl AttachGrad {
     fn take(&self) -> candle_core::Result<Tensor> {
         let value = match self.value.lock() {
             Ok(mut v) => v.take(),
             Err(p) => p.into_inner().take(),
         };
-        value.ok_or_else(|| candle_core::Error::Msg("attach-grad3: value taken twice".into()))
+        value.ok_or_else(|| candle_core::Error::Msg("attach-grad: value taken twice".into()))
     }
 }
 
-impl candle_core::CustomOp3 for AttachGrad3 {
+impl candle_core::CustomOp3 for AttachGrad {
     fn name(&self) -> &'static str {
-        "attach-grad3"
+        "attach-grad"
     }
 
     fn cpu_fwd(
@@ -234,7 +116,7 @@ impl candle_core::CustomOp3 for AttachGrad3 {
                 Ok((copy_storage_cpu(s, layout)?, layout.shape().clone()))
             }
             _ => Err(candle_core::Error::Msg(
-                "attach-grad3: value is not on the CPU".into(),
+                "attach-grad: value is not on the CPU".into(),
             )),
         }
     }
@@ -256,7 +138,7 @@ impl candle_core::CustomOp3 for AttachGrad3 {
                 Ok((copy_storage_cuda(s, layout)?, layout.shape().clone()))
             }
             _ => Err(candle_core::Error::Msg(
-                "attach-grad3: value is not on the GPU".into(),
+                "attach-grad: value is not on the GPU".into(),
             )),
         }
     }
@@ -297,7 +179,7 @@ pub fn attach_grad3(
     Ok(a.apply_op3(
         b,
         c,
-        AttachGrad3 {
+        AttachGrad {
             value: Mutex::new(Some(value)),
             backward: Box::new(move |g| backward(g, need)),
         },

@@ -605,23 +605,33 @@ impl UNet2DConditionModel {
     }
 
     fn resnet(&self, r: &ResnetBlock2D, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        if !self.checkpointing.load(Ordering::Relaxed) {
-            return r.forward(x, temb);
-        }
         let blk = r.clone();
-        checkpoint(x, temb, r.lora_tensors(), move |x, t| {
-            blk.forward(x, t).map_err(candle_error)
-        })
+        self.block(x, temb, || r.lora_tensors(), move |x, t| blk.forward(x, t))
     }
 
     fn transformer(&self, a: &Transformer2DModel, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        if !self.checkpointing.load(Ordering::Relaxed) {
-            return a.forward(x, context);
-        }
         let blk = a.clone();
-        checkpoint(x, context, a.lora_tensors(), move |x, c| {
-            blk.forward(x, c).map_err(candle_error)
-        })
+        self.block(
+            x,
+            context,
+            || a.lora_tensors(),
+            move |x, c| blk.forward(x, c),
+        )
+    }
+
+    /// `f(x, c)`, checkpointed when gradient checkpointing is on (`lora`: the block's LoRA
+    /// tensors).
+    fn block(
+        &self,
+        x: &Tensor,
+        c: &Tensor,
+        lora: impl FnOnce() -> Vec<Tensor>,
+        f: impl Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+    ) -> Result<Tensor> {
+        if !self.checkpointing.load(Ordering::Relaxed) {
+            return f(x, c);
+        }
+        checkpoint(x, c, lora(), move |x, c| f(x, c).map_err(candle_error))
     }
 
     /// Predicts the noise (or v) for `sample` [B, in_channels, H, W] at `timesteps` [B] (one per
