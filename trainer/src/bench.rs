@@ -95,6 +95,16 @@ impl BenchModel {
         })
     }
 
+    /// The latent height and width the steps train on.
+    pub fn latent_size(&self) -> (usize, usize) {
+        self.latent
+    }
+
+    /// Trains on `size`×`size` latents instead of the config's.
+    pub fn set_latent_size(&mut self, size: usize) {
+        self.latent = (size, size);
+    }
+
     /// Random latents, text context and targets for `batch` samples, made once and reused by
     /// every step so that the steps time the model alone.
     pub fn inputs(&self, batch: usize) -> Result<BenchInputs> {

@@ -294,7 +294,12 @@ pub fn conv2d(
         x.contiguous()?.apply_op1_no_bwd(&op)?
     };
     let w2 = w.contiguous()?.reshape((o, c * k * k))?;
-    w2.broadcast_matmul(&cols)?.reshape((b, o, oh, ow))
+    // One product per sample: a batched product would copy the kernel once per sample
+    // (candle makes a broadcast left operand contiguous).
+    let outs = (0..b)
+        .map(|i| w2.matmul(&cols.get(i)?))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::stack(&outs, 0)?.reshape((b, o, oh, ow))
 }
 
 /// A fused op's backward kernel: `(x, d(y))` → `d(x)`, both contiguous f32 (for the softmax,

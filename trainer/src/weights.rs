@@ -19,9 +19,50 @@ pub trait TensorStore: Send + Sync {
     fn shape(&self, name: &str) -> Option<Vec<usize>>;
     /// The tensor in its stored dtype, on `device`.
     fn load(&self, name: &str, device: &Device) -> Result<Tensor>;
+    /// The tensor converted to `dtype`, on `device`.
+    fn load_as(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        Ok(self.load(name, device)?.to_dtype(dtype)?)
+    }
     fn contains(&self, name: &str) -> bool {
         self.shape(name).is_some()
     }
+}
+
+/// Little-endian values of `N` bytes each, converted to f32 in parallel chunks.
+fn decode<const N: usize>(bytes: &[u8], f: impl Fn([u8; N]) -> f32 + Sync) -> Vec<f32> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    let mut out = vec![0f32; bytes.len() / N];
+    out.par_chunks_mut(CHUNK)
+        .zip(bytes.par_chunks(CHUNK * N))
+        .for_each(|(dst, src)| {
+            for (d, b) in dst.iter_mut().zip(src.chunks_exact(N)) {
+                let mut a = [0u8; N];
+                a.copy_from_slice(b);
+                *d = f(a);
+            }
+        });
+    out
+}
+
+/// f16 bytes as f32: where the bytes are 2-aligned (as safetensors lays them out in the usual
+/// case) half's vectorized slice conversion, in parallel chunks; otherwise value by value.
+fn decode_f16(bytes: &[u8]) -> Vec<f32> {
+    use half::slice::HalfFloatSliceExt;
+    use rayon::prelude::*;
+    if cfg!(target_endian = "big") || !(bytes.as_ptr() as usize).is_multiple_of(2) {
+        return decode(bytes, |b| half::f16::from_le_bytes(b).to_f32());
+    }
+    // SAFETY: the pointer is 2-aligned, the length is whole f16 values within `bytes`, any bit
+    // pattern is a valid f16, and on a little-endian host the stored bytes are its layout.
+    let src =
+        unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<half::f16>(), bytes.len() / 2) };
+    const CHUNK: usize = 1 << 16;
+    let mut out = vec![0f32; src.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(src.par_chunks(CHUNK))
+        .for_each(|(dst, src)| src.convert_to_f32_slice(dst));
+    out
 }
 
 /// Memory-mapped `.safetensors` files; a tensor is copied out only when loaded.
@@ -75,6 +116,33 @@ impl TensorStore for SafetensorsStore {
     }
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
         self.shapes.get(name).cloned()
+    }
+    /// Half-precision or f32 tensors read as f32 on the CPU are converted straight from the
+    /// mapped bytes, in parallel, without an intermediate copy in the stored dtype.
+    fn load_as(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        if dtype != DType::F32 || !device.is_cpu() {
+            return Ok(self.load(name, device)?.to_dtype(dtype)?);
+        }
+        let view = self.inner.get(name)?;
+        let bytes = view.data();
+        let values = match view.dtype() {
+            safetensors::Dtype::F16 => decode_f16(bytes),
+            safetensors::Dtype::BF16 => decode(bytes, |b| half::bf16::from_le_bytes(b).to_f32()),
+            safetensors::Dtype::F32 => decode(bytes, f32::from_le_bytes),
+            _ => return Ok(self.load(name, device)?.to_dtype(dtype)?),
+        };
+        let n: usize = view.shape().iter().product();
+        if values.len() != n {
+            return Err(Error::bad_checkpoint(
+                self.paths.first().cloned().unwrap_or_default(),
+                format!(
+                    "tensor `{name}` holds {} values for shape {:?}; re-download or re-export the file",
+                    values.len(),
+                    view.shape()
+                ),
+            ));
+        }
+        Ok(Tensor::from_vec(values, view.shape(), device)?)
     }
     fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
         Ok(self.inner.load(name, device)?)
@@ -204,7 +272,8 @@ impl Weights {
                 origin: self.store.origin(),
             });
         }
-        let t = self.store.load(src, device)?;
+        // Converted first: every rearrangement below moves values without changing them.
+        let t = self.store.load_as(src, dtype, device)?;
         let t = match &fetch {
             Fetch::Name(_) => t,
             Fetch::Squeeze(_) => {
@@ -398,5 +467,55 @@ impl candle_nn::var_builder::SimpleBackend for RandomWeights {
 
     fn contains_tensor(&self, _name: &str) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reading f16, bf16 and f32 safetensors as f32 straight from the mapped bytes gives the
+    /// values candle's own load-then-convert gives, aligned or not.
+    #[test]
+    fn direct_conversion_matches_candle() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let dev = Device::Cpu;
+        let base = Tensor::randn(0f32, 3., (3, 70_001), &dev)?;
+        let mut tensors = HashMap::new();
+        // An odd-sized u8 tensor first shifts the following data off 2-byte alignment.
+        tensors.insert("a_pad".to_string(), Tensor::zeros(3, DType::U8, &dev)?);
+        for (name, dt) in [
+            ("f16", DType::F16),
+            ("bf16", DType::BF16),
+            ("f32", DType::F32),
+        ] {
+            tensors.insert(name.to_string(), base.to_dtype(dt)?);
+        }
+        let path = dir.path().join("w.safetensors");
+        candle_core::safetensors::save(&tensors, &path)?;
+        let store = SafetensorsStore::open(std::slice::from_ref(&path))?;
+        for name in ["f16", "bf16", "f32"] {
+            let want = store.load(name, &dev)?.to_dtype(DType::F32)?;
+            let got = store.load_as(name, DType::F32, &dev)?;
+            assert_eq!(got.dims(), want.dims());
+            let d = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert_eq!(d, 0.0, "{name}");
+        }
+        // Both alignments of the f16 path.
+        let bytes: Vec<u8> = (0..2001u16).flat_map(|v| (v * 7).to_le_bytes()).collect();
+        let want: Vec<f32> = (0..2001u16)
+            .map(|v| half::f16::from_bits(v * 7).to_f32())
+            .collect();
+        let mut shifted = vec![0u8];
+        shifted.extend(&bytes);
+        for b in [&bytes[..], &shifted[1..]] {
+            let got = decode_f16(b);
+            assert_eq!(got.len(), want.len());
+            assert!(got
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())));
+        }
+        Ok(())
     }
 }

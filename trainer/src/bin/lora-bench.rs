@@ -3,7 +3,7 @@
 //! does for diffusers + peft. `scripts/bench/run.sh` runs both side by side.
 //!
 //! Usage: lora-bench CONFIG [--steps N] [--warmup N] [--rank R] [--alpha A] [--device D]
-//!                   [--gradient-checkpointing]
+//!                   [--gradient-checkpointing] [--batch N] [--latent SIZE]
 //!        lora-bench --load CHECKPOINT   (load time and memory of a base model)
 //!
 //! `--device cuda` (or `cuda:N`) runs the step on a GPU; that needs the binary built with the
@@ -57,6 +57,7 @@ fn bench() -> Result<()> {
     let (mut steps, mut warmup, mut rank, mut alpha) = (5usize, 1usize, 8usize, 8f64);
     let mut device = "cpu".to_string();
     let mut checkpointing = false;
+    let (mut batch, mut latent) = (1usize, None::<usize>);
     while let Some(a) = args.next() {
         let mut val = |flag: &str| args.next().ok_or_else(|| format!("{flag} needs a value"));
         match a.as_str() {
@@ -66,11 +67,14 @@ fn bench() -> Result<()> {
             "--alpha" => alpha = val("--alpha")?.parse()?,
             "--device" => device = val("--device")?,
             "--gradient-checkpointing" => checkpointing = true,
+            "--batch" => batch = val("--batch")?.parse()?,
+            "--latent" => latent = Some(val("--latent")?.parse()?),
             "--load" => return load_report(std::path::Path::new(&val("--load")?)),
             "-h" | "--help" => {
                 println!(
                     "usage: lora-bench tiny|small|sd15 [--steps N] [--warmup N] [--rank R] \
-                     [--alpha A] [--device cpu|cuda|cuda:N] [--gradient-checkpointing]"
+                     [--alpha A] [--device cpu|cuda|cuda:N] [--gradient-checkpointing] \
+                     [--batch N] [--latent SIZE]"
                 );
                 return Ok(());
             }
@@ -85,7 +89,13 @@ fn bench() -> Result<()> {
     let dev = open_device(&device)?;
     let mut model = BenchModel::build(&name, rank, alpha, &dev)?;
     model.set_gradient_checkpointing(checkpointing);
-    let inputs = model.inputs(1)?;
+    if let Some(size) = latent {
+        model.set_latent_size(size);
+    }
+    if batch == 0 || latent == Some(0) {
+        return Err("--batch and --latent must be at least 1".into());
+    }
+    let inputs = model.inputs(batch)?;
     let mut times = Vec::new();
     // Forward, backward and optimizer parts of each step (ms); on a GPU each part ends with
     // a synchronisation, which the step time does not pay.
@@ -130,6 +140,8 @@ fn bench() -> Result<()> {
         "lora_params": model.net.param_count(),
         "threads": rayon_threads(),
         "gradient_checkpointing": checkpointing,
+        "batch": batch,
+        "latent": model.latent_size(),
     });
     println!("{out}");
     Ok(())
