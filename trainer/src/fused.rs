@@ -24,6 +24,10 @@ use rayon::prelude::*;
 /// Work items smaller than this many elements are grouped so a task is worth scheduling.
 const MIN_TASK_ELEMS: usize = 1 << 14;
 
+fn is_half(x: &Tensor) -> bool {
+    matches!(x.dtype(), DType::BF16 | DType::F16)
+}
+
 /// Whether the fused CPU kernels apply to `x`.
 pub fn applies(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
@@ -165,6 +169,10 @@ impl CustomOp1 for SoftmaxOp {
 /// Softmax over the last dimension without a graph: fused on CPU f32, candle's kernel
 /// elsewhere.
 pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    if is_half(x) {
+        // Exponentials and the row sum in f32, as PyTorch's half-precision softmax does.
+        return softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype());
+    }
     if applies(x) {
         return x.contiguous()?.apply_op1_no_bwd(&SoftmaxOp);
     }
@@ -281,6 +289,16 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::BF16 | DType::F16) {
+        // candle has no half-precision convolution on the CPU: compute in f32.
+        let y = conv2d(
+            &x.to_dtype(DType::F32)?,
+            &w.to_dtype(DType::F32)?,
+            stride,
+            padding,
+        )?;
+        return y.to_dtype(x.dtype());
+    }
     if !applies(x) || w.dtype() != DType::F32 {
         return x.conv2d(w, padding, stride, 1, 1);
     }
@@ -711,6 +729,12 @@ impl Grad for SoftmaxBwd {
 /// `y * (g - sum(g * y))` over the last dimension: the input gradient of a softmax whose
 /// output is `y`. Fused on CPU f32, composed elsewhere.
 pub fn softmax_backward(y: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+    if is_half(y) || is_half(g) {
+        // `g - sum(g * y)` cancels: in half precision the row sum alone carries an error as
+        // large as the result.
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        return softmax_backward(&f(y)?, &f(g)?)?.to_dtype(y.dtype());
+    }
     if applies(y) && g.dtype() == DType::F32 {
         return grad_of(&SoftmaxBwd, y, g);
     }

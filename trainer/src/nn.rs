@@ -360,6 +360,28 @@ impl<'a> Builder<'a> {
     }
 }
 
+/// The adapters with their (f32 master) weights cast to `dtype`, the dtype of the
+/// activations they multiply; the cast is part of the graph, so the gradients reach the f32
+/// weights.
+fn adapters_as(adapters: Vec<Adapter>, dtype: DType) -> Result<Vec<Adapter>> {
+    adapters
+        .into_iter()
+        .map(|a| {
+            Ok(Adapter {
+                down: a.down.to_dtype(dtype)?,
+                up: a.up.to_dtype(dtype)?,
+                scale: a.scale,
+            })
+        })
+        .collect()
+}
+
+/// Whether convolutions of `x` must run in f32: candle has no half-precision convolution on
+/// the CPU.
+fn conv_needs_f32(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() != DType::F32 && x.dtype() != DType::F64
+}
+
 fn adapters(slot: &Option<AdapterSlot>) -> Vec<Adapter> {
     match slot {
         None => Vec::new(),
@@ -422,6 +444,7 @@ fn linear(
     bias: Option<&Tensor>,
     adapters: Vec<Adapter>,
 ) -> Result<Tensor> {
+    let adapters = adapters_as(adapters, x.dtype())?;
     let dims = x.dims().to_vec();
     let (out_f, in_f) = weight.dims2()?;
     let rows = x.elem_count() / in_f.max(1);
@@ -496,6 +519,16 @@ fn conv2d_input_grad(
     if stride == 1 && padding <= k.saturating_sub(1) {
         let wt = crate::fused::flip_transpose_kernel(w)?;
         return crate::fused::conv2d(g, &wt, 1, k - 1 - padding);
+    }
+    if conv_needs_f32(g) {
+        let gx = conv2d_input_grad(
+            &g.to_dtype(DType::F32)?,
+            &w.to_dtype(DType::F32)?,
+            input_hw,
+            stride,
+            padding,
+        )?;
+        return gx.to_dtype(g.dtype());
     }
     let (_, _, gh, gw) = g.dims4()?;
     let out_h = (gh - 1) * stride + k - 2 * padding;
@@ -585,10 +618,21 @@ impl Conv2d {
         let mut y = attach_grad(x, y, move |g| {
             conv2d_input_grad(g, &wt, (h, w), stride, padding)
         })?;
-        for a in adapters(&self.slot) {
-            let d = conv2d_trainable(x, &a.down, self.stride, self.padding)?;
+        let adapters = adapters(&self.slot);
+        if adapters.is_empty() {
+            return Ok(y);
+        }
+        let lora_dtype = if conv_needs_f32(x) {
+            DType::F32
+        } else {
+            x.dtype()
+        };
+        let xl = x.to_dtype(lora_dtype)?;
+        for a in adapters_as(adapters, lora_dtype)? {
+            let d = conv2d_trainable(&xl, &a.down, self.stride, self.padding)?;
             let hdn = d.conv2d(&a.up, 0, 1, 1, 1)?;
-            y = (y + (hdn * a.scale)?)?;
+            let hdn = (hdn * a.scale)?.to_dtype(y.dtype())?;
+            y = (y + hdn)?;
         }
         Ok(y)
     }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use candle_core::{DType, Device};
-use loractl_spec::{Loss, ResolvedSpec, SavePrecision, TrainLength};
+use loractl_spec::{Loss, MixedPrecision, ResolvedSpec, SavePrecision, TrainLength};
 use serde::Serialize;
 
 use crate::dataset::{BadImagePolicy, Dataset, DatasetConfig};
@@ -324,7 +324,7 @@ fn load_options(spec: &ResolvedSpec, base_dir: &Path, device: &Device) -> LoadOp
     let m = &spec.model;
     LoadOptions {
         device: device.clone(),
-        dtype: DType::F32,
+        dtype: model_dtype(spec),
         v_parameterization: Some(m.v_parameterization),
         vae_path: m.vae.as_ref().map(|p| resolve_path(base_dir, p)),
         ..LoadOptions::default()
@@ -369,8 +369,20 @@ pub struct Plan {
     pub lora_params: Option<usize>,
     pub file_bytes: Option<u64>,
     pub memory_bytes: Option<u64>,
+    /// What the models are trained in: `f32`, or `bf16` weights with an f32 LoRA.
+    pub precision: String,
     pub outputs: Vec<String>,
     pub warnings: Vec<String>,
+}
+
+/// The dtype the frozen models are stored and computed in: bf16 with `mixed_precision =
+/// "bf16"` (the LoRA and the optimizer stay f32), f32 otherwise (`fp16` trains in f32 until
+/// loss scaling exists; validation says so).
+pub fn model_dtype(spec: &ResolvedSpec) -> DType {
+    match spec.mixed_precision {
+        MixedPrecision::Bf16 => DType::BF16,
+        MixedPrecision::No | MixedPrecision::Fp16 => DType::F32,
+    }
 }
 
 /// Bytes per element of the saved LoRA.
@@ -464,8 +476,9 @@ fn plan_on(
         // 16 KiB of metadata (tag frequencies grow with the dataset).
         let n_mod = (u + t) as u64;
         file = Some(p as u64 * elem + n_mod * (elem + 3 * 120) + 16 * 1024);
-        // f32 weights of the three models, LoRA weights with gradients and optimizer moments,
-        // and activations of one batch (a rough per-pixel figure measured on SD1.5 at 512²).
+        // Weights of the three models (f32 or bf16), f32 LoRA weights with gradients and
+        // optimizer moments, and activations of one batch (a per-pixel figure measured on
+        // SD1.5: within 10% of the peak at 128² and 256²).
         let model_params = sd.model_params.unwrap_or(0);
         let optim_copies = optimizer_copies(spec);
         let pixels = (spec.resolution.width as u64) * (spec.resolution.height as u64);
@@ -473,7 +486,7 @@ fn plan_on(
             .saturating_mul(spec.training.train_batch_size as u64)
             .saturating_mul(9 * 1024);
         let estimate = model_params
-            .saturating_mul(4)
+            .saturating_mul(model_dtype(spec).size_in_bytes() as u64)
             .saturating_add((p as u64).saturating_mul(4 * (2 + optim_copies)))
             .saturating_add(act);
         check_memory(estimate, limit)?;
@@ -521,6 +534,10 @@ fn plan_on(
         lora_params: params,
         file_bytes: file,
         memory_bytes: mem,
+        precision: match model_dtype(spec) {
+            DType::BF16 => "bf16 weights, f32 LoRA".to_string(),
+            _ => "f32".to_string(),
+        },
         outputs,
         warnings,
     })
@@ -641,7 +658,8 @@ impl fmt::Display for Plan {
         if let Some(b) = self.memory_bytes {
             writeln!(
                 f,
-                "memory estimate (f32 training): about {}",
+                "memory estimate ({} training): about {}",
+                self.precision,
                 human_bytes(b)
             )?;
         }

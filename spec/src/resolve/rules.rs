@@ -1011,12 +1011,13 @@ impl Checker {
             MixedPrecision::parse,
             MixedPrecision::names(),
         );
-        // Refusing fp16/bf16 would refuse nearly every kohya config; the result is the same
-        // training in f32 (slower, more memory), so it is said rather than refused.
-        if let Some(p @ (MixedPrecision::Fp16 | MixedPrecision::Bf16)) = precision {
+        // bf16 trains the frozen models in bf16. Refusing fp16 would refuse many kohya
+        // configs; without loss scaling it trains in f32 (slower, more memory), so that is said
+        // rather than refused.
+        if precision == Some(MixedPrecision::Fp16) {
             self.warn(
                 "training.mixed_precision",
-                format!("\"{p}\": half-precision training is not implemented yet, so the run trains in f32 (more memory, slower); the value is recorded in the LoRA metadata"),
+                "\"fp16\": fp16 training (with loss scaling) is not implemented yet, so the run trains in f32 (more memory, slower; \"bf16\" halves the model's memory); the value is recorded in the LoRA metadata",
             );
         }
         if let Some(x) = t.noise_offset {
