@@ -3,6 +3,7 @@
 kohya's UNet targets, timed the same way as `lora-bench` so the two run side by side.
 
 Usage: torch_step.py CONFIG [--steps N] [--warmup N] [--threads N] [--device cpu|cuda|cuda:N]
+                     [--precision f32|bf16|fp16]
 Prints one JSON line: {"impl": "pytorch", "config", "step_ms" (median), "peak_rss_mib", ...}.
 On a GPU the step runs in f32 without TF32 (as loractl's does) and ends with a device
 synchronisation before its time is taken; "peak_gpu_mib" is PyTorch's peak of allocated memory.
@@ -32,6 +33,9 @@ def main():
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=8.0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", choices=["f32", "bf16", "fp16"], default="f32",
+                    help="dtype of the frozen UNet; the LoRA and AdamW stay f32 (peft keeps "
+                         "adapters in f32 on a half-precision base)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -50,14 +54,19 @@ def main():
     unet.requires_grad_(False)
     cfg = LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=KOHYA_UNET_TARGETS,
                      init_lora_weights=True)
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    unet = unet.to(dtype)
     unet = inject_adapter_in_model(cfg, unet).to(device)
+    for n, p in unet.named_parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
     params = [p for p in unet.parameters() if p.requires_grad]
     n_modules = sum(1 for n, _ in unet.named_modules() if n.endswith("lora_A.default"))
     opt = torch.optim.AdamW(params, lr=1e-4)
     h, w = spec["latent"]
     seq, dim = spec["context"]
-    x = torch.randn(1, 4, h, w, device=device)
-    ctx = torch.randn(1, seq, dim, device=device)
+    x = torch.randn(1, 4, h, w, device=device, dtype=dtype)
+    ctx = torch.randn(1, seq, dim, device=device, dtype=dtype)
     target = torch.randn(1, 4, h, w, device=device)
     times = []
     for i in range(args.warmup + args.steps):
@@ -85,6 +94,7 @@ def main():
         "lora_modules": n_modules,
         "lora_params": sum(p.numel() for p in params),
         "threads": args.threads,
+        "precision": args.precision,
         "torch": torch.__version__,
     }))
 

@@ -7,7 +7,8 @@
 #      seed: per-step losses and the saved LoRA weights compared;
 #   3. one LoRA training step of the sd15 UNet config on the GPU (`lora-bench --device cuda`)
 #      side by side with diffusers + peft (scripts/bench/torch_step.py --device cuda) when this
-#      machine's Python has torch with CUDA, diffusers and peft (otherwise loractl's alone).
+#      machine's Python has torch with CUDA, diffusers and peft (otherwise loractl's alone),
+#      with the frozen UNet in f32, bf16 and fp16 (LoRA and AdamW in f32): time and memory.
 # Run from the repository root:
 #   LORACTL_CUDA_OUT=target/cuda/loractl.gz LORACTL_CUDA_BENCH_OUT=target/cuda/lora-bench.gz \
 #       scripts/cuda/build.sh                                      # where Rust is
@@ -15,7 +16,7 @@
 #                                                                  # on the GPU machine
 # (gzipped, 22 and 15 MB, because the stripped binaries, 74 and 58 MB, are more than a device
 # run may carry.) PYTHON names the interpreter for the PyTorch side; BENCH_STEPS (default 10)
-# the timed steps. Writes its work to ${OUT:-/tmp}/loractl-gpu-check. Takes about three minutes.
+# the timed steps. Writes its work to ${OUT:-/tmp}/loractl-gpu-check. Takes about five minutes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -180,14 +181,19 @@ print("  gpu vs cpu:", "ok" if ok else "FAILED")
 sys.exit(0 if ok else 1)
 PY
 
-echo "== one LoRA training step, sd15 UNet config (batch 1, 32x32 latent, f32): GPU"
-ours=$(timeout 150 "$bench" sd15 --device cuda --steps "$BENCH_STEPS" --warmup 3)
-echo "  loractl: $ours"
-theirs=""
+has_torch=0
 if "$PYTHON" -c 'import sys, torch, diffusers, peft; sys.exit(0 if torch.cuda.is_available() else 1)' \
     >"$work/python-check.log" 2>&1; then
+    has_torch=1
+fi
+for precision in f32 bf16 fp16; do
+echo "== one LoRA training step, sd15 UNet config (batch 1, 32x32 latent, frozen UNet in $precision, LoRA and AdamW f32): GPU"
+ours=$(timeout 150 "$bench" sd15 --device cuda --steps "$BENCH_STEPS" --warmup 3 --precision "$precision")
+echo "  loractl: $ours"
+theirs=""
+if [[ $has_torch == 1 ]]; then
     theirs=$(timeout 150 "$PYTHON" scripts/bench/torch_step.py sd15 --device cuda \
-        --steps "$BENCH_STEPS" --warmup 3)
+        --steps "$BENCH_STEPS" --warmup 3 --precision "$precision")
     echo "  pytorch: $theirs"
 else
     echo "  pytorch: skipped: $PYTHON lacks torch with CUDA, diffusers or peft" \
@@ -215,4 +221,5 @@ if a["lora_modules"] != b["lora_modules"]:
     sys.exit(f'the two steps train different LoRA modules: {a["lora_modules"]} vs '
              f'{b["lora_modules"]}')
 PY
+done
 echo "gpu-check.sh: ok"

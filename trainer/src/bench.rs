@@ -40,8 +40,20 @@ pub struct BenchModel {
 }
 
 impl BenchModel {
-    /// Builds config `name` with a LoRA of `rank`/`alpha` on `device`.
+    /// Builds config `name` with a LoRA of `rank`/`alpha` on `device`, the UNet in f32.
     pub fn build(name: &str, rank: usize, alpha: f64, device: &Device) -> Result<Self> {
+        Self::build_in(name, rank, alpha, device, DType::F32)
+    }
+
+    /// [`BenchModel::build`] with the frozen UNet in `dtype` (bf16/f16 for mixed precision;
+    /// the LoRA and AdamW stay f32).
+    pub fn build_in(
+        name: &str,
+        rank: usize,
+        alpha: f64,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let all: serde_json::Value = serde_json::from_str(CONFIGS)
             .map_err(|e| Error::Internal(format!("benchmark configs: {e}")))?;
         let spec = all.get(name).ok_or_else(|| {
@@ -62,7 +74,7 @@ impl BenchModel {
             }
         };
         let cfg = UNetConfig::from_json(&spec["unet"].to_string(), name)?;
-        let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, device.clone());
+        let vb = VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone());
         let unet = UNet2DConditionModel::new(&cfg, &Builder::new(vb, "lora_unet"))?;
         let lora = LoraConfig {
             rank,
@@ -127,7 +139,9 @@ impl BenchModel {
             .collect();
         let t = Tensor::new(t.as_slice(), &self.device)?;
         let out = self.unet.forward(&inputs.x, &t, &inputs.context)?;
-        Ok((out - &inputs.target)?.sqr()?.mean_all()?)
+        Ok((out.to_dtype(DType::F32)? - &inputs.target)?
+            .sqr()?
+            .mean_all()?)
     }
 
     /// The LoRA gradients of `grads` as one flat buffer (zeros where a variable has none).

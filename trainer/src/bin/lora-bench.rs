@@ -4,6 +4,7 @@
 //!
 //! Usage: lora-bench CONFIG [--steps N] [--warmup N] [--rank R] [--alpha A] [--device D]
 //!                   [--gradient-checkpointing] [--batch N] [--latent SIZE]
+//!                   [--precision f32|bf16|fp16]   (the frozen UNet's dtype; LoRA and AdamW f32)
 //!        lora-bench --load CHECKPOINT   (load time and memory of a base model)
 //!
 //! `--device cuda` (or `cuda:N`) runs the step on a GPU; that needs the binary built with the
@@ -58,6 +59,7 @@ fn bench() -> Result<()> {
     let mut device = "cpu".to_string();
     let mut checkpointing = false;
     let (mut batch, mut latent) = (1usize, None::<usize>);
+    let mut precision = "f32".to_string();
     while let Some(a) = args.next() {
         let mut val = |flag: &str| args.next().ok_or_else(|| format!("{flag} needs a value"));
         match a.as_str() {
@@ -68,13 +70,15 @@ fn bench() -> Result<()> {
             "--device" => device = val("--device")?,
             "--gradient-checkpointing" => checkpointing = true,
             "--batch" => batch = val("--batch")?.parse()?,
+            "--precision" => precision = val("--precision")?,
             "--latent" => latent = Some(val("--latent")?.parse()?),
             "--load" => return load_report(std::path::Path::new(&val("--load")?)),
             "-h" | "--help" => {
                 println!(
                     "usage: lora-bench tiny|small|sd15 [--steps N] [--warmup N] [--rank R] \
                      [--alpha A] [--device cpu|cuda|cuda:N] [--gradient-checkpointing] \
-                     [--batch N] [--latent SIZE]"
+                     [--batch N] [--latent SIZE] \
+                     [--precision f32|bf16|fp16]"
                 );
                 return Ok(());
             }
@@ -87,7 +91,13 @@ fn bench() -> Result<()> {
         return Err("--steps must be at least 1".into());
     }
     let dev = open_device(&device)?;
-    let mut model = BenchModel::build(&name, rank, alpha, &dev)?;
+    let dtype = match precision.as_str() {
+        "f32" => candle_core::DType::F32,
+        "bf16" => candle_core::DType::BF16,
+        "fp16" => candle_core::DType::F16,
+        p => return Err(format!("--precision `{p}`: use f32, bf16 or fp16").into()),
+    };
+    let mut model = BenchModel::build_in(&name, rank, alpha, &dev, dtype)?;
     model.set_gradient_checkpointing(checkpointing);
     if let Some(size) = latent {
         model.set_latent_size(size);
@@ -141,6 +151,7 @@ fn bench() -> Result<()> {
         "threads": rayon_threads(),
         "gradient_checkpointing": checkpointing,
         "batch": batch,
+        "precision": precision,
         "latent": model.latent_size(),
     });
     println!("{out}");
