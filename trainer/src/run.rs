@@ -310,6 +310,7 @@ pub fn train_options(spec: &ResolvedSpec, total_steps: usize) -> Result<TrainOpt
         clip_skip: spec.model.clip_skip.unwrap_or(1) as usize,
         max_token_length: spec.max_token_length as usize,
         gradient_checkpointing: spec.training.gradient_checkpointing,
+        fp16_loss_scaling: spec.mixed_precision == MixedPrecision::Fp16,
         step: StepOptions {
             noise_offset: spec.training.noise_offset.unwrap_or(0.0),
             min_snr_gamma: spec.training.min_snr_gamma,
@@ -375,13 +376,13 @@ pub struct Plan {
     pub warnings: Vec<String>,
 }
 
-/// The dtype the frozen models are stored and computed in: bf16 with `mixed_precision =
-/// "bf16"` (the LoRA and the optimizer stay f32), f32 otherwise (`fp16` trains in f32 until
-/// loss scaling exists; validation says so).
+/// The dtype the frozen models are stored and computed in: bf16 or f16 with `mixed_precision`
+/// (the LoRA and the optimizer stay f32; fp16 scales its loss), f32 otherwise.
 pub fn model_dtype(spec: &ResolvedSpec) -> DType {
     match spec.mixed_precision {
         MixedPrecision::Bf16 => DType::BF16,
-        MixedPrecision::No | MixedPrecision::Fp16 => DType::F32,
+        MixedPrecision::Fp16 => DType::F16,
+        MixedPrecision::No => DType::F32,
     }
 }
 
@@ -536,6 +537,7 @@ fn plan_on(
         memory_bytes: mem,
         precision: match model_dtype(spec) {
             DType::BF16 => "bf16 weights, f32 LoRA".to_string(),
+            DType::F16 => "fp16 weights, f32 LoRA, loss scaling".to_string(),
             _ => "f32".to_string(),
         },
         outputs,

@@ -63,6 +63,8 @@ pub struct TrainOptions {
     pub max_token_length: usize,
     /// Recompute the UNet blocks' activations in backward (`gradient_checkpointing`).
     pub gradient_checkpointing: bool,
+    /// Dynamic loss scaling for an fp16 model (`mixed_precision = "fp16"`): see [`LossScaler`].
+    pub fp16_loss_scaling: bool,
     pub step: StepOptions,
 }
 
@@ -87,6 +89,7 @@ impl Default for TrainOptions {
             clip_skip: 1,
             max_token_length: 75,
             gradient_checkpointing: false,
+            fp16_loss_scaling: false,
             step: StepOptions::default(),
         }
     }
@@ -289,6 +292,51 @@ const STATE_FORMAT: &str = "loractl-train-state";
 const STATE_KEY: &str = "loractl.train_state";
 const STATE_VERSION: u32 = 1;
 
+/// Dynamic loss scaling for fp16 training, as PyTorch's `GradScaler` (which accelerate and so
+/// sd-scripts use) does it: the loss is multiplied by `scale` before backward so small
+/// gradients survive fp16, and the gradients are divided by it before the update. A step whose
+/// gradients overflowed (inf/NaN) is skipped — no update, the step still counts — and the
+/// scale halves; after `GROWTH_INTERVAL` good steps in a row it doubles.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LossScaler {
+    pub scale: f64,
+    /// Good steps since the last change of scale.
+    pub good_steps: u32,
+}
+
+impl LossScaler {
+    pub const INITIAL_SCALE: f64 = 65536.0;
+    pub const GROWTH_INTERVAL: u32 = 2000;
+
+    pub fn new() -> Self {
+        Self {
+            scale: Self::INITIAL_SCALE,
+            good_steps: 0,
+        }
+    }
+
+    /// Records a step's outcome: `finite` gradients count towards growth, others halve the
+    /// scale (never below 1 / 2^24, where fp16's smallest value is).
+    pub fn update(&mut self, finite: bool) {
+        if finite {
+            self.good_steps += 1;
+            if self.good_steps >= Self::GROWTH_INTERVAL {
+                self.scale *= 2.0;
+                self.good_steps = 0;
+            }
+        } else {
+            self.scale = (self.scale * 0.5).max(1.0 / 16_777_216.0);
+            self.good_steps = 0;
+        }
+    }
+}
+
+impl Default for LossScaler {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// `state.json` of a saved training state.
 #[derive(Debug, Serialize, Deserialize)]
 struct StateFile {
@@ -304,6 +352,9 @@ struct StateFile {
     batches_per_epoch: usize,
     loss_window: Vec<u32>,
     loss_total_bits: u64,
+    /// fp16 runs: the loss scaler (absent in states of other runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    loss_scaler: Option<LossScaler>,
 }
 
 /// A training run in progress: the LoRA, the optimizer and where the data stands.
@@ -329,6 +380,10 @@ pub struct Trainer<'a> {
     /// Time of the current step spent on its batches' inputs, and on all-reduces.
     data_time: Cell<Duration>,
     allreduce_time: Cell<Duration>,
+    /// fp16 runs: dynamic loss scaling.
+    scaler: Option<LossScaler>,
+    /// Optimizer steps skipped for overflowing fp16 gradients.
+    skipped_steps: usize,
 }
 
 impl<'a> Trainer<'a> {
@@ -398,7 +453,6 @@ impl<'a> Trainer<'a> {
         Ok(Self {
             sd,
             dataset,
-            opts,
             device: device.clone(),
             net,
             optimizer,
@@ -415,6 +469,9 @@ impl<'a> Trainer<'a> {
             collective: None,
             data_time: Cell::default(),
             allreduce_time: Cell::default(),
+            scaler: opts.fp16_loss_scaling.then(LossScaler::new),
+            skipped_steps: 0,
+            opts,
         })
     }
 
@@ -655,13 +712,34 @@ impl<'a> Trainer<'a> {
         samples: usize,
     ) -> Result<StepEvent> {
         let lrs = self.scheduler.lr(self.position.step);
-        if !optim::all_finite(&grads, &self.vars)? {
-            return Err(self.diverged("a LoRA gradient became NaN or infinite", &lrs));
+        let finite = optim::all_finite(&grads, &self.vars)?;
+        let skip = match &mut self.scaler {
+            Some(scaler) => {
+                let scale = scaler.scale;
+                scaler.update(finite);
+                if finite {
+                    optim::scale_grads(&mut grads, &self.vars, 1.0 / scale)?;
+                }
+                !finite
+            }
+            None if !finite => {
+                return Err(self.diverged("a LoRA gradient became NaN or infinite", &lrs));
+            }
+            None => false,
+        };
+        if skip {
+            // An fp16 overflow: no update this step (the loss scale was halved).
+            self.skipped_steps += 1;
+            tracing::debug!(
+                step = self.position.step + 1,
+                "fp16 gradients overflowed: step skipped"
+            );
+        } else {
+            if self.opts.max_grad_norm > 0.0 {
+                optim::clip_grad_norm(&mut grads, &self.vars, self.opts.max_grad_norm)?;
+            }
+            self.optimizer.step(&grads, &lrs)?;
         }
-        if self.opts.max_grad_norm > 0.0 {
-            optim::clip_grad_norm(&mut grads, &self.vars, self.opts.max_grad_norm)?;
-        }
-        self.optimizer.step(&grads, &lrs)?;
         if !optim::params_finite(&self.vars)? {
             return Err(self.diverged("a LoRA weight became NaN or infinite in the update", &lrs));
         }
@@ -682,6 +760,21 @@ impl<'a> Trainer<'a> {
             data_seconds: self.data_time.take().as_secs_f64(),
             allreduce_seconds: self.allreduce_time.take().as_secs_f64(),
         })
+    }
+
+    /// The factor the loss is multiplied by before backward (1 without fp16 loss scaling).
+    fn loss_scale(&self) -> f64 {
+        self.scaler.map_or(1.0, |s| s.scale)
+    }
+
+    /// The fp16 loss scaler's state, when the run scales its loss.
+    pub fn loss_scaler(&self) -> Option<LossScaler> {
+        self.scaler
+    }
+
+    /// Optimizer steps skipped so far for overflowing fp16 gradients.
+    pub fn skipped_steps(&self) -> usize {
+        self.skipped_steps
     }
 
     /// Trains from the current position until `max_train_steps` or until a hook stops it.
@@ -732,7 +825,8 @@ impl<'a> Trainer<'a> {
                         if value.is_finite() {
                             // This rank's samples' part of the global batch mean.
                             let weight = (n * self.world_size) as f64 / global_sizes[slot] as f64;
-                            let grads = (loss * (weight / accum as f64))?.backward()?;
+                            let grads =
+                                (loss * (weight / accum as f64 * self.loss_scale()))?.backward()?;
                             accumulate(&mut acc, grads, &self.vars)?;
                             share = value * weight as f32;
                             samples += n;
@@ -747,7 +841,7 @@ impl<'a> Trainer<'a> {
                         let lrs = self.scheduler.lr(self.position.step);
                         return Err(self.diverged(&format!("the loss became {value}"), &lrs));
                     }
-                    let grads = (loss / accum as f64)?.backward()?;
+                    let grads = (loss * (self.loss_scale() / accum as f64))?.backward()?;
                     accumulate(&mut acc, grads, &self.vars)?;
                     self.loss.add(slot, value);
                     loss_sum += value;
@@ -920,6 +1014,7 @@ impl<'a> Trainer<'a> {
             batches_per_epoch: self.rank_batches(1).0.len(),
             loss_window,
             loss_total_bits,
+            loss_scaler: self.scaler,
         }
     }
 
@@ -1057,6 +1152,9 @@ impl<'a> Trainer<'a> {
         self.optimizer.load_state(opt_state)?;
         self.position = s.position;
         self.loss = LossRecorder::from_bits(&s.loss_window, s.loss_total_bits);
+        if self.scaler.is_some() {
+            self.scaler = Some(s.loss_scaler.unwrap_or_default());
+        }
         Ok(())
     }
 }
@@ -1121,6 +1219,31 @@ pub fn train(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loss_scaler_halves_on_overflow_and_doubles_after_good_steps() {
+        let mut s = LossScaler::new();
+        assert_eq!(s.scale, 65536.0);
+        s.update(false);
+        assert_eq!((s.scale, s.good_steps), (32768.0, 0));
+        for _ in 0..LossScaler::GROWTH_INTERVAL - 1 {
+            s.update(true);
+        }
+        assert_eq!(
+            (s.scale, s.good_steps),
+            (32768.0, LossScaler::GROWTH_INTERVAL - 1)
+        );
+        s.update(true);
+        assert_eq!((s.scale, s.good_steps), (65536.0, 0));
+        // An overflow resets the run of good steps.
+        s.update(true);
+        s.update(false);
+        assert_eq!((s.scale, s.good_steps), (32768.0, 0));
+        for _ in 0..100 {
+            s.update(false);
+        }
+        assert_eq!(s.scale, 1.0 / 16_777_216.0);
+    }
 
     #[test]
     fn loss_window_replaces_slots_like_sd_scripts() {

@@ -1011,15 +1011,7 @@ impl Checker {
             MixedPrecision::parse,
             MixedPrecision::names(),
         );
-        // bf16 trains the frozen models in bf16. Refusing fp16 would refuse many kohya
-        // configs; without loss scaling it trains in f32 (slower, more memory), so that is said
-        // rather than refused.
-        if precision == Some(MixedPrecision::Fp16) {
-            self.warn(
-                "training.mixed_precision",
-                "\"fp16\": fp16 training (with loss scaling) is not implemented yet, so the run trains in f32 (more memory, slower; \"bf16\" halves the model's memory); the value is recorded in the LoRA metadata",
-            );
-        }
+        // bf16 and fp16 train the frozen models in half precision (fp16 with loss scaling).
         if let Some(x) = t.noise_offset {
             let fix = "use about 0.1, or remove it";
             if self.non_negative("training.noise_offset", x, fix) {

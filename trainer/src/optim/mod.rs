@@ -324,6 +324,16 @@ pub fn params_finite(vars: &[Var]) -> Result<bool> {
 }
 
 /// Whether every gradient of `vars` present in `grads` is finite (no NaN or ±inf).
+/// Multiplies every gradient of `vars` by `factor` (unscaling fp16 loss-scaled gradients).
+pub fn scale_grads(grads: &mut GradStore, vars: &[Var], factor: f64) -> Result<()> {
+    for v in vars {
+        if let Some(g) = grads.remove(v.as_tensor()) {
+            grads.insert(v.as_tensor(), (g * factor)?);
+        }
+    }
+    Ok(())
+}
+
 pub fn all_finite(grads: &GradStore, vars: &[Var]) -> Result<bool> {
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
