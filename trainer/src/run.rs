@@ -964,6 +964,11 @@ fn run_with(
         done,
     };
     events(&phase("load model", false));
+    // sd-scripts' model hashes read the whole file: computed beside loading and caching.
+    let hashing = {
+        let path = model_path.clone();
+        std::thread::spawn(move || metadata::model_hashes(&path))
+    };
     let sd = loader::load(&model_path, &load_options(spec, base_dir, &ro.device))?;
     events(&phase("load model", true));
     check_family(spec, &sd)?;
@@ -1014,7 +1019,9 @@ fn run_with(
     }
     let output_dir = resolve_path(base_dir, &spec.output.output_dir);
     std::fs::create_dir_all(&output_dir).map_err(|e| Error::io(&output_dir, e))?;
-    let hashes = metadata::model_hashes(&model_path)?;
+    let hashes = hashing
+        .join()
+        .map_err(|_| Error::Internal("the model hashing thread panicked".into()))??;
     let vae_path = spec.model.vae.as_ref().map(|v| resolve_path(base_dir, v));
     let vae = match &vae_path {
         Some(p) => Some((p.as_path(), metadata::model_hashes(p)?)),
