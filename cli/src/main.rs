@@ -276,7 +276,7 @@ fn closed_pipe(e: &anyhow::Error) -> bool {
 }
 
 fn main() -> ExitCode {
-    loractl_trainer::tune_allocator();
+    loractl_trainer::tune_process();
     let cli = Cli::parse();
     // `up` is a server: say what it does.
     let level = match &cli.command {

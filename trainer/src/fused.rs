@@ -103,24 +103,24 @@ pub fn exp_f32(x: f32) -> f32 {
     e * a * b
 }
 
-/// `y = exp(x - m)` over a slice, returning the sum of `y`; vectorized with AVX2 and FMA
-/// where the CPU has them.
-fn exp_shifted(x: &[f32], m: f32, y: &mut [f32]) -> f32 {
+/// `y = exp(y - m)` in place over a slice, returning the sum of the results; vectorized with
+/// AVX2 and FMA where the CPU has them.
+pub(crate) fn exp_shifted(y: &mut [f32], m: f32) -> f32 {
     #[inline(always)]
-    fn body(x: &[f32], m: f32, y: &mut [f32]) -> f32 {
+    fn body(y: &mut [f32], m: f32) -> f32 {
         // Eight partial sums so the additions vectorize too.
         let mut acc = [0f32; 8];
-        let (xc, xr) = x.split_at(x.len() / 8 * 8);
-        let (yc, yr) = y.split_at_mut(xc.len());
-        for (x, y) in xc.chunks_exact(8).zip(yc.chunks_exact_mut(8)) {
+        let split = y.len() / 8 * 8;
+        let (yc, yr) = y.split_at_mut(split);
+        for y in yc.chunks_exact_mut(8) {
             for i in 0..8 {
-                y[i] = exp_f32(x[i] - m);
+                y[i] = exp_f32(y[i] - m);
                 acc[i] += y[i];
             }
         }
         let mut sum: f32 = acc.iter().sum();
-        for (x, y) in xr.iter().zip(yr) {
-            *y = exp_f32(x - m);
+        for y in yr {
+            *y = exp_f32(*y - m);
             sum += *y;
         }
         sum
@@ -128,16 +128,16 @@ fn exp_shifted(x: &[f32], m: f32, y: &mut [f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(x: &[f32], m: f32, y: &mut [f32]) -> f32 {
-            body(x, m, y)
+        unsafe fn avx2(y: &mut [f32], m: f32) -> f32 {
+            body(y, m)
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { avx2(x, m, y) };
+            return unsafe { avx2(y, m) };
         }
     }
-    body(x, m, y)
+    body(y, m)
 }
 
 /// Softmax over the last dimension (forward only; [`softmax_backward`] is its gradient).
@@ -158,7 +158,8 @@ impl CustomOp1 for SoftmaxOp {
             .for_each(|(y, x)| {
                 for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
                     let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let inv = 1.0 / exp_shifted(x, m, y);
+                    y.copy_from_slice(x);
+                    let inv = 1.0 / exp_shifted(y, m);
                     y.iter_mut().for_each(|v| *v *= inv);
                 }
             });

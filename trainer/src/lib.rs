@@ -1,6 +1,8 @@
 //! loractl's training engine: Stable Diffusion 1.x/2.x models in candle with kohya-style LoRA.
 //!
-//! - [`nn`] — frozen layers with input-only gradients, differentiable norms/softmax, LoRA sites.
+//! - [`nn`] — frozen layers with input-only gradients, differentiable norms/softmax, LoRA sites;
+//!   [`fused`], [`flash`] and [`cpu_matmul`] — its fused CPU kernels (norms, GEGLU, softmax,
+//!   convolution, block-wise attention) and the strided matrix products under them.
 //! - [`lora`] — kohya LoRA networks (targets, init, file format).
 //! - [`unet`] — the SD1.x/SD2.x UNet (diffusers and single-file LDM weights).
 //! - [`vae`] — the AutoencoderKL encoder/decoder.
@@ -22,9 +24,11 @@ pub mod checkpoint;
 pub mod ckpt;
 pub mod clip;
 pub mod confine;
+pub mod cpu_matmul;
 pub mod dataset;
 pub mod demo;
 pub mod error;
+pub mod flash;
 pub mod fused;
 pub mod loader;
 pub mod lora;
@@ -46,15 +50,25 @@ pub mod weights;
 
 pub use error::{Error, ErrorKind, Result};
 
-/// Training allocates and frees the same large activation buffers every step. glibc's default
-/// returns each one to the kernel and faults it back in at the next step, which doubled step
-/// times on CPU; keep freed memory in the process instead (the same as `MALLOC_MMAP_THRESHOLD_`
-/// and `MALLOC_TRIM_THRESHOLD_`, which the test script sets). Call it first in `main`.
-pub fn tune_allocator() {
+/// Process-wide settings for training speed; call it first in `main`, before any thread
+/// exists.
+///
+/// - Training allocates and frees the same large activation buffers every step. glibc's
+///   default returns each one to the kernel and faults it back in at the next step, which
+///   doubled step times on CPU; freed memory is kept in the process instead (the same as
+///   `MALLOC_MMAP_THRESHOLD_` and `MALLOC_TRIM_THRESHOLD_`, which the test script sets).
+/// - candle sizes every CPU matrix product's thread count by reading `/proc/cpuinfo` unless
+///   `RAYON_NUM_THREADS` is set (a few percent of a step); the count is read once here and
+///   pinned in that variable. A value the user set is kept.
+pub fn tune_process() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; called before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
 }

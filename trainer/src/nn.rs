@@ -770,6 +770,38 @@ pub fn upsample_nearest(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor
         .reshape((b, c, out_h, out_w))?)
 }
 
+/// Multi-head scaled dot-product attention on the projections as they come out of the
+/// linear layers: q [B, Lq, heads·d], k and v [B, Lk, heads·d] in, [B, Lq, heads·d] out.
+///
+/// On the CPU this is [`crate::flash::attention`], block by block without splitting the heads
+/// (half-precision inputs are computed in f32, as PyTorch's CPU attention does); elsewhere the
+/// heads are split out for [`attention`].
+pub fn multi_head_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    if q.device().is_cpu() {
+        if q.dtype() != DType::F32 {
+            let f = |t: &Tensor| t.to_dtype(DType::F32);
+            let out =
+                crate::flash::attention(&f(q)?, &f(k)?, &f(v)?, heads, crate::flash::BLOCK_SCORES)?;
+            return Ok(out.to_dtype(q.dtype())?);
+        }
+        return Ok(crate::flash::attention(
+            q,
+            k,
+            v,
+            heads,
+            crate::flash::BLOCK_SCORES,
+        )?);
+    }
+    let split = |x: &Tensor| -> Result<Tensor> {
+        let (b, l, c) = x.dims3()?;
+        Ok(x.reshape((b, l, heads, c / heads.max(1)))?
+            .transpose(1, 2)?)
+    };
+    let o = attention(&split(q)?, &split(k)?, &split(v)?)?;
+    let (b, h, l, d) = o.dims4()?;
+    Ok(o.transpose(1, 2)?.reshape((b, l, h * d))?)
+}
+
 /// Largest attention-score block computed at once. Rows of the score matrix are independent,
 /// so queries are processed in slices whose [B, heads, rows, L] scores stay under this size:
 /// small buffers are reused by the allocator instead of being mapped and faulted in afresh at
@@ -899,6 +931,66 @@ mod tests {
         let att = (q.as_tensor().matmul(&k.as_tensor().t()?)? * 0.5)?;
         let whole = candle_nn::ops::softmax(&att, D::Minus1)?.matmul(v.as_tensor())?;
         same_gradients(&[&q, &k, &v], &blocked, &whole, 1e-4)
+    }
+
+    /// Attention on [B, L, heads·d] tensors from the composed ops: heads split out, scores,
+    /// candle's softmax, values, heads merged.
+    fn composed_multi_head(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+        let split = |x: &Tensor| -> Result<Tensor> {
+            let (b, l, c) = x.dims3()?;
+            Ok(x.reshape((b, l, heads, c / heads))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+        let scale = 1.0 / (q.dim(3)? as f64).sqrt();
+        let att = (q.matmul(&k.t()?)? * scale)?;
+        let o = candle_nn::ops::softmax(&att, D::Minus1)?.matmul(&v)?;
+        let (b, h, l, d) = o.dims4()?;
+        Ok(o.transpose(1, 2)?.reshape((b, l, h * d))?)
+    }
+
+    #[test]
+    fn flash_attention_equals_composed_attention_with_gradients() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        // (batch, queries, keys, heads, head dim, scores per block): several blocks with a
+        // short last one; one head alone, whose blocks are split between backward tasks;
+        // one block holding every query; cross-attention with fewer keys than queries.
+        for &(b, lq, lk, heads, d, block) in &[
+            (2, 70, 33, 3, 5, 33 * 8),
+            (1, 50, 50, 1, 4, 50 * 6),
+            (1, 20, 20, 2, 8, 1 << 16),
+            (2, 64, 7, 4, 3, 7 * 16),
+        ] {
+            let var = |l| -> anyhow::Result<Var> {
+                Ok(Var::from_tensor(&Tensor::randn(
+                    0f32,
+                    1.,
+                    (b, l, heads * d),
+                    &dev,
+                )?)?)
+            };
+            let (q, k, v) = (var(lq)?, var(lk)?, var(lk)?);
+            let fused =
+                crate::flash::attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), heads, block)?;
+            let composed = composed_multi_head(q.as_tensor(), k.as_tensor(), v.as_tensor(), heads)?;
+            same_gradients(&[&q, &k, &v], &fused, &composed, 1e-5)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn multi_head_attention_in_bf16_stays_close_to_f32() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let x = |l| Tensor::randn(0f32, 1., (1, l, 16), &dev);
+        let (q, k, v) = (x(40)?, x(30)?, x(30)?);
+        let want = composed_multi_head(&q, &k, &v, 2)?;
+        let bf = |t: &Tensor| t.to_dtype(DType::BF16);
+        let got = multi_head_attention(&bf(&q)?, &bf(&k)?, &bf(&v)?, 2)?;
+        assert_eq!(got.dtype(), DType::BF16);
+        // bf16 keeps 8 bits of mantissa: inputs and output are each rounded once.
+        assert_close(&got.to_dtype(DType::F32)?, &want, 3e-2);
+        Ok(())
     }
 
     #[test]

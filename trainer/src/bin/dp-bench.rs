@@ -79,7 +79,7 @@ fn args() -> Result<Args> {
 }
 
 fn main() -> ExitCode {
-    loractl_trainer::tune_allocator();
+    loractl_trainer::tune_process();
     loractl_trainer::bench::exit("dp-bench", bench())
 }
 

@@ -48,7 +48,7 @@ fn load_report(path: &std::path::Path) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    loractl_trainer::tune_allocator();
+    loractl_trainer::tune_process();
     loractl_trainer::bench::exit("lora-bench", bench())
 }
 

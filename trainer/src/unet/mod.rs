@@ -14,7 +14,9 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor, D};
 
 use crate::checkpoint::checkpoint;
-use crate::nn::{attention, upsample_nearest, Builder, Conv2d, GroupNorm, LayerNorm, Linear};
+use crate::nn::{
+    multi_head_attention, upsample_nearest, Builder, Conv2d, GroupNorm, LayerNorm, Linear,
+};
 use crate::nn::{LoraSite, Scope, Sites};
 use crate::{Error, Result};
 
@@ -157,23 +159,14 @@ impl Attention {
             .collect()
     }
 
-    /// [B, L, heads * d] -> [B, heads, L, d].
-    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, l, c) = x.dims3()?;
-        Ok(x.reshape((b, l, self.heads, c / self.heads))?
-            .transpose(1, 2)?)
-    }
-
     /// Self-attention when `context` is `None`, cross-attention otherwise.
     fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let ctx = context.unwrap_or(x);
-        let q = self.split_heads(&self.to_q.forward(x)?)?;
-        let k = self.split_heads(&self.to_k.forward(ctx)?)?;
-        let v = self.split_heads(&self.to_v.forward(ctx)?)?;
-        let o = attention(&q, &k, &v)?;
-        let (b, h, l, d) = o.dims4()?;
-        let o = o.transpose(1, 2)?.reshape((b, l, h * d))?;
-        self.to_out.forward(&o)
+        let q = self.to_q.forward(x)?;
+        let k = self.to_k.forward(ctx)?;
+        let v = self.to_v.forward(ctx)?;
+        self.to_out
+            .forward(&multi_head_attention(&q, &k, &v, self.heads)?)
     }
 }
 
