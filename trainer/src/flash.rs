@@ -22,7 +22,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Te
 use rayon::prelude::*;
 
 use crate::cpu_matmul::{matmul, SharedOut, View};
-use crate::fused::exp_shifted;
+use crate::fused::{exp_shifted, with_cpu_f32};
 
 /// Target size of one task's score block (query rows × keys), in floats: 256 KiB, which
 /// stays in a core's L2 cache next to the key and value rows it is multiplied with.
@@ -301,19 +301,6 @@ fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
             "attention: expects contiguous f32 tensors on the CPU".into(),
         )),
     }
-}
-
-/// Reads the contiguous f32 elements of each tensor and hands them to `f`.
-fn with_cpu_f32<R>(ts: [&Tensor; 5], f: impl FnOnce([&[f32]; 5]) -> Result<R>) -> Result<R> {
-    let guards = ts.map(|t| t.storage_and_layout());
-    let mut slices: [&[f32]; 5] = [&[]; 5];
-    for (slot, (storage, layout)) in slices.iter_mut().zip(&guards) {
-        *slot = match &**storage {
-            candle_core::Storage::Cpu(s) => cpu_f32(s, layout)?,
-            _ => return Err(Error::Msg("attention: expects CPU tensors".into())),
-        };
-    }
-    f(slices)
 }
 
 impl CustomOp3 for FlashAttention {

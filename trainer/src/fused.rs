@@ -10,8 +10,9 @@
 //! - [`geglu`]: `a * gelu_erf(g)` of the two halves of the last dimension;
 //! - [`softmax_last_dim`] and [`softmax_backward`]: the softmax over the last dimension and
 //!   its gradient `y * (g - sum(g * y))`, with a vectorized [`exp_f32`];
-//! - [`conv2d`]: a convolution as patches times the kernel, and [`flip_transpose_kernel`],
-//!   the kernel of a convolution's input gradient.
+//! - [`frozen_conv2d`] and [`conv2d_input_grad`]: a frozen convolution as the kernel times
+//!   the input's patches (taken a few channels at a time), and its input gradient as the
+//!   transposed kernel times the output gradient, added back patch by patch.
 //!
 //! Statistics are accumulated in f64 and recomputed in backward rather than stored. The
 //! kernels take contiguous f32 on the CPU; any other tensor goes through the composed candle
@@ -20,6 +21,8 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
+
+use crate::cpu_matmul::{matmul, View};
 
 /// Work items smaller than this many elements are grouped so a task is worth scheduling.
 const MIN_TASK_ELEMS: usize = 1 << 14;
@@ -180,145 +183,332 @@ pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
     candle_nn::ops::softmax_last_dim(x)
 }
 
-/// `w[o, i, kh, kw]` → `w[i, o, k-1-kh, k-1-kw]`: the kernel of a convolution's input
-/// gradient, in one pass.
-struct FlipTranspose;
+/// Floats of patch matrix laid out at once: a convolution takes its input channels in groups
+/// whose patches fit in this (4 MiB), so the buffer is reused from group to group and layer to
+/// layer instead of being mapped and faulted in afresh for every large layer.
+const PATCH_FLOATS: usize = 1 << 20;
 
-impl CustomOp1 for FlipTranspose {
-    fn name(&self) -> &'static str {
-        "flip-transpose-kernel"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let w = slice(s, l, "kernel flip")?;
-        let (o, i, kh, kw) = l.shape().dims4()?;
-        let k2 = kh * kw;
-        let mut out = vec![0f32; w.len()];
-        out.par_chunks_mut(o * k2)
-            .enumerate()
-            .for_each(|(ii, dst)| {
-                for oo in 0..o {
-                    let src = &w[(oo * i + ii) * k2..(oo * i + ii + 1) * k2];
-                    let dst = &mut dst[oo * k2..(oo + 1) * k2];
-                    for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
-                        *d = *s;
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(out), Shape::from((i, o, kh, kw))))
-    }
-}
-
-/// The transposed, spatially flipped kernel `[in, out, kh, kw]` of `w` `[out, in, kh, kw]`
-/// (no graph). One pass on CPU f32, candle's ops elsewhere.
-pub fn flip_transpose_kernel(w: &Tensor) -> candle_core::Result<Tensor> {
-    if applies(w) {
-        return w.contiguous()?.apply_op1_no_bwd(&FlipTranspose);
-    }
-    let (_, _, kh, kw) = w.dims4()?;
-    let dev = w.device();
-    let w = w.transpose(0, 1)?.contiguous()?;
-    let ih: Vec<u32> = (0..kh as u32).rev().collect();
-    let iw: Vec<u32> = (0..kw as u32).rev().collect();
-    let w = w.index_select(&Tensor::new(ih.as_slice(), dev)?, 2)?;
-    w.index_select(&Tensor::new(iw.as_slice(), dev)?, 3)?
-        .contiguous()
-}
-
-/// The patches of a square-kernel convolution: [B, C, H, W] → [B, C·k·k, OH·OW], row
-/// `(c, kh, kw)` holding input pixel `(oy·stride + kh − pad, ox·stride + kw − pad)` of channel
-/// `c` for every output pixel (zero outside the image).
-struct Im2Col {
+/// The shapes of a square-kernel convolution (no groups or dilation): x [b, c, h, w],
+/// kernel [o, c, k, k], output [b, o, oh, ow].
+#[derive(Clone, Copy, Debug)]
+struct ConvGeometry {
+    b: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
     k: usize,
     stride: usize,
-    padding: usize,
+    pad: usize,
+    oh: usize,
+    ow: usize,
 }
 
-impl Im2Col {
-    fn out_hw(&self, h: usize, w: usize) -> (usize, usize) {
-        let span = |n: usize| (n + 2 * self.padding).saturating_sub(self.k) / self.stride + 1;
-        (span(h), span(w))
+impl ConvGeometry {
+    fn new(x: &[usize], kernel: &[usize], stride: usize, pad: usize) -> candle_core::Result<Self> {
+        let (&[b, c, h, w], &[o, kc, k, k2]) = (x, kernel) else {
+            return Err(candle_core::Error::Msg(format!(
+                "convolution: input {x:?} and kernel {kernel:?} are not 4-D"
+            )));
+        };
+        if kc != c || k != k2 || stride == 0 || h + 2 * pad < k || w + 2 * pad < k {
+            return Err(candle_core::Error::Msg(format!(
+                "convolution: kernel {kernel:?} (stride {stride}, padding {pad}) does not fit \
+                 input {x:?}"
+            )));
+        }
+        let span = |n: usize| (n + 2 * pad - k) / stride + 1;
+        let (oh, ow) = (span(h), span(w));
+        Ok(Self {
+            b,
+            c,
+            h,
+            w,
+            o,
+            k,
+            stride,
+            pad,
+            oh,
+            ow,
+        })
     }
-}
 
-impl CustomOp1 for Im2Col {
-    fn name(&self) -> &'static str {
-        "im2col"
+    fn plane(&self) -> usize {
+        self.oh * self.ow
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice(s, l, "im2col")?;
-        let (b, c, h, w) = l.shape().dims4()?;
-        let (oh, ow) = self.out_hw(h, w);
-        let (k, stride, pad) = (self.k, self.stride, self.padding);
-        let plane = oh * ow;
-        let mut out = vec![0f32; b * c * k * k * plane];
-        out.par_chunks_mut(k * k * plane)
-            .zip(x.par_chunks(h * w))
+    /// A 1×1 stride-1 unpadded kernel: the input is its own patch matrix.
+    fn pointwise(&self) -> bool {
+        self.k == 1 && self.stride == 1 && self.pad == 0
+    }
+
+    /// Input channels per group of patches (see [`PATCH_FLOATS`]).
+    fn group(&self) -> usize {
+        (PATCH_FLOATS / (self.k * self.k * self.plane()).max(1)).clamp(1, self.c.max(1))
+    }
+
+    /// The kernel's columns for input channels [c0, c1): rows `o`, `(c1-c0)·k²` columns.
+    fn kernel_cols(&self, c0: usize, c1: usize) -> View {
+        let k2 = self.k * self.k;
+        View::rows(c0 * k2, self.o, (c1 - c0) * k2, self.c * k2)
+    }
+
+    /// Input pixel (row, column) under output pixel `(oy, ox)` at kernel tap `(kh, kw)`, if
+    /// it is inside the image (not padding).
+    #[inline]
+    fn source(&self, oy: usize, ox: usize, kh: usize, kw: usize) -> Option<(usize, usize)> {
+        let iy = (oy * self.stride + kh).checked_sub(self.pad)?;
+        let ix = (ox * self.stride + kw).checked_sub(self.pad)?;
+        (iy < self.h && ix < self.w).then_some((iy, ix))
+    }
+
+    /// The patches of input channels [c0, c1) of one sample `x` [c, h, w] into `cols`
+    /// [(c1-c0)·k², oh·ow]: row `(c, kh, kw)` holds the input pixel under each output pixel
+    /// at that tap (zero in the padding).
+    fn im2col(&self, x: &[f32], (c0, c1): (usize, usize), cols: &mut [f32]) {
+        let (hw, plane, k) = (self.h * self.w, self.plane(), self.k);
+        cols.par_chunks_mut(k * k * plane)
+            .zip(x[c0 * hw..c1 * hw].par_chunks(hw))
             .for_each(|(rows, src)| {
                 for (r, row) in rows.chunks_mut(plane).enumerate() {
                     let (kh, kw) = (r / k, r % k);
-                    for oy in 0..oh {
-                        let iy = (oy * stride + kh) as isize - pad as isize;
-                        let dst = &mut row[oy * ow..(oy + 1) * ow];
-                        if iy < 0 || iy >= h as isize {
-                            dst.fill(0.0);
-                            continue;
-                        }
-                        let line = &src[iy as usize * w..(iy as usize + 1) * w];
+                    for (oy, dst) in row.chunks_mut(self.ow).enumerate() {
                         for (ox, d) in dst.iter_mut().enumerate() {
-                            let ix = (ox * stride + kw) as isize - pad as isize;
-                            *d = if ix < 0 || ix >= w as isize {
-                                0.0
-                            } else {
-                                line[ix as usize]
+                            *d = match self.source(oy, ox, kh, kw) {
+                                Some((iy, ix)) => src[iy * self.w + ix],
+                                None => 0.0,
                             };
                         }
                     }
                 }
             });
-        Ok((CpuStorage::F32(out), Shape::from((b, c * k * k, plane))))
+    }
+
+    /// The adjoint of [`Self::im2col`]: adds every patch element of `cols` back onto the
+    /// input pixel it came from, for channels [c0, c1) of one sample's gradient `dx`.
+    fn col2im(&self, cols: &[f32], (c0, c1): (usize, usize), dx: &mut [f32]) {
+        let (hw, plane, k) = (self.h * self.w, self.plane(), self.k);
+        dx[c0 * hw..c1 * hw]
+            .par_chunks_mut(hw)
+            .zip(cols.par_chunks(k * k * plane))
+            .for_each(|(dst, rows)| {
+                for (r, row) in rows.chunks(plane).enumerate() {
+                    let (kh, kw) = (r / k, r % k);
+                    for (oy, src) in row.chunks(self.ow).enumerate() {
+                        for (ox, &v) in src.iter().enumerate() {
+                            if let Some((iy, ix)) = self.source(oy, ox, kh, kw) {
+                                dst[iy * self.w + ix] += v;
+                            }
+                        }
+                    }
+                }
+            });
+    }
+
+    /// The input channel groups [c0, c1).
+    fn groups(&self) -> impl Iterator<Item = (usize, usize)> {
+        let (c, group) = (self.c, self.group());
+        (0..c)
+            .step_by(group)
+            .map(move |c0| (c0, (c0 + group).min(c)))
+    }
+
+    /// `y = conv(x, kernel) + bias`: per sample, per channel group, the kernel's columns
+    /// times the group's patches, accumulated straight into the output.
+    fn forward(
+        &self,
+        x: &[f32],
+        kernel: &[f32],
+        bias: Option<&[f32]>,
+    ) -> candle_core::Result<Vec<f32>> {
+        let plane = self.plane();
+        let mut out = vec![0f32; self.b * self.o * plane];
+        if let Some(bias) = bias {
+            out.par_chunks_mut(plane)
+                .enumerate()
+                .for_each(|(i, row)| row.fill(bias[i % self.o]));
+        }
+        let out_view = View::rows(0, self.o, plane, plane);
+        let mut cols = Vec::new();
+        for (y, x) in out
+            .chunks_mut(self.o * plane)
+            .zip(x.chunks(self.c * self.h * self.w))
+        {
+            if self.pointwise() {
+                let xv = View::rows(0, self.c, plane, plane);
+                matmul(
+                    y,
+                    out_view,
+                    kernel,
+                    self.kernel_cols(0, self.c),
+                    x,
+                    xv,
+                    1.0,
+                    true,
+                    true,
+                )?;
+                continue;
+            }
+            for (c0, c1) in self.groups() {
+                let rows = (c1 - c0) * self.k * self.k;
+                cols.resize(rows * plane, 0.0);
+                self.im2col(x, (c0, c1), &mut cols);
+                let cv = View::rows(0, rows, plane, plane);
+                matmul(
+                    y,
+                    out_view,
+                    kernel,
+                    self.kernel_cols(c0, c1),
+                    &cols,
+                    cv,
+                    1.0,
+                    true,
+                    true,
+                )?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// `dx` of the convolution under `dy`: per sample, per channel group, the kernel's
+    /// columns transposed times `dy`, added back onto the input by [`Self::col2im`].
+    fn input_grad(&self, dy: &[f32], kernel: &[f32]) -> candle_core::Result<Vec<f32>> {
+        let (plane, hw) = (self.plane(), self.h * self.w);
+        let mut dx = vec![0f32; self.b * self.c * hw];
+        let dy_view = View::rows(0, self.o, plane, plane);
+        let mut cols = Vec::new();
+        for (dx, dy) in dx.chunks_mut(self.c * hw).zip(dy.chunks(self.o * plane)) {
+            if self.pointwise() {
+                let kt = self.kernel_cols(0, self.c).t();
+                let dv = View::rows(0, self.c, hw, hw);
+                matmul(dx, dv, kernel, kt, dy, dy_view, 1.0, false, true)?;
+                continue;
+            }
+            for (c0, c1) in self.groups() {
+                let rows = (c1 - c0) * self.k * self.k;
+                cols.resize(rows * plane, 0.0);
+                let cv = View::rows(0, rows, plane, plane);
+                let kt = self.kernel_cols(c0, c1).t();
+                matmul(&mut cols, cv, kernel, kt, dy, dy_view, 1.0, false, true)?;
+                self.col2im(&cols, (c0, c1), dx);
+            }
+        }
+        Ok(dx)
     }
 }
 
-/// A convolution with a square kernel `w` [O, C, k, k] (no groups or dilation) and no graph:
-/// on CPU f32 the patches of `x` are laid out once and multiplied by the kernel as it is
-/// stored, in one matrix product per sample; elsewhere candle's convolution.
-pub fn conv2d(
-    x: &Tensor,
-    w: &Tensor,
+/// Runs `f` on the contiguous f32 elements of CPU tensors.
+pub(crate) fn with_cpu_f32<const N: usize, R>(
+    ts: [&Tensor; N],
+    f: impl FnOnce([&[f32]; N]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let guards = ts.map(|t| t.storage_and_layout());
+    let mut slices: [&[f32]; N] = [&[]; N];
+    for (out, (storage, layout)) in slices.iter_mut().zip(&guards) {
+        *out = match &**storage {
+            candle_core::Storage::Cpu(s) => slice(s, layout, "fused op")?,
+            _ => {
+                return Err(candle_core::Error::Msg(
+                    "fused op: expects tensors on the CPU".into(),
+                ))
+            }
+        };
+    }
+    f(slices)
+}
+
+/// A frozen convolution on CPU f32 as one graph node whose backward is the input gradient
+/// (the kernel and bias get none).
+struct FrozenConv {
+    kernel: Tensor,
+    bias: Option<Tensor>,
     stride: usize,
     padding: usize,
-) -> candle_core::Result<Tensor> {
-    if x.device().is_cpu() && matches!(x.dtype(), DType::BF16 | DType::F16) {
-        // candle has no half-precision convolution on the CPU: compute in f32.
-        let y = conv2d(
-            &x.to_dtype(DType::F32)?,
-            &w.to_dtype(DType::F32)?,
-            stride,
-            padding,
-        )?;
-        return y.to_dtype(x.dtype());
+}
+
+impl FrozenConv {
+    fn geometry(&self, x: &[usize]) -> candle_core::Result<ConvGeometry> {
+        ConvGeometry::new(x, self.kernel.dims(), self.stride, self.padding)
     }
-    if !applies(x) || w.dtype() != DType::F32 {
-        return x.conv2d(w, padding, stride, 1, 1);
+}
+
+impl CustomOp1 for FrozenConv {
+    fn name(&self) -> &'static str {
+        "frozen-conv2d"
     }
-    let (b, c, h, wd) = x.dims4()?;
-    let (o, _, k, _) = w.dims4()?;
-    let op = Im2Col { k, stride, padding };
-    let (oh, ow) = op.out_hw(h, wd);
-    let cols = if k == 1 && stride == 1 && padding == 0 {
-        x.contiguous()?.reshape((b, c, h * wd))?
-    } else {
-        x.contiguous()?.apply_op1_no_bwd(&op)?
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "convolution")?;
+        let g = self.geometry(l.dims())?;
+        let out = match &self.bias {
+            Some(b) => with_cpu_f32([&self.kernel, b], |[k, b]| g.forward(x, k, Some(b)))?,
+            None => with_cpu_f32([&self.kernel], |[k]| g.forward(x, k, None))?,
+        };
+        Ok((CpuStorage::F32(out), Shape::from((g.b, g.o, g.oh, g.ow))))
+    }
+
+    fn bwd(&self, x: &Tensor, _out: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = self.geometry(x.dims())?;
+        let dy = dy.contiguous()?;
+        let dx = with_cpu_f32([&dy, &self.kernel], |[dy, k]| g.input_grad(dy, k))?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// A frozen convolution on the CPU with a square kernel `w` [O, C, k, k] (no groups or
+/// dilation) and an optional bias [O], whose graph carries the input gradient only. f32
+/// throughout; half-precision inputs are computed in f32 (candle has no half convolution on
+/// the CPU). `None` off the CPU.
+pub fn frozen_conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> candle_core::Result<Option<Tensor>> {
+    if !x.device().is_cpu() {
+        return Ok(None);
+    }
+    let f32c = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+    let op = FrozenConv {
+        kernel: f32c(&w.detach())?,
+        bias: bias.map(|b| f32c(&b.detach())).transpose()?,
+        stride,
+        padding,
     };
-    let w2 = w.contiguous()?.reshape((o, c * k * k))?;
-    // One product per sample: a batched product would copy the kernel once per sample
-    // (candle makes a broadcast left operand contiguous).
-    let outs = (0..b)
-        .map(|i| w2.matmul(&cols.get(i)?))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    Tensor::stack(&outs, 0)?.reshape((b, o, oh, ow))
+    let y = f32c(x)?.apply_op1(op)?;
+    Ok(Some(y.to_dtype(x.dtype())?))
+}
+
+/// The input gradient [B, C, H, W] of a convolution with kernel `w` [O, C, k, k] under `dy`
+/// [B, O, OH, OW] on the CPU (the adjoint, patch by patch; the input size is given because
+/// a strided convolution loses it). `None` off the CPU.
+pub fn conv2d_input_grad(
+    dy: &Tensor,
+    w: &Tensor,
+    (h, wd): (usize, usize),
+    stride: usize,
+    padding: usize,
+) -> candle_core::Result<Option<Tensor>> {
+    if !dy.device().is_cpu() {
+        return Ok(None);
+    }
+    let (b, _, _, _) = dy.dims4()?;
+    let (_, c, _, _) = w.dims4()?;
+    let g = ConvGeometry::new(&[b, c, h, wd], w.dims(), stride, padding)?;
+    if dy.dims() != [b, g.o, g.oh, g.ow] {
+        return Err(candle_core::Error::Msg(format!(
+            "convolution gradient: {:?} is not the output of {:?} over a {h}x{wd} input",
+            dy.dims(),
+            w.dims()
+        )));
+    }
+    let f32c = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+    let (dy32, w32) = (f32c(dy)?, f32c(w)?);
+    let dx = with_cpu_f32([&dy32, &w32], |[dy, k]| g.input_grad(dy, k))?;
+    Ok(Some(
+        Tensor::from_vec(dx, (b, c, h, wd), dy.device())?.to_dtype(dy.dtype())?,
+    ))
 }
 
 /// A fused op's backward kernel: `(x, d(y))` → `d(x)`, both contiguous f32 (for the softmax,
@@ -876,7 +1066,7 @@ mod tests {
     }
 
     #[test]
-    fn softmax_and_kernel_flip_match_candle() -> anyhow::Result<()> {
+    fn softmax_matches_candle() -> anyhow::Result<()> {
         let dev = Device::Cpu;
         let x = (Tensor::randn(0f32, 4., (2, 3, 17, 301), &dev)? + 50.0)?;
         let d = max_diff(
@@ -884,33 +1074,48 @@ mod tests {
             &candle_nn::ops::softmax_last_dim(&x)?,
         )?;
         assert!(d <= 1e-6, "softmax differs by {d}");
-        let w = Tensor::randn(0f32, 1., (5, 3, 3, 2), &dev)?;
-        let want = w
-            .transpose(0, 1)?
-            .contiguous()?
-            .index_select(&Tensor::new(&[2u32, 1, 0], &dev)?, 2)?
-            .index_select(&Tensor::new(&[1u32, 0], &dev)?, 3)?;
-        assert_eq!(max_diff(&flip_transpose_kernel(&w)?, &want)?, 0.0);
         Ok(())
     }
 
     #[test]
-    fn conv2d_matches_candle() -> anyhow::Result<()> {
+    fn frozen_conv2d_and_its_input_grad_match_candle() -> anyhow::Result<()> {
         let dev = Device::Cpu;
-        for &(k, stride, pad, h, w) in &[
-            (3, 1, 1, 9, 7),
-            (3, 2, 1, 8, 8),
-            (3, 2, 1, 7, 10),
-            (1, 1, 0, 5, 6),
-            (3, 1, 0, 6, 6),
+        // (kernel, stride, padding, channels, h, w); the last one has 40 channels of 64×64
+        // patches, more than one group of PATCH_FLOATS.
+        for &(k, stride, pad, c, h, w) in &[
+            (3, 1, 1, 5, 9, 7),
+            (3, 2, 1, 5, 8, 8),
+            (3, 2, 1, 5, 7, 10),
+            (1, 1, 0, 5, 5, 6),
+            (3, 1, 0, 5, 6, 6),
+            (3, 1, 1, 40, 64, 64),
         ] {
-            let x = Tensor::randn(0f32, 1., (2, 5, h, w), &dev)?;
-            let kernel = Tensor::randn(0f32, 1., (4, 5, k, k), &dev)?;
-            let want = x.conv2d(&kernel, pad, stride, 1, 1)?;
-            let got = conv2d(&x, &kernel, stride, pad)?;
-            assert_eq!(got.dims(), want.dims());
+            let case = format!("k{k} s{stride} p{pad} c{c} {h}x{w}");
+            let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1., (2, c, h, w), &dev)?)?;
+            let kernel = Tensor::randn(0f32, 1., (4, c, k, k), &dev)?;
+            let bias = Tensor::randn(0f32, 1., 4, &dev)?;
+            let want = x
+                .as_tensor()
+                .conv2d(&kernel, pad, stride, 1, 1)?
+                .broadcast_add(&bias.reshape((1, 4, 1, 1))?)?;
+            let got = frozen_conv2d(x.as_tensor(), &kernel, Some(&bias), stride, pad)?
+                .expect("a CPU tensor");
+            assert_eq!(got.dims(), want.dims(), "{case}");
             let d = max_diff(&got, &want)?;
-            assert!(d <= 1e-4, "k{k} s{stride} p{pad} {h}x{w}: differs by {d}");
+            assert!(d <= 1e-3, "{case}: differs by {d}");
+            // The input gradient is the adjoint of the convolution: <conv(x), g> = <x, dx(g)>.
+            let g = Tensor::randn(0f32, 1., want.shape(), &dev)?;
+            let grads = (&got * &g)?.sum_all()?.backward()?;
+            let dx = grads.get(x.as_tensor()).expect("an input gradient");
+            let direct = conv2d_input_grad(&g, &kernel, (h, w), stride, pad)?.expect("CPU");
+            assert_eq!(max_diff(dx, &direct)?, 0.0, "{case}");
+            let conv = x.as_tensor().conv2d(&kernel, pad, stride, 1, 1)?;
+            let lhs = (conv * &g)?.sum_all()?.to_scalar::<f32>()?;
+            let rhs = (x.as_tensor() * dx)?.sum_all()?.to_scalar::<f32>()?;
+            assert!(
+                (lhs - rhs).abs() < 1e-4 * lhs.abs().max(1.0),
+                "{case}: {lhs} vs {rhs}"
+            );
         }
         Ok(())
     }

@@ -515,13 +515,23 @@ fn conv2d_input_grad(
     stride: usize,
     padding: usize,
 ) -> candle_core::Result<Tensor> {
-    let (_, _, k, _) = w.dims4()?;
-    if stride == 1 && padding <= k.saturating_sub(1) {
-        let wt = crate::fused::flip_transpose_kernel(w)?;
-        return crate::fused::conv2d(g, &wt, 1, k - 1 - padding);
+    match crate::fused::conv2d_input_grad(g, w, input_hw, stride, padding)? {
+        Some(gx) => Ok(gx),
+        None => conv2d_input_grad_composed(g, w, input_hw, stride, padding),
     }
+}
+
+/// [`conv2d_input_grad`] from candle's convolutions (off the CPU): a stride-1 convolution
+/// with the flipped, transposed kernel, else a transposed convolution.
+fn conv2d_input_grad_composed(
+    g: &Tensor,
+    w: &Tensor,
+    input_hw: (usize, usize),
+    stride: usize,
+    padding: usize,
+) -> candle_core::Result<Tensor> {
     if conv_needs_f32(g) {
-        let gx = conv2d_input_grad(
+        let gx = conv2d_input_grad_composed(
             &g.to_dtype(DType::F32)?,
             &w.to_dtype(DType::F32)?,
             input_hw,
@@ -529,6 +539,19 @@ fn conv2d_input_grad(
             padding,
         )?;
         return gx.to_dtype(g.dtype());
+    }
+    let (_, _, k, _) = w.dims4()?;
+    if stride == 1 && padding <= k.saturating_sub(1) {
+        // w[o, i, kh, kw] → w[i, o, k-1-kh, k-1-kw]
+        let dev = w.device();
+        let flip: Vec<u32> = (0..k as u32).rev().collect();
+        let flip = Tensor::new(flip.as_slice(), dev)?;
+        let wt = w
+            .transpose(0, 1)?
+            .contiguous()?
+            .index_select(&flip, 2)?
+            .index_select(&flip, 3)?;
+        return g.conv2d(&wt, k - 1 - padding, 1, 1, 1);
     }
     let (_, _, gh, gw) = g.dims4()?;
     let out_h = (gh - 1) * stride + k - 2 * padding;
@@ -608,16 +631,23 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
-        let mut y = crate::fused::conv2d(&x.detach(), &self.weight, self.stride, self.padding)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
-        }
-        let wt = self.weight.clone();
         let (stride, padding) = (self.stride, self.padding);
-        let mut y = attach_grad(x, y, move |g| {
-            conv2d_input_grad(g, &wt, (h, w), stride, padding)
-        })?;
+        let fused =
+            crate::fused::frozen_conv2d(x, &self.weight, self.bias.as_ref(), stride, padding)?;
+        let mut y = match fused {
+            Some(y) => y,
+            None => {
+                let (_, _, h, w) = x.dims4()?;
+                let mut y = x.detach().conv2d(&self.weight, padding, stride, 1, 1)?;
+                if let Some(b) = &self.bias {
+                    y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
+                }
+                let wt = self.weight.clone();
+                attach_grad(x, y, move |g| {
+                    conv2d_input_grad(g, &wt, (h, w), stride, padding)
+                })?
+            }
+        };
         let adapters = adapters(&self.slot);
         if adapters.is_empty() {
             return Ok(y);
@@ -1034,12 +1064,15 @@ mod tests {
             let reference = xv.as_tensor().conv2d(&wt, pad, stride, 1, 1)?;
             let g = Tensor::randn(0f32, 1., reference.shape(), &dev)?;
             let y = xv.as_tensor().detach().conv2d(&wt, pad, stride, 1, 1)?;
+            // The CPU kernel, and candle's convolutions as used off the CPU.
+            let composed = conv2d_input_grad_composed(&g, &wt, (h, w), stride, pad)?;
             let wt2 = wt.clone();
             let out = attach_grad(xv.as_tensor(), y, move |gr| {
                 conv2d_input_grad(gr, &wt2, (h, w), stride, pad)
             })?;
             let got = (out * &g)?.sum_all()?.backward()?;
             let got = got.get(xv.as_tensor()).expect("grad");
+            assert_close(got, &composed, 1e-4);
             // The input gradient is the adjoint of the convolution: <conv(x), g> = <x, dx(g)>.
             let lhs = (&reference * &g)?.sum_all()?.to_scalar::<f32>()?;
             let rhs = (xv.as_tensor() * got)?.sum_all()?.to_scalar::<f32>()?;
