@@ -1,8 +1,9 @@
 //! loractl's training engine: Stable Diffusion 1.x/2.x models in candle with kohya-style LoRA.
 //!
 //! - [`nn`] — frozen layers with input-only gradients, differentiable norms/softmax, LoRA sites;
-//!   [`fused`], [`flash`] and [`cpu_matmul`] — its fused CPU kernels (norms, GEGLU, softmax,
-//!   convolution, block-wise attention) and the strided matrix products under them.
+//!   [`fused`], [`flash`], [`dense`] and [`cpu_matmul`] — its fused CPU kernels (norms, GEGLU,
+//!   softmax, convolution, block-wise attention, linear + LoRA) and the strided matrix
+//!   products under them.
 //! - [`lora`] — kohya LoRA networks (targets, init, file format).
 //! - [`unet`] — the SD1.x/SD2.x UNet (diffusers and single-file LDM weights).
 //! - [`vae`] — the AutoencoderKL encoder/decoder.
@@ -27,6 +28,7 @@ pub mod confine;
 pub mod cpu_matmul;
 pub mod dataset;
 pub mod demo;
+pub mod dense;
 pub mod error;
 pub mod flash;
 pub mod fused;

@@ -449,6 +449,11 @@ fn linear(
     let (out_f, in_f) = weight.dims2()?;
     let rows = x.elem_count() / in_f.max(1);
     let x2 = x.reshape((rows, in_f))?;
+    if crate::fused::applies(x) && weight.dtype() == DType::F32 && adapters.len() <= 1 {
+        let adapter = adapters.first().map(|a| (&a.down, &a.up, a.scale));
+        let y = crate::dense::linear(&x2, weight, bias, adapter)?;
+        return Ok(y.reshape(out_shape(&dims, out_f))?);
+    }
     let mut y = x2.detach().matmul(&weight.t()?)?;
     if let Some(b) = bias {
         y = y.broadcast_add(b)?;
@@ -1048,6 +1053,52 @@ mod tests {
             .matmul(&up.as_tensor().t()?)?;
         let composed = (x.as_tensor().matmul(&w.t()?)?.broadcast_add(&bias)? + (lora * 0.75)?)?;
         same_gradients(&[&x, &down, &up], &fused, &composed, 1e-5)
+    }
+
+    #[test]
+    fn fused_linear_equals_composed_ops_with_gradients() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        for (rows, with_bias, with_lora, input_grad) in [
+            (37, true, true, true),
+            (5, false, true, true),
+            (19, true, false, true),
+            (8, true, true, false),
+        ] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1., (rows, 24), &dev)?)?;
+            let down = Var::from_tensor(&Tensor::randn(0f32, 0.2, (4, 24), &dev)?)?;
+            let up = Var::from_tensor(&Tensor::randn(0f32, 0.2, (16, 4), &dev)?)?;
+            let w = Tensor::randn(0f32, 0.2, (16, 24), &dev)?;
+            let bias = Tensor::randn(0f32, 0.2, 16, &dev)?;
+            let xin = match input_grad {
+                true => x.as_tensor().clone(),
+                false => x.as_tensor().detach(),
+            };
+            let adapter = with_lora.then_some((down.as_tensor(), up.as_tensor(), 0.75));
+            let fused = crate::dense::linear(&xin, &w, with_bias.then_some(&bias), adapter)?;
+            let mut composed = xin.matmul(&w.t()?)?;
+            if with_bias {
+                composed = composed.broadcast_add(&bias)?;
+            }
+            if with_lora {
+                let lora = xin
+                    .matmul(&down.as_tensor().t()?)?
+                    .matmul(&up.as_tensor().t()?)?;
+                composed = (composed + (lora * 0.75)?)?;
+            }
+            let vars: Vec<&Var> = [(input_grad, &x), (with_lora, &down), (with_lora, &up)]
+                .into_iter()
+                .filter_map(|(on, v)| on.then_some(v))
+                .collect();
+            same_gradients(&vars, &fused, &composed, 1e-5)?;
+            if !input_grad {
+                let g = fused.sum_all()?.backward()?;
+                assert!(
+                    g.get(x.as_tensor()).is_none(),
+                    "a gradient for a detached input"
+                );
+            }
+        }
+        Ok(())
     }
 
     #[test]
