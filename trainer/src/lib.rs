@@ -74,3 +74,16 @@ pub fn tune_process() {
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
 }
+
+/// Runs `f` on a thread of rayon's global pool, the one the CPU kernels split their work
+/// over, and waits for it.
+///
+/// A parallel kernel started from a thread outside the pool hands its work to the pool and
+/// sleeps until the pool is done: a training step starts thousands of them, and each costs a
+/// wake-up of the pool and of the caller. Started from inside the pool, the calling thread
+/// takes a share of the work itself (about 5% of an sd15 step on 2 cores).
+pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    let mut out = None;
+    rayon::scope(|_| out = Some(f()));
+    out.expect("rayon::scope runs its body before it returns")
+}

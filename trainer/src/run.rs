@@ -692,7 +692,7 @@ struct RunHooks<'r, 'e> {
     writer: bool,
     /// The TensorBoard log of `logging.logging_dir` (rank 0 only).
     tensorboard: Option<crate::tensorboard::EventWriter>,
-    events: &'e mut dyn FnMut(&RunEvent),
+    events: &'e mut (dyn FnMut(&RunEvent) + Send),
 }
 
 impl RunHooks<'_, '_> {
@@ -900,7 +900,7 @@ pub fn run(
     spec: &ResolvedSpec,
     base_dir: &Path,
     ro: &RunOptions,
-    events: &mut dyn FnMut(&RunEvent),
+    events: &mut (dyn FnMut(&RunEvent) + Send),
 ) -> Result<RunResult> {
     run_with(spec, base_dir, ro, None, events)
 }
@@ -913,7 +913,7 @@ pub fn run_parallel(
     base_dir: &Path,
     ro: &RunOptions,
     collective: Box<dyn loractl_collective::Collective>,
-    events: &mut dyn FnMut(&RunEvent),
+    events: &mut (dyn FnMut(&RunEvent) + Send),
 ) -> Result<RunResult> {
     run_with(spec, base_dir, ro, Some(collective), events)
 }
@@ -923,7 +923,7 @@ fn run_with(
     base_dir: &Path,
     ro: &RunOptions,
     collective: Option<Box<dyn loractl_collective::Collective>>,
-    events: &mut dyn FnMut(&RunEvent),
+    events: &mut (dyn FnMut(&RunEvent) + Send),
 ) -> Result<RunResult> {
     let world_size = collective.as_ref().map_or(1, |c| c.world_size());
     let started_at = ro.fixed_time.unwrap_or_else(|| {

@@ -215,7 +215,7 @@ pub trait Hooks {
 /// Hooks that only watch steps.
 pub struct OnStep<F>(pub F);
 
-impl<F: FnMut(&StepEvent)> Hooks for OnStep<F> {
+impl<F: FnMut(&StepEvent) + Send> Hooks for OnStep<F> {
     fn step_end(&mut self, _trainer: &Trainer<'_>, event: &StepEvent) -> Result<Flow> {
         (self.0)(event);
         Ok(Flow::Continue)
@@ -778,7 +778,13 @@ impl<'a> Trainer<'a> {
     }
 
     /// Trains from the current position until `max_train_steps` or until a hook stops it.
-    pub fn run(&mut self, hooks: &mut dyn Hooks) -> Result<Outcome> {
+    ///
+    /// The steps run on a thread of the CPU compute pool (see [`crate::in_pool`]).
+    pub fn run(&mut self, hooks: &mut (dyn Hooks + Send)) -> Result<Outcome> {
+        crate::in_pool(|| self.run_steps(hooks))
+    }
+
+    fn run_steps(&mut self, hooks: &mut (dyn Hooks + Send)) -> Result<Outcome> {
         let accum = self.opts.gradient_accumulation_steps;
         let parallel = self.collective.is_some() && self.world_size > 1;
         while self.position.step < self.opts.max_train_steps {
@@ -1209,7 +1215,7 @@ pub fn train(
     dataset: &Dataset,
     opts: &TrainOptions,
     device: &Device,
-    on_step: impl FnMut(&StepEvent),
+    on_step: impl FnMut(&StepEvent) + Send,
 ) -> Result<LoraNetwork> {
     let mut trainer = Trainer::new(sd, dataset, opts.clone(), device, None)?;
     trainer.run(&mut OnStep(on_step))?;

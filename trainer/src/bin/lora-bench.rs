@@ -112,26 +112,30 @@ fn bench() -> Result<()> {
     let mut parts = [Vec::new(), Vec::new(), Vec::new()];
     let mut gpu_used = GpuMemory::default();
     dev.synchronize()?;
-    for i in 0..warmup + steps {
-        let start = Instant::now();
-        let loss = model.loss(&inputs, i)?;
-        // The forward pass's activations are all alive here: the step's memory peak.
-        gpu_used.sample(&dev);
-        let forward = start.elapsed();
-        let grads = loss.backward()?;
-        gpu_used.sample(&dev);
-        let backward = start.elapsed();
-        model.update(&grads)?;
-        drop(grads);
-        dev.synchronize()?;
-        let end = start.elapsed();
-        if i >= warmup {
-            times.push(end.as_secs_f64() * 1000.0);
-            parts[0].push(forward.as_secs_f64() * 1000.0);
-            parts[1].push((backward - forward).as_secs_f64() * 1000.0);
-            parts[2].push((end - backward).as_secs_f64() * 1000.0);
+    // On a thread of the compute pool, as `loractl train` runs its steps.
+    loractl_trainer::in_pool(|| -> Result<()> {
+        for i in 0..warmup + steps {
+            let start = Instant::now();
+            let loss = model.loss(&inputs, i)?;
+            // The forward pass's activations are all alive here: the step's memory peak.
+            gpu_used.sample(&dev);
+            let forward = start.elapsed();
+            let grads = loss.backward()?;
+            gpu_used.sample(&dev);
+            let backward = start.elapsed();
+            model.update(&grads)?;
+            drop(grads);
+            dev.synchronize()?;
+            let end = start.elapsed();
+            if i >= warmup {
+                times.push(end.as_secs_f64() * 1000.0);
+                parts[0].push(forward.as_secs_f64() * 1000.0);
+                parts[1].push((backward - forward).as_secs_f64() * 1000.0);
+                parts[2].push((end - backward).as_secs_f64() * 1000.0);
+            }
         }
-    }
+        Ok(())
+    })?;
     let [forward_ms, backward_ms, optimizer_ms] = parts.map(|mut p| median(&mut p));
     let step_ms_min = times.iter().copied().fold(f64::INFINITY, f64::min);
     let step_ms = median(&mut times);
