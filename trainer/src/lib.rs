@@ -62,6 +62,10 @@ pub use error::{Error, ErrorKind, Result};
 /// - candle sizes every CPU matrix product's thread count by reading `/proc/cpuinfo` unless
 ///   `RAYON_NUM_THREADS` is set (a few percent of a step); the count is read once here and
 ///   pinned in that variable. A value the user set is kept.
+/// - candle runs large elementwise ops on a pool of its own threads beside rayon's, whose
+///   idle threads spin 25 000 times before they sleep: on a machine whose cores are all
+///   rayon's, that spinning took the cores from the matrix products (~13% of an sd15 step on
+///   2 cores). They spin 100 times instead (`CANDLE_BARRIER_POOL_SPIN_LIMIT`, kept when set).
 pub fn tune_process() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; called before any other thread exists.
@@ -73,17 +77,28 @@ pub fn tune_process() {
         let threads = candle_core::utils::get_num_threads();
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "100");
+    }
 }
 
-/// Runs `f` on a thread of rayon's global pool, the one the CPU kernels split their work
-/// over, and waits for it.
+/// Runs `f` on a thread of a compute pool of its own, in which the CPU kernels started by `f`
+/// split their work, and waits for it.
 ///
-/// A parallel kernel started from a thread outside the pool hands its work to the pool and
+/// A parallel kernel started from a thread outside a pool hands its work to the pool and
 /// sleeps until the pool is done: a training step starts thousands of them, and each costs a
 /// wake-up of the pool and of the caller. Started from inside the pool, the calling thread
-/// takes a share of the work itself (about 5% of an sd15 step on 2 cores).
+/// takes a share of the work itself (about 5% of an sd15 step on 2 cores). The pool is `f`'s
+/// own, not rayon's global one: a training loop blocks in collectives, and several loops in
+/// one process (ranks as threads) must not wait for each other's pool threads. Where no
+/// thread can be started, `f` runs on the calling thread.
 pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    let mut out = None;
-    rayon::scope(|_| out = Some(f()));
-    out.expect("rayon::scope runs its body before it returns")
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(rayon::current_num_threads())
+        .thread_name(|i| format!("loractl-compute-{i}"))
+        .build();
+    match pool {
+        Ok(pool) => pool.install(f),
+        Err(_) => f(),
+    }
 }

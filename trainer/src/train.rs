@@ -779,7 +779,7 @@ impl<'a> Trainer<'a> {
 
     /// Trains from the current position until `max_train_steps` or until a hook stops it.
     ///
-    /// The steps run on a thread of the CPU compute pool (see [`crate::in_pool`]).
+    /// The steps run on a thread of a compute pool of the run's own (see [`crate::in_pool`]).
     pub fn run(&mut self, hooks: &mut (dyn Hooks + Send)) -> Result<Outcome> {
         crate::in_pool(|| self.run_steps(hooks))
     }
