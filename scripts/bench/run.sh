@@ -12,7 +12,7 @@ PRECISION=${PRECISION:-f32}
 configs=("$@")
 [ ${#configs[@]} -gt 0 ] || configs=(tiny small sd15)
 cargo build --release -q -p loractl-trainer --bin lora-bench
-printf '%-6s %14s %14s %8s %16s %16s\n' config loractl_ms pytorch_ms ratio loractl_peak_MiB pytorch_peak_MiB
+printf '%-6s %14s %14s %8s %16s %16s %12s %12s\n' config loractl_ms pytorch_ms ratio loractl_peak_MiB pytorch_peak_MiB loractl_cpu% pytorch_cpu%
 for c in "${configs[@]}"; do
   ours=$(target/release/lora-bench "$c" --steps "$STEPS" --precision "$PRECISION")
   theirs=$("$PYTHON" scripts/bench/torch_step.py "$c" --steps "$STEPS" --precision "$PRECISION")
@@ -21,6 +21,7 @@ import json, sys
 a, b = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 assert a["lora_modules"] == b["lora_modules"], (a["lora_modules"], b["lora_modules"])
 print(f'{a["config"]:<6} {a["step_ms"]:14.1f} {b["step_ms"]:14.1f} {a["step_ms"]/b["step_ms"]:8.2f} '
-      f'{a["peak_rss_mib"]:16.0f} {b["peak_rss_mib"]:16.0f}')
+      f'{a["peak_rss_mib"]:16.0f} {b["peak_rss_mib"]:16.0f} '
+      f'{a["step_cpu_pct"]:12.0f} {b["step_cpu_pct"]:12.0f}')
 PY
 done

@@ -24,6 +24,12 @@ from peft import LoraConfig, inject_adapter_in_model
 KOHYA_UNET_TARGETS = r".*attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2))$"
 
 
+def process_cpu_seconds():
+    """CPU time of every thread of this process, user and system."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("config")
@@ -69,11 +75,13 @@ def main():
     ctx = torch.randn(1, seq, dim, device=device, dtype=dtype)
     target = torch.randn(1, 4, h, w, device=device)
     times = []
+    cpu_seconds = 0.0
     for i in range(args.warmup + args.steps):
         t = torch.randint(0, 1000, (1,), device=device)
         if cuda:
             torch.cuda.synchronize(device)
         start = time.perf_counter()
+        cpu_start = process_cpu_seconds()
         out = unet(x, t, encoder_hidden_states=ctx).sample
         loss = torch.nn.functional.mse_loss(out.float(), target)
         loss.backward()
@@ -83,11 +91,13 @@ def main():
             torch.cuda.synchronize(device)
         if i >= args.warmup:
             times.append((time.perf_counter() - start) * 1000)
+            cpu_seconds += process_cpu_seconds() - cpu_start
     print(json.dumps({
         "impl": "pytorch",
         "config": args.config,
         "step_ms": statistics.median(times),
         "step_ms_min": min(times),
+        "step_cpu_pct": 100 * cpu_seconds / (sum(times) / 1000),
         "device": args.device,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,

@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use candle_core::Device;
-use loractl_trainer::bench::{median, rayon_threads, status_mib, BenchModel};
+use loractl_trainer::bench::{median, process_cpu_seconds, rayon_threads, status_mib, BenchModel};
 
 /// Any error ends the benchmark with its message.
 type Result<T, E = Box<dyn std::error::Error + Send + Sync>> = std::result::Result<T, E>;
@@ -111,11 +111,14 @@ fn bench() -> Result<()> {
     // a synchronisation, which the step time does not pay.
     let mut parts = [Vec::new(), Vec::new(), Vec::new()];
     let mut gpu_used = GpuMemory::default();
+    // CPU seconds of the process over the timed steps: how busy the cores kept.
+    let mut cpu_seconds = 0.0;
     dev.synchronize()?;
     // On a thread of the compute pool, as `loractl train` runs its steps.
     loractl_trainer::in_pool(|| -> Result<()> {
         for i in 0..warmup + steps {
             let start = Instant::now();
+            let cpu_start = process_cpu_seconds();
             let loss = model.loss(&inputs, i)?;
             // The forward pass's activations are all alive here: the step's memory peak.
             gpu_used.sample(&dev);
@@ -129,6 +132,7 @@ fn bench() -> Result<()> {
             let end = start.elapsed();
             if i >= warmup {
                 times.push(end.as_secs_f64() * 1000.0);
+                cpu_seconds += process_cpu_seconds() - cpu_start;
                 parts[0].push(forward.as_secs_f64() * 1000.0);
                 parts[1].push((backward - forward).as_secs_f64() * 1000.0);
                 parts[2].push((end - backward).as_secs_f64() * 1000.0);
@@ -138,6 +142,7 @@ fn bench() -> Result<()> {
     })?;
     let [forward_ms, backward_ms, optimizer_ms] = parts.map(|mut p| median(&mut p));
     let step_ms_min = times.iter().copied().fold(f64::INFINITY, f64::min);
+    let step_cpu_pct = 100.0 * cpu_seconds / (times.iter().sum::<f64>() / 1000.0);
     let step_ms = median(&mut times);
     let out = serde_json::json!({
         "impl": "loractl",
@@ -145,6 +150,7 @@ fn bench() -> Result<()> {
         "device": device,
         "step_ms": step_ms,
         "step_ms_min": step_ms_min,
+        "step_cpu_pct": step_cpu_pct,
         "forward_ms": forward_ms,
         "backward_ms": backward_ms,
         "optimizer_ms": optimizer_ms,
