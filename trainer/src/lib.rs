@@ -59,6 +59,10 @@ pub use error::{Error, ErrorKind, Result};
 ///   default returns each one to the kernel and faults it back in at the next step, which
 ///   doubled step times on CPU; freed memory is kept in the process instead (the same as
 ///   `MALLOC_MMAP_THRESHOLD_` and `MALLOC_TRIM_THRESHOLD_`, which the test script sets).
+///   One arena serves every thread (`MALLOC_ARENA_MAX=1`): the steps run on pool threads
+///   (see [`in_pool`]), and a thread's own arena unmaps each of its heaps as soon as it is
+///   wholly free, whatever the trim threshold, so every step faulted ~84 MiB of fresh pages
+///   back in (sd15, 21 000 faults a step; 350 with one arena).
 /// - candle sizes every CPU matrix product's thread count by reading `/proc/cpuinfo` unless
 ///   `RAYON_NUM_THREADS` is set (a few percent of a step); the count is read once here and
 ///   pinned in that variable. A value the user set is kept.
@@ -72,6 +76,7 @@ pub fn tune_process() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let threads = candle_core::utils::get_num_threads();
