@@ -513,12 +513,19 @@ pub(crate) fn with_cpu_f32<const N: usize, R>(
 }
 
 /// A frozen convolution on CPU f32 as one graph node whose backward is the input gradient
-/// (the kernel and bias get none).
+/// (the kernel and bias get none). The kernel and bias are kept as loaded: a half-precision
+/// model's are widened to f32 only while the op runs, not for as long as the graph lives (an
+/// f32 copy of every kernel held until backward made a bf16 sd15 step peak above f32's).
 struct FrozenConv {
     kernel: Tensor,
     bias: Option<Tensor>,
     stride: usize,
     padding: usize,
+}
+
+/// `t` as contiguous f32 (itself when it already is).
+fn f32_contiguous(t: &Tensor) -> candle_core::Result<Tensor> {
+    t.to_dtype(DType::F32)?.contiguous()
 }
 
 impl FrozenConv {
@@ -535,9 +542,13 @@ impl CustomOp1 for FrozenConv {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(s, l, "convolution")?;
         let g = self.geometry(l.dims())?;
+        let kernel = f32_contiguous(&self.kernel)?;
         let out = match &self.bias {
-            Some(b) => with_cpu_f32([&self.kernel, b], |[k, b]| g.forward(x, k, Some(b)))?,
-            None => with_cpu_f32([&self.kernel], |[k]| g.forward(x, k, None))?,
+            Some(b) => {
+                let b = f32_contiguous(b)?;
+                with_cpu_f32([&kernel, &b], |[k, b]| g.forward(x, k, Some(b)))?
+            }
+            None => with_cpu_f32([&kernel], |[k]| g.forward(x, k, None))?,
         };
         Ok((CpuStorage::F32(out), Shape::from((g.b, g.o, g.oh, g.ow))))
     }
@@ -545,7 +556,8 @@ impl CustomOp1 for FrozenConv {
     fn bwd(&self, x: &Tensor, _out: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let g = self.geometry(x.dims())?;
         let dy = dy.contiguous()?;
-        let dx = with_cpu_f32([&dy, &self.kernel], |[dy, k]| g.input_grad(dy, k))?;
+        let kernel = f32_contiguous(&self.kernel)?;
+        let dx = with_cpu_f32([&dy, &kernel], |[dy, k]| g.input_grad(dy, k))?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
@@ -564,14 +576,13 @@ pub fn frozen_conv2d(
     if !x.device().is_cpu() {
         return Ok(None);
     }
-    let f32c = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
     let op = FrozenConv {
-        kernel: f32c(&w.detach())?,
-        bias: bias.map(|b| f32c(&b.detach())).transpose()?,
+        kernel: w.detach(),
+        bias: bias.map(Tensor::detach),
         stride,
         padding,
     };
-    let y = f32c(x)?.apply_op1(op)?;
+    let y = f32_contiguous(x)?.apply_op1(op)?;
     Ok(Some(y.to_dtype(x.dtype())?))
 }
 
