@@ -342,8 +342,13 @@ impl<'a> Builder<'a> {
         self.vb.device()
     }
     /// Loads a tensor of the given shape at this path.
+    /// The weight `name` of this builder's prefix; a refusal of the weights' store keeps its
+    /// own error (a missing tensor or wrong shape is a bad config, not candle's string).
     pub fn get(&self, shape: impl Into<Shape>, name: &str) -> Result<Tensor> {
-        Ok(self.vb.get(shape, name)?)
+        let _ = crate::weights::take_refusal();
+        self.vb
+            .get(shape, name)
+            .map_err(|e| crate::weights::take_refusal().unwrap_or(e.into()))
     }
 
     fn register(&self, kind: SiteKind) -> Option<AdapterSlot> {

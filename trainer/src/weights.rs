@@ -359,6 +359,26 @@ impl Weights {
     }
 }
 
+thread_local! {
+    /// The typed error behind the last refusal of a [`Weights`] backend on this thread.
+    static REFUSAL: std::cell::RefCell<Option<Error>> = const { std::cell::RefCell::new(None) };
+}
+
+/// `e` as the candle error a `VarBuilder` backend must return, the typed error kept for
+/// [`take_refusal`]: a missing tensor or a wrong shape is the job's input to fix (a bad
+/// config, not retried), which candle's string errors would lose.
+fn refuse(e: Error) -> candle_core::Error {
+    let msg = candle_core::Error::Msg(e.to_string());
+    REFUSAL.with(|r| *r.borrow_mut() = Some(e));
+    msg
+}
+
+/// The typed error of the last refusal of a [`Weights`] backend on this thread, if any (see
+/// [`crate::nn::Builder::get`]).
+pub(crate) fn take_refusal() -> Option<Error> {
+    REFUSAL.with(|r| r.borrow_mut().take())
+}
+
 impl candle_nn::var_builder::SimpleBackend for Weights {
     fn get(
         &self,
@@ -368,13 +388,10 @@ impl candle_nn::var_builder::SimpleBackend for Weights {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        self.check_shape(name, s.dims())
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let t = self
-            .fetch(name, dtype, dev)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        self.check_shape(name, s.dims()).map_err(refuse)?;
+        let t = self.fetch(name, dtype, dev).map_err(refuse)?;
         if t.shape() != &s {
-            let e = Error::ShapeMismatch {
+            return Err(refuse(Error::ShapeMismatch {
                 name: name.to_string(),
                 got: t.dims().to_vec(),
                 expected: s.dims().to_vec(),
@@ -382,15 +399,13 @@ impl candle_nn::var_builder::SimpleBackend for Weights {
                     "{}; the file is for a different model configuration",
                     self.store.origin()
                 ),
-            };
-            return Err(candle_core::Error::Msg(e.to_string()));
+            }));
         }
         Ok(t)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.fetch(name, dtype, dev)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+        self.fetch(name, dtype, dev).map_err(refuse)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {

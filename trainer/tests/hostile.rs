@@ -9,6 +9,7 @@ use std::path::Path;
 use candle_core::Device;
 use loractl_trainer::loader::{self, LoadOptions};
 use loractl_trainer::lora::{self, LoraConfig};
+use loractl_trainer::ErrorKind;
 
 mod support;
 use support::{assert_mentions, fixture, tiny_load_options, TempDir};
@@ -29,7 +30,12 @@ fn load_err(path: &Path, opts: &LoadOptions) -> String {
     match result {
         Err(_) => panic!("loading {} panicked", path.display()),
         Ok(Ok(_)) => panic!("{} loaded", path.display()),
-        Ok(Err(e)) => e.to_string(),
+        Ok(Err(e)) => {
+            // A file that does not fit the model is the job's to fix: a bad config (exit 78),
+            // never retried.
+            assert_eq!(e.kind(), ErrorKind::BadConfig, "{e}");
+            e.to_string()
+        }
     }
 }
 
