@@ -20,7 +20,7 @@ const SECRET: &str = "hunter2-topsecret-token";
 
 /// `dir/train/5_shapes/` with four images and captions, and `dir/secret/token.txt` beside it.
 fn dataset(t: &TempDir) -> (PathBuf, PathBuf) {
-    let train = loractl_trainer::demo::write_dataset(&t.0, 64, 4).expect("dataset");
+    let train = loractl_trainer::demo::write_dataset(t.path(), 64, 4).expect("dataset");
     let secret_dir = t.join("secret");
     std::fs::create_dir_all(&secret_dir).expect("secret dir");
     let secret = secret_dir.join("token.txt");
@@ -79,7 +79,7 @@ fn a_linked_image_or_folder_leading_out_is_refused_when_confined() {
     let msg = config_error(Dataset::open(cfg(&train, AllowedRoots::only([&train]))));
     assert!(msg.contains("5_shapes"), "{msg}");
     // Links that stay inside the roots are fine.
-    Dataset::open(cfg(&train, AllowedRoots::only([&t.0]))).expect("inside the roots");
+    Dataset::open(cfg(&train, AllowedRoots::only([t.path()]))).expect("inside the roots");
 }
 
 /// The check is made on the file actually opened: an image replaced by a link after the scan
@@ -154,11 +154,11 @@ fn a_confined_run_with_a_linked_caption_fails_as_bad_config_and_leaks_nothing() 
         allowed_roots: AllowedRoots::only([&train]),
         ..RunOptions::default()
     };
-    let result = run::run(&spec, &t.0, &ro, &mut |_| {});
+    let result = run::run(&spec, t.path(), &ro, &mut |_| {});
     let msg = config_error(result.map(|_| ()));
     assert!(msg.contains("000.txt"), "{msg}");
     assert!(!msg.contains(SECRET), "{msg}");
-    for entry in walk(&t.0) {
+    for entry in walk(t.path()) {
         if entry.starts_with(t.join("secret")) || entry.is_symlink() {
             continue;
         }

@@ -5,8 +5,7 @@
 
 use std::cell::Cell;
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use image::{Rgb, RgbImage};
@@ -19,40 +18,10 @@ use loractl_trainer::Result;
 use serde_json::Value;
 
 mod support;
-use support::assert_mentions;
+use support::{assert_mentions, TempDir};
 
 // ---------------------------------------------------------------------------------------------
 // helpers
-
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-/// A temporary folder removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!(
-            "loractl-dataset-{tag}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = fs::remove_dir_all(&p);
-        fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-    fn join(&self, p: &str) -> PathBuf {
-        self.0.join(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Writes a w×h image whose pixels depend on `seed`; the format follows the extension.
 fn write_image(path: &Path, w: u32, h: u32, seed: u32) {

@@ -17,11 +17,11 @@ use loractl_trainer::step::StepOptions;
 use loractl_trainer::train::{Flow, Hooks, Outcome, StepEvent, TrainOptions, Trainer};
 
 mod support;
-use support::{checkerboards, lora_train_options, scratch_dir};
+use support::{checkerboards, lora_train_options, scratch_dir, TempDir};
 
 /// `3_square` (4 images 64×64) and `2_tall` (3 images 64×128), captioned checkerboards:
 /// 12 + 6 samples per epoch, so batches of 4 leave short last batches in both buckets.
-fn make_dataset(name: &str) -> anyhow::Result<PathBuf> {
+fn make_dataset(name: &str) -> anyhow::Result<TempDir> {
     let root = scratch_dir(&format!("dp-{name}"))?;
     for (folder, size, n) in [("3_square", (64, 64), 4), ("2_tall", (64, 128), 3)] {
         checkerboards(&root.join(folder), size, n, |_, colour| {
@@ -266,7 +266,7 @@ fn a_rank_failing_stops_the_other_with_an_error() -> anyhow::Result<()> {
     let handles: Vec<_> = rs
         .into_iter()
         .map(|ring| {
-            let (root, opts) = (root.clone(), opts.clone());
+            let (root, opts) = (root.to_path_buf(), opts.clone());
             std::thread::spawn(move || {
                 train_rank(&root, 2, opts, Some(ring), None, None, None).map(|_| ())
             })

@@ -4,7 +4,7 @@
 //! determinism, the plan's arithmetic, and a diverging run that writes nothing.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use candle_core::{DType, Device, Tensor};
@@ -13,11 +13,11 @@ use loractl_trainer::run::{self, RunEvent, RunOptions, RunResult};
 use loractl_trainer::Error;
 
 mod support;
-use support::{checkerboards, scratch_dir, sd1_diffusers};
+use support::{checkerboards, scratch_dir, sd1_diffusers, TempDir};
 
 /// `root/train/{2_wide,1_tall}` with captioned checkerboards (the tall folder's last image has
 /// no caption file, so its folder name is used).
-fn make_job_dir(name: &str) -> anyhow::Result<PathBuf> {
+fn make_job_dir(name: &str) -> anyhow::Result<TempDir> {
     let root = scratch_dir(&format!("run-{name}"))?;
     for (folder, size) in [("2_wide", (128, 64)), ("1_tall", (64, 128))] {
         checkerboards(&root.join("train").join(folder), size, 3, |i, colour| {

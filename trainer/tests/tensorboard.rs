@@ -6,7 +6,7 @@
 use loractl_trainer::tensorboard::{self, EventWriter};
 
 mod support;
-use support::fixture;
+use support::{fixture, scratch_dir};
 
 /// `(tag, step, value, wall_time)`: kohya's tags, a d*lr group, an epoch average, a
 /// non-ASCII tag, a large step and values that need every bit of an f32.
@@ -41,8 +41,7 @@ fn tensorboard_reads_what_loractl_writes() -> anyhow::Result<()> {
     if std::env::var_os("LORACTL_REGENERATE_FIXTURES").is_some() {
         write(&committed)?;
     }
-    let dir = std::env::temp_dir().join(format!("loractl-tensorboard-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    let dir = scratch_dir("tensorboard")?;
     let fresh = dir.join("events.out.tfevents.test");
     write(&fresh)?;
     assert_eq!(

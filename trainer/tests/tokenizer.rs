@@ -2,14 +2,12 @@
 //! `tests/fixtures/tokenizer_cases.json` (made by scripts/fixtures/make_fixtures.py), for SD1
 //! (pad `<|endoftext|>`) and SD2 (pad `!`), from the diffusers folders and the bundled vocabulary.
 
-use std::path::PathBuf;
-
 use anyhow::{Context, Result};
 use loractl_trainer::tokenizer::ClipTokenizer;
 use serde::Deserialize;
 
 mod support;
-use support::fixture;
+use support::{fixture, scratch_dir, TempDir};
 
 #[derive(Deserialize)]
 struct Case {
@@ -81,8 +79,7 @@ fn bundled_sd2_matches_transformers() -> Result<()> {
 
 #[test]
 fn invalid_vocab_is_a_clear_error() -> Result<()> {
-    let dir = std::env::temp_dir().join(format!("loractl-tok-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    let dir = scratch_dir("tok")?;
     let merges = fixture("sd1/diffusers/tokenizer/merges.txt");
     let vocab = dir.join("vocab.json");
 
@@ -116,14 +113,9 @@ fn kohya_lengths() -> Result<()> {
 /// A `tokenizer/` folder as transformers >= 5 saves it: `tokenizer.json` (written here from
 /// the fixture's `vocab.json` and `merges.txt`, merges in the given form) and the config JSONs,
 /// without `vocab.json`/`merges.txt`.
-fn tokenizer_json_folder(sd: &str, pairs: bool) -> Result<PathBuf> {
+fn tokenizer_json_folder(sd: &str, pairs: bool) -> Result<TempDir> {
     let src = fixture(sd).join("diffusers/tokenizer");
-    let dir = std::env::temp_dir().join(format!(
-        "loractl-tokjson-{sd}-{pairs}-{}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
+    let dir = scratch_dir(&format!("tokjson-{sd}-{pairs}"))?;
     let vocab: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(src.join("vocab.json"))?)?;
     let merges_text = std::fs::read_to_string(src.join("merges.txt"))?;

@@ -2,8 +2,6 @@
 //! validation loss (fixed noise and timesteps) that drops; a NaN-producing learning rate stops
 //! the run with a message naming the step.
 
-use std::path::PathBuf;
-
 use candle_core::{DType, Device, Tensor};
 use loractl_trainer::dataset::{BatchInput, Dataset, DatasetConfig};
 use loractl_trainer::loader::{self, LoadOptions, StableDiffusion};
@@ -13,10 +11,10 @@ use loractl_trainer::train::{train, TrainOptions};
 use rand::SeedableRng;
 
 mod support;
-use support::{checkerboards, lora_train_options, scratch_dir, sd1_diffusers};
+use support::{checkerboards, lora_train_options, scratch_dir, sd1_diffusers, TempDir};
 
 /// `3_square` (64×64) and `2_tall` (64×128), four captioned checkerboards each.
-fn make_dataset(name: &str) -> anyhow::Result<PathBuf> {
+fn make_dataset(name: &str) -> anyhow::Result<TempDir> {
     let root = scratch_dir(&format!("train-{name}"))?;
     for (folder, size) in [("3_square", (64, 64)), ("2_tall", (64, 128))] {
         checkerboards(&root.join(folder), size, 4, |_, colour| {
@@ -51,10 +49,10 @@ fn assert_dropped(precision: &str, before: f32, after: f32) {
 }
 
 /// [`make_dataset`] at 64², batches of 2, no buckets or augmentation.
-fn plain_dataset(name: &str) -> anyhow::Result<(PathBuf, Dataset)> {
+fn plain_dataset(name: &str) -> anyhow::Result<(TempDir, Dataset)> {
     let root = make_dataset(name)?;
     let ds = Dataset::open(DatasetConfig {
-        train_data_dir: root.clone(),
+        train_data_dir: root.to_path_buf(),
         resolution: (64, 64),
         train_batch_size: 2,
         ..Default::default()
@@ -117,7 +115,7 @@ fn validation_loss(sd: &StableDiffusion, ds: &Dataset) -> anyhow::Result<f32> {
 fn training_lowers_the_validation_loss() -> anyhow::Result<()> {
     let root = make_dataset("loss")?;
     let ds = Dataset::open(DatasetConfig {
-        train_data_dir: root.clone(),
+        train_data_dir: root.to_path_buf(),
         resolution: (64, 64),
         enable_bucket: true,
         min_bucket_reso: 64,
@@ -158,7 +156,7 @@ fn training_lowers_the_validation_loss() -> anyhow::Result<()> {
 fn a_diverging_run_stops_with_the_step_and_no_weights() -> anyhow::Result<()> {
     let root = make_dataset("nan")?;
     let ds = Dataset::open(DatasetConfig {
-        train_data_dir: root.clone(),
+        train_data_dir: root.to_path_buf(),
         resolution: (64, 64),
         train_batch_size: 2,
         ..Default::default()

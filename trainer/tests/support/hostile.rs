@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// A record's bytes as they go into the zip.
 pub enum Data {
@@ -270,29 +270,6 @@ pub fn with_tensor_reshaped(path: &Path, name: &str, shape: &[usize]) -> Vec<u8>
     t.2 = shape.to_vec();
     t.3 = vec![0u8; shape.iter().product::<usize>() * 4];
     safetensors(&tensors)
-}
-
-/// A folder under the system temp dir unique to this process and `tag`, removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        let path =
-            std::env::temp_dir().join(format!("loractl-hostile-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("create temp dir");
-        TempDir(path)
-    }
-
-    pub fn join(&self, p: impl AsRef<Path>) -> PathBuf {
-        self.0.join(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Replaces a file's contents in place (created if missing). Truncating to zero and
