@@ -98,17 +98,7 @@ impl Dense {
             matmul(y, n.y(), x, n.x(), w, n.w().t(), 1.0, biased, true)?;
             if let Some((down, up, s)) = lora {
                 let mut t = vec![0f32; n.rows * n.rank];
-                matmul(
-                    &mut t,
-                    n.t(),
-                    x,
-                    n.x(),
-                    down,
-                    n.down().t(),
-                    1.0,
-                    false,
-                    true,
-                )?;
+                project_down(n, x, down, &mut t)?;
                 matmul(y, n.y(), &t, n.t(), up, n.up().t(), s, true, true)?;
             }
             Ok(())
@@ -150,21 +140,17 @@ impl Dense {
         let mut dd = vec![0f32; n.rank * n.inp];
         matmul(&mut dd, n.down(), &gu, n.t().t(), x, n.x(), s, false, true)?;
         let mut t = gu;
-        matmul(
-            &mut t,
-            n.t(),
-            x,
-            n.x(),
-            down,
-            n.down().t(),
-            1.0,
-            false,
-            true,
-        )?;
+        project_down(n, x, down, &mut t)?;
         let mut du = vec![0f32; n.out * n.rank];
         matmul(&mut du, n.up(), g, n.y().t(), &t, n.t(), s, false, true)?;
         Ok((dx, Some((dd, du))))
     }
+}
+
+/// `t = x·Dᵀ` [rows, rank]: the adapter's rank-sized projection, in forward and again in
+/// backward (recomputed, not kept).
+fn project_down(n: Dims, x: &[f32], down: &[f32], t: &mut [f32]) -> Result<()> {
+    matmul(t, n.t(), x, n.x(), down, n.down().t(), 1.0, false, true)
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
