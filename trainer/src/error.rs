@@ -32,10 +32,13 @@ pub enum Error {
     #[error("{path}: {msg}")]
     BadCheckpoint { path: PathBuf, msg: String },
     /// A tensor the model needs is absent from the weights.
-    #[error("missing tensor `{name}` in {origin}")]
+    #[error("missing tensor {} in {origin}", quoted(name))]
     MissingTensor { name: String, origin: String },
     /// A tensor is present but has the wrong shape for this model.
-    #[error("tensor `{name}` has shape {got:?} but the model expects {expected:?} ({origin})")]
+    #[error(
+        "tensor {} has shape {got:?} but the model expects {expected:?} ({origin})",
+        quoted(name)
+    )]
     ShapeMismatch {
         name: String,
         got: Vec<usize>,
@@ -61,6 +64,15 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// A tensor name in backticks; a stored name read for a model's own, `"src (for name)"`, as
+/// `` `src` (for `name`) ``.
+fn quoted(name: &str) -> String {
+    match name.split_once(" (for ") {
+        Some((src, model)) => format!("`{src}` (for `{}`)", model.trim_end_matches(')')),
+        None => format!("`{name}`"),
+    }
+}
 
 impl Error {
     /// Who can fix this error; see [`ErrorKind`].
@@ -131,6 +143,29 @@ mod tests {
         assert_eq!(
             Error::bad_checkpoint("/m", "truncated").kind(),
             ErrorKind::BadConfig
+        );
+    }
+
+    #[test]
+    fn a_tensor_read_for_another_name_is_quoted_once_each() {
+        let e = Error::ShapeMismatch {
+            name: "model.diffusion_model.out.2.weight (for conv_out.weight)".into(),
+            got: vec![4],
+            expected: vec![4, 320, 3, 3],
+            origin: "m.safetensors".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "tensor `model.diffusion_model.out.2.weight` (for `conv_out.weight`) has shape [4] \
+             but the model expects [4, 320, 3, 3] (m.safetensors)"
+        );
+        let e = Error::MissingTensor {
+            name: "conv_out.weight".into(),
+            origin: "m.safetensors".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "missing tensor `conv_out.weight` in m.safetensors"
         );
     }
 

@@ -292,7 +292,7 @@ impl Weights {
                 name: if src == name {
                     name.to_string()
                 } else {
-                    format!("{src}` (for `{name}`)")
+                    format!("{src} (for {name})")
                 },
                 origin: self.store.origin(),
             });
@@ -367,7 +367,7 @@ impl Weights {
             name: if src == name {
                 name.to_string()
             } else {
-                format!("{src}` (for `{name}`)")
+                format!("{src} (for {name})")
             },
             got: stored,
             expected: expected.to_vec(),
