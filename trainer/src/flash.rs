@@ -18,7 +18,7 @@
 use std::cell::RefCell;
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::cpu_matmul::{matmul, SharedOut, View};
@@ -342,7 +342,7 @@ impl CustomOp3 for FlashAttention {
         let lse = lse
             .as_deref()
             .ok_or_else(|| Error::Msg("attention: backward before forward".into()))?;
-        let grad = grad.to_dtype(DType::F32)?.contiguous()?;
+        let grad = crate::fused::f32_contiguous(grad)?;
         let [dq, dk, dv] = with_cpu_f32([q, k, v, out, &grad], |[q, k, v, o, go]| {
             backward(
                 &g,

@@ -524,7 +524,7 @@ struct FrozenConv {
 }
 
 /// `t` as contiguous f32 (itself when it already is).
-fn f32_contiguous(t: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn f32_contiguous(t: &Tensor) -> candle_core::Result<Tensor> {
     t.to_dtype(DType::F32)?.contiguous()
 }
 
@@ -554,11 +554,8 @@ impl CustomOp1 for FrozenConv {
     }
 
     fn bwd(&self, x: &Tensor, _out: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let g = self.geometry(x.dims())?;
-        let dy = dy.contiguous()?;
-        let kernel = f32_contiguous(&self.kernel)?;
-        let dx = with_cpu_f32([&dy, &kernel], |[dy, k]| g.input_grad(dy, k))?;
-        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+        let (_, _, h, w) = x.dims4()?;
+        conv2d_input_grad(dy, &self.kernel, (h, w), self.stride, self.padding)
     }
 }
 
@@ -609,8 +606,7 @@ pub fn conv2d_input_grad(
             w.dims()
         )));
     }
-    let f32c = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
-    let (dy32, w32) = (f32c(dy)?, f32c(w)?);
+    let (dy32, w32) = (f32_contiguous(dy)?, f32_contiguous(w)?);
     let dx = with_cpu_f32([&dy32, &w32], |[dy, k]| g.input_grad(dy, k))?;
     Ok(Some(
         Tensor::from_vec(dx, (b, c, h, wd), dy.device())?.to_dtype(dy.dtype())?,

@@ -62,7 +62,7 @@ pub use error::{Error, ErrorKind, Result};
 ///   One arena serves every thread (`MALLOC_ARENA_MAX=1`): the steps run on pool threads
 ///   (see [`in_pool`]), and a thread's own arena unmaps each of its heaps as soon as it is
 ///   wholly free, whatever the trim threshold, so every step faulted ~84 MiB of fresh pages
-///   back in (sd15, 21 000 faults a step; 350 with one arena).
+///   back in (sd15, 21 000 faults a step; about 200 with one arena).
 /// - candle sizes every CPU matrix product's thread count by reading `/proc/cpuinfo` unless
 ///   `RAYON_NUM_THREADS` is set (a few percent of a step); the count is read once here and
 ///   pinned in that variable. A value the user set is kept.
