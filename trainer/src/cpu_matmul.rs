@@ -8,6 +8,7 @@
 //! parallel task.
 
 use candle_core::{Error, Result};
+use rayon::prelude::*;
 
 /// A strided matrix inside a slice: element (i, j) is at `offset + i·rs + j·cs`.
 #[derive(Clone, Copy, Debug)]
@@ -172,35 +173,113 @@ fn gemm_raw(
         }
         return;
     }
-    let parallelism = match parallel {
-        true => gemm::Parallelism::Rayon(rayon::current_num_threads()),
-        false => gemm::Parallelism::None,
+    let threads = if parallel {
+        rayon::current_num_threads()
+    } else {
+        1
     };
-    // SAFETY: every view was checked to lie inside its buffer, and the caller holds `dst`
-    // exclusively for the elements of `d`.
-    unsafe {
-        gemm::gemm(
-            d.rows,
-            d.cols,
-            av.cols,
-            dst.add(d.offset),
-            d.cs as isize,
-            d.rs as isize,
-            accumulate,
-            a.as_ptr().add(av.offset),
-            av.cs as isize,
-            av.rs as isize,
-            b.as_ptr().add(bv.offset),
-            bv.cs as isize,
-            bv.rs as isize,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            parallelism,
-        )
+    let parts = split_count(d, av.cols, threads);
+    if parts <= 1 {
+        // SAFETY: as for `gemm_serial`; the views were checked by the caller.
+        unsafe { gemm_serial(dst, d, a, av, b, bv, beta, accumulate) };
+        return;
     }
+    // Split the output along its longer side into `parts` bands, each a product of its own
+    // on one thread. The `gemm` crate's own threading packs a row-major left operand on the
+    // calling thread before it forks and meets again after every depth block; one band per
+    // task keeps both cores on the product and re-packs only the shared operand's band
+    // count times (small beside the product once a band has 16 or more rows).
+    let by_rows = d.rows >= d.cols;
+    let long = if by_rows { d.rows } else { d.cols };
+    let out = SendPtr(dst);
+    (0..parts).into_par_iter().for_each(|p| {
+        let (lo, hi) = (long * p / parts, long * (p + 1) / parts);
+        let (mut dp, mut ap, mut bp) = (d, av, bv);
+        if by_rows {
+            dp.offset += lo * d.rs;
+            dp.rows = hi - lo;
+            ap.offset += lo * av.rs;
+            ap.rows = hi - lo;
+        } else {
+            dp.offset += lo * d.cs;
+            dp.cols = hi - lo;
+            bp.offset += lo * bv.cs;
+            bp.cols = hi - lo;
+        }
+        // SAFETY: the bands are disjoint parts of the checked output view, and each operand
+        // band lies inside its checked view.
+        unsafe { gemm_serial(out.get(), dp, a, ap, b, bp, beta, accumulate) };
+    });
+}
+
+/// Fewer multiply-adds than this run on one thread: the fork would cost more than it saves.
+const SPLIT_MIN_WORK: usize = 64 * 64 * 64;
+
+/// Rows (or columns) a band keeps at least, so that re-packing the shared operand stays cheap.
+const SPLIT_MIN_BAND: usize = 16;
+
+/// How many bands to cut the product `d` (with inner size `k`) into over `threads` threads:
+/// two per thread, so that a thread that falls behind is caught up by stealing, and none
+/// when the product is too small to be worth a fork.
+fn split_count(d: View, k: usize, threads: usize) -> usize {
+    if threads <= 1 || d.rows.saturating_mul(d.cols).saturating_mul(k) < SPLIT_MIN_WORK {
+        return 1;
+    }
+    let long = d.rows.max(d.cols);
+    (2 * threads).min(long / SPLIT_MIN_BAND).max(1)
+}
+
+/// The output pointer, handed to the bands of a split product.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+// SAFETY: each task writes its own band of the output only (see `gemm_raw`).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// The product on the calling thread.
+///
+/// # Safety
+/// Every view lies inside its buffer and the caller holds `dst` exclusively for the
+/// elements of `d`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_serial(
+    dst: *mut f32,
+    d: View,
+    a: &[f32],
+    av: View,
+    b: &[f32],
+    bv: View,
+    beta: f32,
+    accumulate: bool,
+) {
+    gemm::gemm(
+        d.rows,
+        d.cols,
+        av.cols,
+        dst.add(d.offset),
+        d.cs as isize,
+        d.rs as isize,
+        accumulate,
+        a.as_ptr().add(av.offset),
+        av.cs as isize,
+        av.rs as isize,
+        b.as_ptr().add(bv.offset),
+        bv.cs as isize,
+        bv.rs as isize,
+        1.0,
+        beta,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
 }
 
 #[cfg(test)]
@@ -246,6 +325,49 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    /// Products big enough to be cut into bands, along rows and along columns, on a pool of
+    /// three threads (six bands of uneven sizes), accumulated into strided outputs.
+    #[test]
+    fn split_products_match_the_definition() -> Result<()> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .map_err(|e| Error::Msg(e.to_string()))?;
+        for (m, k, n) in [(101, 64, 90), (70, 64, 203)] {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
+            let b: Vec<f32> = (0..n * k).map(|i| ((i * 5) % 11) as f32 - 5.0).collect();
+            // a row-major [m, k]; b read transposed from a row-major [n, k].
+            let (av, bv) = (View::rows(0, m, k, k), View::rows(0, n, k, k).t());
+            let d = View::rows(1, m, n, n + 3);
+            assert!(split_count(d, k, 3) > 1, "{m}x{k}x{n} should split");
+            let want = naive(&a, av, &b, bv);
+            let mut dst = vec![2f32; 1 + m * (n + 3)];
+            pool.install(|| matmul(&mut dst, d, &a, av, &b, bv, 0.5, true, true))?;
+            for i in 0..m {
+                for j in 0..n + 3 {
+                    let got = dst[1 + i * (n + 3) + j];
+                    let expect = if j < n {
+                        2.0 + 0.5 * want[i * n + j]
+                    } else {
+                        2.0
+                    };
+                    assert_eq!(got, expect, "{m}x{k}x{n} at ({i}, {j})");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn small_products_and_single_threads_are_not_split() {
+        let d = View::rows(0, 1024, 320, 320);
+        assert_eq!(split_count(d, 320, 1), 1);
+        assert_eq!(split_count(d, 320, 2), 4);
+        assert_eq!(split_count(View::rows(0, 16, 16, 16), 16, 2), 1);
+        // A band keeps at least 16 rows: 40 rows make two bands, not four.
+        assert_eq!(split_count(View::rows(0, 40, 8, 8), 1024, 2), 2);
     }
 
     #[test]
