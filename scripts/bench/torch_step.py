@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """One LoRA training step (forward, backward, AdamW) of a diffusers UNet with peft LoRA on
-kohya's UNet targets, timed the same way as `lora-bench` so the two run side by side.
+kohya's UNet targets, timed the same way as `lora-bench` so the two run side by side. With
+--text-encoder the config's transformers CLIP text encoder, with LoRA on kohya's text-encoder
+targets, encodes fixed token ids into the UNet's context and is trained too.
 
 Usage: torch_step.py CONFIG [--steps N] [--warmup N] [--threads N] [--device cpu|cuda|cuda:N]
-                     [--precision f32|bf16|fp16]
+                     [--precision f32|bf16|fp16] [--text-encoder] [--latent SIZE]
 Prints one JSON line: {"impl": "pytorch", "config", "step_ms" (median), "peak_rss_mib", ...}.
 On a GPU the step runs in f32 without TF32 (as loractl's does) and ends with a device
 synchronisation before its time is taken; "peak_gpu_mib" is PyTorch's peak of allocated memory.
@@ -19,9 +21,24 @@ import time
 import torch
 from diffusers import UNet2DConditionModel
 from peft import LoraConfig, inject_adapter_in_model
+from transformers import CLIPTextConfig, CLIPTextModel
 
 # kohya networks/lora.py: every Linear/Conv2d inside Transformer2DModel blocks.
 KOHYA_UNET_TARGETS = r".*attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2))$"
+# kohya networks/lora.py: every Linear inside CLIPAttention and CLIPMLP.
+KOHYA_TE_TARGETS = r".*encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$"
+
+
+def with_lora(model, targets, args, dtype, device):
+    """The frozen `model` in `dtype` with peft LoRA (f32) on `targets`, moved to `device`."""
+    model.requires_grad_(False)
+    cfg = LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=targets,
+                     init_lora_weights=True)
+    model = inject_adapter_in_model(cfg, model.to(dtype)).to(device)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model
 
 
 def process_cpu_seconds():
@@ -42,6 +59,9 @@ def main():
     ap.add_argument("--precision", choices=["f32", "bf16", "fp16"], default="f32",
                     help="dtype of the frozen UNet; the LoRA and AdamW stay f32 (peft keeps "
                          "adapters in f32 on a half-precision base)")
+    ap.add_argument("--latent", type=int, help="train on SIZE x SIZE latents instead of the config's")
+    ap.add_argument("--text-encoder", action="store_true",
+                    help="train the config's CLIP text encoder's LoRA as well")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -56,23 +76,25 @@ def main():
     with open(os.path.join(here, "unet_configs.json")) as f:
         spec = json.load(f)[args.config]
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**spec["unet"])
-    unet.requires_grad_(False)
-    cfg = LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=KOHYA_UNET_TARGETS,
-                     init_lora_weights=True)
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    unet = unet.to(dtype)
-    unet = inject_adapter_in_model(cfg, unet).to(device)
-    for n, p in unet.named_parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    n_modules = sum(1 for n, _ in unet.named_modules() if n.endswith("lora_A.default"))
+    unet = with_lora(UNet2DConditionModel(**spec["unet"]), KOHYA_UNET_TARGETS, args, dtype, device)
+    models = [unet]
+    te = None
+    if args.text_encoder:
+        te_cfg = CLIPTextConfig(**spec["text_encoder"])
+        te = with_lora(CLIPTextModel(te_cfg), KOHYA_TE_TARGETS, args, dtype, device)
+        models.append(te)
+    params = [p for m in models for p in m.parameters() if p.requires_grad]
+    n_modules = sum(1 for m in models for n, _ in m.named_modules()
+                    if n.endswith("lora_A.default"))
     opt = torch.optim.AdamW(params, lr=1e-4)
-    h, w = spec["latent"]
+    h, w = (args.latent, args.latent) if args.latent else spec["latent"]
     seq, dim = spec["context"]
     x = torch.randn(1, 4, h, w, device=device, dtype=dtype)
     ctx = torch.randn(1, seq, dim, device=device, dtype=dtype)
+    if te is not None:
+        vocab = spec["text_encoder"]["vocab_size"]
+        ids = torch.tensor([[(i * 7919 + 13) % vocab for i in range(seq)]], device=device)
     target = torch.randn(1, 4, h, w, device=device)
     times = []
     cpu_seconds = 0.0
@@ -82,6 +104,8 @@ def main():
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         cpu_start = process_cpu_seconds()
+        if te is not None:
+            ctx = te(ids).last_hidden_state
         out = unet(x, t, encoder_hidden_states=ctx).sample
         loss = torch.nn.functional.mse_loss(out.float(), target)
         loss.backward()
@@ -105,6 +129,8 @@ def main():
         "lora_params": sum(p.numel() for p in params),
         "threads": args.threads,
         "precision": args.precision,
+        "text_encoder": args.text_encoder,
+        "latent": [h, w],
         "torch": torch.__version__,
     }))
 

@@ -1,13 +1,15 @@
 //! The benchmark model shared by the `lora-bench` style binaries: a UNet of one of the
-//! configs in `scripts/bench/unet_configs.json` with random weights, kohya's LoRA targets on
-//! it (up weights non-zero, so a step does the work of any later step) and AdamW, plus one
-//! training step split into its parts so a data-parallel benchmark can put an all-reduce
-//! between backward and the optimizer.
+//! configs in `scripts/bench/unet_configs.json` with random weights, optionally the config's
+//! CLIP text encoder trained beside it (kohya's `network_train_text_encoder`), kohya's LoRA
+//! targets on them (up weights non-zero, so a step does the work of any later step) and
+//! AdamW, plus one training step split into its parts so a data-parallel benchmark can put
+//! an all-reduce between backward and the optimizer.
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 
+use crate::clip::{ClipTextConfig, ClipTextModel};
 use crate::error::{Error, Result};
 use crate::lora::{LoraConfig, LoraNetwork};
 use crate::nn::Builder;
@@ -23,6 +25,7 @@ pub const CONFIGS: &str = include_str!("../../scripts/bench/unet_configs.json");
 pub struct BenchInputs {
     batch: usize,
     x: Tensor,
+    /// The UNet's text context, or the token ids [batch, 77] the text encoder turns into it.
     context: Tensor,
     target: Tensor,
 }
@@ -31,6 +34,8 @@ pub struct BenchInputs {
 pub struct BenchModel {
     pub name: String,
     unet: UNet2DConditionModel,
+    /// Trained beside the UNet when the benchmark asks for it.
+    text_encoder: Option<ClipTextModel>,
     pub net: LoraNetwork,
     opt: AdamW,
     vars: Vec<Var>,
@@ -42,17 +47,19 @@ pub struct BenchModel {
 impl BenchModel {
     /// Builds config `name` with a LoRA of `rank`/`alpha` on `device`, the UNet in f32.
     pub fn build(name: &str, rank: usize, alpha: f64, device: &Device) -> Result<Self> {
-        Self::build_in(name, rank, alpha, device, DType::F32)
+        Self::build_in(name, rank, alpha, device, DType::F32, false)
     }
 
-    /// [`BenchModel::build`] with the frozen UNet in `dtype` (bf16/f16 for mixed precision;
-    /// the LoRA and AdamW stay f32).
+    /// [`BenchModel::build`] with the frozen models in `dtype` (bf16/f16 for mixed precision;
+    /// the LoRA and AdamW stay f32), and with `text_encoder` the config's CLIP text encoder
+    /// and its LoRA trained too: each step then encodes random tokens into the UNet's context.
     pub fn build_in(
         name: &str,
         rank: usize,
         alpha: f64,
         device: &Device,
         dtype: DType,
+        text_encoder: bool,
     ) -> Result<Self> {
         let all: serde_json::Value = serde_json::from_str(CONFIGS)
             .map_err(|e| Error::Internal(format!("benchmark configs: {e}")))?;
@@ -75,14 +82,28 @@ impl BenchModel {
         };
         let cfg = UNetConfig::from_json(&spec["unet"].to_string(), name)?;
         let vb = VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone());
-        let unet = UNet2DConditionModel::new(&cfg, &Builder::new(vb, "lora_unet"))?;
+        let unet = UNet2DConditionModel::new(&cfg, &Builder::new(vb.clone(), "lora_unet"))?;
+        let text_encoder = match text_encoder {
+            true => {
+                let te: ClipTextConfig = serde_json::from_value(spec["text_encoder"].clone())
+                    .map_err(|e| {
+                        Error::Internal(format!("benchmark config `{name}`: text_encoder: {e}"))
+                    })?;
+                Some(ClipTextModel::new(&te, &Builder::new(vb, "lora_te"))?)
+            }
+            false => None,
+        };
         let lora = LoraConfig {
             rank,
             alpha,
-            train_text_encoder: false,
+            train_text_encoder: text_encoder.is_some(),
             ..Default::default()
         };
-        let net = LoraNetwork::new(&unet.sites(), &lora, device, 0)?;
+        let mut sites = unet.sites();
+        if let Some(te) = &text_encoder {
+            sites.extend(te.sites());
+        }
+        let net = LoraNetwork::new(&sites, &lora, device, 0)?;
         for m in net.modules() {
             m.up.set(&(m.up.as_tensor().randn_like(0.0, 0.01)?))?;
         }
@@ -98,6 +119,7 @@ impl BenchModel {
         Ok(Self {
             name: name.to_owned(),
             unet,
+            text_encoder,
             net,
             opt,
             vars,
@@ -117,15 +139,27 @@ impl BenchModel {
         self.latent = (size, size);
     }
 
-    /// Random latents, text context and targets for `batch` samples, made once and reused by
-    /// every step so that the steps time the model alone.
+    /// Random latents, text context (or token ids for the text encoder) and targets for
+    /// `batch` samples, made once and reused by every step so that the steps time the model
+    /// alone.
     pub fn inputs(&self, batch: usize) -> Result<BenchInputs> {
         let (h, w) = self.latent;
         let (seq, dim) = self.context;
+        let context = match &self.text_encoder {
+            Some(te) => {
+                let vocab = te.config().vocab_size as u64;
+                // Any fixed spread of ids: the work of a step does not depend on them.
+                let ids: Vec<u32> = (0..(batch * seq) as u64)
+                    .map(|i| ((i * 7919 + 13) % vocab) as u32)
+                    .collect();
+                Tensor::from_vec(ids, (batch, seq), &self.device)?
+            }
+            None => Tensor::randn(0f32, 1., (batch, seq, dim), &self.device)?,
+        };
         Ok(BenchInputs {
             batch,
             x: Tensor::randn(0f32, 1., (batch, 4, h, w), &self.device)?,
-            context: Tensor::randn(0f32, 1., (batch, seq, dim), &self.device)?,
+            context,
             target: Tensor::randn(0f32, 1., (batch, 4, h, w), &self.device)?,
         })
     }
@@ -138,7 +172,11 @@ impl BenchModel {
             .map(|b| (((i * batch + b) * 397) % 1000) as u32)
             .collect();
         let t = Tensor::new(t.as_slice(), &self.device)?;
-        let out = self.unet.forward(&inputs.x, &t, &inputs.context)?;
+        let context = match &self.text_encoder {
+            Some(te) => te.forward(&inputs.context, 1)?,
+            None => inputs.context.clone(),
+        };
+        let out = self.unet.forward(&inputs.x, &t, &context)?;
         Ok((out.to_dtype(DType::F32)? - &inputs.target)?
             .sqr()?
             .mean_all()?)
@@ -247,5 +285,43 @@ pub fn exit<E: std::fmt::Display>(
             eprintln!("{name}: {e}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With the text encoder, its LoRA (6 linears per layer, as kohya targets them) is
+    /// trained beside the UNet's: every adapter of both gets a gradient.
+    #[test]
+    fn the_text_encoder_trains_beside_the_unet() -> Result<()> {
+        let dev = Device::Cpu;
+        let unet_only = BenchModel::build("tiny", 4, 4.0, &dev)?;
+        let both = BenchModel::build_in("tiny", 4, 4.0, &dev, DType::F32, true)?;
+        let te: Vec<_> = both
+            .net
+            .modules()
+            .iter()
+            .filter(|m| m.is_text_encoder())
+            .collect();
+        // tiny's text encoder has 2 layers.
+        assert_eq!(te.len(), 12);
+        assert_eq!(
+            both.net.modules().len(),
+            unet_only.net.modules().len() + te.len()
+        );
+        let inputs = both.inputs(1)?;
+        let grads = both.loss(&inputs, 0)?.backward()?;
+        for m in both.net.modules() {
+            for (part, v) in [("down", &m.down), ("up", &m.up)] {
+                let g = grads
+                    .get(v.as_tensor())
+                    .ok_or_else(|| Error::Internal(format!("{} {part}: no gradient", m.name)))?;
+                let norm = g.sqr()?.sum_all()?.to_scalar::<f32>()?;
+                assert!(norm > 0.0, "{} {part}: zero gradient", m.name);
+            }
+        }
+        Ok(())
     }
 }

@@ -1,10 +1,12 @@
-//! Times one LoRA training step (UNet forward, backward, AdamW) for the benchmark UNet configs in
+//! Times one LoRA training step (UNet forward, backward, AdamW; with `--text-encoder` the CLIP
+//! text encoder's forward and backward too) for the benchmark configs in
 //! `scripts/bench/unet_configs.json` and prints one JSON line, like `scripts/bench/torch_step.py`
 //! does for diffusers + peft. `scripts/bench/run.sh` runs both side by side.
 //!
 //! Usage: lora-bench CONFIG [--steps N] [--warmup N] [--rank R] [--alpha A] [--device D]
 //!                   [--gradient-checkpointing] [--batch N] [--latent SIZE]
 //!                   [--precision f32|bf16|fp16]   (the frozen UNet's dtype; LoRA and AdamW f32)
+//!                   [--text-encoder]   (train the config's text encoder's LoRA as well)
 //!        lora-bench --load CHECKPOINT   (load time and memory of a base model)
 //!
 //! `--device cuda` (or `cuda:N`) runs the step on a GPU; that needs the binary built with the
@@ -57,7 +59,7 @@ fn bench() -> Result<()> {
     let mut name = None;
     let (mut steps, mut warmup, mut rank, mut alpha) = (5usize, 1usize, 8usize, 8f64);
     let mut device = "cpu".to_string();
-    let mut checkpointing = false;
+    let (mut checkpointing, mut text_encoder) = (false, false);
     let (mut batch, mut latent) = (1usize, None::<usize>);
     let mut precision = "f32".to_string();
     while let Some(a) = args.next() {
@@ -69,6 +71,7 @@ fn bench() -> Result<()> {
             "--alpha" => alpha = val("--alpha")?.parse()?,
             "--device" => device = val("--device")?,
             "--gradient-checkpointing" => checkpointing = true,
+            "--text-encoder" => text_encoder = true,
             "--batch" => batch = val("--batch")?.parse()?,
             "--precision" => precision = val("--precision")?,
             "--latent" => latent = Some(val("--latent")?.parse()?),
@@ -78,7 +81,7 @@ fn bench() -> Result<()> {
                     "usage: lora-bench tiny|small|sd15 [--steps N] [--warmup N] [--rank R] \
                      [--alpha A] [--device cpu|cuda|cuda:N] [--gradient-checkpointing] \
                      [--batch N] [--latent SIZE] \
-                     [--precision f32|bf16|fp16]"
+                     [--precision f32|bf16|fp16] [--text-encoder]"
                 );
                 return Ok(());
             }
@@ -97,7 +100,7 @@ fn bench() -> Result<()> {
         "fp16" => candle_core::DType::F16,
         p => return Err(format!("--precision `{p}`: use f32, bf16 or fp16").into()),
     };
-    let mut model = BenchModel::build_in(&name, rank, alpha, &dev, dtype)?;
+    let mut model = BenchModel::build_in(&name, rank, alpha, &dev, dtype, text_encoder)?;
     model.set_gradient_checkpointing(checkpointing);
     if let Some(size) = latent {
         model.set_latent_size(size);
@@ -160,6 +163,7 @@ fn bench() -> Result<()> {
         "lora_params": model.net.param_count(),
         "threads": rayon_threads(),
         "gradient_checkpointing": checkpointing,
+        "text_encoder": text_encoder,
         "batch": batch,
         "precision": precision,
         "latent": model.latent_size(),
