@@ -98,6 +98,15 @@ def main():
     target = torch.randn(1, 4, h, w, device=device)
     times = []
     cpu_seconds = 0.0
+    # The device's used memory (all processes, as nvidia-smi shows it) at the step's high
+    # points, sampled as lora-bench samples it.
+    used_peak = None
+
+    def sample_used():
+        nonlocal used_peak
+        if cuda:
+            free, total = torch.cuda.mem_get_info(device)
+            used_peak = max(used_peak or 0, total - free)
     for i in range(args.warmup + args.steps):
         t = torch.randint(0, 1000, (1,), device=device)
         if cuda:
@@ -108,7 +117,9 @@ def main():
             ctx = te(ids).last_hidden_state
         out = unet(x, t, encoder_hidden_states=ctx).sample
         loss = torch.nn.functional.mse_loss(out.float(), target)
+        sample_used()
         loss.backward()
+        sample_used()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if cuda:
@@ -125,6 +136,7 @@ def main():
         "device": args.device,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
+        "gpu_used_peak_mib": used_peak / 2**20 if used_peak is not None else None,
         "lora_modules": n_modules,
         "lora_params": sum(p.numel() for p in params),
         "threads": args.threads,

@@ -5,10 +5,12 @@
 #      through the ranks' NCCL backend and a timed all-reduce of 3.4 M floats, a matmul vs CPU;
 #   2. a LoRA training run of 2 steps on the tiny test model, on the GPU and on the CPU, same
 #      seed: per-step losses and the saved LoRA weights compared;
-#   3. one LoRA training step of the sd15 UNet config on the GPU (`lora-bench --device cuda`)
-#      side by side with diffusers + peft (scripts/bench/torch_step.py --device cuda) when this
-#      machine's Python has torch with CUDA, diffusers and peft (otherwise loractl's alone),
-#      with the frozen UNet in f32, bf16 and fp16 (LoRA and AdamW in f32): time and memory.
+#   3. one LoRA training step of the sd15 UNet config at 512x512 (a 64x64 latent) on the GPU
+#      (`lora-bench --device cuda`) side by side with diffusers + peft
+#      (scripts/bench/torch_step.py --device cuda) when this machine's Python has torch with
+#      CUDA, diffusers and peft (otherwise loractl's alone), with the frozen UNet in f32, bf16
+#      and fp16 (LoRA and AdamW in f32): time, and GPU memory measured the same way on both
+#      sides (the device's used memory at the step's high points).
 # Run from the repository root:
 #   LORACTL_CUDA_OUT=target/cuda/loractl.gz LORACTL_CUDA_BENCH_OUT=target/cuda/lora-bench.gz \
 #       scripts/cuda/build.sh                                      # where Rust is
@@ -187,12 +189,13 @@ if "$PYTHON" -c 'import sys, torch, diffusers, peft; sys.exit(0 if torch.cuda.is
     has_torch=1
 fi
 for precision in f32 bf16 fp16; do
-echo "== one LoRA training step, sd15 UNet config (batch 1, 32x32 latent, frozen UNet in $precision, LoRA and AdamW f32): GPU"
-ours=$(timeout 150 "$bench" sd15 --device cuda --steps "$BENCH_STEPS" --warmup 3 --precision "$precision")
+echo "== one LoRA training step, sd15 UNet config (batch 1, 512x512 = 64x64 latent, frozen UNet in $precision, LoRA and AdamW f32): GPU"
+ours=$(timeout 150 "$bench" sd15 --device cuda --latent 64 --steps "$BENCH_STEPS" --warmup 3 \
+    --precision "$precision")
 echo "  loractl: $ours"
 theirs=""
 if [[ $has_torch == 1 ]]; then
-    theirs=$(timeout 150 "$PYTHON" scripts/bench/torch_step.py sd15 --device cuda \
+    theirs=$(timeout 150 "$PYTHON" scripts/bench/torch_step.py sd15 --device cuda --latent 64 \
         --steps "$BENCH_STEPS" --warmup 3 --precision "$precision")
     echo "  pytorch: $theirs"
 else
@@ -207,16 +210,17 @@ a = json.loads(sys.argv[1])
 b = json.loads(sys.argv[2]) if sys.argv[2] else None
 mib = lambda v: "-" if v is None else f"{v:.0f}"
 print(f'  {"config":<6} {"loractl_ms":>10} {"pytorch_ms":>10} {"ratio":>6} '
-      f'{"loractl_gpu_MiB":>15} {"pytorch_gpu_MiB":>15}')
+      f'{"loractl_gpu_MiB":>15} {"pytorch_gpu_MiB":>15} {"pytorch_alloc_MiB":>17}')
 if b is None:
     print(f'  {a["config"]:<6} {a["step_ms"]:10.1f} {"-":>10} {"-":>6} '
-          f'{mib(a.get("gpu_used_peak_mib")):>15} {"-":>15}')
+          f'{mib(a.get("gpu_used_peak_mib")):>15} {"-":>15} {"-":>17}')
     sys.exit(0)
 print(f'  {a["config"]:<6} {a["step_ms"]:10.1f} {b["step_ms"]:10.1f} '
       f'{a["step_ms"] / b["step_ms"]:6.2f} {mib(a.get("gpu_used_peak_mib")):>15} '
-      f'{mib(b.get("peak_gpu_mib")):>15}')
-print("  (loractl: the GPU's used memory sampled at the step's peak, context included;"
-      " pytorch: its allocator's peak of live tensors)")
+      f'{mib(b.get("gpu_used_peak_mib")):>15} {mib(b.get("peak_gpu_mib")):>17}')
+print("  (gpu_MiB: the device's used memory sampled after forward and after backward, the CUDA"
+      " context and allocator caches included, on both sides; pytorch_alloc: PyTorch's peak of"
+      " live tensors alone)")
 if a["lora_modules"] != b["lora_modules"]:
     sys.exit(f'the two steps train different LoRA modules: {a["lora_modules"]} vs '
              f'{b["lora_modules"]}')
