@@ -51,14 +51,23 @@ fn tensors(path: &Path) -> anyhow::Result<Vec<(String, Vec<f32>)>> {
     Ok(out)
 }
 
-/// Relative difference of two LoRA files: the norm of the difference over the reference's,
-/// over all their tensors together, and the largest of the same per tensor. Checks first that
-/// both files hold the same tensors.
-fn relative_difference(a: &Path, b: &Path) -> anyhow::Result<(f64, f64)> {
+/// How far a LoRA file is from a reference one.
+struct Difference {
+    /// The norm of the difference over the reference's, all tensors together.
+    overall: f64,
+    /// The largest of the same per `lora_up` tensor, and per other tensor, with their names.
+    worst_up: (f64, String),
+    worst_other: (f64, String),
+}
+
+/// Compares two LoRA files tensor by tensor, after checking that they hold the same tensors.
+fn relative_difference(a: &Path, b: &Path) -> anyhow::Result<Difference> {
     let (a, b) = (tensors(a)?, tensors(b)?);
     let names = |t: &[(String, Vec<f32>)]| t.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
     anyhow::ensure!(names(&a) == names(&b), "the files hold different tensors");
-    let (mut diff_all, mut norm_all, mut worst) = (0f64, 0f64, 0f64);
+    let (mut diff_all, mut norm_all) = (0f64, 0f64);
+    let mut worst_up = (0f64, String::new());
+    let mut worst_other = (0f64, String::new());
     for ((name, x), (_, y)) in a.iter().zip(&b) {
         anyhow::ensure!(
             x.len() == y.len(),
@@ -74,9 +83,20 @@ fn relative_difference(a: &Path, b: &Path) -> anyhow::Result<(f64, f64)> {
         let norm: f64 = y.iter().map(|q| f64::from(*q).powi(2)).sum();
         diff_all += diff;
         norm_all += norm;
-        worst = worst.max(diff.sqrt() / norm.sqrt().max(1e-12));
+        let rel = diff.sqrt() / norm.sqrt().max(1e-12);
+        let worst = match name.contains("lora_up") {
+            true => &mut worst_up,
+            false => &mut worst_other,
+        };
+        if rel > worst.0 {
+            *worst = (rel, name.clone());
+        }
     }
-    Ok(((diff_all / norm_all.max(1e-24)).sqrt(), worst))
+    Ok(Difference {
+        overall: (diff_all / norm_all.max(1e-24)).sqrt(),
+        worst_up,
+        worst_other,
+    })
 }
 
 /// The reference: one rank with the whole global batch, trained by `loractl train`.
@@ -107,15 +127,25 @@ fn assert_two_ranks_train_the_single_rank_lora(cluster: &Cluster, id: &str, what
     let fetch = cluster.run(&["fetch", id, "--out", fetched.to_str().unwrap()]);
     assert!(fetch.ok(), "{fetch:?}");
     let reference = single_rank_lora(&cluster.path("single"), 4, 2);
-    let (overall, worst) =
-        relative_difference(&fetched.join("dp.safetensors"), &reference).unwrap();
-    println!("{what} x batch 1 vs 1 rank x batch 2: relative difference {overall:e} (worst tensor {worst:e})");
+    let d = relative_difference(&fetched.join("dp.safetensors"), &reference).unwrap();
+    let report = format!(
+        "{what} x batch 1 vs 1 rank x batch 2: relative difference {:e}, worst up tensor {:e} \
+         ({}), worst other tensor {:e} ({})",
+        d.overall, d.worst_up.0, d.worst_up.1, d.worst_other.0, d.worst_other.1
+    );
+    println!("{report}");
     // The two runs sum the same gradients in another order (an all-reduce of two per-rank
-    // means against one batch of two), and AdamW's first steps scale every difference by
-    // 1/sqrt(v): float noise, not a different computation.
+    // means against one batch of two, products blocked for other sizes), and AdamW's first
+    // steps scale every difference by 1/sqrt(v): float noise, not a different computation.
+    // Overall that stays near 1e-7. An up tensor starts at zero, so all of it is the AdamW
+    // updates of these steps, and where a gradient element is near AdamW's eps its update is
+    // proportional to it and carries its rounding noise: one reaches a few 1e-4 (measured
+    // 1.9e-4). Trained on half of the batch, the closest up tensor differs by 0.19 (the
+    // quickstart job, 4 steps). The down tensors start random and move little: rounding
+    // leaves them near 1e-6 (measured 2.2e-6), half of the batch 4e-4.
     assert!(
-        overall < 1e-5 && worst < 1e-4,
-        "{what} x batch 1 vs 1 rank x batch 2: relative difference {overall:e}, worst tensor {worst:e}"
+        d.overall < 1e-5 && d.worst_up.0 < 1e-3 && d.worst_other.0 < 1e-4,
+        "{report}"
     );
     // Both ranks trained: the log shows each joining the ring.
     let logs = cluster.run(&["logs", id]);
