@@ -239,6 +239,11 @@ enum Command {
         /// `submit --remote-data`; repeatable).
         #[arg(long = "data-dir")]
         data_dirs: Vec<PathBuf>,
+        /// Address of the Prometheus endpoint (`GET /metrics`) for the coordinator's and the
+        /// worker's metrics; empty for none. OpenTelemetry export is configured by the
+        /// standard OTEL_* variables.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        metrics_listen: String,
     },
     /// Train a small LoRA right away: writes a job spec (and, without `--data`, a generated
     /// dataset) into `--dir`, shows the plan, and trains with a progress bar.
@@ -364,14 +369,19 @@ fn main() -> ExitCode {
             gpus,
             model_dirs,
             data_dirs,
-        } => remote::block_on(up::up(up::UpOptions {
-            listen,
-            dir,
-            gpus,
-            model_dirs,
-            data_dirs,
-            token: target.token.clone(),
-        })),
+            metrics_listen,
+        } => remote::block_on(up::up(
+            up::UpOptions {
+                listen,
+                dir,
+                gpus,
+                model_dirs,
+                data_dirs,
+                token: target.token.clone(),
+                metrics: Default::default(),
+            },
+            up::UpTelemetry { metrics_listen },
+        )),
     };
     match result {
         Ok(code) => code,

@@ -12,6 +12,7 @@ use anyhow::Context;
 use loractl_coordinator::server::{self, ServerConfig};
 use loractl_coordinator::standalone::Standalone;
 use loractl_coordinator::store::{AnyStore, RedbStore};
+use loractl_telemetry::{OtlpConfig, Recorder, Telemetry};
 use loractl_worker::config::WorkerConfig;
 use loractl_worker::daemon::Daemon;
 use tokio::sync::oneshot;
@@ -32,6 +33,8 @@ pub struct UpOptions {
     pub model_dirs: Vec<PathBuf>,
     pub data_dirs: Vec<PathBuf>,
     pub token: Option<String>,
+    /// Where the coordinator's and the worker's metrics go (a recorder nothing reads for none).
+    pub metrics: Recorder,
 }
 
 /// A running all-in-one cluster.
@@ -62,10 +65,11 @@ pub async fn start(opts: &UpOptions) -> anyhow::Result<Cluster> {
             dir.display()
         )
     })?;
-    let config = ServerConfig {
+    let mut config = ServerConfig {
         token: opts.token.clone(),
         ..ServerConfig::new(dir.join("artifacts"))
     };
+    config.coordinator.metrics = opts.metrics.clone();
     let coordinator = Standalone::start(AnyStore::Redb(store), config, &opts.listen)
         .await
         .context("starting the coordinator")?;
@@ -104,7 +108,8 @@ pub async fn start(opts: &UpOptions) -> anyhow::Result<Cluster> {
         worker_config.gpus = "cpu".into();
     }
     let worker_gpus = gpus.len();
-    let daemon = Daemon::new(worker_config, gpus, opts.token.clone(), None)?;
+    let daemon = Daemon::new(worker_config, gpus, opts.token.clone(), None)?
+        .with_metrics(opts.metrics.clone());
     let (stop_worker, worker_stopped) = oneshot::channel::<()>();
     let worker = tokio::spawn(daemon.run(async {
         let _ = worker_stopped.await;
@@ -149,16 +154,58 @@ async fn shutdown_signal() {
     }
 }
 
-pub async fn up(opts: UpOptions) -> anyhow::Result<ExitCode> {
-    let cluster = start(&opts).await?;
+/// Metrics of `loractl up`: the coordinator's and the worker's (with its ranks' training
+/// progress) in one registry, served for Prometheus on `metrics_listen` (empty: not served)
+/// and exported over OTLP when the standard `OTEL_*` variables ask for it.
+pub struct UpTelemetry {
+    pub metrics_listen: String,
+}
+
+pub async fn up(mut opts: UpOptions, telemetry: UpTelemetry) -> anyhow::Result<ExitCode> {
+    let exporter =
+        Telemetry::build("loractl", OtlpConfig::from_env()).context("setting up metrics")?;
+    opts.metrics = exporter.recorder();
+    let metrics_server = match telemetry.metrics_listen.as_str() {
+        "" => None,
+        address => {
+            let listener = loractl_telemetry::bind_metrics(address)
+                .await
+                .with_context(|| {
+                    format!(
+                        "serving metrics on {address}: is another `loractl up` or loractl \
+                         daemon using it? Pass --metrics-listen with another address, or \
+                         --metrics-listen '' for none"
+                    )
+                })?;
+            Some(tokio::spawn(loractl_telemetry::serve_metrics(
+                listener,
+                exporter.registry(),
+            )))
+        }
+    };
+    let ran = serve(&opts, &telemetry).await;
+    if let Some(task) = metrics_server {
+        task.abort();
+    }
+    // Flushes what OTLP has not sent yet.
+    exporter.shutdown();
+    ran
+}
+
+async fn serve(opts: &UpOptions, telemetry: &UpTelemetry) -> anyhow::Result<ExitCode> {
+    let cluster = start(opts).await?;
     let devices = if cluster.worker_gpus == 0 {
         "on CPU".to_owned()
     } else {
         format!("with {} GPU(s)", cluster.worker_gpus)
     };
+    let metrics = match telemetry.metrics_listen.as_str() {
+        "" => String::new(),
+        address => format!("\nmetrics:       http://{address}/metrics"),
+    };
     eprintln!(
         "loractl up: coordinator on {} (state in {}), worker `local` {devices}\n\
-         submit a job:  loractl submit job.toml --watch{}\n\
+         submit a job:  loractl submit job.toml --watch{}{metrics}\n\
          stop with Ctrl-C (running jobs save a checkpoint and resume at the next `loractl up`)",
         cluster.address,
         opts.dir.display(),
@@ -211,6 +258,7 @@ pub async fn quickstart(
         model_dirs,
         data_dirs: Vec::new(),
         token: None,
+        metrics: Recorder::default(),
     };
     let cluster = start(&opts).await?;
     eprintln!(

@@ -520,10 +520,13 @@ fn refused_requests_change_nothing() {
 fn loractl_up_runs_a_coordinator_and_a_worker_in_one_process() {
     let dir = tempfile::tempdir().unwrap();
     let port = loractl_tests::free_port();
+    let metrics_port = loractl_tests::free_port();
     let address = format!("http://127.0.0.1:{port}");
     let mut up = std::process::Command::new(loractl_tests::bin("loractl"));
     up.args(["up", "--gpus", "cpu", "--listen"])
         .arg(format!("127.0.0.1:{port}"))
+        .arg("--metrics-listen")
+        .arg(format!("127.0.0.1:{metrics_port}"))
         .arg("--dir")
         .arg(dir.path().join("cluster"))
         .env_remove("LORACTL_TOKEN");
@@ -559,6 +562,21 @@ fn loractl_up_runs_a_coordinator_and_a_worker_in_one_process() {
     let (code, _, stderr) = loractl(&["fetch", &id, "--out", out.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{stderr}");
     assert_kohya_lora(&out.join("allinone.safetensors"));
+    // One endpoint carries the coordinator's metrics and the worker's, its rank's training
+    // progress included.
+    let metrics = loractl_tests::cluster::scrape(metrics_port);
+    for want in [
+        "loractl_workers{state=\"ready\"} 1".to_owned(),
+        "loractl_jobs_finished_total{state=\"succeeded\"} 1".to_owned(),
+        format!("job_id=\"{id}\""),
+    ] {
+        assert!(metrics.contains(&want), "no `{want}` in:\n{metrics}");
+    }
+    let step = metrics
+        .lines()
+        .find(|l| l.starts_with("loractl_train_step{") && l.contains(&format!("job_id=\"{id}\"")))
+        .unwrap_or_else(|| panic!("no training step of {id} in:\n{metrics}"));
+    assert!(step.ends_with(" 2"), "{step}");
 
     up.terminate();
     let status = loractl_tests::poll("loractl up to stop", loractl_tests::DEADLINE, || {

@@ -740,6 +740,8 @@ impl<S: Store> Actor<S> {
         tracing::info!(worker = %worker.id, gpus = worker.gpus.len(), "worker registered");
         let worker_id = worker.id.clone();
         self.registry.insert(worker, Instant::now());
+        // Dashboards see a worker join now, not at the next liveness tick.
+        self.count_workers(Instant::now());
         Ok(Registered {
             worker_id,
             heartbeat_interval: self.config.heartbeat_interval,
@@ -856,6 +858,7 @@ impl<S: Store> Actor<S> {
         }
         self.sessions.remove(worker);
         self.metrics.worker_lost();
+        self.count_workers(Instant::now());
         tracing::warn!(worker = %worker, why, "worker lost");
         let affected: Vec<JobId> = self
             .active
@@ -970,6 +973,7 @@ impl<S: Store> Actor<S> {
             WorkerMessage::Heartbeat { running, draining } => {
                 if draining && self.draining.insert(worker.clone()) {
                     tracing::info!(worker = %worker, "worker is shutting down");
+                    self.count_workers(Instant::now());
                 }
                 // A worker that was out of touch may still run ranks whose jobs moved on.
                 for rank in running {
