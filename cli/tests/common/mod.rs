@@ -1,14 +1,32 @@
 //! Shared by the CLI's integration tests: a tiny training job in a fresh temporary folder.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// A test's folder, removed when the test ends (passed or failed).
+pub struct JobDir(tempfile::TempDir);
+
+impl std::ops::Deref for JobDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl AsRef<Path> for JobDir {
+    fn as_ref(&self) -> &Path {
+        self.0.path()
+    }
+}
 
 /// A job over the bundled tiny model: a generated 64 px dataset of 4 images, batch size 1,
-/// `steps` steps, in a folder of its own (`name` keeps concurrent tests apart). Returns the
-/// folder and the job file.
-pub fn job_dir(name: &str, steps: usize) -> anyhow::Result<(PathBuf, PathBuf)> {
-    let dir = std::env::temp_dir().join(format!("loractl-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
+/// `steps` steps, in a folder of its own (`name` is part of its name, to tell the tests'
+/// folders apart). Returns the folder and the job file.
+pub fn job_dir(name: &str, steps: usize) -> anyhow::Result<(JobDir, PathBuf)> {
+    let dir = JobDir(
+        tempfile::Builder::new()
+            .prefix(&format!("loractl-cli-{name}-"))
+            .tempdir()?,
+    );
     let data = loractl_trainer::demo::write_dataset(&dir, 64, 4)?;
     let model = loractl_trainer::demo::bundled_tiny_model();
     let job = dir.join("job.toml");
