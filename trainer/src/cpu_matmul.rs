@@ -180,8 +180,31 @@ fn gemm_raw(
     };
     let parts = split_count(d, av.cols, threads);
     if parts <= 1 {
-        // SAFETY: as for `gemm_serial`; the views were checked by the caller.
-        unsafe { gemm_serial(dst, d, a, av, b, bv, beta, accumulate) };
+        // SAFETY: every view was checked to lie inside its buffer, and the caller holds `dst`
+        // exclusively for the elements of `d`.
+        unsafe {
+            gemm::gemm(
+                d.rows,
+                d.cols,
+                av.cols,
+                dst.add(d.offset),
+                d.cs as isize,
+                d.rs as isize,
+                accumulate,
+                a.as_ptr().add(av.offset),
+                av.cs as isize,
+                av.rs as isize,
+                b.as_ptr().add(bv.offset),
+                bv.cs as isize,
+                bv.rs as isize,
+                1.0,
+                beta,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        };
         return;
     }
     // Split the output along its longer side into `parts` bands, each a product of its own
@@ -206,9 +229,9 @@ fn gemm_raw(
             bp.offset += lo * bv.cs;
             bp.cols = hi - lo;
         }
-        // SAFETY: the bands are disjoint parts of the checked output view, and each operand
-        // band lies inside its checked view.
-        unsafe { gemm_serial(out.get(), dp, a, ap, b, bp, beta, accumulate) };
+        // The bands are disjoint parts of the checked output view, and each operand band
+        // lies inside its checked view.
+        gemm_raw(out.get(), dp, a, ap, b, bp, beta, accumulate, false);
     });
 }
 
@@ -242,45 +265,6 @@ impl SendPtr {
 // SAFETY: each task writes its own band of the output only (see `gemm_raw`).
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
-
-/// The product on the calling thread.
-///
-/// # Safety
-/// Every view lies inside its buffer and the caller holds `dst` exclusively for the
-/// elements of `d`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_serial(
-    dst: *mut f32,
-    d: View,
-    a: &[f32],
-    av: View,
-    b: &[f32],
-    bv: View,
-    beta: f32,
-    accumulate: bool,
-) {
-    gemm::gemm(
-        d.rows,
-        d.cols,
-        av.cols,
-        dst.add(d.offset),
-        d.cs as isize,
-        d.rs as isize,
-        accumulate,
-        a.as_ptr().add(av.offset),
-        av.cs as isize,
-        av.rs as isize,
-        b.as_ptr().add(bv.offset),
-        bv.cs as isize,
-        bv.rs as isize,
-        1.0,
-        beta,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
-}
 
 #[cfg(test)]
 mod tests {
