@@ -97,46 +97,37 @@ pub fn lora_train_options(
 /// An empty folder under the system temp dir (see [`scratch_dir`]),
 /// removed with everything in it when dropped: a test leaves nothing behind. Read it as a
 /// `Path`.
-pub struct TempDir(PathBuf);
+pub struct TempDir(tempfile::TempDir);
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
         scratch_dir(tag).expect("create a scratch folder")
     }
     pub fn path(&self) -> &Path {
-        &self.0
+        self.0.path()
     }
 }
 
 impl std::ops::Deref for TempDir {
     type Target = Path;
     fn deref(&self) -> &Path {
-        &self.0
+        self.0.path()
     }
 }
 
 impl AsRef<Path> for TempDir {
     fn as_ref(&self) -> &Path {
-        &self.0
+        self.0.path()
     }
 }
 
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A new [`TempDir`] `loractl-<name>-<pid>-<n>` (`n` counts this process's folders).
+/// A new [`TempDir`] named `loractl-<name>-` and a unique suffix.
 pub fn scratch_dir(name: &str) -> anyhow::Result<TempDir> {
-    static MADE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("loractl-{name}-{}-{n}", std::process::id()));
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir)?;
-    }
-    std::fs::create_dir_all(&dir)?;
-    Ok(TempDir(dir))
+    Ok(TempDir(
+        tempfile::Builder::new()
+            .prefix(&format!("loractl-{name}-"))
+            .tempdir()?,
+    ))
 }
 
 /// Fails unless `msg` contains every one of `parts`.
