@@ -471,6 +471,7 @@ pub fn detect_layout(store: &dyn TensorStore) -> KeyMap {
 fn dim(store: &dyn TensorStore, name: &str, axis: usize) -> Result<usize> {
     let shape = store.shape(name).ok_or_else(|| Error::MissingTensor {
         name: name.to_string(),
+        stored_as: None,
         origin: store.origin(),
     })?;
     shape
@@ -478,6 +479,7 @@ fn dim(store: &dyn TensorStore, name: &str, axis: usize) -> Result<usize> {
         .copied()
         .ok_or_else(|| Error::ShapeMismatch {
             name: name.to_string(),
+            stored_as: None,
             got: shape.clone(),
             expected: vec![0; axis + 1],
             origin: store.origin(),

@@ -32,15 +32,22 @@ pub enum Error {
     #[error("{path}: {msg}")]
     BadCheckpoint { path: PathBuf, msg: String },
     /// A tensor the model needs is absent from the weights.
-    #[error("missing tensor {} in {origin}", quoted(name))]
-    MissingTensor { name: String, origin: String },
+    #[error("missing tensor {} in {origin}", label(name, stored_as))]
+    MissingTensor {
+        name: String,
+        /// The file's name for it, where the file's layout names it otherwise.
+        stored_as: Option<Box<str>>,
+        origin: String,
+    },
     /// A tensor is present but has the wrong shape for this model.
     #[error(
         "tensor {} has shape {got:?} but the model expects {expected:?} ({origin})",
-        quoted(name)
+        label(name, stored_as)
     )]
     ShapeMismatch {
         name: String,
+        /// The file's name for it, where the file's layout names it otherwise.
+        stored_as: Option<Box<str>>,
         got: Vec<usize>,
         expected: Vec<usize>,
         origin: String,
@@ -65,12 +72,11 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// A tensor name in backticks; a stored name read for a model's own, `"src (for name)"`, as
-/// `` `src` (for `name`) ``.
-fn quoted(name: &str) -> String {
-    match name.split_once(" (for ") {
-        Some((src, model)) => format!("`{src}` (for `{}`)", model.trim_end_matches(')')),
-        None => format!("`{name}`"),
+/// A tensor name in backticks; one the file names otherwise as `` `stored` (for `name`) ``.
+fn label(name: &str, stored_as: &Option<Box<str>>) -> String {
+    match stored_as {
+        Some(stored) if &**stored != name => format!("`{stored}` (for `{name}`)"),
+        _ => format!("`{name}`"),
     }
 }
 
@@ -149,7 +155,8 @@ mod tests {
     #[test]
     fn a_tensor_read_for_another_name_is_quoted_once_each() {
         let e = Error::ShapeMismatch {
-            name: "model.diffusion_model.out.2.weight (for conv_out.weight)".into(),
+            name: "conv_out.weight".into(),
+            stored_as: Some("model.diffusion_model.out.2.weight".into()),
             got: vec![4],
             expected: vec![4, 320, 3, 3],
             origin: "m.safetensors".into(),
@@ -161,6 +168,7 @@ mod tests {
         );
         let e = Error::MissingTensor {
             name: "conv_out.weight".into(),
+            stored_as: None,
             origin: "m.safetensors".into(),
         };
         assert_eq!(

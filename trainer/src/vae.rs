@@ -662,6 +662,7 @@ pub fn infer_ldm_config(store: &dyn TensorStore) -> Result<VaeConfig> {
         let full = format!("{prefix}{name}");
         store.shape(&full).ok_or_else(|| Error::MissingTensor {
             name: full,
+            stored_as: None,
             origin: store.origin(),
         })
     };

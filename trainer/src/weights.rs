@@ -197,6 +197,7 @@ impl TensorStore for MemoryStore {
             Some(t) => Ok(t.to_device(device)?),
             None => Err(Error::MissingTensor {
                 name: name.to_string(),
+                stored_as: None,
                 origin: self.origin.clone(),
             }),
         }
@@ -283,17 +284,15 @@ impl Weights {
     pub fn fetch(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
         let missing = || Error::MissingTensor {
             name: name.to_string(),
+            stored_as: None,
             origin: self.store.origin(),
         };
         let fetch = (self.map)(name).ok_or_else(missing)?;
         let src = fetch.source();
         if !self.store.contains(src) {
             return Err(Error::MissingTensor {
-                name: if src == name {
-                    name.to_string()
-                } else {
-                    format!("{src} (for {name})")
-                },
+                name: name.to_string(),
+                stored_as: Some(src.into()),
                 origin: self.store.origin(),
             });
         }
@@ -312,7 +311,8 @@ impl Weights {
                 let rows = t.dim(0)?;
                 if start + len > rows {
                     return Err(Error::ShapeMismatch {
-                        name: src.to_string(),
+                        name: name.to_string(),
+                        stored_as: Some(src.into()),
                         got: t.dims().to_vec(),
                         expected: vec![start + len],
                         origin: self.store.origin(),
@@ -364,11 +364,8 @@ impl Weights {
             return Ok(());
         }
         Err(Error::ShapeMismatch {
-            name: if src == name {
-                name.to_string()
-            } else {
-                format!("{src} (for {name})")
-            },
+            name: name.to_string(),
+            stored_as: Some(src.into()),
             got: stored,
             expected: expected.to_vec(),
             origin: format!(
@@ -418,6 +415,7 @@ impl candle_nn::var_builder::SimpleBackend for Weights {
         if t.shape() != &s {
             return Err(refuse(Error::ShapeMismatch {
                 name: name.to_string(),
+                stored_as: None,
                 got: t.dims().to_vec(),
                 expected: s.dims().to_vec(),
                 origin: format!(
@@ -455,6 +453,7 @@ impl TensorStore for ShapeOnly {
     fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
         let shape = self.0.shape(name).ok_or_else(|| Error::MissingTensor {
             name: name.to_string(),
+            stored_as: None,
             origin: self.0.origin(),
         })?;
         let n: usize = shape.iter().product();

@@ -367,6 +367,7 @@ impl TensorStore for ShapeStore {
     fn load(&self, name: &str, _: &Device) -> loractl_trainer::Result<Tensor> {
         Err(loractl_trainer::Error::MissingTensor {
             name: name.into(),
+            stored_as: None,
             origin: "shapes".into(),
         })
     }

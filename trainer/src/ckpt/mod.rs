@@ -189,6 +189,7 @@ impl CkptFile {
             .copied()
             .ok_or_else(|| Error::MissingTensor {
                 name: name.to_string(),
+                stored_as: None,
                 origin: self.path.display().to_string(),
             })?;
         let entry = &self.tensors[index];
