@@ -378,9 +378,8 @@ fn main() -> ExitCode {
                 model_dirs,
                 data_dirs,
                 token: target.token.clone(),
-                metrics: Default::default(),
             },
-            up::UpTelemetry { metrics_listen },
+            &metrics_listen,
         )),
     };
     match result {

@@ -33,8 +33,6 @@ pub struct UpOptions {
     pub model_dirs: Vec<PathBuf>,
     pub data_dirs: Vec<PathBuf>,
     pub token: Option<String>,
-    /// Where the coordinator's and the worker's metrics go (a recorder nothing reads for none).
-    pub metrics: Recorder,
 }
 
 /// A running all-in-one cluster.
@@ -46,7 +44,8 @@ pub struct Cluster {
     coordinator: Standalone,
 }
 
-pub async fn start(opts: &UpOptions) -> anyhow::Result<Cluster> {
+/// Starts the cluster; the coordinator and the worker record their metrics into `metrics`.
+pub async fn start(opts: &UpOptions, metrics: Recorder) -> anyhow::Result<Cluster> {
     if server::check_exposure(&opts.listen, opts.token.as_deref(), false).is_err() {
         anyhow::bail!(
             "--listen {} is reachable from other machines but no token is set: anyone who can \
@@ -69,7 +68,7 @@ pub async fn start(opts: &UpOptions) -> anyhow::Result<Cluster> {
         token: opts.token.clone(),
         ..ServerConfig::new(dir.join("artifacts"))
     };
-    config.coordinator.metrics = opts.metrics.clone();
+    config.coordinator.metrics = metrics.clone();
     let coordinator = Standalone::start(AnyStore::Redb(store), config, &opts.listen)
         .await
         .context("starting the coordinator")?;
@@ -108,8 +107,7 @@ pub async fn start(opts: &UpOptions) -> anyhow::Result<Cluster> {
         worker_config.gpus = "cpu".into();
     }
     let worker_gpus = gpus.len();
-    let daemon = Daemon::new(worker_config, gpus, opts.token.clone(), None)?
-        .with_metrics(opts.metrics.clone());
+    let daemon = Daemon::new(worker_config, gpus, opts.token.clone(), None)?.with_metrics(metrics);
     let (stop_worker, worker_stopped) = oneshot::channel::<()>();
     let worker = tokio::spawn(daemon.run(async {
         let _ = worker_stopped.await;
@@ -154,18 +152,13 @@ async fn shutdown_signal() {
     }
 }
 
-/// Metrics of `loractl up`: the coordinator's and the worker's (with its ranks' training
-/// progress) in one registry, served for Prometheus on `metrics_listen` (empty: not served)
-/// and exported over OTLP when the standard `OTEL_*` variables ask for it.
-pub struct UpTelemetry {
-    pub metrics_listen: String,
-}
-
-pub async fn up(mut opts: UpOptions, telemetry: UpTelemetry) -> anyhow::Result<ExitCode> {
+/// `loractl up` until Ctrl-C. The coordinator's and the worker's metrics (with its ranks'
+/// training progress) go into one registry, served for Prometheus on `metrics_listen` (empty:
+/// not served) and exported over OTLP when the standard `OTEL_*` variables ask for it.
+pub async fn up(opts: UpOptions, metrics_listen: &str) -> anyhow::Result<ExitCode> {
     let exporter =
         Telemetry::build("loractl", OtlpConfig::from_env()).context("setting up metrics")?;
-    opts.metrics = exporter.recorder();
-    let metrics_server = match telemetry.metrics_listen.as_str() {
+    let metrics_server = match metrics_listen {
         "" => None,
         address => {
             let listener = loractl_telemetry::bind_metrics(address)
@@ -183,7 +176,7 @@ pub async fn up(mut opts: UpOptions, telemetry: UpTelemetry) -> anyhow::Result<E
             )))
         }
     };
-    let ran = serve(&opts, &telemetry).await;
+    let ran = serve(&opts, exporter.recorder(), metrics_listen).await;
     if let Some(task) = metrics_server {
         task.abort();
     }
@@ -192,14 +185,18 @@ pub async fn up(mut opts: UpOptions, telemetry: UpTelemetry) -> anyhow::Result<E
     ran
 }
 
-async fn serve(opts: &UpOptions, telemetry: &UpTelemetry) -> anyhow::Result<ExitCode> {
-    let cluster = start(opts).await?;
+async fn serve(
+    opts: &UpOptions,
+    metrics: Recorder,
+    metrics_listen: &str,
+) -> anyhow::Result<ExitCode> {
+    let cluster = start(opts, metrics).await?;
     let devices = if cluster.worker_gpus == 0 {
         "on CPU".to_owned()
     } else {
         format!("with {} GPU(s)", cluster.worker_gpus)
     };
-    let metrics = match telemetry.metrics_listen.as_str() {
+    let metrics = match metrics_listen {
         "" => String::new(),
         address => format!("\nmetrics:       http://{address}/metrics"),
     };
@@ -258,9 +255,8 @@ pub async fn quickstart(
         model_dirs,
         data_dirs: Vec::new(),
         token: None,
-        metrics: Recorder::default(),
     };
-    let cluster = start(&opts).await?;
+    let cluster = start(&opts, Recorder::default()).await?;
     eprintln!(
         "cluster: coordinator on {} with worker `local` (state in {})",
         cluster.address,
