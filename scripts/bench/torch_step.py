@@ -8,7 +8,9 @@ Usage: torch_step.py CONFIG [--steps N] [--warmup N] [--threads N] [--device cpu
                      [--precision f32|bf16|fp16] [--text-encoder] [--latent SIZE]
 Prints one JSON line: {"impl": "pytorch", "config", "step_ms" (median), "peak_rss_mib", ...}.
 On a GPU the step runs in f32 without TF32 (as loractl's does) and ends with a device
-synchronisation before its time is taken; "peak_gpu_mib" is PyTorch's peak of allocated memory.
+synchronisation before its time is taken; "peak_gpu_mib" is PyTorch's peak of allocated memory
+and "gpu_used_peak_mib" the device's used memory after forward and after backward, sampled as
+lora-bench samples it.
 Requirements: scripts/fixtures/requirements.txt (torch, diffusers, peft).
 """
 import argparse
